@@ -1,0 +1,33 @@
+"""Shared fixtures: the repository's default config and a small synth store built once per session."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmrepro.config import load_schema, validate_config
+from mmrepro.data import build_store
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+def default_config() -> dict:
+    """The repository's config/config.yaml, validated and with defaults filled (a fresh copy)."""
+    return validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), load_schema(SCHEMA))
+
+
+def small_synth(**n) -> dict:
+    """The default synth dataset entry with fewer samples (the same generative model)."""
+    ds = copy.deepcopy(default_config()["datasets"]["synth"])
+    ds["synth"]["n"] = {"train": 1500, "valid": 300, "test": 600, **n}
+    return ds
+
+
+@pytest.fixture(scope="session")
+def synth_store(tmp_path_factory) -> Path:
+    """Manifest path of a small synth store shared by the tests that train models."""
+    return build_store("synth", small_synth(), tmp_path_factory.mktemp("store") / "synth")
