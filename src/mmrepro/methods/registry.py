@@ -1,0 +1,90 @@
+"""Registries of plug-in methods, one per family, and how a method name resolves to plug-ins.
+
+A method is a class registered by name in exactly one family. A run's method string names one
+plug-in, or several of different families joined by ``+`` (``wander+cggm``: Wander's transform
+trained with CGGM's hook); every family left unnamed gets its trivial member.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, family: str, default: str):
+        self.family, self.default = family, default
+        self._items: dict[str, type[T]] = {}
+
+    def register(self, name: str) -> Callable[[type[T]], type[T]]:
+        def add(cls: type[T]) -> type[T]:
+            if name in self._items:
+                raise ValueError(f"{self.family} {name!r} is registered twice")
+            self._items[name] = cls
+            cls.name = name
+            return cls
+        return add
+
+    def get(self, name: str) -> type[T]:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.family} {name!r}; known: {sorted(self._items)}") from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+
+TRANSFORMS: Registry = Registry("model transform", default="full_finetune")
+HOOKS: Registry = Registry("training hook", default="joint")
+ADAPTERS: Registry = Registry("test-time adapter", default="source_only")
+SETTINGS: Registry = Registry("data setting", default="complete")
+
+METHOD_FAMILIES = {"transform": TRANSFORMS, "hook": HOOKS, "adapter": ADAPTERS}
+
+
+def _load_plugins() -> None:
+    """Import the modules that register plug-ins (kept here so the registries are never empty)."""
+    from mmrepro.methods import adapters, hooks, settings, transforms  # noqa: F401
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    """Which plug-in of each family a run uses."""
+
+    transform: str
+    hook: str
+    adapter: str
+
+
+def resolve_method(method: str) -> MethodPlan:
+    """Split ``a+b`` into one plug-in per family; unknown names and two of one family raise."""
+    _load_plugins()
+    chosen: dict[str, str] = {}
+    for part in method.split("+"):
+        families = [f for f, reg in METHOD_FAMILIES.items() if part in reg]
+        if not families:
+            known = sorted(n for reg in METHOD_FAMILIES.values() for n in reg.names())
+            raise KeyError(f"unknown method {part!r}; known: {known}")
+        family = families[0]
+        if family in chosen:
+            raise ValueError(f"method {method!r} names two {METHOD_FAMILIES[family].family}s: "
+                             f"{chosen[family]!r} and {part!r}")
+        chosen[family] = part
+    return MethodPlan(**{f: chosen.get(f, reg.default) for f, reg in METHOD_FAMILIES.items()})
+
+
+def build(registry: Registry, name: str, params: dict[str, Any] | None = None, **context: Any):
+    """Instantiate a registered plug-in with its config params; unknown params raise TypeError."""
+    _load_plugins()
+    cls = registry.get(name)
+    try:
+        return cls(**(params or {}), **context)
+    except TypeError as e:
+        raise TypeError(f"{registry.family} {name!r}: bad parameters {sorted(params or {})}: {e}") from None

@@ -1,0 +1,36 @@
+"""Model transforms: take a backbone, return the model to train with exactly the method's parameters trainable.
+
+In the spirit of PEFT's tuners: each transform is a small class with its hyperparameters as
+constructor arguments and one ``apply(model) -> model``. The trivial member, full fine-tuning,
+trains every parameter.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmrepro.methods.registry import TRANSFORMS
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total
+
+
+class ModelTransform:
+    name = "base"
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+
+@TRANSFORMS.register("full_finetune")
+class FullFinetune(ModelTransform):
+    """Every parameter of the backbone and head is trained (the upper reference of PEFT studies)."""
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model

@@ -1,0 +1,55 @@
+"""Per-modality token encoders: a 1-D convolution into the model width, then self-attention."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``(B, T)`` boolean mask, True at padded positions (PyTorch's key-padding convention)."""
+    return torch.arange(max_len, device=lengths.device)[None, :] >= lengths[:, None]
+
+
+def attention_mask(pad: torch.Tensor) -> torch.Tensor:
+    """The padding mask with the first position of empty sequences opened, so attention stays finite.
+
+    That position holds a zero input and a zero output token, so it carries no information.
+    """
+    safe = pad.clone()
+    safe[:, 0] = False
+    return safe | (pad & ~pad.all(dim=1, keepdim=True))
+
+
+def masked_mean(tokens: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+    """Mean over the non-padded tokens of ``(B, T, d)``."""
+    keep = (~pad).unsqueeze(-1).to(tokens.dtype)
+    return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+
+
+class ModalityEncoder(nn.Module):
+    """Conv1d projection (as MulT's temporal convolutions), learned positions, transformer layers."""
+
+    def __init__(self, in_dim: int, max_len: int, d_model: int, layers: int, heads: int,
+                 kernel: int, dropout: float):
+        super().__init__()
+        self.proj = nn.Conv1d(in_dim, d_model, kernel_size=kernel, padding=kernel // 2, bias=False)
+        self.pos = nn.Parameter(torch.zeros(1, max_len, d_model))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, D)`` features -> ``(B, T, d)`` tokens and the ``(B, T)`` mask for attending to them.
+
+        Padded inputs are zeroed before the convolution (so padding values never leak into real
+        tokens) and padded output tokens are zero.
+        """
+        pad = padding_mask(lengths, x.shape[1])
+        mask = attention_mask(pad)
+        x = x.masked_fill(pad.unsqueeze(-1), 0.0)
+        h = self.proj(x.transpose(1, 2)).transpose(1, 2) + self.pos[:, : x.shape[1]]
+        h = self.transformer(h, src_key_padding_mask=mask)
+        return self.norm(h).masked_fill(pad.unsqueeze(-1), 0.0), mask

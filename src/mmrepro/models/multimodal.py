@@ -1,0 +1,77 @@
+"""The shared multimodal model: per-modality encoders, a fusion backbone and a prediction head.
+
+Its output exposes the intermediate representations every method family needs: per-modality
+token sequences and pooled features (for unimodal classifiers and gradient modulation), the
+fused representation (for adapters placed before the head) and the prediction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmrepro.data.loader import Batch
+from mmrepro.data.schema import DatasetSchema, TaskSpec
+from mmrepro.models.encoders import ModalityEncoder, masked_mean
+from mmrepro.models.fusion import FUSIONS
+
+
+@dataclass
+class ModelOutput:
+    pred: torch.Tensor  # (B,) regression or (B, K) class logits
+    fused: torch.Tensor  # (B, F) input of the head
+    tokens: dict[str, torch.Tensor]  # per modality (B, T_m, d)
+    features: dict[str, torch.Tensor]  # per modality pooled (B, d)
+
+
+class PredictionHead(nn.Module):
+    """Residual two-layer MLP then a linear ``out`` layer (the layout of MulT's and CGGM's heads)."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(in_dim, in_dim))
+        self.out = nn.Linear(in_dim, out_dim)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(h + self.mlp(h))
+
+
+class MultimodalModel(nn.Module):
+    def __init__(self, encoders: dict[str, ModalityEncoder], fusion: nn.Module, head: PredictionHead, task: TaskSpec):
+        super().__init__()
+        self.names = list(encoders)
+        self.encoders = nn.ModuleDict(encoders)
+        self.fusion = fusion
+        self.head = head
+        self.task_type = task.type
+
+    def encode(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        tokens, pads = {}, {}
+        for m in self.names:
+            tokens[m], pads[m] = self.encoders[m](batch.x[m], batch.lengths[m])
+        return tokens, pads
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        tokens, pads = self.encode(batch)
+        fused = self.fusion(tokens, pads)
+        pred = self.head(fused)
+        if self.task_type == "regression":
+            pred = pred.squeeze(-1)
+        features = {m: masked_mean(tokens[m], pads[m]) for m in self.names}
+        return ModelOutput(pred=pred, fused=fused, tokens=tokens, features=features)
+
+
+def build_model(schema: DatasetSchema, task: TaskSpec, *, backbone: str, d_model: int, layers: int,
+                heads: int, kernel: int, dropout: float, fusion_layers: int,
+                modalities: list[str] | None = None) -> MultimodalModel:
+    """One builder for every backbone, as torchvision's model builders: plain arguments in, module out."""
+    if backbone not in FUSIONS:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {sorted(FUSIONS)}")
+    names = modalities or schema.modality_names
+    encoders = {m: ModalityEncoder(schema.modality(m).dim, schema.modality(m).length, d_model, layers, heads,
+                                   kernel, dropout) for m in names}
+    fusion = FUSIONS[backbone](names, d_model=d_model, dropout=dropout, heads=heads, layers=fusion_layers)
+    out_dim = 1 if task.type == "regression" else task.num_classes
+    return MultimodalModel(encoders, fusion, PredictionHead(fusion.out_dim, out_dim, dropout), task)
