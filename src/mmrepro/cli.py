@@ -1,0 +1,158 @@
+"""``mmrepro <verb>``: the only entry point the Snakemake rules call.
+
+Each verb does one job of the DAG. Rules pass their wildcards and a JSON run spec built by
+:mod:`mmrepro.config`; run ``mmrepro <verb> --help`` for the arguments of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import yaml
+
+
+def _json(text: str) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from mmrepro.config import load_schema, validate_config
+
+    config: dict = {}
+    for path in args.configfile:
+        config.update(yaml.safe_load(Path(path).read_text()) or {})
+    validate_config(config, load_schema(args.schema))
+    print(f"config OK: {', '.join(args.configfile)}")
+    return 0
+
+
+def cmd_init_tracking(args: argparse.Namespace) -> int:
+    from mmrepro.config import EXPERIMENTS
+    from mmrepro.jobs import write_json
+    from mmrepro.tracking import init_store, tracking_uri
+
+    uri = tracking_uri(args.results, args.uri)
+    ids = init_store(uri, EXPERIMENTS, Path(args.results) / "mlartifacts")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, {"uri": uri, "experiments": ids})
+    print(f"MLflow store ready at {uri}: {', '.join(ids)}")
+    return 0
+
+
+def cmd_make_data(args: argparse.Namespace) -> int:
+    from mmrepro.data import build_store
+
+    manifest = build_store(args.dataset, args.spec, args.out.parent)
+    if manifest.resolve() != args.out.resolve():
+        raise SystemExit(f"--out must be <store folder>/manifest.json, got {args.out}")
+    print(f"wrote {manifest}")
+    return 0
+
+
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from mmrepro.data.store import FeatureStore
+
+    FeatureStore(args.manifest).verify()
+    print(f"{args.manifest}: every array matches its recorded shape, dtype, size and SHA-256")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mmrepro.jobs import train_job
+
+    summary = train_job(args.spec, args.data, args.out_dir, args.threads, init=args.init)
+    print(json.dumps(summary["metrics"]["test"], indent=1))
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from mmrepro.jobs import adapt_job
+
+    summary = adapt_job(args.spec, args.data, args.model, args.out_dir, args.threads)
+    print(json.dumps(summary["metrics"]["test"], indent=1))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from mmrepro.report import load_runs, plot_study, summarize, write_table
+
+    runs = load_runs(args.metrics)
+    write_table(summarize(runs), args.table)
+    plot_study(runs, args.plot)
+    print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmrepro", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Most users run the Snakemake workflow (snakemake --cores all <study>), "
+                                       "which calls these verbs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = p.add_subparsers(dest="verb", required=True, metavar="verb")
+
+    s = sub.add_parser("check-config", help="validate config file(s) against the schema and the registries")
+    s.add_argument("configfile", nargs="+", help="YAML config files, later ones override earlier keys")
+    s.add_argument("--schema", default="workflow/schemas/config.schema.yaml", help="JSON schema (YAML)")
+    s.set_defaults(func=cmd_check_config)
+
+    s = sub.add_parser("init-tracking", help="create the MLflow store and one experiment per study (run once, before jobs)")
+    s.add_argument("--results", required=True, help="results folder (holds mlflow.db and mlartifacts/)")
+    s.add_argument("--uri", default=None, help="tracking URI from the config (MLFLOW_TRACKING_URI overrides)")
+    s.add_argument("--out", type=Path, required=True, help="JSON file recording the URI and experiment ids")
+    s.set_defaults(func=cmd_init_tracking)
+
+    s = sub.add_parser("make-data", help="generate or convert a dataset into a feature store")
+    s.add_argument("--dataset", required=True, help="dataset name (a key of the config's datasets)")
+    s.add_argument("--spec", type=_json, required=True, help="the dataset's config entry, as JSON")
+    s.add_argument("--out", type=Path, required=True, help="<store folder>/manifest.json to write")
+    s.set_defaults(func=cmd_make_data)
+
+    s = sub.add_parser("check-data", help="verify a feature store's arrays against its manifest checksums")
+    s.add_argument("manifest", type=Path)
+    s.set_defaults(func=cmd_check_data)
+
+    for verb, helptext, func in (("train", "train one run (method x setting x seed) and evaluate it", cmd_train),
+                                 ("adapt", "adapt a trained model at test time on a target split", cmd_adapt)):
+        s = sub.add_parser(verb, help=helptext)
+        s.add_argument("--spec", type=_json, required=True, help="run spec JSON (built by mmrepro.config)")
+        s.add_argument("--data", type=Path, required=True, help="feature store manifest.json")
+        s.add_argument("--out-dir", type=Path, required=True, help="folder for metrics.json, model.pt, config.json")
+        s.add_argument("--threads", type=int, default=1, help="CPU threads (Snakemake passes the rule's threads)")
+        if verb == "train":
+            s.add_argument("--init", type=Path, default=None, help="backbone checkpoint to start from (fine-tuning)")
+        else:
+            s.add_argument("--model", type=Path, required=True, help="trained model checkpoint (model.pt)")
+        s.set_defaults(func=func)
+
+    s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")
+    s.add_argument("--table", type=Path, required=True, help="output stem for the table files")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
+    s.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from mmrepro.config import ConfigError
+    from mmrepro.data.schema import DataValidationError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataValidationError) as e:
+        print(f"mmrepro {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

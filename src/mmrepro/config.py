@@ -1,0 +1,165 @@
+"""The workflow config: validation against the JSON schema, registry checks, and per-job run specs.
+
+The Snakefile calls :func:`validate_config` once at parse time, so a bad config fails before any
+job starts, with a message that names the offending key. Jobs then receive a *run spec*: the
+small, fully resolved slice of the config one job needs (built here, never in rules).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, resolve_method
+from mmrepro.models.fusion import FUSIONS
+
+#: How each study produces its runs: trained per (method, setting), or a source model adapted at test time.
+STUDY_KINDS = {"balance": "train", "missing": "train", "peft": "finetune", "shift": "adapt"}
+#: Tracking experiments: one per study, plus one for the backbones that shift and peft start from.
+EXPERIMENTS = [*STUDY_KINDS, "backbones"]
+
+
+class ConfigError(ValueError):
+    """A config problem; the message starts with the config key it concerns."""
+
+
+def _with_defaults(validator_class):
+    """Extend a jsonschema validator so that ``default`` values fill missing properties."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+_Validator = _with_defaults(jsonschema.Draft202012Validator)
+
+
+def _key(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "<top level>"
+
+
+def load_schema(path: Path | str) -> dict[str, Any]:
+    return yaml.safe_load(Path(path).read_text())
+
+
+def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
+    """Fill defaults in place, check the schema, then names against the registries; return ``config``."""
+    errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
+    if errors:
+        lines = [f"config key {_key(e.absolute_path)}: {e.message}" for e in errors]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    _check_names(config)
+    return config
+
+
+def _check_params(cls, params: dict[str, Any], key: str) -> None:
+    try:
+        inspect.signature(cls).bind_partial(**params)
+    except TypeError as e:
+        raise ConfigError(f"config key {key}: {e}") from None
+
+
+def _check_names(config: dict[str, Any]) -> None:
+    registries = {"transform": TRANSFORMS, "hook": HOOKS, "adapter": ADAPTERS}
+    for name, ds in config["datasets"].items():
+        if ds["loader"] == "synth":
+            names = [m["name"] for m in ds["synth"]["modalities"]]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"config key datasets.{name}.synth.modalities: names repeat: {names}")
+            for m in ds["synth"]["interaction"]["modalities"]:
+                if m not in names:
+                    raise ConfigError(f"config key datasets.{name}.synth.interaction.modalities: {m!r} is not one of {names}")
+    for study, spec in config["studies"].items():
+        for i, ds in enumerate(spec["datasets"]):
+            if ds not in config["datasets"]:
+                raise ConfigError(f"config key studies.{study}.datasets[{i}]: unknown dataset {ds!r}; "
+                                  f"defined under datasets: {sorted(config['datasets'])}")
+        for i, method in enumerate(spec["methods"]):
+            try:
+                plan = resolve_method(method)
+            except (KeyError, ValueError) as e:
+                raise ConfigError(f"config key studies.{study}.methods[{i}]: {e.args[0]}") from None
+            for family, reg in registries.items():
+                name = getattr(plan, family)
+                _check_params(reg.get(name), config["methods"].get(name, {}), f"methods.{name}")
+        for name, setting in spec["settings"].items():
+            key = f"studies.{study}.settings.{name}"
+            params = {k: v for k, v in setting.items() if k != "type"}
+            try:
+                SETTINGS.get(setting["type"])(**params)
+            except KeyError as e:
+                raise ConfigError(f"config key {key}.type: {e.args[0]}") from None
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"config key {key}: {e}") from None
+        backbone = model_config(config, study)["backbone"]
+        if backbone not in FUSIONS:
+            raise ConfigError(f"config key studies.{study}.model.backbone: unknown backbone {backbone!r}; "
+                              f"known: {sorted(FUSIONS)}")
+    for name in config["methods"]:
+        if not any(name in reg for reg in registries.values()):
+            raise ConfigError(f"config key methods.{name}: unknown method; known: "
+                              f"{sorted(n for reg in registries.values() for n in reg.names())}")
+
+
+def model_config(config: dict[str, Any], study: str) -> dict[str, Any]:
+    return {**config["model"], **config["studies"][study].get("model", {})}
+
+
+def train_config(config: dict[str, Any], study: str) -> dict[str, Any]:
+    return {**config["train"], **config["studies"][study].get("train", {})}
+
+
+def study_task(config: dict[str, Any], study: str, dataset: str) -> str:
+    return config["studies"][study].get("task", config["datasets"][dataset]["task"])
+
+
+def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str,
+          setting_cfg: dict[str, Any], seed: int, task: str) -> dict[str, Any]:
+    plan = resolve_method(method)
+    return {
+        "study": study, "dataset": dataset, "method": method, "setting": setting, "seed": int(seed), "task": task,
+        "plan": {"transform": plan.transform, "hook": plan.hook, "adapter": plan.adapter},
+        "method_params": {name: config["methods"].get(name, {}) for name in (plan.transform, plan.hook, plan.adapter)},
+        "data_setting": {"type": setting_cfg["type"], "params": {k: v for k, v in setting_cfg.items() if k != "type"}},
+        "model": model_config(config, study), "train": train_config(config, study),
+        "tracking_uri": config["tracking"]["uri"], "results": config["results"],
+    }
+
+
+def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str, seed: int) -> dict[str, Any]:
+    """Everything one training or adaptation job needs, resolved (the job's config artifact)."""
+    return _spec(config, study, dataset, method, setting, config["studies"][study]["settings"][setting], seed,
+                 study_task(config, study, dataset))
+
+
+def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -> dict[str, Any]:
+    """The model a study starts from: plain joint training on complete source data.
+
+    ``shift`` adapts a model of the dataset's own task; ``peft`` fine-tunes one pretrained on the
+    dataset's pretraining task. Backbones are tracked in their own experiment.
+    """
+    finetune = STUDY_KINDS[study] == "finetune"
+    task = config["datasets"][dataset]["pretrain_task"] if finetune else study_task(config, study, dataset)
+    spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task)
+    return {**spec, "study": "backbones", "setting": f"for-{study}"}
+
+
+def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:
+    """All (dataset, method, setting, seed) combinations of a study, in config order."""
+    spec = config["studies"][study]
+    return [{"study": study, "dataset": d, "method": m, "setting": s, "seed": seed}
+            for d in spec["datasets"] for m in spec["methods"] for s in spec["settings"] for seed in config["seeds"]]

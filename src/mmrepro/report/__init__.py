@@ -1,0 +1,15 @@
+"""Tables and plots for a study, built from the ``metrics.json`` files of its runs.
+
+The report is built from ``metrics.json`` files only, never from MLflow, so it
+can be regenerated offline (and reproducibly) from a results folder alone.
+
+    runs = load_runs(paths)                      # long frame, one row per run x split x metric
+    summary = summarize(runs, split="test")      # mean/std over seeds, n, oracle
+    write_table(summary, Path("results/study"))  # study.md, study.csv, study.tex
+    plot_study(runs, Path("results/study"))      # study.png, study.pdf
+"""
+
+from .plots import plot_study
+from .tables import add_reference, load_runs, summarize, write_table
+
+__all__ = ["load_runs", "summarize", "write_table", "plot_study", "add_reference"]

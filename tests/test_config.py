@@ -1,0 +1,73 @@
+"""Config validation: defaults filled from the schema; bad configs fail naming the key."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from conftest import SCHEMA, default_config
+from mmrepro.config import ConfigError, load_schema, run_spec, study_grid, validate_config
+
+
+def test_default_config_is_valid_and_defaults_are_filled():
+    config = default_config()
+    assert config["resources"]["train"]["threads"] == 1
+    assert config["train"]["device"] == "auto"
+    assert config["datasets"]["synth"]["synth"]["modalities"][1]["events"] == 4
+
+
+def test_minimal_config_gets_every_default():
+    config = validate_config({"datasets": {"synth": {"loader": "synth"}},
+                              "studies": {"balance": {"datasets": ["synth"], "methods": ["joint"],
+                                                      "settings": {"complete": {"type": "complete"}}}}},
+                             load_schema(SCHEMA))
+    assert config["seeds"] == [0, 1, 2]
+    assert config["datasets"]["synth"]["synth"]["n"] == {"train": 2000, "valid": 500, "test": 1000}
+    assert config["model"]["backbone"] == "late"
+
+
+def _broken(mutate) -> str:
+    config = default_config()
+    raw = copy.deepcopy(config)
+    mutate(raw)
+    with pytest.raises(ConfigError) as err:
+        validate_config(raw, load_schema(SCHEMA))
+    return str(err.value)
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c["studies"]["balance"]["methods"].append("no_such_method"), "studies.balance.methods[1]"),
+    (lambda c: c["studies"]["balance"]["datasets"].append("imagenet"), "studies.balance.datasets[1]"),
+    (lambda c: c["studies"]["missing"]["settings"]["rate0.3"].update(rate=-0.1), "studies.missing.settings.rate0.3.rate"),
+    (lambda c: c["studies"]["missing"]["settings"]["rate0.3"].update(type="blur"), "studies.missing.settings.rate0.3.type"),
+    (lambda c: c["studies"]["shift"]["settings"]["source"].update(domian="x"), "studies.shift.settings.source"),
+    (lambda c: c["train"].update(lr=-1), "train.lr"),
+    (lambda c: c["studies"].update(imagenet={}), "studies"),
+    (lambda c: c["model"].update(backbone="resnet"), "studies.balance.model.backbone"),
+    (lambda c: c["methods"].update(cggmm={"rho": 1.0}), "methods.cggmm"),
+    (lambda c: c["methods"].update(joint={"rho": 1.0}), "methods.joint"),
+    (lambda c: c["datasets"]["synth"]["synth"]["interaction"].update(modalities=["text", "smell"]),
+     "datasets.synth.synth.interaction.modalities"),
+])
+def test_bad_config_names_the_key(mutate, key):
+    assert f"config key {key}" in _broken(mutate)
+
+
+def test_unknown_method_message_lists_known_methods():
+    message = _broken(lambda c: c["studies"]["balance"]["methods"].append("cgm"))
+    assert "unknown method 'cgm'" in message and "joint" in message
+
+
+def test_run_spec_resolves_plug_ins_and_setting():
+    spec = run_spec(default_config(), "missing", "synth", "joint", "rate0.3", 2)
+    assert spec["plan"] == {"transform": "full_finetune", "hook": "joint", "adapter": "source_only"}
+    assert spec["data_setting"] == {"type": "zero_fill", "params": {"rate": 0.3}}
+    assert spec["seed"] == 2 and spec["task"] == "main"
+
+
+def test_study_grid_is_the_full_product():
+    config = default_config()
+    grid = study_grid(config, "missing")
+    assert len(grid) == len(config["seeds"]) * 3
+    assert {g["setting"] for g in grid} == {"rate0.0", "rate0.3", "rate0.6"}

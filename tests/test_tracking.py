@@ -1,0 +1,112 @@
+"""MLflow tracking: the store is created once, runs carry their tags, metrics steps and artifacts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import pytest
+
+from mmrepro.tracking import RunTracker, flatten, init_store, tracking_uri
+
+SPEC = {"study": "balance", "dataset": "synth", "method": "joint", "setting": "complete", "seed": 3,
+        "train": {"lr": 0.001, "epochs": 2}}
+
+
+def test_default_uri_is_sqlite_under_results_and_env_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert tracking_uri(tmp_path, "http://server:5000") == "http://server:5000"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
+    assert tracking_uri(tmp_path, "http://server:5000") == "http://elsewhere:5000"
+
+
+def test_flatten_params():
+    assert flatten({"train": {"lr": 0.1, "e": {}}, "m": [1, 2]}) == {"train.lr": "0.1", "train.e": "{}", "m": "[1, 2]"}
+
+
+def _log_one_run(uri, tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"mae": 0.5}))
+    with RunTracker(uri, "balance", SPEC, threads=2, run_name="r1") as run:
+        run.log_metrics({"train_loss": 1.0}, step=1)
+        run.log_metrics({"train_loss": 0.5}, step=2)
+        run.log_artifact(tmp_path / "metrics.json")
+    return run.run_id
+
+
+def _check_run(uri, run_id):
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    for key, value in {"study": "balance", "dataset": "synth", "method": "joint", "setting": "complete",
+                       "seed": "3", "threads": "2"}.items():
+        assert run.data.tags[key] == value
+    for key in ("git_commit", "config_hash", "torch_version"):
+        assert run.data.tags[key]
+    assert run.data.params["train.lr"] == "0.001"
+    history = client.get_metric_history(run_id, "train_loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
+    assert [a.path for a in client.list_artifacts(run_id)] == ["metrics.json"]
+
+
+def test_init_then_log_a_run_to_sqlite(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ids = init_store(uri, ["balance", "shift"], tmp_path / "artifacts")
+    assert init_store(uri, ["balance", "shift"], tmp_path / "artifacts") == ids  # idempotent
+    exp = mlflow.MlflowClient(tracking_uri=uri).get_experiment(ids["balance"])
+    assert exp.artifact_location == (tmp_path / "artifacts" / "balance").resolve().as_uri()
+    _check_run(uri, _log_one_run(uri, tmp_path))
+    assert (tmp_path / "artifacts" / "balance").is_dir()
+
+
+def test_a_failing_job_marks_its_run_failed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    init_store(uri, ["balance"], tmp_path / "artifacts")
+    with pytest.raises(RuntimeError):
+        with RunTracker(uri, "balance", SPEC, threads=1, run_name="boom") as run:
+            raise RuntimeError("boom")
+    assert mlflow.MlflowClient(tracking_uri=uri).get_run(run.run_id).info.status == "FAILED"
+
+
+def test_jobs_never_create_experiments(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    init_store(uri, ["balance"], tmp_path / "artifacts")
+    with pytest.raises(RuntimeError, match="init_tracking"):
+        with RunTracker(uri, "peft", SPEC, threads=1, run_name="x"):
+            pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_tracking_server_works_too(tmp_path):
+    """Start a real MLflow server on loopback and log through it, as a cluster user would."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("MLflow server did not come up in 60 s")
+        init_store(uri, ["balance"], tmp_path / "unused")
+        _check_run(uri, _log_one_run(uri, tmp_path))
+        assert list((tmp_path / "art").rglob("metrics.json"))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
