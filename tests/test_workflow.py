@@ -1,0 +1,138 @@
+"""End to end: the real Snakemake DAG on a tiny config in a temporary folder, checked from its files and MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import REPO
+
+SNAKEFILE = REPO / "workflow" / "Snakefile"
+
+TINY = {
+    "results": "out",
+    "seeds": [0, 1],
+    "datasets": {"synth": {"loader": "synth", "synth": {"n": {"train": 160, "valid": 64, "test": 64}}}},
+    "model": {"d_model": 8, "heads": 2},
+    "train": {"epochs": 2, "batch_size": 32},
+    "studies": {
+        "balance": {"datasets": ["synth"], "methods": ["joint"], "settings": {"complete": {"type": "complete"}}},
+        "missing": {"datasets": ["synth"], "methods": ["joint"],
+                    "settings": {"rate0.0": {"type": "zero_fill", "rate": 0.0},
+                                 "rate0.5": {"type": "zero_fill", "rate": 0.5}}},
+        "shift": {"datasets": ["synth"], "methods": ["source_only"],
+                  "settings": {"source": {"type": "domain", "domain": "source"},
+                               "target_all": {"type": "domain", "domain": "target_all"}}},
+        "peft": {"datasets": ["synth"], "methods": ["full_finetune"], "settings": {"complete": {"type": "complete"}}},
+    },
+}
+
+
+def snakemake(workdir: Path, *args: str, config: dict = TINY) -> subprocess.CompletedProcess:
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(workdir),
+                           "--configfile", str(workdir / "config.yaml"), "--cores", "2", *args],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("pipeline")
+    done = snakemake(workdir)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return workdir / "out"
+
+
+@pytest.mark.slow
+def test_every_study_ends_in_a_table_and_a_plot(pipeline):
+    for study in TINY["studies"]:
+        for ext in ("md", "csv", "tex"):
+            assert (pipeline / "tables" / f"{study}.{ext}").stat().st_size > 0
+        assert (pipeline / "plots" / f"{study}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (pipeline / "plots" / f"{study}.pdf").read_bytes()[:4] == b"%PDF"
+    table = (pipeline / "tables" / "missing.md").read_text()
+    assert "rate0.5" in table and "±" in table and "oracle" in table
+
+
+@pytest.mark.slow
+def test_runs_write_their_files_with_honest_metrics(pipeline):
+    runs = sorted(pipeline.glob("*/synth/*/*/seed*/metrics.json"))
+    assert len(runs) == 2 + 4 + 4 + 2  # balance, missing, shift, peft
+    for path in runs:
+        m = json.loads(path.read_text())
+        assert m["seed"] in (0, 1) and m["label"] == "main" and m["task"] == "regression"
+        test = m["metrics"]["test"]
+        assert 0 <= test["acc2_has0"] <= 1 and test["mae"] > 0
+        assert test["mae"] > m["oracle"]["test"]["mae"], path  # nothing beats the ceiling
+    peft = json.loads(next(pipeline.glob("peft/synth/full_finetune/complete/seed0/metrics.json")).read_text())
+    assert peft["trainable_params"] == peft["total_params"] > 0
+    assert (pipeline / "backbones" / "peft" / "synth" / "seed0" / "model.pt").is_file()
+    for study in ("balance", "missing", "peft"):
+        assert not list((pipeline / study).rglob("last.ckpt")), "finished runs leave no resume checkpoint"
+
+
+@pytest.mark.slow
+def test_every_job_is_one_finished_mlflow_run_with_its_tags(pipeline):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline.resolve()}/mlflow.db")
+    expected = {"balance": 2, "missing": 4, "shift": 4, "peft": 2, "backbones": 4}
+    for name, count in expected.items():
+        exp = client.get_experiment_by_name(name)
+        assert exp.artifact_location.startswith((pipeline.resolve() / "mlartifacts").as_uri())
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == count, name
+        for run in runs:
+            assert run.info.status == "FINISHED"
+            for tag in ("study", "dataset", "method", "setting", "seed", "git_commit", "config_hash",
+                        "torch_version", "threads"):
+                assert run.data.tags.get(tag), (name, tag)
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert {"config.json", "metrics.json"} <= artifacts
+    balance = client.search_runs([client.get_experiment_by_name("balance").experiment_id])[0]
+    assert [m.step for m in client.get_metric_history(balance.info.run_id, "valid_loss")] == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_finished_pipeline_has_nothing_left_to_do(pipeline):
+    again = snakemake(pipeline.parent, "-n")
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_same_seed_gives_identical_metrics_json(pipeline, tmp_path):
+    run = pipeline / "balance" / "synth" / "joint" / "complete" / "seed1"
+    spec = (run / "config.json").read_text()
+    out = tmp_path / "again"
+    done = subprocess.run([sys.executable, "-m", "mmrepro.cli", "train", "--spec", spec, "--data",
+                           str(pipeline / "data" / "synth" / "manifest.json"), "--out-dir", str(out), "--threads", "1"],
+                          capture_output=True, text=True, cwd=pipeline.parent, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "metrics.json").read_bytes() == (run / "metrics.json").read_bytes()
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda c: c["studies"]["balance"].update(methods=["jiont"]), "studies.balance.methods[0]"),
+    (lambda c: c["studies"]["balance"].update(datasets=["mosi"]), "studies.balance.datasets[0]"),
+    (lambda c: c["studies"]["missing"]["settings"]["rate0.5"].update(rate=-0.5), "studies.missing.settings.rate0.5.rate"),
+])
+def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, mutate, key):
+    config = json.loads(json.dumps(TINY))
+    mutate(config)
+    done = snakemake(tmp_path, config=config)
+    assert done.returncode != 0
+    assert f"config key {key}" in done.stderr + done.stdout
+    assert not (tmp_path / "out").exists(), "no job may start on a bad config"
+
+
+def test_workflow_lints_clean():
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--lint"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -1,0 +1,56 @@
+# Shared helpers: config validation at parse time, output paths and run specs.
+# All logic lives in mmrepro.config; these functions only adapt it to wildcards.
+import json
+import shlex
+from pathlib import Path
+
+from mmrepro.config import (
+    STUDY_KINDS,
+    backbone_spec,
+    load_schema,
+    run_spec,
+    study_grid,
+    validate_config,
+)
+
+validate_config(config, load_schema(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
+
+RESULTS = config["results"]
+# Every job runs in the project's environment (used with --sdm conda; also answers --lint).
+CONDA_ENV = str(Path(workflow.basedir).parent / "environment.yml")
+TRAIN_RES = config["resources"]["train"]
+
+
+wildcard_constraints:
+    seed=r"\d+",
+    dataset=r"[A-Za-z0-9_-]+",
+    method=r"[A-Za-z0-9_+]+",
+    setting=r"[A-Za-z0-9_.-]+",
+
+
+def store(dataset):
+    return f"{RESULTS}/data/{dataset}/manifest.json"
+
+
+def run_dir(study, dataset, method, setting, seed):
+    return f"{RESULTS}/{study}/{dataset}/{method}/{setting}/seed{seed}"
+
+
+def backbone_model(study, dataset, seed):
+    return f"{RESULTS}/backbones/{study}/{dataset}/seed{seed}/model.pt"
+
+
+def spec_json(wildcards):
+    """The job's run spec, as JSON for the command line (changes to it re-run the job)."""
+    w = wildcards
+    return json.dumps(run_spec(config, w.study, w.dataset, w.method, w.setting, int(w.seed)))
+
+
+def study_metrics(study):
+    return [f"{run_dir(**run)}/metrics.json" for run in study_grid(config, study)]
+
+
+def study_report(study):
+    return [
+        f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")
+    ] + [f"{RESULTS}/plots/{study}.{ext}" for ext in ("png", "pdf")]

@@ -1,0 +1,20 @@
+# Datasets: generate (synth) or convert into a checked feature store that training reads.
+
+
+rule make_data:
+    output:
+        f"{RESULTS}/data/{{dataset}}/manifest.json",
+    params:
+        spec=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]),
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/data/{{dataset}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/data/{{dataset}}.tsv"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    shell:
+        "mmrepro make-data --dataset {wildcards.dataset} --spec {params.spec:q} --out {output} > {log} 2>&1"

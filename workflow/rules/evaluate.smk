@@ -1,0 +1,32 @@
+# Evaluation under shift: a source-trained backbone meets each target domain's test stream
+# through a test-time adapter (missing-modality settings are evaluated inside training runs).
+
+
+rule adapt:
+    input:
+        data=lambda wildcards: store(wildcards.dataset),
+        tracking=rules.init_tracking.output,
+        model=lambda wildcards: backbone_model("shift", wildcards.dataset, wildcards.seed),
+    output:
+        metrics=f"{RESULTS}/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
+    params:
+        spec=lambda wildcards: json.dumps(
+            run_spec(
+                config, "shift", wildcards.dataset, wildcards.method, wildcards.setting, int(wildcards.seed)
+            )
+        ),
+        out_dir=lambda wildcards, output: Path(output.metrics).parent,
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}.tsv"
+    threads: TRAIN_RES["threads"]
+    resources:
+        mem_mb=TRAIN_RES["mem_mb"],
+        runtime=TRAIN_RES["runtime"],
+        gpu=TRAIN_RES["gpu"],
+    shell:
+        "mmrepro adapt --spec {params.spec:q} --data {input.data} --model {input.model}"
+        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"

@@ -1,0 +1,35 @@
+# Reports: one table (md, csv, tex) and one plot (png, pdf) per study, built from metrics.json
+# files (never from MLflow), plus one target rule per study name.
+
+
+rule report:
+    input:
+        lambda wildcards: study_metrics(wildcards.study),
+    output:
+        multiext(f"{RESULTS}/tables/{{study}}", ".md", ".csv", ".tex"),
+        multiext(f"{RESULTS}/plots/{{study}}", ".png", ".pdf"),
+    params:
+        table=lambda wildcards: f"{RESULTS}/tables/{wildcards.study}",
+        plot=lambda wildcards: f"{RESULTS}/plots/{wildcards.study}",
+    wildcard_constraints:
+        study="balance|missing|shift|peft",
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/report/{{study}}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "mmrepro report --table {params.table} --plot {params.plot} {input} > {log} 2>&1"
+
+
+for _study in config["studies"]:
+
+    rule:
+        name:
+            _study
+        input:
+            study_report(_study),
+        localrule: True

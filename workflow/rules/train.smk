@@ -1,0 +1,89 @@
+# Training: the MLflow store is created once, locally, before any parallel job writes to it;
+# then one job per (study, dataset, method, setting, seed), and the backbones that the shift and
+# peft studies start from.
+
+
+localrules:
+    init_tracking,
+
+
+rule init_tracking:
+    output:
+        f"{RESULTS}/tracking/experiments.json",
+    params:
+        results=lambda wildcards, output: Path(output[0]).parents[1],
+        uri=f"--uri {shlex.quote(config['tracking']['uri'])}" if config["tracking"]["uri"] else "",
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/tracking/init.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=10,
+    shell:
+        "mmrepro init-tracking --results {params.results} {params.uri} --out {output} > {log} 2>&1"
+
+
+rule backbone:
+    input:
+        data=lambda wildcards: store(wildcards.dataset),
+        tracking=rules.init_tracking.output,
+    output:
+        metrics=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/metrics.json",
+        model=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/model.pt",
+    params:
+        spec=lambda wildcards: json.dumps(
+            backbone_spec(config, wildcards.study, wildcards.dataset, int(wildcards.seed))
+        ),
+        out_dir=lambda wildcards, output: Path(output.model).parent,
+    wildcard_constraints:
+        study="shift|peft",
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/backbones/{{study}}/{{dataset}}/seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/backbones/{{study}}/{{dataset}}/seed{{seed}}.tsv"
+    threads: TRAIN_RES["threads"]
+    resources:
+        mem_mb=TRAIN_RES["mem_mb"],
+        runtime=TRAIN_RES["runtime"],
+        gpu=TRAIN_RES["gpu"],
+    shell:
+        "mmrepro train --spec {params.spec:q} --data {input.data} --out-dir {params.out_dir}"
+        " --threads {threads} > {log} 2>&1"
+
+
+rule train:
+    input:
+        data=lambda wildcards: store(wildcards.dataset),
+        tracking=rules.init_tracking.output,
+        init=lambda wildcards: (
+            backbone_model(wildcards.study, wildcards.dataset, wildcards.seed)
+            if STUDY_KINDS[wildcards.study] == "finetune"
+            else []
+        ),
+    output:
+        metrics=f"{RESULTS}/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
+        model=f"{RESULTS}/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/model.pt",
+    params:
+        spec=spec_json,
+        out_dir=lambda wildcards, output: Path(output.model).parent,
+        init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
+    wildcard_constraints:
+        study="balance|missing|peft",
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}.tsv"
+    threads: TRAIN_RES["threads"]
+    resources:
+        mem_mb=TRAIN_RES["mem_mb"],
+        runtime=TRAIN_RES["runtime"],
+        gpu=TRAIN_RES["gpu"],
+    shell:
+        "mmrepro train --spec {params.spec:q} --data {input.data} --out-dir {params.out_dir}"
+        " {params.init} --threads {threads} > {log} 2>&1"
