@@ -43,6 +43,7 @@ def _broken(mutate) -> str:
     (lambda c: c["studies"]["missing"]["settings"]["rate0.3"].update(type="blur"), "studies.missing.settings.rate0.3.type"),
     (lambda c: c["studies"]["shift"]["settings"]["source"].update(domian="x"), "studies.shift.settings.source"),
     (lambda c: c["train"].update(lr=-1), "train.lr"),
+    (lambda c: c["studies"]["shift"]["settings"]["source"].update(domain="mars"), "studies.shift.settings.source.domain"),
     (lambda c: c["studies"].update(imagenet={}), "studies"),
     (lambda c: c["model"].update(backbone="resnet"), "studies.balance.model.backbone"),
     (lambda c: c["methods"].update(cggmm={"rho": 1.0}), "methods.cggmm"),

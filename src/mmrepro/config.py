@@ -98,6 +98,8 @@ def _check_names(config: dict[str, Any]) -> None:
                 _check_params(reg.get(name), config["methods"].get(name, {}), f"methods.{name}")
         for name, setting in spec["settings"].items():
             key = f"studies.{study}.settings.{name}"
+            if setting["type"] == "domain":
+                _check_domain(config, spec["datasets"], setting.get("domain"), f"{key}.domain")
             params = {k: v for k, v in setting.items() if k != "type"}
             try:
                 SETTINGS.get(setting["type"])(**params)
@@ -113,6 +115,15 @@ def _check_names(config: dict[str, Any]) -> None:
         if not any(name in reg for reg in registries.values()):
             raise ConfigError(f"config key methods.{name}: unknown method; known: "
                               f"{sorted(n for reg in registries.values() for n in reg.names())}")
+
+
+def _check_domain(config: dict[str, Any], datasets: list[str], domain: str | None, key: str) -> None:
+    """A ``domain`` setting must name the source or a target domain every synth dataset defines."""
+    for ds in datasets:
+        entry = config["datasets"][ds]
+        if entry["loader"] == "synth" and domain != "source" and domain not in entry["synth"]["domains"]:
+            raise ConfigError(f"config key {key}: dataset {ds!r} has no domain {domain!r}; it has "
+                              f"{['source', *entry['synth']['domains']]}")
 
 
 def model_config(config: dict[str, Any], study: str) -> dict[str, Any]:

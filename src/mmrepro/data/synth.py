@@ -35,8 +35,9 @@ Oracle
     scores on every split are written to the store manifest as the ceiling.
 
 Domains (for test-time adaptation): a target domain applies, per modality, an affine map
-:math:`x \to A x + b` with :math:`A = I + \text{scale}\, R/\sqrt{D}`, extra Gaussian noise and
-token dropout to every valid token, and/or shifts the mean of ``s`` along the readout ``v``
+:math:`x \to A x + b` to every token, with :math:`A = \text{gain}\,(I + \text{mix}\, R/\sqrt{D})`
+(a sensor gain and a fixed random mixing R) and :math:`b = \text{offset}\cdot \xi` (a fixed random :math:`\xi \sim N(0, I)`), then extra
+Gaussian noise and token dropout; and/or it shifts the mean of ``s`` along the readout ``v``
 (a label-prior shift). Targets are test splits named ``test@<domain>``.
 
 Missing modalities are not baked into the arrays: the ``zero_fill`` data setting draws the
@@ -206,8 +207,8 @@ class SynthGenerator:
             return x
         rng = rng_for(self.seed, "domain", domain["name"], modality)
         D = x.shape[-1]
-        A = np.eye(D) + float(spec.get("scale", 0.0)) * rng.standard_normal((D, D)) / np.sqrt(D)
-        b = float(spec.get("bias", 0.0)) * rng.standard_normal(D)
+        A = float(spec.get("gain", 1.0)) * (np.eye(D) + float(spec.get("mix", 0.0)) * rng.standard_normal((D, D)) / np.sqrt(D))
+        b = float(spec.get("offset", 0.0)) * rng.standard_normal(D)
         x = x @ A.T + b + float(spec.get("noise", 0.0)) * rng.standard_normal(x.shape)
         drop = float(spec.get("dropout", 0.0))
         if drop:
