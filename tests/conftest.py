@@ -6,6 +6,7 @@ import copy
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from mmrepro.config import load_schema, validate_config
@@ -13,6 +14,15 @@ from mmrepro.data import build_store
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny test models: extra intra-op threads only add spin-wait overhead on a small busy machine.
+
+    Tests that train through ``reproducibility.configure`` set their own thread count.
+    """
+    torch.set_num_threads(1)
 
 
 def default_config() -> dict:

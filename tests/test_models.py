@@ -23,15 +23,6 @@ B = 5
 BACKBONES = ["late", "mult"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add spin-wait overhead (10-100x on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def model(backbone: str, task: TaskSpec = REG, *, kernel: int = 1, dropout: float = 0.0, seed: int = 0,
           layers: int = 1) -> MultimodalModel:
     torch.manual_seed(seed)

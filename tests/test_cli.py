@@ -1,0 +1,60 @@
+"""The command line: every verb explains itself, bad input exits with a message, CI runs the README's command."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO, SCHEMA, small_synth
+from mmrepro.cli import main, parser
+from mmrepro.data import build_store
+
+VERBS = ["check-config", "init-tracking", "make-data", "check-data", "train", "adapt", "report"]
+
+
+def test_every_verb_is_listed_and_has_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    top = capsys.readouterr().out
+    for verb in VERBS:
+        assert verb in top
+        with pytest.raises(SystemExit) as done:
+            main([verb, "--help"])
+        assert done.value.code == 0
+        assert "usage: mmrepro " + verb in capsys.readouterr().out
+
+
+def test_check_config_accepts_the_default_and_names_the_bad_key(tmp_path, capsys):
+    assert main(["check-config", str(REPO / "config" / "config.yaml"), "--schema", str(SCHEMA)]) == 0
+    bad = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    bad["studies"]["balance"]["methods"] = ["joint", "magic"]
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    assert main(["check-config", str(tmp_path / "bad.yaml"), "--schema", str(SCHEMA)]) == 2
+    assert "config key studies.balance.methods[1]: unknown method 'magic'" in capsys.readouterr().err
+
+
+def test_check_data_reports_a_corrupted_array(tmp_path, capsys):
+    manifest = build_store("synth", small_synth(train=20, valid=10, test=10), tmp_path / "synth")
+    assert main(["check-data", str(manifest)]) == 0
+    target = tmp_path / "synth" / "train" / "y" / "main.npy"
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    target.write_bytes(bytes(data))
+    assert main(["check-data", str(manifest)]) == 2
+    err = capsys.readouterr().err
+    assert "checksum mismatch" in err and "split=train" in err and "key=y/main" in err
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    commands = re.findall(r"^(pip install .*)$", readme, flags=re.M)
+    assert len(commands) == 2 and "snakemake --cores all" in commands[0] and "pytest" in commands[1]
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert ci == [commands[1]]
+
+
+def test_parser_requires_a_verb():
+    with pytest.raises(SystemExit):
+        parser().parse_args([])
