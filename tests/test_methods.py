@@ -169,11 +169,11 @@ def test_full_finetune_unfreezes_everything_and_counts():
 def test_joint_hook_changes_nothing():
     hook = build(HOOKS, "joint")
     m = tiny_model()
-    hook.setup(m, torch.nn.functional.mse_loss)
+    hook.setup(m, torch.nn.functional.mse_loss, torch.optim.Adam(m.parameters()))
     loss = torch.tensor(1.25)
     assert hook.loss(m, None, None, loss) is loss
     assert hook.after_backward(m, None, None) is None
-    assert hook.on_epoch_end(0) == {}
+    assert hook.on_epoch_end(0, m, None) == {}
 
 
 # ---------------------------------------------------------------------------------------------

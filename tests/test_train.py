@@ -87,7 +87,7 @@ class _Spy(TrainingHook):
     def __init__(self):
         self.calls = []
 
-    def setup(self, model, loss_fn):
+    def setup(self, model, loss_fn, optimizer):
         self.calls.append("setup")
 
     def loss(self, model, batch, out, task_loss):
@@ -101,7 +101,7 @@ class _Spy(TrainingHook):
                 assert p.grad.abs().sum() >= 0
                 p.grad.zero_()
 
-    def on_epoch_end(self, epoch):
+    def on_epoch_end(self, epoch, model, valid):
         return {"spy_epoch": float(epoch)}
 
 

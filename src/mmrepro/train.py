@@ -78,9 +78,9 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
     loss_fn = task_loss_fn(model.task_type)
     device = cfg.torch_device
     model.to(device)
-    hook.setup(model, loss_fn)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    hook.setup(model, loss_fn, optimizer)
     state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": [],
              "best_state": copy.deepcopy(model.state_dict())}
     if checkpoint is not None and checkpoint.is_file():
@@ -110,7 +110,7 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
             total += task_loss.item() * len(batch)
             n += len(batch)
         values = {"train_loss": total / max(n, 1), "valid_loss": validation_loss(model, valid, loss_fn, device)}
-        values.update(hook.on_epoch_end(epoch))
+        values.update(hook.on_epoch_end(epoch, model, valid))
         if values["valid_loss"] < state["best_loss"]:
             state.update(best_loss=values["valid_loss"], best_epoch=epoch, bad_epochs=0,
                          best_state=copy.deepcopy(model.state_dict()))
