@@ -43,6 +43,10 @@ def _broken(mutate) -> str:
     (lambda c: c["studies"]["missing"]["settings"]["rate0.3"].update(type="blur"), "studies.missing.settings.rate0.3.type"),
     (lambda c: c["studies"]["shift"]["settings"]["source"].update(domian="x"), "studies.shift.settings.source"),
     (lambda c: c["train"].update(lr=-1), "train.lr"),
+    (lambda c: c["studies"]["balance"]["settings"].update(only_x={"type": "subset", "modalities": ["smell"]}),
+     "studies.balance.settings.only_x"),
+    (lambda c: c["studies"]["balance"]["settings"]["complete"].update(methods=["cggm"]),
+     "studies.balance.settings.complete.methods[0]"),
     (lambda c: c["studies"]["shift"]["settings"]["source"].update(domain="mars"), "studies.shift.settings.source.domain"),
     (lambda c: c["studies"].update(imagenet={}), "studies"),
     (lambda c: c["model"].update(backbone="resnet"), "studies.balance.model.backbone"),
@@ -72,3 +76,15 @@ def test_study_grid_is_the_full_product():
     grid = study_grid(config, "missing")
     assert len(grid) == len(config["seeds"]) * 3
     assert {g["setting"] for g in grid} == {"rate0.0", "rate0.3", "rate0.6"}
+
+
+def test_a_setting_can_restrict_its_methods():
+    config = default_config()
+    balance = config["studies"]["balance"]
+    balance["methods"] = ["joint", "full_finetune"]
+    balance["settings"]["only_text"] = {"type": "subset", "modalities": ["text"], "methods": ["joint"]}
+    validate_config(config, load_schema(SCHEMA))
+    runs = {(r["method"], r["setting"]) for r in study_grid(config, "balance")}
+    assert runs == {("joint", "complete"), ("full_finetune", "complete"), ("joint", "only_text")}
+    spec = run_spec(config, "balance", "synth", "joint", "only_text", 0)
+    assert spec["data_setting"] == {"type": "subset", "params": {"modalities": ["text"]}}

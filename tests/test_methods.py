@@ -324,3 +324,12 @@ def test_predict_withholds_labels_but_returns_them():
     with torch.no_grad():
         direct = torch.cat([m(ld.batch(np.sort(idx.numpy()))).pred for idx in spy.seen_index]).numpy()
     np.testing.assert_allclose(pred, direct, rtol=0, atol=1e-6)
+
+
+def test_subset_setting_keeps_the_named_modalities_in_dataset_order():
+    setting = build(SETTINGS, "subset", {"modalities": ["c", "a"]})
+    assert setting.modalities(["a", "b", "c"]) == ["a", "c"]
+    with pytest.raises(ValueError, match="not in the dataset"):
+        setting.modalities(["a", "b"])
+    with pytest.raises(ValueError):
+        build(SETTINGS, "subset", {"modalities": []})

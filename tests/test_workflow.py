@@ -23,7 +23,9 @@ TINY = {
     "model": {"d_model": 8, "heads": 2},
     "train": {"epochs": 2, "batch_size": 32},
     "studies": {
-        "balance": {"datasets": ["synth"], "methods": ["joint"], "settings": {"complete": {"type": "complete"}}},
+        "balance": {"datasets": ["synth"], "methods": ["joint"],
+                    "settings": {"complete": {"type": "complete"},
+                                 "only_text": {"type": "subset", "modalities": ["text"], "methods": ["joint"]}}},
         "missing": {"datasets": ["synth"], "methods": ["joint"],
                     "settings": {"rate0.0": {"type": "zero_fill", "rate": 0.0},
                                  "rate0.5": {"type": "zero_fill", "rate": 0.5}}},
@@ -66,7 +68,7 @@ def test_every_study_ends_in_a_table_and_a_plot(pipeline):
 @pytest.mark.slow
 def test_runs_write_their_files_with_honest_metrics(pipeline):
     runs = sorted(pipeline.glob("*/synth/*/*/seed*/metrics.json"))
-    assert len(runs) == 2 + 4 + 4 + 2  # balance, missing, shift, peft
+    assert len(runs) == 4 + 4 + 4 + 2  # balance, missing, shift, peft
     for path in runs:
         m = json.loads(path.read_text())
         assert m["seed"] in (0, 1) and m["label"] == "main" and m["task"] == "regression"
@@ -76,6 +78,9 @@ def test_runs_write_their_files_with_honest_metrics(pipeline):
     peft = json.loads(next(pipeline.glob("peft/synth/full_finetune/complete/seed0/metrics.json")).read_text())
     assert peft["trainable_params"] == peft["total_params"] > 0
     assert (pipeline / "backbones" / "peft" / "synth" / "seed0" / "model.pt").is_file()
+    unimodal = json.loads((pipeline / "balance/synth/joint/only_text/seed0/metrics.json").read_text())
+    joint = json.loads((pipeline / "balance/synth/joint/complete/seed0/metrics.json").read_text())
+    assert 0 < unimodal["trainable_params"] < joint["trainable_params"]
     for study in ("balance", "missing", "peft"):
         assert not list((pipeline / study).rglob("last.ckpt")), "finished runs leave no resume checkpoint"
 
@@ -83,7 +88,7 @@ def test_runs_write_their_files_with_honest_metrics(pipeline):
 @pytest.mark.slow
 def test_every_job_is_one_finished_mlflow_run_with_its_tags(pipeline):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{pipeline.resolve()}/mlflow.db")
-    expected = {"balance": 2, "missing": 4, "shift": 4, "peft": 2, "backbones": 4}
+    expected = {"balance": 4, "missing": 4, "shift": 4, "peft": 2, "backbones": 4}
     for name, count in expected.items():
         exp = client.get_experiment_by_name(name)
         assert exp.artifact_location.startswith((pipeline.resolve() / "mlartifacts").as_uri())

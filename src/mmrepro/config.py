@@ -100,9 +100,16 @@ def _check_names(config: dict[str, Any]) -> None:
             key = f"studies.{study}.settings.{name}"
             if setting["type"] == "domain":
                 _check_domain(config, spec["datasets"], setting.get("domain"), f"{key}.domain")
-            params = {k: v for k, v in setting.items() if k != "type"}
+            for i, method in enumerate(setting.get("methods", [])):
+                if method not in spec["methods"]:
+                    raise ConfigError(f"config key {key}.methods[{i}]: {method!r} is not one of the study's "
+                                      f"methods {spec['methods']}")
+            params = setting_params(setting)
             try:
-                SETTINGS.get(setting["type"])(**params)
+                built = SETTINGS.get(setting["type"])(**params)
+                for ds in spec["datasets"]:
+                    if config["datasets"][ds]["loader"] == "synth":
+                        built.modalities([m["name"] for m in config["datasets"][ds]["synth"]["modalities"]])
             except KeyError as e:
                 raise ConfigError(f"config key {key}.type: {e.args[0]}") from None
             except (TypeError, ValueError) as e:
@@ -115,6 +122,11 @@ def _check_names(config: dict[str, Any]) -> None:
         if not any(name in reg for reg in registries.values()):
             raise ConfigError(f"config key methods.{name}: unknown method; known: "
                               f"{sorted(n for reg in registries.values() for n in reg.names())}")
+
+
+def setting_params(setting: dict[str, Any]) -> dict[str, Any]:
+    """A setting's constructor arguments: its config entry without ``type`` and ``methods``."""
+    return {k: v for k, v in setting.items() if k not in ("type", "methods")}
 
 
 def _check_domain(config: dict[str, Any], datasets: list[str], domain: str | None, key: str) -> None:
@@ -145,7 +157,7 @@ def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting
         "study": study, "dataset": dataset, "method": method, "setting": setting, "seed": int(seed), "task": task,
         "plan": {"transform": plan.transform, "hook": plan.hook, "adapter": plan.adapter},
         "method_params": {name: config["methods"].get(name, {}) for name in (plan.transform, plan.hook, plan.adapter)},
-        "data_setting": {"type": setting_cfg["type"], "params": {k: v for k, v in setting_cfg.items() if k != "type"}},
+        "data_setting": {"type": setting_cfg["type"], "params": setting_params(setting_cfg)},
         "model": model_config(config, study), "train": train_config(config, study),
         "tracking_uri": config["tracking"]["uri"], "results": config["results"],
     }
@@ -170,7 +182,11 @@ def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -
 
 
 def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:
-    """All (dataset, method, setting, seed) combinations of a study, in config order."""
+    """All (dataset, method, setting, seed) runs of a study, in config order.
+
+    A setting that lists ``methods`` runs only those (e.g. unimodal baselines with plain joint training).
+    """
     spec = config["studies"][study]
     return [{"study": study, "dataset": d, "method": m, "setting": s, "seed": seed}
-            for d in spec["datasets"] for m in spec["methods"] for s in spec["settings"] for seed in config["seeds"]]
+            for d in spec["datasets"] for s, setting in spec["settings"].items() for m in spec["methods"]
+            if m in setting.get("methods", spec["methods"]) for seed in config["seeds"]]

@@ -44,6 +44,7 @@ class RunData:
         self.schema = self.store.schema
         self.task = self.schema.task(spec["task"])
         self.setting = build(SETTINGS, spec["data_setting"]["type"], spec["data_setting"]["params"])
+        self.modalities = self.setting.modalities(self.schema.modality_names)
         self.batch_size, self.seed = spec["train"]["batch_size"], spec["seed"]
 
     def loader(self, split: str, shuffle: bool = False) -> SplitLoader:
@@ -52,14 +53,15 @@ class RunData:
         n, m = len(arrays["ids"]), len(self.schema.modalities)
         base = np.asarray(arrays["present"]) if "present" in arrays else np.ones((n, m), dtype=bool)
         return SplitLoader(arrays, self.schema, self.task.name, batch_size=self.batch_size, shuffle=shuffle,
-                           seed=self.seed, present=self.setting.present(name, base), transform=self.setting.transform)
+                           seed=self.seed, present=self.setting.present(name, base), transform=self.setting.transform,
+                           modalities=self.modalities)
 
     def oracle(self, split: str) -> dict[str, float]:
         return self.store.oracle(self.setting.split_name(split), self.task.name)
 
 
 def _model(data: RunData, spec: dict[str, Any]) -> MultimodalModel:
-    return build_model(data.schema, data.task, **spec["model"])
+    return build_model(data.schema, data.task, modalities=data.modalities, **spec["model"])
 
 
 def _save_model(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> None:

@@ -1,7 +1,8 @@
 """Data settings: what the data looks like to a run (complete, modalities missing, a shifted domain).
 
-A setting may rename the split a run reads (``test`` -> ``test@<domain>``), choose which
-modalities each sample has (the ``present`` mask) and transform batches. Settings apply to
+A setting may rename the split a run reads (``test`` -> ``test@<domain>``), restrict the
+modalities the model is built on (unimodal baselines), choose which modalities each sample has
+(the ``present`` mask) and transform batches. Settings apply to
 every method alike, so any method can be evaluated under any setting.
 """
 
@@ -21,6 +22,10 @@ class DataSetting:
 
     def split_name(self, split: str) -> str:
         return split
+
+    def modalities(self, available: list[str]) -> list[str]:
+        """The modalities the run's model reads, out of the dataset's."""
+        return available
 
     def present(self, split: str, base: np.ndarray) -> np.ndarray:
         """The ``(N, M)`` present mask for ``split`` given the dataset's own (``base``)."""
@@ -65,3 +70,19 @@ class Domain(DataSetting):
 
     def split_name(self, split: str) -> str:
         return split if self.domain == "source" or split != "test" else f"test@{self.domain}"
+
+
+@SETTINGS.register("subset")
+class Subset(DataSetting):
+    """Build and train the model on ``modalities`` only (e.g. the unimodal baselines of a balance study)."""
+
+    def __init__(self, modalities: list[str]):
+        if not modalities:
+            raise ValueError("subset.modalities must name at least one modality")
+        self.keep = list(modalities)
+
+    def modalities(self, available: list[str]) -> list[str]:
+        unknown = [m for m in self.keep if m not in available]
+        if unknown:
+            raise ValueError(f"subset.modalities: {unknown} not in the dataset's modalities {available}")
+        return [m for m in available if m in self.keep]
