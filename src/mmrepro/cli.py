@@ -90,6 +90,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_curves(args: argparse.Namespace) -> int:
+    from mmrepro.report import load_histories, plot_curves
+
+    plot_curves(load_histories(args.metrics), args.plot)
+    print(f"wrote {args.plot}.{{png,pdf}} from the histories of {len(args.metrics)} runs")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrepro", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -137,6 +145,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("curves", help="plot per-epoch curves (utilisation, coefficients, validation loss) of runs")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files; history.json is read beside each")
+    s.set_defaults(func=cmd_curves)
     return p
 
 

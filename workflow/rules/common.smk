@@ -51,6 +51,8 @@ def study_metrics(study):
 
 
 def study_report(study):
-    return [
-        f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")
-    ] + [f"{RESULTS}/plots/{study}.{ext}" for ext in ("png", "pdf")]
+    """A study's table and plot, plus per-epoch curves for the studies that train."""
+    curves = ["_curves"] if STUDY_KINDS[study] != "adapt" else []
+    return [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
+        f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ["", *curves] for ext in ("png", "pdf")
+    ]

@@ -25,6 +25,27 @@ rule report:
         "mmrepro report --table {params.table} --plot {params.plot} {input} > {log} 2>&1"
 
 
+rule curves:
+    input:
+        lambda wildcards: study_metrics(wildcards.study),
+    output:
+        multiext(f"{RESULTS}/plots/{{study}}_curves", ".png", ".pdf"),
+    params:
+        plot=lambda wildcards: f"{RESULTS}/plots/{wildcards.study}_curves",
+    wildcard_constraints:
+        study="balance|missing|peft",
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/report/{{study}}_curves.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "mmrepro curves --plot {params.plot} {input} > {log} 2>&1"
+
+
 for _study in config["studies"]:
 
     rule:

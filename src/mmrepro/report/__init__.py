@@ -7,9 +7,11 @@ can be regenerated offline (and reproducibly) from a results folder alone.
     summary = summarize(runs, split="test")      # mean/std over seeds, n, oracle
     write_table(summary, Path("results/study"))  # study.md, study.csv, study.tex
     plot_study(runs, Path("results/study"))      # study.png, study.pdf
+    plot_curves(load_histories(paths), Path("results/study_curves"))  # per-epoch curves
 """
 
+from .curves import load_histories, plot_curves
 from .plots import plot_study
 from .tables import add_reference, load_runs, summarize, write_table
 
-__all__ = ["load_runs", "summarize", "write_table", "plot_study", "add_reference"]
+__all__ = ["load_runs", "summarize", "write_table", "plot_study", "add_reference", "load_histories", "plot_curves"]

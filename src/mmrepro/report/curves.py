@@ -1,0 +1,75 @@
+"""Per-epoch curves of a study from its runs' ``history.json`` files (never from MLflow).
+
+The balance study's figure: each modality's utilisation (its unimodal probe's validation
+accuracy, ``util_<modality>``) and the modulation coefficients (``coeff_<modality>``) over epochs,
+one line per (method, modality), mean over seeds (runs stopped early contribute to the epochs
+they ran). Panels are drawn only for the families that some run logged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .tables import _atomic_write, _with_suffix
+
+FAMILIES = {"util_": "unimodal probe accuracy (validation)", "coeff_": "modulation coefficient",
+            "valid_loss": "validation loss"}
+
+
+def load_histories(metrics_paths: list[str | os.PathLike]) -> pd.DataFrame:
+    """Long frame (method, setting, seed, epoch, key, value) from the history.json beside each metrics.json."""
+    rows = []
+    for path in map(Path, metrics_paths):
+        meta = json.loads(path.read_text())
+        history_path = path.with_name("history.json")
+        try:
+            history = json.loads(history_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{history_path}: cannot read the run's history ({e})") from None
+        for entry in history:
+            if "epoch" not in entry:
+                continue
+            for key, value in entry.items():
+                if key != "epoch":
+                    rows.append({"method": meta["method"], "setting": str(meta["setting"]), "seed": meta["seed"],
+                                 "epoch": entry["epoch"], "key": key, "value": float(value)})
+    return pd.DataFrame(rows, columns=["method", "setting", "seed", "epoch", "key", "value"])
+
+
+def plot_curves(histories: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Write ``stem.png`` and ``stem.pdf``: one panel per curve family present."""
+    families = [f for f in FAMILIES if histories["key"].str.startswith(f).any()] or ["valid_loss"]
+    fig = Figure(figsize=(5.0 * len(families), 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(families), squeeze=False)[0]
+    groups = list(histories.groupby(["method", "setting"], sort=False))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(pd.unique(histories["method"] + "/" + histories["setting"]))}
+    for ax, family in zip(axes, families):
+        keys = sorted(k for k in pd.unique(histories["key"]) if k.startswith(family))
+        styles = {k: ls for k, ls in zip(keys, ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))] * 4)}
+        for (method, setting), g in groups:
+            for key in keys:
+                curve = g[g["key"] == key].groupby("epoch")["value"].mean()
+                if curve.empty:
+                    continue
+                label = f"{method}/{setting}" + (f" {key[len(family):]}" if key != family else "")
+                ax.plot(curve.index, curve.to_numpy(), color=colors[f"{method}/{setting}"], linestyle=styles[key],
+                        marker="o", markersize=3, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(FAMILIES[family])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle("per-epoch curves, mean over seeds", fontsize=11)
+    paths = [_with_suffix(Path(stem), ".png"), _with_suffix(Path(stem), ".pdf")]
+    for path, fmt in zip(paths, ("png", "pdf")):
+        _atomic_write(path, lambda fh, fmt=fmt: fig.savefig(fh, format=fmt, dpi=150))
+    return paths
+
+
+__all__ = ["load_histories", "plot_curves"]
