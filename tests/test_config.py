@@ -37,7 +37,7 @@ def _broken(mutate) -> str:
 
 
 @pytest.mark.parametrize("mutate, key", [
-    (lambda c: c["studies"]["balance"]["methods"].append("no_such_method"), "studies.balance.methods[1]"),
+    (lambda c: c["studies"]["balance"].update(methods=["joint", "no_such_method"]), "studies.balance.methods[1]"),
     (lambda c: c["studies"]["balance"]["datasets"].append("imagenet"), "studies.balance.datasets[1]"),
     (lambda c: c["studies"]["missing"]["settings"]["rate0.3"].update(rate=-0.1), "studies.missing.settings.rate0.3.rate"),
     (lambda c: c["studies"]["missing"]["settings"]["rate0.3"].update(type="blur"), "studies.missing.settings.rate0.3.type"),
@@ -45,7 +45,7 @@ def _broken(mutate) -> str:
     (lambda c: c["train"].update(lr=-1), "train.lr"),
     (lambda c: c["studies"]["balance"]["settings"].update(only_x={"type": "subset", "modalities": ["smell"]}),
      "studies.balance.settings.only_x"),
-    (lambda c: c["studies"]["balance"]["settings"]["complete"].update(methods=["cggm"]),
+    (lambda c: c["studies"]["balance"]["settings"]["complete"].update(methods=["full_finetune"]),
      "studies.balance.settings.complete.methods[0]"),
     (lambda c: c["studies"]["shift"]["settings"]["source"].update(domain="mars"), "studies.shift.settings.source.domain"),
     (lambda c: c["studies"].update(imagenet={}), "studies"),
@@ -60,7 +60,7 @@ def test_bad_config_names_the_key(mutate, key):
 
 
 def test_unknown_method_message_lists_known_methods():
-    message = _broken(lambda c: c["studies"]["balance"]["methods"].append("cgm"))
+    message = _broken(lambda c: c["studies"]["balance"].update(methods=["cgm"]))
     assert "unknown method 'cgm'" in message and "joint" in message
 
 
@@ -82,7 +82,8 @@ def test_a_setting_can_restrict_its_methods():
     config = default_config()
     balance = config["studies"]["balance"]
     balance["methods"] = ["joint", "full_finetune"]
-    balance["settings"]["only_text"] = {"type": "subset", "modalities": ["text"], "methods": ["joint"]}
+    balance["settings"] = {"complete": {"type": "complete"},
+                           "only_text": {"type": "subset", "modalities": ["text"], "methods": ["joint"]}}
     validate_config(config, load_schema(SCHEMA))
     runs = {(r["method"], r["setting"]) for r in study_grid(config, "balance")}
     assert runs == {("joint", "complete"), ("full_finetune", "complete"), ("joint", "only_text")}

@@ -159,6 +159,7 @@ def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting
         "method_params": {name: config["methods"].get(name, {}) for name in (plan.transform, plan.hook, plan.adapter)},
         "data_setting": {"type": setting_cfg["type"], "params": setting_params(setting_cfg)},
         "model": model_config(config, study), "train": train_config(config, study),
+        "utilisation_probes": config["studies"][study]["utilisation_probes"],
         "tracking_uri": config["tracking"]["uri"], "results": config["results"],
     }
 

@@ -21,6 +21,7 @@ from mmrepro import reproducibility
 from mmrepro.data.loader import SplitLoader
 from mmrepro.data.store import FeatureStore
 from mmrepro.evaluate import evaluate_model, metric_kind, predict, score
+from mmrepro.methods.balance.utilisation import with_utilisation
 from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build
 from mmrepro.methods.transforms import count_parameters
 from mmrepro.models.multimodal import MultimodalModel, build_model
@@ -95,6 +96,8 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
         _load_backbone(model, init)
     model = build(TRANSFORMS, spec["plan"]["transform"], spec["method_params"][spec["plan"]["transform"]]).apply(model)
     hook = build(HOOKS, spec["plan"]["hook"], spec["method_params"][spec["plan"]["hook"]])
+    if spec["utilisation_probes"]:
+        hook = with_utilisation(hook)
     trainable, total = count_parameters(model)
     uri = tracking_uri(spec["results"], spec["tracking_uri"])
     with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:

@@ -20,6 +20,8 @@ from mmrepro.models.multimodal import ModelOutput
 
 class TrainingHook:
     name = "base"
+    #: True when the hook logs ``util_<modality>`` itself (e.g. CGGM's unimodal classifiers).
+    tracks_utilisation = False
 
     def setup(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> None:
         """Called once before training, with the model, its task loss function and its optimizer."""

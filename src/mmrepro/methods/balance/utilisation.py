@@ -1,0 +1,54 @@
+"""Utilisation tracking for any training hook: unimodal probes trained beside the model.
+
+The balance study compares how much each modality's encoder learns under every method, not only
+under CGGM (whose classifiers already measure it). :class:`UtilisationTracking` wraps a hook,
+trains :class:`~mmrepro.methods.balance.probes.UnimodalProbes` on the detached encoder tokens
+after each backward pass, and adds each probe's validation accuracy, ``util_<modality>``, to the
+hook's per-epoch values. Measuring must not perturb: the probes see detached tokens and draw
+their random numbers from a forked generator, so a run with tracking trains bit-for-bit the same
+model as one without.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmrepro.data.loader import Batch, SplitLoader
+from mmrepro.methods.balance.probes import UnimodalProbes
+from mmrepro.methods.hooks import TrainingHook
+from mmrepro.models.multimodal import ModelOutput
+
+
+def _own_rng():
+    """Fork the global generators so the probes' randomness leaves the model's stream untouched."""
+    return torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else [])
+
+
+class UtilisationTracking(TrainingHook):
+    def __init__(self, inner: TrainingHook):
+        self.inner = inner
+        self.name = inner.name
+
+    def setup(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> None:
+        self.inner.setup(model, loss_fn, optimizer)
+        self.loss_fn = loss_fn
+        with _own_rng():
+            self.probes = UnimodalProbes.for_model(model)
+
+    def loss(self, model: nn.Module, batch: Batch, out: ModelOutput, task_loss: torch.Tensor) -> torch.Tensor:
+        return self.inner.loss(model, batch, out, task_loss)
+
+    def after_backward(self, model: nn.Module, batch: Batch, out: ModelOutput) -> None:
+        self.inner.after_backward(model, batch, out)
+        with _own_rng():
+            self.probes.step(out, batch, self.loss_fn)
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, valid: SplitLoader) -> dict[str, float]:
+        util = {f"util_{m}": v for m, v in self.probes.evaluate(model, valid).items()}
+        return {**self.inner.on_epoch_end(epoch, model, valid), **util}
+
+
+def with_utilisation(hook: TrainingHook) -> TrainingHook:
+    """``hook`` wrapped in probes, unless it measures utilisation itself (CGGM)."""
+    return hook if hook.tracks_utilisation else UtilisationTracking(hook)
