@@ -83,8 +83,11 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import load_runs, plot_study, summarize, write_table
 
+    import pandas as pd
+
     runs = load_runs(args.metrics)
-    write_table(summarize(runs), args.table)
+    reference = pd.read_csv(args.reference, dtype={"setting": str}) if args.reference else None
+    write_table(summarize(runs, reference=reference), args.table)
     plot_study(runs, args.plot)
     print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
     return 0
@@ -143,6 +146,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
+    s.add_argument("--reference", type=Path, default=None,
+                   help="CSV of the paper's numbers (dataset,method,setting,metric,value,source) for a side column")
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)
 

@@ -50,6 +50,12 @@ def study_metrics(study):
     return [f"{run_dir(**run)}/metrics.json" for run in study_grid(config, study)]
 
 
+def paper_reference(study):
+    """The paper's reported numbers for a study (config/reference/<study>.csv), when recorded."""
+    path = Path(workflow.basedir).parent / "config" / "reference" / f"{study}.csv"
+    return [str(path)] if path.is_file() else []
+
+
 def study_report(study):
     """A study's table and plot, plus per-epoch curves for the studies that train."""
     curves = ["_curves"] if STUDY_KINDS[study] != "adapt" else []

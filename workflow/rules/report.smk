@@ -4,13 +4,15 @@
 
 rule report:
     input:
-        lambda wildcards: study_metrics(wildcards.study),
+        metrics=lambda wildcards: study_metrics(wildcards.study),
+        reference=lambda wildcards: paper_reference(wildcards.study),
     output:
         multiext(f"{RESULTS}/tables/{{study}}", ".md", ".csv", ".tex"),
         multiext(f"{RESULTS}/plots/{{study}}", ".png", ".pdf"),
     params:
         table=lambda wildcards: f"{RESULTS}/tables/{wildcards.study}",
         plot=lambda wildcards: f"{RESULTS}/plots/{wildcards.study}",
+        reference=lambda wildcards, input: f"--reference {input.reference}" if input.reference else "",
     wildcard_constraints:
         study="balance|missing|shift|peft",
     conda:
@@ -22,7 +24,8 @@ rule report:
         mem_mb=2000,
         runtime=10,
     shell:
-        "mmrepro report --table {params.table} --plot {params.plot} {input} > {log} 2>&1"
+        "mmrepro report --table {params.table} --plot {params.plot} {params.reference} {input.metrics}"
+        " > {log} 2>&1"
 
 
 rule curves:
