@@ -59,8 +59,7 @@ the loss of modality ``m``'s Shapley output, lower = it carries more of the pred
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from itertools import combinations
 
@@ -68,23 +67,12 @@ import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
+from mmrepro.methods.balance.common import eval_mode
 from mmrepro.methods.hooks import TrainingHook
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
 LOG_FLOOR = math.log(1e-8)
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode inside the block; each one's own mode restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 class _ScaleGrad(torch.autograd.Function):

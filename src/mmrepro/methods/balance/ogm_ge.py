@@ -50,28 +50,16 @@ modality (``ratio``).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
+from mmrepro.methods.balance.common import eval_mode
 from mmrepro.methods.hooks import TrainingHook
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Every submodule in eval mode inside the block; each one's own mode restored after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 @torch.no_grad()
