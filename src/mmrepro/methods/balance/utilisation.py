@@ -26,15 +26,17 @@ def _own_rng():
 
 
 class UtilisationTracking(TrainingHook):
-    def __init__(self, inner: TrainingHook):
-        self.inner = inner
+    """``inner`` plus probes; ``probe_layers`` sets the probes' transformer depth (1: cheap, enough to measure)."""
+
+    def __init__(self, inner: TrainingHook, probe_layers: int = 1):
+        self.inner, self.probe_layers = inner, probe_layers
         self.name = inner.name
 
     def setup(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> None:
         self.inner.setup(model, loss_fn, optimizer)
         self.loss_fn = loss_fn
         with _own_rng():
-            self.probes = UnimodalProbes.for_model(model)
+            self.probes = UnimodalProbes.for_model(model, layers=self.probe_layers)
 
     def loss(self, model: nn.Module, batch: Batch, out: ModelOutput, task_loss: torch.Tensor) -> torch.Tensor:
         return self.inner.loss(model, batch, out, task_loss)
