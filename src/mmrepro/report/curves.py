@@ -45,7 +45,7 @@ def load_histories(metrics_paths: list[str | os.PathLike]) -> pd.DataFrame:
 def plot_curves(histories: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     """Write ``stem.png`` and ``stem.pdf``: one panel per curve family present."""
     families = [f for f in FAMILIES if histories["key"].str.startswith(f).any()] or ["valid_loss"]
-    fig = Figure(figsize=(5.0 * len(families), 4.0), layout="constrained")
+    fig = Figure(figsize=(5.5 * len(families), 6.0), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(families), squeeze=False)[0]
     groups = list(histories.groupby(["method", "setting"], sort=False))
@@ -64,7 +64,7 @@ def plot_curves(histories: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
         ax.set_xlabel("epoch")
         ax.set_ylabel(FAMILIES[family])
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     fig.suptitle("per-epoch curves, mean over seeds", fontsize=11)
     paths = [_with_suffix(Path(stem), ".png"), _with_suffix(Path(stem), ".pdf")]
     for path, fmt in zip(paths, ("png", "pdf")):
