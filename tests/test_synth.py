@@ -58,7 +58,7 @@ def test_oracle_scores_are_in_the_manifest(synth_store):
 
 
 def _train(store_path, modalities=None, model=None, task="main", epochs=12, extra_split=None):
-    reproducibility.configure(0, 2)
+    reproducibility.configure(0, 1)
     store = FeatureStore(store_path)
     names = modalities or store.schema.modality_names
     loaders = {s: SplitLoader(store.open_split(s), store.schema, task, batch_size=64, shuffle=s == "train", seed=0,
