@@ -1,7 +1,11 @@
-# Datasets: generate (synth) or convert into a checked feature store that training reads.
+# Datasets: generate (synth) or convert (MMSA / MulT pickles) into a checked feature store that
+# training reads. Download rules for the real datasets are not written yet.
 
 
 rule make_data:
+    input:
+        # the downloaded file a converter reads (none for synth)
+        lambda wildcards: config["datasets"][wildcards.dataset].get("path", []),
     output:
         f"{RESULTS}/data/{{dataset}}/manifest.json",
     params:

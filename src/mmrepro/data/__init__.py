@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmrepro.data import synth
+from mmrepro.data import mmsa, synth
 from mmrepro.data.store import write_store
+
+CONVERTERS = {"mmsa": mmsa.convert_mmsa, "mult": mmsa.convert_mult}
 
 
 def build_store(name: str, cfg: dict[str, Any], out: Path) -> Path:
@@ -16,4 +18,7 @@ def build_store(name: str, cfg: dict[str, Any], out: Path) -> Path:
         return write_store(Path(out), synth.schema_of(params), synth.generate(params),
                            provenance={"dataset": name, "generator": "mmrepro.data.synth", "params": params,
                                        "source": f"synth:{name}"})
+    if cfg["loader"] in CONVERTERS:
+        schema, splits, provenance = CONVERTERS[cfg["loader"]](Path(cfg["path"]), name=name, **cfg.get("params", {}))
+        return write_store(Path(out), schema, splits, provenance)
     raise ValueError(f"dataset {name!r}: unknown loader {cfg['loader']!r}")
