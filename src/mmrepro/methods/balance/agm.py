@@ -67,7 +67,7 @@ import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
-from mmrepro.methods.balance.common import eval_mode
+from mmrepro.methods.balance.common import EpochMeans, eval_mode, per_modality
 from mmrepro.methods.hooks import TrainingHook
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
@@ -192,19 +192,14 @@ class AGM(TrainingHook):
         self.last_scores: dict[str, float] = {}
         self.last_ratios: dict[str, float] = {}
         self.last_coeffs: dict[str, float] = {}
-        self._reset()
-
-    def _reset(self) -> None:
-        self._steps = 0
-        self._coeff_sum: dict[str, float] = {}
-        self._ratio_sum: dict[str, float] = {}
+        self._means = EpochMeans()
 
     def setup(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> None:
         self.loss_fn = loss_fn
         self.epoch = 1
         self.iteration = 0
         self.running = {m: 0.0 for m in model.names}
-        self._reset()
+        self._means = EpochMeans()
 
     @property
     def active(self) -> bool:
@@ -229,22 +224,15 @@ class AGM(TrainingHook):
         self.running = {m: self.running[m] * (t - 1) / t + scores[m] / t for m in names}
         applied = coeffs if active else {m: 1.0 for m in names}
         self.last_scores, self.last_ratios, self.last_coeffs = scores, ratios, applied
-        self._steps += 1
-        for m in names:
-            self._coeff_sum[m] = self._coeff_sum.get(m, 0.0) + applied[m]
-            self._ratio_sum[m] = self._ratio_sum.get(m, 0.0) + ratios[m]
+        self._means.add({**per_modality("coeff", applied), **per_modality("ratio", ratios)})
         if not active:
             return task_loss
         pred = sum(scale_grad(contribs[m], applied[m]) for m in names)
         return self.loss_fn(pred, batch.y)
 
     def on_epoch_end(self, epoch: int, model: nn.Module, valid) -> dict[str, float]:
-        values: dict[str, float] = {}
-        if self._steps:
-            n = self._steps
-            values.update({f"coeff_{m}": s / n for m, s in self._coeff_sum.items()})
-            values.update({f"ratio_{m}": s / n for m, s in self._ratio_sum.items()})
-            values.update({f"contrib_{m}": s for m, s in self.running.items()})
-        self._reset()
+        values = self._means.pop()
+        if values:
+            values.update(per_modality("contrib", self.running))
         self.epoch = epoch + 1
         return values

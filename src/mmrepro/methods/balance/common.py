@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from torch import nn
@@ -18,3 +18,25 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def per_modality(prefix: str, values: Mapping[str, float]) -> dict[str, float]:
+    """``{"text": 0.5}`` -> ``{"<prefix>_text": 0.5}``: the naming of logged per-modality values."""
+    return {f"{prefix}_{m}": float(v) for m, v in values.items()}
+
+
+class EpochMeans:
+    """Means over an epoch's steps of values logged once per step; :meth:`pop` returns and resets them."""
+
+    def __init__(self) -> None:
+        self.steps, self.sums = 0, {}
+
+    def add(self, values: Mapping[str, float]) -> None:
+        self.steps += 1
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def pop(self) -> dict[str, float]:
+        means = {k: s / self.steps for k, s in self.sums.items()} if self.steps else {}
+        self.steps, self.sums = 0, {}
+        return means

@@ -56,7 +56,7 @@ import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
-from mmrepro.methods.balance.common import eval_mode
+from mmrepro.methods.balance.common import EpochMeans, eval_mode, per_modality
 from mmrepro.methods.hooks import TrainingHook
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
@@ -122,17 +122,11 @@ class OGMGE(TrainingHook):
         self.epoch = 1
         self.last_ratios: dict[str, float] = {}
         self.last_coeffs: dict[str, float] = {}
-        self._reset()
-
-    def _reset(self) -> None:
-        self._steps = 0
-        self._coeff_sum: dict[str, float] = {}
-        self._ratio_sum: dict[str, float] = {}
-        self._dominant_sum = 0.0
+        self._means = EpochMeans()
 
     def setup(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> None:
         self.epoch = 1
-        self._reset()
+        self._means = EpochMeans()
 
     @property
     def active(self) -> bool:
@@ -154,11 +148,8 @@ class OGMGE(TrainingHook):
         active = self.active
         applied = coeffs if active else {m: 1.0 for m in coeffs}
         self.last_ratios, self.last_coeffs = ratios, applied
-        self._steps += 1
-        for m in model.names:
-            self._coeff_sum[m] = self._coeff_sum.get(m, 0.0) + applied[m]
-            self._ratio_sum[m] = self._ratio_sum.get(m, 0.0) + ratios[m]
-        self._dominant_sum += max(ratios.values())
+        self._means.add({**per_modality("coeff", applied), **per_modality("ratio", ratios),
+                         "ratio": max(ratios.values())})
         if not active:
             return
         for m in model.names:
@@ -173,12 +164,6 @@ class OGMGE(TrainingHook):
                 p.grad = new
 
     def on_epoch_end(self, epoch: int, model: nn.Module, valid) -> dict[str, float]:
-        values: dict[str, float] = {}
-        if self._steps:
-            n = self._steps
-            values.update({f"coeff_{m}": s / n for m, s in self._coeff_sum.items()})
-            values.update({f"ratio_{m}": s / n for m, s in self._ratio_sum.items()})
-            values["ratio"] = self._dominant_sum / n
-        self._reset()
+        values = self._means.pop()
         self.epoch = epoch + 1
         return values
