@@ -111,6 +111,14 @@ class DatasetSchema:
         )
 
 
+def count_nonfinite(a: np.ndarray, rows_per_chunk: int = 256) -> int:
+    """NaN/inf count of ``a``, scanned in row chunks so a memory-mapped array is never held whole."""
+    if a.ndim == 0:
+        return int(not np.isfinite(a))
+    return sum(int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
+               for chunk in (a[i:i + rows_per_chunk] for i in range(0, len(a), rows_per_chunk)))
+
+
 def validate_split(schema: DatasetSchema, split: str, arrays: dict[str, np.ndarray], *,
                    file: str) -> int:
     """Check one split's arrays against the schema; return its sample count.
@@ -132,7 +140,7 @@ def validate_split(schema: DatasetSchema, split: str, arrays: dict[str, np.ndarr
             raise DataValidationError(f"expected dtype kind {kind!r}, found {a.dtype}",
                                       file=file, split=split, key=key)
         if kind == "f":
-            bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+            bad = count_nonfinite(a)
             if bad:
                 raise DataValidationError(f"{bad} NaN/inf value(s) found", file=file, split=split, key=key)
     for m in schema.modalities:
