@@ -64,6 +64,25 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace) -> int:
+    from mmrepro.data.download import (ChecksumMismatch, DatasetIncomplete, ManualDownloadRequired, UnsafeArchive,
+                                       fetch_and_report, summary)
+
+    if "path" not in args.spec:
+        print(f"mmrepro fetch: error: the spec of dataset {args.dataset!r} has no 'path'", file=sys.stderr)
+        return 2
+    try:
+        report = fetch_and_report(args.dataset, args.spec.get("source"), args.spec["path"], checksums=args.checksums)
+    except ManualDownloadRequired as e:
+        print(f"mmrepro fetch: {e}", file=sys.stderr)
+        return 2
+    except (ChecksumMismatch, DatasetIncomplete, UnsafeArchive, OSError) as e:
+        print(f"mmrepro fetch: error: {e}", file=sys.stderr)
+        return 1
+    print(summary(report))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mmrepro.jobs import train_job
 
@@ -125,6 +144,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", type=_json, required=True, help="the dataset's config entry, as JSON")
     s.add_argument("--out", type=Path, required=True, help="<store folder>/manifest.json to write")
     s.set_defaults(func=cmd_make_data)
+
+    s = sub.add_parser("fetch", help="download (or resume) and verify a dataset's source files, or say how to get them")
+    s.add_argument("--dataset", required=True, help="dataset name (a key of the config's datasets)")
+    s.add_argument("--spec", type=_json, required=True, help="the dataset's config entry, as JSON (path, source)")
+    s.add_argument("--checksums", type=Path, required=True,
+                   help="JSON registry of SHA-256 recorded on first download, for sources without a published one")
+    s.set_defaults(func=cmd_fetch)
 
     s = sub.add_parser("check-data", help="verify a feature store's arrays against its manifest checksums")
     s.add_argument("manifest", type=Path)

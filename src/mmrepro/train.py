@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from mmrepro.data.loader import SplitLoader
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.progress import progress_disabled
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +54,6 @@ class FitResult:
 def task_loss_fn(task_type: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """L1 for regression (as the sentiment literature trains), cross-entropy for classes."""
     return nn.functional.l1_loss if task_type == "regression" else nn.functional.cross_entropy
-
-
-def _progress_disabled() -> bool | None:
-    """Progress bars on a terminal, never under CI (``None`` lets tqdm hide them off a TTY)."""
-    return True if os.environ.get("CI") else None
 
 
 @torch.no_grad()
@@ -96,7 +92,7 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
         epoch = state["epoch"] + 1
         model.train()
         total, n = 0.0, 0
-        for batch in tqdm(train, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=_progress_disabled()):
+        for batch in tqdm(train, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=progress_disabled()):
             batch = batch.to(device)
             out = model(batch)
             task_loss = loss_fn(out.pred, batch.y)
