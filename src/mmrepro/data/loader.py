@@ -2,6 +2,10 @@
 
 A :class:`Batch` holds, per modality, features ``(B, T_m, D_m)`` and lengths ``(B,)``, the
 ``present`` mask ``(B, M)``, the labels ``y`` of one task and the rows ``index`` into the split.
+An array modality (image or volume, schema ``shape``) comes as float32 ``(B, *shape)``, channel
+axis first as stored (a single-channel volume: ``(B, 1, D, H, W)``), and has no entry in
+``lengths``, which holds only the sequence modalities read. Labels: float32 ``(B,)``
+(regression), int64 ``(B,)`` (classification), int64 ``(B, *shape)`` (segmentation).
 Each batch copies only its own rows out of the memory map, so an epoch never copies a whole
 split, and the shuffle order depends only on ``(seed, epoch)``.
 """
@@ -46,6 +50,7 @@ class SplitLoader:
         self.arrays, self.schema = arrays, schema
         self.task = schema.task(task)
         self.modalities = modalities or schema.modality_names
+        self.sequences = [m for m in self.modalities if schema.modality(m).is_sequence]  # those with lengths
         self.n = len(arrays["ids"])
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         if present is None:
@@ -71,7 +76,8 @@ class SplitLoader:
         y_dtype = torch.float32 if self.task.type == "regression" else torch.long
         b = Batch(
             x={m: torch.from_numpy(np.asarray(self.arrays[f"x/{m}"][rows], dtype=np.float32)) for m in self.modalities},
-            lengths={m: torch.from_numpy(np.asarray(self.arrays[f"len/{m}"][rows], dtype=np.int64)) for m in self.modalities},
+            lengths={m: torch.from_numpy(np.asarray(self.arrays[f"len/{m}"][rows], dtype=np.int64))
+                     for m in self.sequences},
             present=torch.from_numpy(self.present[rows]),
             y=torch.as_tensor(np.asarray(self.arrays[self.task.label_key][rows]), dtype=y_dtype),
             index=torch.from_numpy(rows.astype(np.int64)),
