@@ -7,7 +7,7 @@ import copy
 import pytest
 
 from conftest import SCHEMA, default_config
-from mmrepro.config import ConfigError, load_schema, run_spec, study_grid, validate_config
+from mmrepro.config import ConfigError, dataset_spec, load_schema, run_spec, study_grid, validate_config
 
 
 def test_default_config_is_valid_and_defaults_are_filled():
@@ -48,6 +48,11 @@ def _broken(mutate) -> str:
     (lambda c: c["studies"]["balance"]["settings"]["complete"].update(methods=["full_finetune"]),
      "studies.balance.settings.complete.methods[0]"),
     (lambda c: c["studies"]["shift"]["settings"]["source"].update(domain="mars"), "studies.shift.settings.source.domain"),
+    (lambda c: c["studies"]["balance"]["settings"]["complete"].update(datasets=["mosi"]),
+     "studies.balance.settings.complete.datasets[0]"),
+    (lambda c: c["datasets"].update(mosi={"loader": "mmsa"}), "datasets.mosi"),
+    (lambda c: c["datasets"].update(mosi={"loader": "mmsa", "path": "a.pkl", "source": {"sha256": "abc"}}),
+     "datasets.mosi.source.sha256"),
     (lambda c: c["studies"].update(imagenet={}), "studies"),
     (lambda c: c["model"].update(backbone="resnet"), "studies.balance.model.backbone"),
     (lambda c: c["methods"].update(cggmm={"rho": 1.0}), "methods.cggmm"),
@@ -89,3 +94,30 @@ def test_a_setting_can_restrict_its_methods():
     assert runs == {("joint", "complete"), ("full_finetune", "complete"), ("joint", "only_text")}
     spec = run_spec(config, "balance", "synth", "joint", "only_text", 0)
     assert spec["data_setting"] == {"type": "subset", "params": {"modalities": ["text"]}}
+
+
+def test_a_setting_can_restrict_its_datasets():
+    config = default_config()
+    config["datasets"]["food"] = {"loader": "food101", "path": "food101", "task": "label"}
+    balance = config["studies"]["balance"]
+    balance["datasets"] = ["synth", "food"]
+    balance["settings"] = {"complete": {"type": "complete"},
+                           "only_audio": {"type": "subset", "modalities": ["audio"], "datasets": ["synth"]}}
+    validate_config(config, load_schema(SCHEMA))
+    runs = {(r["dataset"], r["setting"]) for r in study_grid(config, "balance")}
+    assert runs == {("synth", "complete"), ("food", "complete"), ("synth", "only_audio")}
+    assert run_spec(config, "balance", "synth", "joint", "only_audio", 0)["data_setting"]["params"] == {
+        "modalities": ["audio"]}
+
+
+def test_raw_paths_live_under_data_root_unless_absolute():
+    config = default_config()
+    config["data_root"] = "/data/mm"
+    config["datasets"]["mosi"] = {"loader": "mmsa", "path": "MOSI/unaligned_50.pkl"}
+    config["datasets"]["own"] = {"loader": "mult", "path": "/elsewhere/mosi_data.pkl"}
+    validate_config(config, load_schema(SCHEMA))
+    assert dataset_spec(config, "mosi")["path"] == "/data/mm/MOSI/unaligned_50.pkl"
+    assert dataset_spec(config, "mosi")["checksums"] == "/data/mm/checksums.json"
+    assert "synth" not in dataset_spec(config, "mosi"), "generator defaults mean nothing to a real dataset"
+    assert dataset_spec(config, "own")["path"] == "/elsewhere/mosi_data.pkl"
+    assert "path" not in dataset_spec(config, "synth")

@@ -139,7 +139,10 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, mutate, key):
     assert not (tmp_path / "out").exists(), "no job may start on a bad config"
 
 
-def test_workflow_lints_clean():
-    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--lint"], cwd=REPO,
+@pytest.mark.parametrize("extra", [[], ["--configfile", "config/paper.yaml"]], ids=["default", "paper"])
+def test_workflow_lints_clean(extra):
+    """The paper config adds the per-dataset fetch rules, so it is linted too."""
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--lint", *extra], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Congratulations" in done.stdout + done.stderr

@@ -189,11 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from mmrepro.config import ConfigError
+    from mmrepro.data.download import ChecksumMismatch, DatasetIncomplete
     from mmrepro.data.schema import DataValidationError
 
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError) as e:
+    except (ConfigError, DataValidationError, ChecksumMismatch, DatasetIncomplete) as e:
         print(f"mmrepro {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -99,15 +99,16 @@ def _check_names(config: dict[str, Any]) -> None:
         for name, setting in spec["settings"].items():
             key = f"studies.{study}.settings.{name}"
             if setting["type"] == "domain":
-                _check_domain(config, spec["datasets"], setting.get("domain"), f"{key}.domain")
-            for i, method in enumerate(setting.get("methods", [])):
-                if method not in spec["methods"]:
-                    raise ConfigError(f"config key {key}.methods[{i}]: {method!r} is not one of the study's "
-                                      f"methods {spec['methods']}")
+                _check_domain(config, setting.get("datasets", spec["datasets"]), setting.get("domain"), f"{key}.domain")
+            for field in ("methods", "datasets"):
+                for i, item in enumerate(setting.get(field, [])):
+                    if item not in spec[field]:
+                        raise ConfigError(f"config key {key}.{field}[{i}]: {item!r} is not one of the study's "
+                                          f"{field} {spec[field]}")
             params = setting_params(setting)
             try:
                 built = SETTINGS.get(setting["type"])(**params)
-                for ds in spec["datasets"]:
+                for ds in setting.get("datasets", spec["datasets"]):
                     if config["datasets"][ds]["loader"] == "synth":
                         built.modalities([m["name"] for m in config["datasets"][ds]["synth"]["modalities"]])
             except KeyError as e:
@@ -125,8 +126,8 @@ def _check_names(config: dict[str, Any]) -> None:
 
 
 def setting_params(setting: dict[str, Any]) -> dict[str, Any]:
-    """A setting's constructor arguments: its config entry without ``type`` and ``methods``."""
-    return {k: v for k, v in setting.items() if k not in ("type", "methods")}
+    """A setting's constructor arguments: its config entry without ``type``, ``methods`` and ``datasets``."""
+    return {k: v for k, v in setting.items() if k not in ("type", "methods", "datasets")}
 
 
 def _check_domain(config: dict[str, Any], datasets: list[str], domain: str | None, key: str) -> None:
@@ -136,6 +137,23 @@ def _check_domain(config: dict[str, Any], datasets: list[str], domain: str | Non
         if entry["loader"] == "synth" and domain != "source" and domain not in entry["synth"]["domains"]:
             raise ConfigError(f"config key {key}: dataset {ds!r} has no domain {domain!r}; it has "
                               f"{['source', *entry['synth']['domains']]}")
+
+
+def dataset_path(config: dict[str, Any], dataset: str) -> str | None:
+    """Where a dataset's raw data lives: its ``path`` under ``data_root`` unless absolute (None for synth)."""
+    path = config["datasets"][dataset].get("path")
+    return None if path is None else str(Path(config["data_root"]) / path)
+
+
+def dataset_spec(config: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """A dataset's config entry for the fetch and make-data jobs: path resolved, checksum registry named."""
+    entry = copy.deepcopy(config["datasets"][dataset])
+    if entry["loader"] != "synth":
+        entry.pop("synth", None)  # filled in by the schema's defaults, meaningless here
+    if "path" in entry:
+        entry["path"] = dataset_path(config, dataset)
+        entry["checksums"] = str(Path(config["data_root"]) / "checksums.json")
+    return entry
 
 
 def model_config(config: dict[str, Any], study: str) -> dict[str, Any]:
@@ -185,9 +203,11 @@ def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -
 def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:
     """All (dataset, method, setting, seed) runs of a study, in config order.
 
-    A setting that lists ``methods`` runs only those (e.g. unimodal baselines with plain joint training).
+    A setting that lists ``methods`` or ``datasets`` runs only those (e.g. unimodal baselines with
+    plain joint training, on the datasets that have that modality).
     """
     spec = config["studies"][study]
     return [{"study": study, "dataset": d, "method": m, "setting": s, "seed": seed}
             for d in spec["datasets"] for s, setting in spec["settings"].items() for m in spec["methods"]
-            if m in setting.get("methods", spec["methods"]) for seed in config["seeds"]]
+            if m in setting.get("methods", spec["methods"]) and d in setting.get("datasets", spec["datasets"])
+            for seed in config["seeds"]]

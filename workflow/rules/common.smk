@@ -7,6 +7,8 @@ from pathlib import Path
 from mmrepro.config import (
     STUDY_KINDS,
     backbone_spec,
+    dataset_path,
+    dataset_spec,
     load_schema,
     run_spec,
     study_grid,
@@ -19,6 +21,12 @@ RESULTS = config["results"]
 # Every job runs in the project's environment (used with --sdm conda; also answers --lint).
 CONDA_ENV = str(Path(workflow.basedir).parent / "environment.yml")
 TRAIN_RES = config["resources"]["train"]
+# SHA-256 recorded on first download for sources that publish none (then enforced)
+CHECKSUMS = str(Path(config["data_root"]) / "checksums.json")
+# Loaders whose raw data is a folder, and what converting each costs (images and volumes: more).
+FOLDER_LOADERS = ("food101", "brats")
+DATA_MEM_MB = {"mmsa": 16000, "mult": 16000, "food101": 16000, "brats": 8000}
+DATA_RUNTIME = {"food101": 600, "brats": 240}
 
 
 wildcard_constraints:
@@ -30,6 +38,16 @@ wildcard_constraints:
 
 def store(dataset):
     return f"{RESULTS}/data/{dataset}/manifest.json"
+
+
+def raw_sources():
+    """Raw path -> the first dataset that reads it (one fetch rule per path)."""
+    sources = {}
+    for name in config["datasets"]:
+        path = dataset_path(config, name)
+        if path is not None:
+            sources.setdefault(path, name)
+    return sources
 
 
 def run_dir(study, dataset, method, setting, seed):

@@ -1,15 +1,38 @@
-# Datasets: generate (synth) or convert (MMSA / MulT pickles) into a checked feature store that
-# training reads. Download rules for the real datasets are not written yet.
+# Datasets: fetch (download + verify, or wait for a manual download) -> convert into a checked
+# feature store that training reads. synth has no raw data: make_data generates it.
+
+# One fetch rule per raw file or folder of the config (datasets sharing a file share the rule).
+# Downloads need the internet, which compute nodes may lack: fetches are local rules.
+for _raw, _dataset in raw_sources().items():
+
+    rule:
+        name:
+            f"fetch_{_dataset}"
+        localrule: True
+        output:
+            directory(_raw) if config["datasets"][_dataset]["loader"] in FOLDER_LOADERS else _raw,
+        params:
+            dataset=_dataset,
+            # a function, so that braces in the spec's text are not read as wildcards
+            spec=lambda wildcards, dataset=_dataset: json.dumps(dataset_spec(config, dataset)),
+            checksums=CHECKSUMS,
+        conda:
+            CONDA_ENV
+        log:
+            f"{RESULTS}/logs/fetch/{_dataset}.log",
+        # the manual-download message goes to the terminal too, so nobody has to open a log to read it
+        shell:
+            "set -o pipefail; mmrepro fetch --dataset {params.dataset} --spec {params.spec:q} --checksums {params.checksums:q} 2>&1 | tee {log}"
 
 
 rule make_data:
     input:
-        # the downloaded file a converter reads (none for synth)
-        lambda wildcards: config["datasets"][wildcards.dataset].get("path", []),
+        # the raw data a converter reads (none for synth)
+        lambda wildcards: dataset_path(config, wildcards.dataset) or [],
     output:
         f"{RESULTS}/data/{{dataset}}/manifest.json",
     params:
-        spec=lambda wildcards: json.dumps(config["datasets"][wildcards.dataset]),
+        spec=lambda wildcards: json.dumps(dataset_spec(config, wildcards.dataset)),
     conda:
         CONDA_ENV
     log:
@@ -18,7 +41,8 @@ rule make_data:
         f"{RESULTS}/benchmarks/data/{{dataset}}.tsv"
     threads: 1
     resources:
-        mem_mb=4000,
-        runtime=30,
+        mem_mb=lambda wildcards: DATA_MEM_MB.get(config["datasets"][wildcards.dataset]["loader"], 4000),
+        runtime=lambda wildcards: DATA_RUNTIME.get(config["datasets"][wildcards.dataset]["loader"], 30),
+    # a data error (what is wrong, in which file, split and key) is shown on the terminal too
     shell:
-        "mmrepro make-data --dataset {wildcards.dataset} --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "set -o pipefail; mmrepro make-data --dataset {wildcards.dataset} --spec {params.spec:q} --out {output} 2>&1 | tee {log}"

@@ -5,20 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmrepro.data import mmsa, synth
+from mmrepro.data import brats, food101, mmsa, synth
+from mmrepro.data.download import verify
 from mmrepro.data.store import write_store
 
-CONVERTERS = {"mmsa": mmsa.convert_mmsa, "mult": mmsa.convert_mult}
+CONVERTERS = {"mmsa": mmsa.convert_mmsa, "mult": mmsa.convert_mult, "brats": brats.convert_brats,
+              "food101": food101.convert_food101}
 
 
 def build_store(name: str, cfg: dict[str, Any], out: Path) -> Path:
-    """Produce the feature store of dataset ``name`` from its config entry; return the manifest path."""
+    """Produce the feature store of dataset ``name`` from its config entry; return the manifest path.
+
+    Raw data is verified first (published or recorded checksum, expected files), since a file
+    placed by hand never went through the fetch rule.
+    """
     if cfg["loader"] == "synth":
         params = cfg["synth"]
         return write_store(Path(out), synth.schema_of(params), synth.generate(params),
                            provenance={"dataset": name, "generator": "mmrepro.data.synth", "params": params,
                                        "source": f"synth:{name}"})
     if cfg["loader"] in CONVERTERS:
+        checked = verify(name, cfg.get("source"), cfg["path"], checksums=cfg.get("checksums"))
         schema, splits, provenance = CONVERTERS[cfg["loader"]](Path(cfg["path"]), name=name, **cfg.get("params", {}))
-        return write_store(Path(out), schema, splits, provenance)
+        return write_store(Path(out), schema, splits, {**provenance, "raw_check": checked})
     raise ValueError(f"dataset {name!r}: unknown loader {cfg['loader']!r}")
