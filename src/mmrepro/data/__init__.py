@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmrepro.data import brats, food101, mmsa, synth
+from mmrepro.data import brats, food101, iemocap_h5, mmsa, synth
 from mmrepro.data.download import verify
 from mmrepro.data.store import write_store
 
 CONVERTERS = {"mmsa": mmsa.convert_mmsa, "mult": mmsa.convert_mult, "brats": brats.convert_brats,
-              "food101": food101.convert_food101}
+              "food101": food101.convert_food101, "iemocap_h5": iemocap_h5.convert_iemocap_h5}
 
 
 def build_store(name: str, cfg: dict[str, Any], out: Path) -> Path:
