@@ -20,7 +20,8 @@ SCHEMA = DatasetSchema(
 )
 D_MODEL = 8
 B = 5
-BACKBONES = ["late", "mult"]
+BACKBONES = ["late", "mult", "concat"]
+FUSED_WIDTH = {"late": 2 * D_MODEL, "mult": 2 * D_MODEL, "concat": D_MODEL}  # concat reads one time step
 
 
 def model(backbone: str, task: TaskSpec = REG, *, kernel: int = 1, dropout: float = 0.0, seed: int = 0,
@@ -78,7 +79,7 @@ def test_regression_output_shapes(backbone):
     out = model(backbone)(batch())
     assert isinstance(out, ModelOutput)
     assert out.pred.shape == (B,)
-    assert out.fused.shape == (B, 2 * D_MODEL)
+    assert out.fused.shape == (B, FUSED_WIDTH[backbone])
     assert set(out.tokens) == set(out.features) == {"a", "b"}
     assert out.tokens["a"].shape == (B, 6, D_MODEL) and out.tokens["b"].shape == (B, 4, D_MODEL)
     assert out.features["a"].shape == out.features["b"].shape == (B, D_MODEL)
@@ -93,7 +94,7 @@ def test_classification_output_shapes(backbone):
     out = model(backbone, CLS)(batch())
     assert out.pred.shape == (B, 3)
     assert out.pred.dtype == torch.float32
-    assert out.fused.shape == (B, 2 * D_MODEL)
+    assert out.fused.shape == (B, FUSED_WIDTH[backbone])
 
 
 def test_subset_of_modalities():
@@ -106,7 +107,7 @@ def test_subset_of_modalities():
 
 
 def test_unknown_backbone_names_known_ones():
-    with pytest.raises(ValueError, match=r"unknown backbone 'gru'; known: \['late', 'mult'\]"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'gru'; known: \['concat', 'late', 'mult'\]"):
         build_model(SCHEMA, REG, backbone="gru", d_model=D_MODEL, layers=1, heads=2, kernel=1, dropout=0.0,
                     fusion_layers=1)
 
@@ -116,6 +117,18 @@ def test_backbones_differ_in_parameters():
     assert any(k.startswith("fusion.cross.a->b") for k, _ in mult.named_parameters())
     assert any(k.startswith("fusion.cross.b->a") for k, _ in mult.named_parameters())
     assert not any(k.startswith("fusion.cross") for k, _ in late.named_parameters())
+    concat = model("concat")
+    assert concat.fusion.out_dim == D_MODEL and any(k.startswith("fusion.transformer") for k, _ in concat.named_parameters())
+
+
+def test_concat_fusion_reads_the_first_time_step_after_attending_over_all_modalities():
+    fusion = model("concat").fusion.eval()
+    tokens = {"a": torch.randn(2, 3, D_MODEL), "b": torch.randn(2, 4, D_MODEL)}
+    pads = {"a": torch.zeros(2, 3, dtype=torch.bool), "b": torch.zeros(2, 4, dtype=torch.bool)}
+    out = fusion(tokens, pads)
+    changed = fusion(tokens, {**pads, "b": torch.ones(2, 4, dtype=torch.bool)})  # hide modality b
+    assert out.shape == (2, D_MODEL)
+    assert not torch.allclose(out, changed), "the first token attends to the other modality's tokens"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,10 @@
 - ``mult``: MulT-style crossmodal transformer (Tsai et al., 2019): every modality attends to every
   other one's tokens (query = target modality, key/value = source modality), the crossmodal
   streams of a target are merged and passed through self-attention, then pooled and concatenated.
+- ``concat``: CGGM's "MSA model" for MOSI/IEMOCAP (official ``models/msamodel.py``): the encoded
+  sequences of all modalities are concatenated along time and passed through a self-attention
+  transformer (``layers`` layers; CGGM uses its ``nlevels - 2``); the first time step's output is
+  the fused representation, as in CGGM.
 """
 
 from __future__ import annotations
@@ -72,4 +76,19 @@ class CrossmodalFusion(nn.Module):
         return torch.cat(pooled, dim=-1)
 
 
-FUSIONS = {"late": LateFusion, "mult": CrossmodalFusion}
+class ConcatFusion(nn.Module):
+    def __init__(self, names: list[str], d_model: int, dropout: float, heads: int, layers: int, **_):
+        super().__init__()
+        self.names = names
+        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=2 * d_model, dropout=dropout,
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.out_dim = d_model
+
+    def forward(self, tokens: dict[str, torch.Tensor], pads: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = torch.cat([tokens[m] for m in self.names], dim=1)
+        pad = torch.cat([pads[m] for m in self.names], dim=1)
+        return self.transformer(h, src_key_padding_mask=pad)[:, 0]
+
+
+FUSIONS = {"late": LateFusion, "mult": CrossmodalFusion, "concat": ConcatFusion}
