@@ -14,11 +14,11 @@ from torch.nn import functional as F
 from mmrepro.data.loader import Batch, SplitLoader
 from mmrepro.data.schema import DatasetSchema, ModalitySpec, TaskSpec
 from mmrepro.methods import HOOKS
-from mmrepro.methods.balance.agm import (AGM, agm_coefficients, contribution_outputs, modality_score,
-                                         scale_grad, shapley_values)
+from mmrepro.methods.balance.agm import AGM, agm_coefficients, contribution_outputs, modality_score, shapley_values
 from mmrepro.methods.balance.ogm_ge import (OGMGE, discrepancy_ratios, ogm_coefficient, true_confidence,
                                             unimodal_outputs)
 from mmrepro.models import build_model
+from mmrepro.models.gradients import scale_grad
 from mmrepro.train import TrainConfig, fit, task_loss_fn
 
 REG = TaskSpec("score", "regression", value_range=(-3.0, 3.0))

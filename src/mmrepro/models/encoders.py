@@ -41,15 +41,20 @@ class ModalityEncoder(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, T, D)`` features -> ``(B, T, d)`` tokens and the ``(B, T)`` mask for attending to them.
+    def embed(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The input stage: ``(B, T, D)`` features -> ``(B, T, d)`` tokens before the transformer, the
+        ``(B, T)`` padding mask and the attention mask. Adapters that run the layers one by one
+        (Wander's every-layer mode, PMF) start from here.
 
-        Padded inputs are zeroed before the convolution (so padding values never leak into real
-        tokens) and padded output tokens are zero.
+        Padded inputs are zeroed before the convolution, so padding values never leak into real tokens.
         """
         pad = padding_mask(lengths, x.shape[1])
-        mask = attention_mask(pad)
         x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         h = self.proj(x.transpose(1, 2)).transpose(1, 2) + self.pos[:, : x.shape[1]]
+        return h, pad, attention_mask(pad)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, T, D)`` features -> ``(B, T, d)`` tokens (padded ones zero) and the attention mask."""
+        h, pad, mask = self.embed(x, lengths)
         h = self.transformer(h, src_key_padding_mask=mask)
         return self.norm(h).masked_fill(pad.unsqueeze(-1), 0.0), mask

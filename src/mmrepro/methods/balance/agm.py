@@ -70,25 +70,10 @@ from mmrepro.data.loader import Batch
 from mmrepro.methods.balance.common import EpochMeans, eval_mode, per_modality
 from mmrepro.methods.hooks import TrainingHook
 from mmrepro.methods.registry import HOOKS
+from mmrepro.models.gradients import scale_grad
 from mmrepro.models.multimodal import ModelOutput
 
 LOG_FLOOR = math.log(1e-8)
-
-
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
-
-
-def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity forward; the gradient passing back through it is multiplied by ``scale``."""
-    return _ScaleGrad.apply(x, float(scale))
 
 
 def shapley_values(value: Callable[[frozenset], torch.Tensor], names: Sequence[str], *,

@@ -74,19 +74,7 @@ from mmrepro.methods.peft.baselines import head_count
 from mmrepro.methods.peft.uniadapter import check_token_encoders
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
-
-
-class _GradScale(torch.autograd.Function):
-    """Identity forward; multiplies the incoming gradient by ``scale`` on the way back."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.scale = scale
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad * ctx.scale, None
+from mmrepro.models.gradients import scale_grad
 
 
 class MMAUnit(nn.Module):
@@ -109,10 +97,10 @@ class MMAUnit(nn.Module):
         """``s * up_m(relu(shared(relu(down_m(norm(x))))))`` with the official gradient scaling."""
         s = self.scale
         if self.grad_rescale:
-            x = _GradScale.apply(x, s)
+            x = scale_grad(x, s)
         y = self.up[m](F.relu(self.shared(F.relu(self.down[m](norm(x)))))) * s
         if self.grad_rescale:
-            y = _GradScale.apply(y, 1.0 / s)
+            y = scale_grad(y, 1.0 / s)
         return y
 
 

@@ -73,7 +73,6 @@ from mmrepro.methods.peft.baselines import head_count
 from mmrepro.methods.peft.uniadapter import check_token_encoders
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
-from mmrepro.models.encoders import attention_mask, padding_mask
 from mmrepro.models.multimodal import MultimodalModel
 
 
@@ -124,12 +123,8 @@ class PMFModel(MultimodalModel):
 
     def encode(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         h, pads, masks = {}, {}, {}
-        for m in self.names:  # the encoders' input stage (as ModalityEncoder.forward)
-            enc, x = self.encoders[m], batch.x[m]
-            pads[m] = padding_mask(batch.lengths[m], x.shape[1])
-            masks[m] = attention_mask(pads[m])
-            x = x.masked_fill(pads[m].unsqueeze(-1), 0.0)
-            h[m] = enc.proj(x.transpose(1, 2)).transpose(1, 2) + enc.pos[:, : x.shape[1]]
+        for m in self.names:
+            h[m], pads[m], masks[m] = self.encoders[m].embed(batch.x[m], batch.lengths[m])
         depth = len(self.encoders[self.names[0]].transformer.layers)
         first = depth - len(self.pmf)
         for l in range(first):  # base feature extraction, unimodal

@@ -111,7 +111,6 @@ from torch import nn
 
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
-from mmrepro.models.encoders import attention_mask, padding_mask
 from mmrepro.models.multimodal import MultimodalModel
 
 PLACEMENTS = ("last", "every")
@@ -349,12 +348,8 @@ class WanderLayerwiseModel(MultimodalModel):
 
     def encode(self, batch):
         h, pads, masks = {}, {}, {}
-        for m in self.names:  # the encoders' input stage (as ModalityEncoder.forward)
-            enc, x = self.encoders[m], batch.x[m]
-            pads[m] = padding_mask(batch.lengths[m], x.shape[1])
-            masks[m] = attention_mask(pads[m])
-            x = x.masked_fill(pads[m].unsqueeze(-1), 0.0)
-            h[m] = enc.proj(x.transpose(1, 2)).transpose(1, 2) + enc.pos[:, : x.shape[1]]
+        for m in self.names:
+            h[m], pads[m], masks[m] = self.encoders[m].embed(batch.x[m], batch.lengths[m])
         for i, adapter in enumerate(self.wander):
             for m in self.names:
                 h[m] = self.encoders[m].transformer.layers[i](h[m], src_key_padding_mask=masks[m])
