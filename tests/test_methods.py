@@ -233,6 +233,20 @@ def test_zero_fill_transform_zeros_exactly_the_absent_modalities():
         assert torch.equal(b.x[m], x[m])
 
 
+def test_zero_fill_zeros_absent_volumes_along_the_batch_axis():
+    """Volumes (B, C, D, H, W), here with B equal to the last spatial size to catch a wrong axis."""
+    g = torch.Generator().manual_seed(0)
+    x = {"t1": torch.randn(3, 1, 4, 5, 3, generator=g) + 5.0, "flair": torch.randn(3, 1, 4, 5, 3, generator=g) + 5.0}
+    present = torch.tensor([[1, 0], [0, 1], [1, 1]], dtype=torch.bool)
+    b = Batch(x={k: v.clone() for k, v in x.items()}, lengths={}, present=present, y=torch.zeros(3, 4, 5, 3),
+              index=torch.arange(3))
+    out = ZeroFill(0.5).transform(b)
+    for j, m in enumerate(["t1", "flair"]):
+        for i in range(3):
+            expected = x[m][i] if present[i, j] else torch.zeros_like(x[m][i])
+            assert torch.equal(out.x[m][i], expected), (m, i)
+
+
 def test_zero_fill_through_the_loader():
     n = 12
     arrays = make_arrays(n)

@@ -24,7 +24,9 @@ from mmrepro.evaluate import evaluate_model, metric_kind, predict, score
 from mmrepro.methods.balance.utilisation import with_utilisation
 from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build
 from mmrepro.methods.transforms import count_parameters
-from mmrepro.models.multimodal import MultimodalModel, build_model
+from mmrepro.models.multimodal import build_model
+from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
+from mmrepro.models.segmentation import check_method_support
 from mmrepro.tracking import RunTracker, tracking_uri
 from mmrepro.train import TrainConfig, fit
 
@@ -61,7 +63,7 @@ class RunData:
         return self.store.oracle(self.setting.split_name(split), self.task.name)
 
 
-def _model(data: RunData, spec: dict[str, Any]) -> MultimodalModel:
+def _model(data: RunData, spec: dict[str, Any]) -> torch.nn.Module:
     return build_model(data.schema, data.task, modalities=data.modalities, **spec["model"])
 
 
@@ -81,8 +83,11 @@ def _load_backbone(model: torch.nn.Module, path: Path) -> None:
 def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, Any]:
     """The identifying part of metrics.json; ``task`` is the metric family, ``label`` the task's name."""
     keys = ("study", "dataset", "method", "setting", "seed")
+    backbone = spec["model"]["backbone"]
+    if data.task.type == "segmentation":  # the study's backbone key names its sequence fusion, unused here
+        backbone = SEGMENTATION_BACKBONE
     return {**{k: spec[k] for k in keys}, "task": metric_kind(data.task), "label": spec["task"],
-            "backbone": spec["model"]["backbone"], **extra}
+            "backbone": backbone, **extra}
 
 
 def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None) -> dict[str, Any]:
@@ -90,13 +95,17 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
+    check_method_support(data.task, spec["plan"])  # before anything is built: a clear error, not a traceback
     train, valid = data.loader("train", shuffle=True), data.loader("valid")
     model = _model(data, spec)
     if init is not None:
         _load_backbone(model, init)
     model = build(TRANSFORMS, spec["plan"]["transform"], spec["method_params"][spec["plan"]["transform"]]).apply(model)
     hook = build(HOOKS, spec["plan"]["hook"], spec["method_params"][spec["plan"]["hook"]])
-    if spec["utilisation_probes"]:
+    if spec["utilisation_probes"] and data.task.type == "segmentation":
+        log.warning("utilisation probes predict one label per sample; skipped for the segmentation task %r",
+                    data.task.name)
+    elif spec["utilisation_probes"]:
         hook = with_utilisation(hook)
     trainable, total = count_parameters(model)
     uri = tracking_uri(spec["results"], spec["tracking_uri"])
@@ -122,6 +131,8 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
+    if data.task.type == "segmentation":
+        raise ValueError(f"test-time adaptation is not supported for segmentation (task {data.task.name!r})")
     model = _model(data, spec)
     _load_backbone(model, model_path)
     device = TrainConfig(**spec["train"]).torch_device

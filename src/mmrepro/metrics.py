@@ -56,6 +56,8 @@ Conventions of this module (not from MMSA)
 * :func:`dice_per_region` scores BraTS label volumes (labels 0, 1, 2, 4; 3 is accepted as an
   alias of 4) on the nested regions ET = {4}, TC = {1, 4}, WT = {1, 2, 4}. When a region is empty
   in both prediction and truth its Dice is **1.0** (the BraTS challenge convention).
+  :class:`DiceMeter` / :func:`segmentation_metrics` average it **per case** over a split
+  (cases on axis 0), never pooling voxels across cases.
 
 Bad input is never scored silently: empty arrays, mismatched lengths, non-numeric data, and
 NaN/inf values raise :class:`ValueError` naming the argument and how many values are bad.
@@ -71,9 +73,11 @@ __all__ = [
     "METRIC_DIRECTIONS",
     "TASKS",
     "classification_metrics",
+    "DiceMeter",
     "compute",
     "dice_per_region",
     "regression_metrics",
+    "segmentation_metrics",
     "sims_metrics",
     "weighted_f1",
 ]
@@ -347,6 +351,50 @@ def dice_per_region(pred: Any, truth: Any) -> dict[str, float]:
     out = {"dice_et": _dice(p_et, t_et), "dice_tc": _dice(p_tc, t_tc), "dice_wt": _dice(p_wt, t_wt)}
     out["dice_mean"] = float(np.mean(list(out.values())))
     return out
+
+
+DICE_KEYS = ("dice_et", "dice_tc", "dice_wt", "dice_mean")
+
+
+class DiceMeter:
+    """Per-case BraTS Dice averaged over cases, accumulated batch by batch.
+
+    ``update(pred, truth)`` takes a batch of label volumes ``(B, *spatial)`` (axis 0 = cases),
+    scores each case with :func:`dice_per_region` (so a region empty in both prediction and
+    truth scores 1.0) and keeps only running sums, so a split is scored without holding its
+    predictions. ``result()`` gives the mean over cases of each key; ``dice_mean`` is then the
+    mean of the three region means. This per-case average is the BraTS challenge's convention
+    (a large tumour does not outweigh a small one); CGGM's code averages per-slice Dice instead.
+    """
+
+    def __init__(self) -> None:
+        self.sums = dict.fromkeys(DICE_KEYS, 0.0)
+        self.n = 0
+
+    def update(self, pred: Any, truth: Any) -> None:
+        p, t = _as_array(pred, "pred"), _as_array(truth, "truth")
+        if p.shape != t.shape or p.ndim < 2:
+            raise ValueError(f"pred and truth must be batches of label volumes of one shape (cases first); "
+                             f"got {p.shape} and {t.shape}")
+        for pc, tc in zip(p, t):
+            for k, v in dice_per_region(pc, tc).items():
+                self.sums[k] += v
+            self.n += 1
+
+    def result(self) -> dict[str, float]:
+        if not self.n:
+            raise ValueError("no case was scored")
+        return {k: self.sums[k] / self.n for k in DICE_KEYS}
+
+
+def segmentation_metrics(pred: Any, truth: Any) -> dict[str, float]:
+    """:class:`DiceMeter` over label volumes ``(N, *spatial)``: per-case Dice averaged over the N cases.
+
+    (:func:`dice_per_region` instead scores its inputs as *one* volume, pooling all voxels.)
+    """
+    meter = DiceMeter()
+    meter.update(pred, truth)
+    return meter.result()
 
 
 TASKS: dict[str, Callable[..., dict[str, float]]] = {

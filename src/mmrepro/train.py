@@ -1,4 +1,4 @@
-"""The one training loop every method shares (regression and classification alike).
+"""The one training loop every method shares (regression, classification and segmentation alike).
 
 Per step: forward, task loss, ``hook.loss`` (extra terms), backward, ``hook.after_backward``
 (gradient modulation), gradient clipping, optimizer step. Per epoch: validation loss, early
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from mmrepro.data.loader import SplitLoader
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.optim import EpochSchedule, build_optimizer
 from mmrepro.progress import progress_disabled
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,14 @@ class TrainConfig:
     patience: int = 5
     clip: float | None = 1.0
     device: str = "auto"
+    optimizer: str = "adam"
+    momentum: float = 0.9  # sgd only
+    scheduler: str = "none"
+    when: int = 10  # plateau: epochs without improvement before the rate drops
+    factor: float = 0.1  # plateau: the drop
+    warmup_epochs: int = 0  # cosine
+    warmup_lr: float = 0.0  # cosine: rate of the first warm-up epoch
+    min_lr: float = 0.0  # cosine: rate of the last epoch
 
     @property
     def torch_device(self) -> str:
@@ -51,8 +60,58 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def task_loss_fn(task_type: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """L1 for regression (as the sentiment literature trains), cross-entropy for classes."""
+#: CGGM's class weights for BraTS (background, necrotic core, oedema, enhancing tumour), from its
+#: ``src/segtrain.py``; the default of :func:`segmentation_loss` when there are 4 classes.
+BRATS_CLASS_WEIGHTS = (0.2, 0.3, 0.25, 0.25)
+
+
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "mean", *,
+                      class_weights: tuple[float, ...] | None = None, alpha: float = 0.5,
+                      smooth: float = 0.01) -> torch.Tensor:
+    """CGGM's BraTS loss (``SegLoss`` of its ``src/eval_metrics.py``), for any number of spatial axes.
+
+    ``(1 - alpha) * CE_w + alpha * (1 - Dice_fg)``: ``CE_w`` is class-weighted cross-entropy
+    averaged with the weights (``sum_v w[y_v] ce_v / sum_v w[y_v]``, PyTorch's weighted mean);
+    ``Dice_fg = 2 sum p_c g_c / (sum p_c + sum g_c + smooth)`` over the foreground classes
+    ``c >= 1`` pooled together (softmax probabilities ``p``, one-hot truth ``g``; ``smooth`` only in
+    the denominator, as the code). ``class_weights`` default to :data:`BRATS_CLASS_WEIGHTS` for 4
+    classes, else equal. ``logits`` ``(B, K, *S)``, ``target`` int64 ``(B, *S)``.
+
+    ``reduction="mean"`` pools both terms over the whole batch (the official training loss);
+    ``"none"`` gives each sample's loss computed alone (pooled over its own voxels) and ``"sum"``
+    their sum, so the loop's validation loss (``sum / n``) is a mean over cases that does not
+    depend on the batch size. For one-sample batches the three agree.
+    """
+    k = logits.shape[1]
+    if class_weights is None:
+        class_weights = BRATS_CLASS_WEIGHTS if k == len(BRATS_CLASS_WEIGHTS) else (1.0,) * k
+    if len(class_weights) != k:
+        raise ValueError(f"segmentation_loss: {len(class_weights)} class weights for {k} classes")
+    weight = logits.new_tensor(class_weights)
+    ce = nn.functional.cross_entropy(logits, target, weight=weight, reduction="none")  # w[y] * ce per voxel
+    w = weight[target]
+    prob = logits.softmax(1)
+    fg = target > 0
+    inter = prob.gather(1, target.unsqueeze(1)).squeeze(1) * fg  # p_{y_v} on foreground voxels
+    p_fg = 1.0 - prob[:, 0]  # sum of the foreground probabilities per voxel
+    if reduction == "mean":
+        ce_term = ce.sum() / w.sum()
+        dice = 2.0 * inter.sum() / (p_fg.sum() + fg.sum() + smooth)
+        return (1 - alpha) * ce_term + alpha * (1 - dice)
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"segmentation_loss: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    per = lambda t: t.flatten(1).sum(1)  # noqa: E731
+    ce_term = per(ce) / per(w)
+    dice = 2.0 * per(inter) / (per(p_fg) + per(fg) + smooth)
+    losses = (1 - alpha) * ce_term + alpha * (1 - dice)
+    return losses.sum() if reduction == "sum" else losses
+
+
+def task_loss_fn(task_type: str) -> Callable[..., torch.Tensor]:
+    """L1 for regression (as the sentiment literature trains), cross-entropy for classes,
+    :func:`segmentation_loss` (CGGM's weighted CE + soft Dice) for segmentation."""
+    if task_type == "segmentation":
+        return segmentation_loss
     return nn.functional.l1_loss if task_type == "regression" else nn.functional.cross_entropy
 
 
@@ -75,7 +134,9 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
     device = cfg.torch_device
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    schedule = EpochSchedule(optimizer, cfg.scheduler, lr=cfg.lr, epochs=cfg.epochs, when=cfg.when, factor=cfg.factor,
+                             warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)
     hook.setup(model, loss_fn, optimizer)
     state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": [],
              "best_state": copy.deepcopy(model.state_dict())}
@@ -84,6 +145,7 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
         if saved.get("key") == checkpoint_key:
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
+            schedule.load_state_dict(saved["schedule"])
             torch.set_rng_state(saved["torch_rng"])
             state = saved["state"]
             train.epoch = valid.epoch = state["epoch"]
@@ -107,6 +169,8 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
             n += len(batch)
         values = {"train_loss": total / max(n, 1), "valid_loss": validation_loss(model, valid, loss_fn, device)}
         values.update(hook.on_epoch_end(epoch, model, valid))
+        values["lr"] = optimizer.param_groups[0]["lr"]
+        schedule.step(values["valid_loss"])
         if values["valid_loss"] < state["best_loss"]:
             state.update(best_loss=values["valid_loss"], best_epoch=epoch, bad_epochs=0,
                          best_state=copy.deepcopy(model.state_dict()))
@@ -119,7 +183,7 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
         if checkpoint is not None:
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"key": checkpoint_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "state": state}, tmp)
+                        "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(), "state": state}, tmp)
             os.replace(tmp, checkpoint)
     return FitResult(best_state=state["best_state"], best_epoch=state["best_epoch"], epochs_run=state["epoch"],
                      history=state["history"])

@@ -57,7 +57,9 @@ class ZeroFill(DataSetting):
         return base & drawn
 
     def transform(self, batch: Batch) -> Batch:
-        x = {m: v * batch.present[:, i, None, None].to(v.dtype) for i, (m, v) in enumerate(batch.x.items())}
+        """Zero each absent modality, whatever its shape: sequences (B, T, D) and volumes (B, C, D, H, W)."""
+        x = {m: v * batch.present[:, i].view(-1, *[1] * (v.dim() - 1)).to(v.dtype)
+             for i, (m, v) in enumerate(batch.x.items())}
         return replace(batch, x=x)
 
 

@@ -20,8 +20,8 @@ from mmrepro.models.fusion import FUSIONS
 
 @dataclass
 class ModelOutput:
-    pred: torch.Tensor  # (B,) regression or (B, K) class logits
-    fused: torch.Tensor  # (B, F) input of the head
+    pred: torch.Tensor  # (B,) regression, (B, K) class logits or (B, K, D, H, W) voxel logits
+    fused: torch.Tensor  # (B, F) input of the head (segmentation: the pooled fused bottleneck)
     tokens: dict[str, torch.Tensor]  # per modality (B, T_m, d)
     features: dict[str, torch.Tensor]  # per modality pooled (B, d)
 
@@ -65,8 +65,23 @@ class MultimodalModel(nn.Module):
 
 def build_model(schema: DatasetSchema, task: TaskSpec, *, backbone: str, d_model: int, layers: int,
                 heads: int, kernel: int, dropout: float, fusion_layers: int,
-                modalities: list[str] | None = None) -> MultimodalModel:
-    """One builder for every backbone, as torchvision's model builders: plain arguments in, module out."""
+                modalities: list[str] | None = None) -> nn.Module:
+    """One builder for every backbone, as torchvision's model builders: plain arguments in, module out.
+
+    A ``segmentation`` task always gets the 3-D U-Net of :mod:`mmrepro.models.segmentation`
+    (``d_model`` = bottleneck width, ``layers`` = blocks per level, ``dropout``): a study's model
+    config is shared by all its datasets, so ``backbone`` may still name a sequence fusion
+    (``late``/``mult``, then ignored) or be ``unet3d``; ``heads``, ``kernel`` and
+    ``fusion_layers`` do not apply. ``unet3d`` for a sequence task is an error.
+    """
+    from mmrepro.models.segmentation import BACKBONE, unet3d  # it imports ModelOutput from here
+
+    if task.type == "segmentation":
+        if backbone != BACKBONE and backbone not in FUSIONS:
+            raise ValueError(f"unknown backbone {backbone!r}; known: {sorted([*FUSIONS, BACKBONE])}")
+        return unet3d(schema, task, d_model=d_model, layers=layers, dropout=dropout, modalities=modalities)
+    if backbone == BACKBONE:
+        raise ValueError(f"backbone {BACKBONE!r} is for segmentation tasks; task {task.name!r} is {task.type}")
     if backbone not in FUSIONS:
         raise ValueError(f"unknown backbone {backbone!r}; known: {sorted(FUSIONS)}")
     names = modalities or schema.modality_names
