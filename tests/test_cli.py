@@ -35,6 +35,15 @@ def test_check_config_accepts_the_default_and_names_the_bad_key(tmp_path, capsys
     assert "config key studies.balance.methods[1]: unknown method 'magic'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("layers", [["paper.yaml"], ["grids/balance_synth.yaml"],
+                                    ["grids/peft_synth.yaml", "grids/peft_synth_large.yaml"]])
+def test_every_shipped_config_layers_cleanly_over_the_default(layers):
+    """Files layer as Snakemake's --configfile does: mappings merge, so a grid may name synth
+    without redefining it."""
+    files = [str(REPO / "config" / "config.yaml")] + [str(REPO / "config" / f) for f in layers]
+    assert main(["check-config", *files, "--schema", str(SCHEMA)]) == 0
+
+
 def test_check_data_reports_a_corrupted_array(tmp_path, capsys):
     manifest = build_store("synth", small_synth(train=20, valid=10, test=10), tmp_path / "synth")
     assert main(["check-data", str(manifest)]) == 0

@@ -51,6 +51,15 @@ def _broken(mutate) -> str:
     (lambda c: c["studies"]["balance"]["settings"]["complete"].update(datasets=["mosi"]),
      "studies.balance.settings.complete.datasets[0]"),
     (lambda c: c["datasets"].update(mosi={"loader": "mmsa"}), "datasets.mosi"),
+    (lambda c: c["studies"]["balance"].update(per_dataset={"mosi": {}}), "studies.balance.per_dataset.mosi"),
+    (lambda c: c["studies"]["balance"].update(per_dataset={"synth": {"train": {"lr": -1}}}),
+     "studies.balance.per_dataset.synth.train.lr"),
+    (lambda c: c["studies"]["balance"].update(per_dataset={"synth": {"model": {"widht": 3}}}),
+     "studies.balance.per_dataset.synth.model"),
+    (lambda c: c["studies"]["balance"].update(per_dataset={"synth": {"model": {"backbone": "resnet"}}}),
+     "studies.balance.per_dataset.synth.model.backbone"),
+    (lambda c: c["studies"]["balance"].update(per_dataset={"synth": {"methods": {"cggm": {"rhoo": 1.0}}}}),
+     "studies.balance.per_dataset.synth.methods.cggm"),
     (lambda c: c["datasets"].update(mosi={"loader": "mmsa", "path": "a.pkl", "source": {"sha256": "abc"}}),
      "datasets.mosi.source.sha256"),
     (lambda c: c["studies"].update(imagenet={}), "studies"),
@@ -121,3 +130,37 @@ def test_raw_paths_live_under_data_root_unless_absolute():
     assert "synth" not in dataset_spec(config, "mosi"), "generator defaults mean nothing to a real dataset"
     assert dataset_spec(config, "own")["path"] == "/elsewhere/mosi_data.pkl"
     assert "path" not in dataset_spec(config, "synth")
+
+
+def test_per_dataset_overrides_apply_over_study_and_top_level():
+    config = default_config()
+    config["datasets"]["mosi"] = {"loader": "mult", "path": "mosi_data.pkl", "task": "sentiment"}
+    config["methods"]["cggm"] = {"rho": 1.3, "lam": 0.2}
+    balance = config["studies"]["balance"]
+    balance["datasets"] = ["synth", "mosi"]
+    balance["train"] = {"epochs": 7}
+    balance["per_dataset"] = {"mosi": {"train": {"batch_size": 24, "lr": 0.01}, "model": {"d_model": 40},
+                                       "methods": {"cggm": {"lam": 0.05}}}}
+    validate_config(config, load_schema(SCHEMA))
+    mosi = run_spec(config, "balance", "mosi", "cggm", "complete", 0)
+    synth = run_spec(config, "balance", "synth", "cggm", "complete", 0)
+    assert (mosi["train"]["batch_size"], mosi["train"]["lr"], mosi["train"]["epochs"]) == (24, 0.01, 7)
+    assert (synth["train"]["batch_size"], synth["train"]["lr"], synth["train"]["epochs"]) == (64, 0.001, 7)
+    assert mosi["model"]["d_model"] == 40 and synth["model"]["d_model"] == 32
+    assert mosi["method_params"]["cggm"] == {"rho": 1.3, "lam": 0.05}
+    assert synth["method_params"]["cggm"] == {"rho": 1.3, "lam": 0.2}
+
+
+def test_segmentation_datasets_accept_only_the_methods_their_model_supports():
+    config = default_config()
+    config["datasets"]["brats"] = {"loader": "brats", "path": "brats2021", "task": "seg"}
+    balance = config["studies"]["balance"]
+    balance["datasets"] = ["synth", "brats"]
+    balance["methods"] = ["joint", "cggm"]
+    with pytest.raises(ConfigError, match=r"config key studies.balance.methods\[1\]: on dataset 'brats'.*cggm"):
+        validate_config(copy.deepcopy(config), load_schema(SCHEMA))
+    balance["settings"] = {"complete": {"type": "complete", "datasets": ["synth"]},
+                           "volumes": {"type": "complete", "datasets": ["brats"], "methods": ["joint"]}}
+    validate_config(config, load_schema(SCHEMA))
+    assert {(r["dataset"], r["method"]) for r in study_grid(config, "balance")} == {
+        ("synth", "joint"), ("synth", "cggm"), ("brats", "joint")}

@@ -23,11 +23,11 @@ def _json(text: str) -> dict:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from mmrepro.config import load_schema, validate_config
+    from mmrepro.config import load_schema, merge_config, validate_config
 
     config: dict = {}
     for path in args.configfile:
-        config.update(yaml.safe_load(Path(path).read_text()) or {})
+        merge_config(config, yaml.safe_load(Path(path).read_text()) or {})
     validate_config(config, load_schema(args.schema))
     print(f"config OK: {', '.join(args.configfile)}")
     return 0

@@ -17,6 +17,10 @@ import yaml
 
 from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, resolve_method
 from mmrepro.models.fusion import FUSIONS
+from mmrepro.models.segmentation import check_method_support
+
+#: Loaders whose task is per-voxel segmentation (a model and method subset of their own).
+SEGMENTATION_LOADERS = ("brats",)
 
 #: How each study produces its runs: trained per (method, setting), or a source model adapted at test time.
 STUDY_KINDS = {"balance": "train", "missing": "train", "peft": "finetune", "shift": "adapt"}
@@ -52,6 +56,17 @@ def _key(path) -> str:
     return out or "<top level>"
 
 
+def merge_config(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """Layer ``update`` over ``base`` in place as Snakemake layers ``--configfile`` files: mappings
+    merge key by key, anything else (lists included) is replaced."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merge_config(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
 def load_schema(path: Path | str) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
@@ -63,7 +78,29 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
         lines = [f"config key {_key(e.absolute_path)}: {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     _check_names(config)
+    _check_overrides(config, schema)
     return config
+
+
+def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Per-dataset overrides: known datasets, and the merged model/train/method keys valid as if written whole."""
+    registries = (TRANSFORMS, HOOKS, ADAPTERS)
+    for study, spec in config["studies"].items():
+        for dataset, override in spec["per_dataset"].items():
+            key = f"studies.{study}.per_dataset.{dataset}"
+            if dataset not in spec["datasets"]:
+                raise ConfigError(f"config key {key}: {dataset!r} is not one of the study's datasets {spec['datasets']}")
+            for section, merged in (("model", model_config(config, study, dataset)),
+                                    ("train", train_config(config, study, dataset))):
+                sub = {**schema["definitions"][section], "definitions": schema["definitions"]}
+                for e in jsonschema.Draft202012Validator(sub).iter_errors(merged):
+                    raise ConfigError(f"config key {key}.{section}{'.' + _key(e.absolute_path) if e.absolute_path else ''}: "
+                                      f"{e.message}")
+            for name, params in override.get("methods", {}).items():
+                owner = next((reg for reg in registries if name in reg), None)
+                if owner is None:
+                    raise ConfigError(f"config key {key}.methods.{name}: unknown method")
+                _check_params(owner.get(name), method_params(config, study, dataset, name), f"{key}.methods.{name}")
 
 
 def _check_params(cls, params: dict[str, Any], key: str) -> None:
@@ -115,10 +152,21 @@ def _check_names(config: dict[str, Any]) -> None:
                 raise ConfigError(f"config key {key}.type: {e.args[0]}") from None
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"config key {key}: {e}") from None
-        backbone = model_config(config, study)["backbone"]
-        if backbone not in FUSIONS:
-            raise ConfigError(f"config key studies.{study}.model.backbone: unknown backbone {backbone!r}; "
-                              f"known: {sorted(FUSIONS)}")
+        for ds in spec["datasets"]:
+            backbone = model_config(config, study, ds)["backbone"]
+            if backbone not in FUSIONS:
+                where = (f"studies.{study}.per_dataset.{ds}" if "backbone" in _override(config, study, ds).get("model", {})
+                         else f"studies.{study}")
+                raise ConfigError(f"config key {where}.model.backbone: unknown backbone {backbone!r}; "
+                                  f"known: {sorted(FUSIONS)}")
+        for run in study_grid(config, study):
+            if config["datasets"][run["dataset"]]["loader"] in SEGMENTATION_LOADERS:
+                try:
+                    check_method_support("segmentation", resolve_method(run["method"]))
+                except ValueError as e:
+                    i = spec["methods"].index(run["method"])
+                    raise ConfigError(f"config key studies.{study}.methods[{i}]: on dataset {run['dataset']!r} "
+                                      f"(setting {run['setting']!r}): {e}; limit the setting with methods/datasets") from None
     for name in config["methods"]:
         if not any(name in reg for reg in registries.values()):
             raise ConfigError(f"config key methods.{name}: unknown method; known: "
@@ -156,12 +204,25 @@ def dataset_spec(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     return entry
 
 
-def model_config(config: dict[str, Any], study: str) -> dict[str, Any]:
-    return {**config["model"], **config["studies"][study].get("model", {})}
+def _override(config: dict[str, Any], study: str, dataset: str | None) -> dict[str, Any]:
+    return config["studies"][study].get("per_dataset", {}).get(dataset, {}) if dataset else {}
 
 
-def train_config(config: dict[str, Any], study: str) -> dict[str, Any]:
-    return {**config["train"], **config["studies"][study].get("train", {})}
+def model_config(config: dict[str, Any], study: str, dataset: str | None = None) -> dict[str, Any]:
+    """The model keys of one study (on one dataset): top level < study < study's per-dataset override."""
+    return {**config["model"], **config["studies"][study].get("model", {}),
+            **_override(config, study, dataset).get("model", {})}
+
+
+def train_config(config: dict[str, Any], study: str, dataset: str | None = None) -> dict[str, Any]:
+    """The training keys of one study (on one dataset), merged like :func:`model_config`."""
+    return {**config["train"], **config["studies"][study].get("train", {}),
+            **_override(config, study, dataset).get("train", {})}
+
+
+def method_params(config: dict[str, Any], study: str, dataset: str, name: str) -> dict[str, Any]:
+    """One plug-in's hyperparameters: top-level ``methods.<name>`` < the study's per-dataset override."""
+    return {**config["methods"].get(name, {}), **_override(config, study, dataset).get("methods", {}).get(name, {})}
 
 
 def study_task(config: dict[str, Any], study: str, dataset: str) -> str:
@@ -174,9 +235,10 @@ def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting
     return {
         "study": study, "dataset": dataset, "method": method, "setting": setting, "seed": int(seed), "task": task,
         "plan": {"transform": plan.transform, "hook": plan.hook, "adapter": plan.adapter},
-        "method_params": {name: config["methods"].get(name, {}) for name in (plan.transform, plan.hook, plan.adapter)},
+        "method_params": {name: method_params(config, study, dataset, name)
+                          for name in (plan.transform, plan.hook, plan.adapter)},
         "data_setting": {"type": setting_cfg["type"], "params": setting_params(setting_cfg)},
-        "model": model_config(config, study), "train": train_config(config, study),
+        "model": model_config(config, study, dataset), "train": train_config(config, study, dataset),
         "utilisation_probes": config["studies"][study]["utilisation_probes"],
         "tracking_uri": config["tracking"]["uri"], "results": config["results"],
     }
