@@ -156,11 +156,11 @@ def test_segmentation_datasets_accept_only_the_methods_their_model_supports():
     config["datasets"]["brats"] = {"loader": "brats", "path": "brats2021", "task": "seg"}
     balance = config["studies"]["balance"]
     balance["datasets"] = ["synth", "brats"]
-    balance["methods"] = ["joint", "cggm"]
-    with pytest.raises(ConfigError, match=r"config key studies.balance.methods\[1\]: on dataset 'brats'.*cggm"):
+    balance["methods"] = ["joint", "ogm_ge"]
+    with pytest.raises(ConfigError, match=r"config key studies.balance.methods\[1\]: on dataset 'brats'.*ogm_ge"):
         validate_config(copy.deepcopy(config), load_schema(SCHEMA))
     balance["settings"] = {"complete": {"type": "complete", "datasets": ["synth"]},
                            "volumes": {"type": "complete", "datasets": ["brats"], "methods": ["joint"]}}
     validate_config(config, load_schema(SCHEMA))
     assert {(r["dataset"], r["method"]) for r in study_grid(config, "balance")} == {
-        ("synth", "joint"), ("synth", "cggm"), ("brats", "joint")}
+        ("synth", "joint"), ("synth", "ogm_ge"), ("brats", "joint")}

@@ -243,7 +243,7 @@ def test_greedy_runs_on_segmentation_and_unsupported_hooks_fail_clearly():
     assert values["greedy_rebalance_flair"] + values["greedy_rebalance_t1ce"] > 0  # it re-balanced
     task = schema.task("seg")
     check_method_support(task, {"transform": "full_finetune", "hook": "joint", "adapter": "source_only"})
-    for hook_name in ("ogm_ge", "cggm", "agm", "pmr", "mslr"):
+    for hook_name in ("ogm_ge", "agm", "pmr", "mslr"):
         with pytest.raises(ValueError, match=f"hook '{hook_name}' is not supported for segmentation"):
             check_method_support(task, {"transform": "full_finetune", "hook": hook_name, "adapter": "source_only"})
     with pytest.raises(ValueError, match="transform 'lora' is not supported for segmentation"):

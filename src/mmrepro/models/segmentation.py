@@ -67,15 +67,15 @@ DEFAULT_LEVELS = 4
 
 #: Plug-ins that work with this model, per method family, and why the others do not:
 #: ``joint`` needs nothing; ``greedy`` (``speed="encoder"``) reads only ``model.encoders[m]``'s
-#: gradients (``speed="conditional"`` needs crossmodal blocks and says so at setup). ``ogm_ge``
-#: splits a linear head by modality block, ``cggm`` and the utilisation probes train transformer
-#: probes predicting one label per sample, ``pmr`` builds per-class prototypes of per-sample
-#: labels, ``agm`` and ``mslr`` score unimodal outputs with per-sample class scores: none has a
-#: per-voxel counterpart yet. PEFT transforms target the sequence encoders' layers, and
-#: test-time adapters predict per sample.
+#: gradients (``speed="conditional"`` needs crossmodal blocks and says so at setup); ``cggm``
+#: trains per-modality segmentation probes, as CGGM's BraTS code does. ``ogm_ge`` splits a linear
+#: head by modality block, the utilisation probes predict one label per sample, ``pmr`` builds
+#: per-class prototypes of per-sample labels, ``agm`` and ``mslr`` score unimodal outputs with
+#: per-sample class scores: none has a per-voxel counterpart yet. PEFT transforms target the
+#: sequence encoders' layers, and test-time adapters predict per sample.
 SUPPORTED_METHODS: dict[str, tuple[str, ...]] = {
     "transform": ("full_finetune",),
-    "hook": ("joint", "greedy"),
+    "hook": ("joint", "greedy", "cggm"),
     "adapter": ("source_only",),
 }
 

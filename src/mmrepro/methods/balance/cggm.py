@@ -39,9 +39,33 @@ There is no CGGM warm-up (BraTS's ``warmup_epochs`` is a learning-rate warm-up o
 schedule); the classifiers are never put in eval mode and never evaluated; the scripts report
 the best validation accuracy over epochs. Quirks met in the code (not reproduced, listed for the
 study): Food's ``FoodModel`` projects the text with the image's Conv1d (``projv`` twice,
-``projt`` unused); BraTS's magnitude step looks for ``vision_encoder`` / ``text_encoder``
-parameters, which its DeepLab model does not have, so on BraTS only the direction term acts;
-BraTS never clips gradients although ``--clip`` exists; the scripts crash without CUDA.
+``projt`` unused); BraTS never clips gradients although ``--clip`` exists; the scripts crash
+without CUDA. BraTS: next paragraph.
+
+BraTS (``src/segtrain.py``, ``models/segmodel.py``, ``run/brats_run.py``, ``src/eval_metrics.py``)
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+Same seven steps, with these pieces. The model (2-D slices; four ResNet-101 + ASPP branches, a
+DeepLabv3+ decoder over the concatenated branches) returns, besides the logits, each modality's
+ASPP output and its low-level (first residual stage) map, both cloned and detached. The
+"classifiers" are four segmentation decoders of the model's own decoder design, each built for one
+branch instead of four, each reading its modality's detached deep and low-level maps and giving
+per-pixel 4-class logits (bilinearly upsampled to the 160x160 slice). They are trained with the
+model's loss (weighted CE + soft foreground Dice), summed over the modalities, by SGD at
+``cls_lr = 6e-3`` with the model's momentum 0.9 and weight decay 3e-4 (no schedule for them).
+Utilisation ``acc_i`` is classifier ``i``'s batch Dice (``train_eval_seg``): argmax labels; for
+ET (class 3), TC (1 or 3) and WT (non-zero), a per-slice ``(2 |p & g| + 2 eps) / (|p| + |g| + 2 eps)``
+with ``eps = 1e-3`` (a region absent from both scores 1), averaged over the batch's slices; then the
+mean of the three regions. The
+direction cosines compare the weight of each classifier decoder's final 1x1 convolution with that of
+the fused decoder's final 1x1 convolution (both ``(4, 256, 1, 1)``), clones taken before either
+optimizer step; ``l_gm`` divides by the hard-coded four and reaches the fused final convolution at
+the next step. The magnitude step scales the gradients of parameters whose names contain
+``vision_encoder`` (by ``coeff_0 * rho``) or ``text_encoder`` (``coeff_1 * rho``), the same block
+as the Food (image + text) trainer's ``src/foodtrain.py``. The segmentation model's parameters
+are called ``backbone1..4``, ``aspp1..4`` and ``decoder``, so nothing is scaled: **on BraTS only
+the direction term acts** (and even with matching names only two of the four modalities would have
+been scaled). ``rho = 1.0``,
+``lambda = 0.1``; the model's SGD follows a per-iteration cosine schedule; nothing is clipped.
 
 Our implementation
 ------------------
@@ -88,9 +112,49 @@ Where we differ, and why:
   ``cls_optim`` / ``cls_weight_decay`` set the probes' optimizer (Food: ``AdamW``, 3e-3).
 - The hook's state (probes, previous accuracies, ``l_gm``) is not part of the loop's resumable
   checkpoint: a resumed run restarts the probes.
+
+On the segmentation model (``unet3d``, BraTS)
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The same hook and the same step order; what the official BraTS code does, carried over to our 3-D
+U-Net (:class:`SegmentationProbes`):
+
+- **Classifiers**: as the official ones are copies of the model's decoder design for one branch,
+  ours are, per modality, a decoder of the model's own design (:class:`~mmrepro.models.segmentation.Decoder`
+  with the model's widths and blocks, freshly initialised) plus a 1x1x1 ``out`` convolution to the
+  ``K`` classes. The official classifier reads the two taps its fused decoder reads (deep and
+  low-level), from one modality and detached; ours reads the taps our fused decoder reads, every
+  level of encoder ``m``'s feature pyramid, detached. ``ModelOutput`` only carries the bottleneck,
+  so the hook registers a forward hook on each ``model.encoders[m]`` that keeps detached views of
+  its level maps (training forwards, and the hook's own validation pass); each step checks that
+  the kept bottleneck is the one behind ``out.tokens[m]``. Logits are cropped to the label size as
+  the model's. Loss: the task loss (:func:`~mmrepro.train.segmentation_loss`), summed over the
+  modalities; each modality's term is back-propagated on its own (the probes share no parameter,
+  so the gradients equal those of the sum, with one probe's activations alive at a time).
+  Optimizer: ``cls_optim`` at ``cls_lr`` with ``cls_weight_decay`` and ``cls_momentum`` (the
+  official BraTS values: ``SGD``, 6e-3, 3e-4, 0.9; set them per dataset in the config).
+- **Utilisation** ``acc_m``: probe ``m``'s batch Dice as ``train_eval_seg`` (:func:`seg_batch_dice`),
+  per case (a volume) where the official code has per slice. Coefficients: the same formula.
+- **Direction**: ``cos_m`` between probe ``m``'s ``out`` weight and the model's ``head`` weight,
+  both ``(K, w_0, 1, 1, 1)``: whole tensors, as the official ``(4, 256, 1, 1)`` ones. The weights
+  reading reaches only ``model.head.weight``; ``direction="gradients"`` uses the gradients of those
+  two weights (second order, it reaches the encoders).
+- **Magnitude**: ``seg_magnitude=False`` (default) is the official behaviour, no segmentation
+  parameter is scaled (its step names parameters the model does not have), so only the direction
+  term acts. ``seg_magnitude=True`` applies the method as the paper describes it: every parameter
+  of ``model.encoders[m]`` (there is no separate input projection) has its gradient multiplied by
+  ``coeff_m * rho``. On sequence models the flag is ignored (the magnitude always applies there).
+- Logged per epoch, under the sequence keys: ``util_<m>`` (probe ``m``'s per-case Dice, the mean of
+  ET/TC/WT as :class:`~mmrepro.metrics.DiceMeter`, over the validation split, model and probes in
+  eval mode), ``coeff_<m>``, ``probe_train_acc_<m>`` (mean batch Dice) and ``l_gm``.
+- Differences from the official classifiers beyond the backbone: instance norm and no dropout (our
+  decoder's design) where the DeepLab decoder has batch norm and dropout 0.5 / 0.1. Cost: one extra
+  decoder forward and backward per modality per step, and one extra validation forward per epoch.
+  The segmentation head must give BraTS's 4 classes (the Dice regions are BraTS's).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -100,9 +164,14 @@ from mmrepro.data.loader import Batch, SplitLoader
 from mmrepro.methods.balance.probes import UnimodalProbes
 from mmrepro.methods.hooks import TrainingHook
 from mmrepro.methods.registry import HOOKS
+from mmrepro.metrics import DiceMeter
 from mmrepro.models.multimodal import ModelOutput
+from mmrepro.models.segmentation import Decoder
 
 DIRECTIONS = ("weights", "gradients")
+#: BraTS evaluation regions on internal labels (as ``mmrepro.data.brats.REGIONS``): ET, TC, WT.
+SEG_REGIONS = {"et": (3,), "tc": (1, 3), "wt": (1, 2, 3)}
+SEG_CLASSES = 4
 
 
 def modulation_coefficients(d: list[float], guarded: bool = False, guard_eps: float = 0.05) -> list[float]:
@@ -121,12 +190,26 @@ def direction_loss(coeffs: list[float], cos: list[torch.Tensor]) -> torch.Tensor
     return (sum(abs(c) for c in coeffs) - aligned) / m
 
 
-def head_blocks(model: nn.Module, weight: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The columns of a head-``out``-shaped ``(out_dim, F)`` tensor that read each modality's block.
+def is_segmentation(model: nn.Module) -> bool:
+    return getattr(model, "task_type", None) == "segmentation"
 
-    ``F == d``: the whole tensor for every modality (the official code's case);
-    ``F == M * d``: block ``i`` of the concatenated fused vector, in the fusion's modality order.
+
+def fused_out_weight(model: nn.Module) -> torch.Tensor:
+    """The fused model's last layer weight the direction term compares: ``head.out.weight`` of the
+    sequence models, the 1x1x1 ``head`` convolution's weight of the segmentation model."""
+    return model.head.weight if is_segmentation(model) else model.head.out.weight
+
+
+def head_blocks(model: nn.Module, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The part of a fused-out-weight-shaped tensor that each modality's probe is compared with.
+
+    Segmentation: the whole ``(K, w_0, 1, 1, 1)`` tensor for every modality (as the official code).
+    Sequences, a ``(out_dim, F)`` tensor: ``F == d``, the whole tensor for every modality (the
+    official code's case); ``F == M * d``, block ``i`` of the concatenated fused vector, in the
+    fusion's modality order.
     """
+    if is_segmentation(model):
+        return {m: weight for m in model.names}
     names = list(getattr(model.fusion, "names", model.names))
     d = model.encoders[names[0]].proj.out_channels
     width = weight.shape[1]
@@ -138,29 +221,191 @@ def head_blocks(model: nn.Module, weight: torch.Tensor) -> dict[str, torch.Tenso
                      f"M*d={d * len(names)} (one d-wide block per modality)")
 
 
+def make_optimizer(params, optim: str, lr: float, weight_decay: float, momentum: float) -> torch.optim.Optimizer:
+    """``torch.optim.<optim>``; ``momentum`` only for SGD."""
+    kw = {"momentum": momentum} if optim == "SGD" else {}
+    return getattr(torch.optim, optim)(params, lr=lr, weight_decay=weight_decay, **kw)
+
+
+# -------------------------------------------------------------------------------------------------
+# Segmentation probes
+
+
+@torch.no_grad()
+def seg_batch_dice(logits: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> float:
+    """The official ``train_eval_seg`` per case: argmax labels; per region (ET, TC, WT on internal
+    labels) and case ``(2 * |p & g| + 2 eps) / (|p| + |g| + 2 eps)``, averaged over the batch's
+    cases; the mean of the three regions. ``logits`` ``(B, K, *S)``, ``y`` ``(B, *S)``."""
+    pred = logits.argmax(1)
+    axes = tuple(range(1, pred.dim()))
+    scores = []
+    for classes in SEG_REGIONS.values():
+        p = torch.isin(pred, pred.new_tensor(classes)).float()
+        g = torch.isin(y, y.new_tensor(classes)).float()
+        inter = (p * g).sum(axes) + eps
+        union = p.sum(axes) + g.sum(axes) + 2 * eps
+        scores.append((2 * inter / union).mean())
+    return float(sum(scores) / len(scores))
+
+
+class SegmentationProbe(nn.Module):
+    """One modality's classifier: a decoder of the model's design over that modality's detached
+    level maps (finest first), a 1x1x1 ``out`` convolution to the classes, cropped to ``size``."""
+
+    def __init__(self, widths: tuple[int, ...], blocks: int, num_classes: int):
+        super().__init__()
+        self.decoder = Decoder(widths, blocks)
+        self.out = nn.Conv3d(widths[0], num_classes, 1)
+
+    def forward(self, levels: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
+        logits = self.out(self.decoder(levels))
+        return logits[..., : size[0], : size[1], : size[2]]
+
+
+class SegmentationProbes(nn.Module):
+    """One :class:`SegmentationProbe` per modality, its optimizer, and the capture of the encoders'
+    level maps: the same interface as :class:`~mmrepro.methods.balance.probes.UnimodalProbes`
+    (``step``, ``out_weight``, ``evaluate``, ``optimizer``). Call :meth:`attach` with the model."""
+
+    def __init__(self, names: list[str], widths: tuple[int, ...], blocks: int, num_classes: int, *,
+                 lr: float, optim: str = "Adam", weight_decay: float = 0.0, momentum: float = 0.0):
+        super().__init__()
+        self.names = list(names)
+        self.probes = nn.ModuleDict({m: SegmentationProbe(widths, blocks, num_classes) for m in self.names})
+        self.optimizer = make_optimizer(self.parameters(), optim, lr, weight_decay, momentum)
+        self._levels: dict[str, list[torch.Tensor]] = {}
+        self._handles: list = []
+        self._capture_eval = False
+
+    @classmethod
+    def for_model(cls, model: nn.Module, **kw) -> "SegmentationProbes":
+        """Probes sized as the model's decoder and head, on the model's device, attached to it."""
+        num_classes = model.head.out_channels
+        if num_classes != SEG_CLASSES:
+            raise ValueError(f"cggm on segmentation measures the BraTS Dice regions: the model must predict "
+                             f"{SEG_CLASSES} classes, not {num_classes}")
+        blocks = len(model.decoder.blocks[0])
+        probes = cls(model.names, tuple(model.widths), blocks, num_classes, **kw)
+        probes = probes.to(next(model.parameters()).device)
+        probes.attach(model)
+        return probes
+
+    # ---------------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        """Keep detached views of each encoder's level maps at every training forward (and during
+        :meth:`evaluate`). The forward hooks hold only a weak reference to the probes."""
+        self.detach_hooks()
+        ref = weakref.ref(self)
+
+        def keeper(m: str):
+            def capture(module, inputs, output):
+                probes = ref()
+                if probes is not None and (module.training or probes._capture_eval):
+                    probes._levels[m] = [t.detach() for t in output]
+            return capture
+
+        self._handles = [model.encoders[m].register_forward_hook(keeper(m)) for m in self.names]
+
+    def detach_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._levels = [], {}
+
+    def levels(self, out: ModelOutput) -> dict[str, list[torch.Tensor]]:
+        """The kept level maps of the forward that produced ``out`` (checked on the bottleneck)."""
+        for m in self.names:
+            kept = self._levels.get(m)
+            if kept is None or kept[-1].data_ptr() != out.tokens[m].data_ptr():
+                raise RuntimeError(f"cggm: no level maps of encoder {m!r} kept for this forward pass (the probes "
+                                   f"must be attached to the model that produced the output)")
+        return {m: self._levels[m] for m in self.names}
+
+    # ---------------------------------------------------------------------------------------------
+    def forward(self, out: ModelOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        """Per-modality logits ``(B, K, *S)`` from the detached level maps."""
+        levels = self.levels(out)
+        size = tuple(batch.y.shape[1:])
+        return {m: self.probes[m](levels[m], size) for m in self.names}
+
+    def out_weight(self, m: str) -> torch.Tensor:
+        """The ``out`` convolution weight ``(K, w_0, 1, 1, 1)`` of modality ``m``'s probe."""
+        return self.probes[m].out.weight
+
+    def step(self, out: ModelOutput, batch: Batch, loss_fn) -> dict[str, float]:
+        """One optimizer step of every probe on the sum of their task losses; returns each probe's
+        batch Dice (:func:`seg_batch_dice`) from the logits before the update. The gradients stay in
+        the probes' ``.grad`` until the next ``step``."""
+        self.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        levels = self.levels(out)
+        size = tuple(batch.y.shape[1:])
+        acc = {}
+        for m in self.names:  # one backward per probe: disjoint parameters, so the sum's gradients
+            logits = self.probes[m](levels[m], size)
+            loss_fn(logits, batch.y).backward()
+            acc[m] = seg_batch_dice(logits.detach(), batch.y)
+        self._levels = {}
+        self.optimizer.step()
+        return acc
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader) -> dict[str, float]:
+        """Each probe's per-case Dice (mean of ET/TC/WT, :class:`~mmrepro.metrics.DiceMeter`) over
+        ``loader``, model and probes in eval mode (then restored)."""
+        was_model, was_self = model.training, self.training
+        model.eval()
+        self.eval()
+        self._capture_eval = True
+        device = next(self.parameters()).device
+        meters = {m: DiceMeter() for m in self.names}
+        try:
+            for batch in loader:
+                batch = batch.to(device)
+                preds = self(model(batch), batch)
+                y = batch.y.cpu().numpy()
+                for m in self.names:
+                    meters[m].update(preds[m].argmax(1).to(torch.uint8).cpu().numpy(), y)
+        finally:
+            self._capture_eval = False
+            self._levels = {}
+            model.train(was_model)
+            self.train(was_self)
+        return {m: meters[m].result()["dice_mean"] if meters[m].n else float("nan") for m in self.names}
+
+
+# -------------------------------------------------------------------------------------------------
 @HOOKS.register("cggm")
 class CGGM(TrainingHook):
     """Classifier-guided gradient modulation (see the module docstring for the method and the code).
 
-    Defaults are the official MOSI run script's (``run/mosi_run.py``).
+    Defaults are the official MOSI run script's (``run/mosi_run.py``). ``cls_layers``, ``cls_heads``,
+    ``cls_dropout`` and ``faithful_double_hidden`` shape the sequence probes only; ``seg_magnitude``
+    acts on segmentation models only.
     """
 
     tracks_utilisation = True
 
     def __init__(self, rho: float = 1.3, lam: float = 0.2, cls_lr: float = 5e-4, cls_layers: int = 2,
                  cls_heads: int | None = None, cls_dropout: float = 0.15, cls_optim: str = "Adam",
-                 cls_weight_decay: float = 0.0, faithful_double_hidden: bool = True,
-                 direction: str = "weights", guarded: bool = False, guard_eps: float = 0.05):
+                 cls_weight_decay: float = 0.0, cls_momentum: float = 0.0, faithful_double_hidden: bool = True,
+                 direction: str = "weights", guarded: bool = False, guard_eps: float = 0.05,
+                 seg_magnitude: bool = False):
         if direction not in DIRECTIONS:
             raise ValueError(f"cggm: direction must be one of {DIRECTIONS}, got {direction!r}")
         if guard_eps <= 0:
             raise ValueError("cggm: guard_eps must be positive")
+        if not hasattr(torch.optim, cls_optim):
+            raise ValueError(f"cggm: unknown cls_optim {cls_optim!r} (a torch.optim class name)")
+        if cls_momentum and cls_optim != "SGD":
+            raise ValueError(f"cggm: cls_momentum applies to cls_optim='SGD' only, not {cls_optim!r}")
         self.rho, self.lam = rho, lam
+        self.optim_kw = dict(lr=cls_lr, optim=cls_optim, weight_decay=cls_weight_decay, momentum=cls_momentum)
         self.probe_kw = dict(layers=cls_layers, heads=cls_heads, dropout=cls_dropout, lr=cls_lr,
                              optim=cls_optim, weight_decay=cls_weight_decay,
                              faithful_double_hidden=faithful_double_hidden)
         self.direction, self.guarded, self.guard_eps = direction, guarded, guard_eps
-        self.probes: UnimodalProbes | None = None
+        self.seg_magnitude = seg_magnitude
+        self.probes: UnimodalProbes | SegmentationProbes | None = None
 
     # ---------------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> None:
@@ -168,8 +413,17 @@ class CGGM(TrainingHook):
             raise ValueError("cggm needs at least two modalities (with one, coeff = 1e-8 / (d + 1e-8))")
         self.names = list(model.names)
         self.loss_fn = loss_fn
-        self.probes = UnimodalProbes.for_model(model, **self.probe_kw)
-        head_blocks(model, model.head.out.weight)  # fail early on an unsupported head width
+        if isinstance(self.probes, SegmentationProbes):
+            self.probes.detach_hooks()  # set up again: drop the capture hooks of the earlier model
+        self.segmentation = is_segmentation(model)
+        if self.segmentation:
+            self.probes = SegmentationProbes.for_model(model, **self.optim_kw)
+        else:
+            self.probes = UnimodalProbes.for_model(model, **self.probe_kw)
+            if self.optim_kw["momentum"]:
+                self.probes.optimizer = make_optimizer(self.probes.parameters(), **self.optim_kw)
+            head_blocks(model, model.head.out.weight)  # fail early on an unsupported head width
+        self.magnitude = self.seg_magnitude or not self.segmentation
         self.prev_acc = {m: 0.0 for m in self.names}
         self.l_gm: torch.Tensor | None = None  # weights mode: built at step t, used at step t+1
         self.probe_grads: dict[str, torch.Tensor] | None = None  # gradients mode
@@ -200,7 +454,7 @@ class CGGM(TrainingHook):
         and each probe's out-layer gradient (previous step), weighted by the previous coefficients."""
         if self.probe_grads is None or not task_loss.requires_grad:
             return None
-        fused_grad, = torch.autograd.grad(task_loss, model.head.out.weight, create_graph=True, retain_graph=True)
+        fused_grad, = torch.autograd.grad(task_loss, fused_out_weight(model), create_graph=True, retain_graph=True)
         blocks = head_blocks(model, fused_grad)
         cos = [F.cosine_similarity(self.probe_grads[m].flatten(), blocks[m].flatten(), dim=0) for m in self.names]
         return direction_loss([self.last_coeffs[m] for m in self.names], cos)
@@ -216,7 +470,7 @@ class CGGM(TrainingHook):
 
         if self.direction == "weights":
             # clone: the optimizer updates the weight in place before this term is back-propagated
-            blocks = head_blocks(model, model.head.out.weight)
+            blocks = head_blocks(model, fused_out_weight(model))
             cos = [F.cosine_similarity(probe_w[m].flatten(), blocks[m].clone().flatten(), dim=0)
                    for m in self.names]
             self.l_gm = direction_loss([coeffs[m] for m in self.names], cos)
@@ -224,12 +478,13 @@ class CGGM(TrainingHook):
         else:
             self.probe_grads = {m: self.probes.out_weight(m).grad.detach().clone() for m in self.names}
 
-        for m in self.names:
-            scale = coeffs[m] * self.rho
-            for name, p in model.encoders[m].named_parameters():
-                if name.startswith("proj.") or p.grad is None:
-                    continue
-                p.grad.mul_(scale)
+        if self.magnitude:
+            for m in self.names:
+                scale = coeffs[m] * self.rho
+                for name, p in model.encoders[m].named_parameters():
+                    if name.startswith("proj.") or p.grad is None:
+                        continue
+                    p.grad.mul_(scale)
 
         self._steps += 1
         for m in self.names:
