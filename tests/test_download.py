@@ -81,9 +81,10 @@ class Server:
                     time.sleep(1.5)
                     self.close_connection = True
                     return
+                # logged before writing: the client can finish reading before this thread resumes
+                entry["sent"] = len(body)
                 self.wfile.write(body)
                 self.wfile.flush()
-                entry["sent"] = len(body)
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
