@@ -148,6 +148,8 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
             schedule.load_state_dict(saved["schedule"])
             torch.set_rng_state(saved["torch_rng"])
             state = saved["state"]
+            if "hook" in saved:  # after setup, model and optimizer: the hook's modules and optimizers exist
+                hook.load_state_dict(saved["hook"])
             train.epoch = valid.epoch = state["epoch"]
             log.info("resumed from %s after epoch %d", checkpoint, state["epoch"])
     while state["epoch"] < cfg.epochs and state["bad_epochs"] < cfg.patience:
@@ -183,7 +185,8 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
         if checkpoint is not None:
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"key": checkpoint_key, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(), "state": state}, tmp)
+                        "schedule": schedule.state_dict(), "torch_rng": torch.get_rng_state(), "state": state,
+                        "hook": hook.state_dict()}, tmp)
             os.replace(tmp, checkpoint)
     return FitResult(best_state=state["best_state"], best_epoch=state["best_epoch"], epochs_run=state["epoch"],
                      history=state["history"])

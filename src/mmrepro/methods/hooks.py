@@ -6,6 +6,14 @@ clipping -> optimizer step``, and ``hook.on_epoch_end`` once per epoch (with the
 loader) for the values to log, such as per-modality utilisation. A hook that trains modules of
 its own (unimodal classifiers, prototypes) owns them and their optimizer. The trivial member,
 ``joint``, is plain joint training: it changes nothing.
+
+A hook whose state carries over from step to step or epoch to epoch (modules, optimizers, running
+statistics, epoch counters) returns it from ``state_dict`` and takes it back in
+``load_state_dict``: the loop stores it in its resumable checkpoint after every epoch and, on
+resume, loads it right after ``setup`` (which builds the modules and optimizers the state is
+loaded into) and after the model's and the optimizer's own state. The state must hold only what
+``torch.load(..., weights_only=True)`` reads back: tensors, dicts, lists, tuples, strings, numbers,
+bools and ``None`` (modules and optimizers through their ``state_dict``).
 """
 
 from __future__ import annotations
@@ -36,6 +44,14 @@ class TrainingHook:
     def on_epoch_end(self, epoch: int, model: nn.Module, valid: SplitLoader) -> dict[str, float]:
         """Per-epoch values to log (logged with ``step=epoch``); ``valid`` is the validation loader."""
         return {}
+
+    def state_dict(self) -> dict:
+        """The hook's state that carries over between steps and epochs, for the loop's resumable
+        checkpoint (only weights-only-loadable objects; see the module docstring). Default: none."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned; called after :meth:`setup` on resume. Default: nothing."""
 
 
 @HOOKS.register("joint")

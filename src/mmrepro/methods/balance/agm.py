@@ -48,8 +48,8 @@ What we adapted:
   keeps the last coefficients it set after the window ends (its hooks are simply not updated
   again); we go back to 1.
 - The shared loop's gradient clipping replaces the original's conditional clipping.
-- Epochs are counted through ``on_epoch_end`` from 1 (a resumed run restarts the count), and the
-  running means live in the hook (not in the checkpoint).
+- Epochs are counted through ``on_epoch_end`` from 1; the count, the iteration number and the
+  running means are the hook's state (``state_dict``), kept in the loop's resumable checkpoint.
 
 ``on_epoch_end`` logs the epoch's mean applied coefficient (``coeff_<m>``, 1 outside the window),
 the mean ratio ``r_m`` (``ratio_<m>``) and the running mean score ``s_hat_m`` (``contrib_<m>``:
@@ -221,3 +221,17 @@ class AGM(TrainingHook):
             values.update(per_modality("contrib", self.running))
         self.epoch = epoch + 1
         return values
+
+    def state_dict(self) -> dict:
+        """Epoch counter, iteration count, running mean scores, the last step's values and the epoch's
+        running means (Monte Carlo orders come from torch's global generator, kept by the loop)."""
+        return {"epoch": self.epoch, "iteration": self.iteration, "running": dict(self.running),
+                "last_scores": dict(self.last_scores), "last_ratios": dict(self.last_ratios),
+                "last_coeffs": dict(self.last_coeffs), "means": self._means.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.iteration = int(state["epoch"]), int(state["iteration"])
+        self.running = dict(state["running"])
+        self.last_scores, self.last_ratios = dict(state["last_scores"]), dict(state["last_ratios"])
+        self.last_coeffs = dict(state["last_coeffs"])
+        self._means.load_state_dict(state["means"])

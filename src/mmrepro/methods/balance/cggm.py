@@ -110,8 +110,11 @@ Where we differ, and why:
   on validation loss (the official MOSI/IEMOCAP scripts use ReduceLROnPlateau on validation loss
   with patience ``when``, Food uses AdamW with weight decay, BraTS SGD with a cosine schedule).
   ``cls_optim`` / ``cls_weight_decay`` set the probes' optimizer (Food: ``AdamW``, 3e-3).
-- The hook's state (probes, previous accuracies, ``l_gm``) is not part of the loop's resumable
-  checkpoint: a resumed run restarts the probes.
+- The hook's state (probes and their optimizer, previous accuracies, the pending ``l_gm`` or the
+  kept probe gradients, the epoch's sums) is part of the loop's resumable checkpoint
+  (``state_dict``). ``l_gm`` carries a graph, so it is saved as the tensors it was built from (the
+  coefficients, the probes' ``out`` weights and the fused weight's blocks as they were) and built
+  again on resume, the same graph reaching the resumed model's fused out weight.
 
 On the segmentation model (``unet3d``, BraTS)
 ~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
@@ -424,8 +427,10 @@ class CGGM(TrainingHook):
                 self.probes.optimizer = make_optimizer(self.probes.parameters(), **self.optim_kw)
             head_blocks(model, model.head.out.weight)  # fail early on an unsupported head width
         self.magnitude = self.seg_magnitude or not self.segmentation
+        self._model_ref = weakref.ref(model)  # to build ``l_gm`` again on resume
         self.prev_acc = {m: 0.0 for m in self.names}
         self.l_gm: torch.Tensor | None = None  # weights mode: built at step t, used at step t+1
+        self._l_gm_inputs: dict | None = None  # what ``l_gm`` was built from (for the checkpoint)
         self.probe_grads: dict[str, torch.Tensor] | None = None  # gradients mode
         self.last_acc: dict[str, float] = {}
         self.last_coeffs: dict[str, float] = {}
@@ -441,6 +446,7 @@ class CGGM(TrainingHook):
     def loss(self, model: nn.Module, batch: Batch, out: ModelOutput, task_loss: torch.Tensor) -> torch.Tensor:
         if self.direction == "weights":
             l_gm, self.l_gm = self.l_gm, None  # each direction term is used by exactly one step
+            self._l_gm_inputs = None
         else:
             l_gm = self._gradient_direction_loss(model, task_loss)
             if l_gm is not None:
@@ -469,11 +475,7 @@ class CGGM(TrainingHook):
         self.last_acc, self.last_coeffs = acc, coeffs
 
         if self.direction == "weights":
-            # clone: the optimizer updates the weight in place before this term is back-propagated
-            blocks = head_blocks(model, fused_out_weight(model))
-            cos = [F.cosine_similarity(probe_w[m].flatten(), blocks[m].clone().flatten(), dim=0)
-                   for m in self.names]
-            self.l_gm = direction_loss([coeffs[m] for m in self.names], cos)
+            self.l_gm = self._weights_direction_loss(model, [coeffs[m] for m in self.names], probe_w)
             self._record_l_gm(self.l_gm)
         else:
             self.probe_grads = {m: self.probes.out_weight(m).grad.detach().clone() for m in self.names}
@@ -491,6 +493,28 @@ class CGGM(TrainingHook):
             self._sum_coeff[m] += coeffs[m]
             self._sum_acc[m] += acc[m]
 
+    def _weights_direction_loss(self, model: nn.Module, coeffs: list[float], probe_w: dict[str, torch.Tensor],
+                                fused: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The code's ``l_gm`` from the probes' ``out`` weights ``probe_w`` (detached) and clones of the
+        fused out weight's blocks; ``fused`` (on resume) gives the clones' values as they were when
+        the term was first built, the graph still reaching the model's fused out weight."""
+        blocks = head_blocks(model, fused_out_weight(model))
+        kept: dict[str, torch.Tensor] = {}
+
+        def block_clone(m: str) -> torch.Tensor:
+            # clone: the optimizer updates the weight in place before this term is back-propagated
+            c = blocks[m].clone()
+            if fused is not None:
+                with torch.no_grad():
+                    c.copy_(fused[m])
+            kept[m] = c
+            return c
+
+        cos = [F.cosine_similarity(probe_w[m].flatten(), block_clone(m).flatten(), dim=0) for m in self.names]
+        self._l_gm_inputs = {"coeffs": list(coeffs), "probe_w": dict(probe_w),
+                             "fused": {m: c.detach() for m, c in kept.items()}}
+        return direction_loss(coeffs, cos)
+
     def _record_l_gm(self, l_gm: torch.Tensor) -> None:
         self.last_l_gm = float(l_gm.detach())
         self._sum_l_gm += self.last_l_gm
@@ -506,3 +530,36 @@ class CGGM(TrainingHook):
         values["l_gm"] = self._sum_l_gm / self._n_l_gm if self._n_l_gm else float("nan")
         self._reset_epoch()
         return values
+
+    # ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Probes and their optimizer, the previous batch accuracies, the last step's values, the
+        pending direction term (weights mode: what it is built from) or the kept probe gradients
+        (gradients mode), and the epoch's running sums."""
+        return {"probes": self.probes.state_dict(), "probe_optimizer": self.probes.optimizer.state_dict(),
+                "prev_acc": dict(self.prev_acc), "last_acc": dict(self.last_acc),
+                "last_coeffs": dict(self.last_coeffs), "last_l_gm": self.last_l_gm,
+                "l_gm": self._l_gm_inputs if self.l_gm is not None else None,
+                "probe_grads": None if self.probe_grads is None else dict(self.probe_grads),
+                "sum_coeff": dict(self._sum_coeff), "sum_acc": dict(self._sum_acc),
+                "sum_l_gm": self._sum_l_gm, "n_l_gm": self._n_l_gm, "steps": self._steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.probes.load_state_dict(state["probes"])
+        self.probes.optimizer.load_state_dict(state["probe_optimizer"])
+        device = next(self.probes.parameters()).device
+        self.prev_acc, self.last_acc = dict(state["prev_acc"]), dict(state["last_acc"])
+        self.last_coeffs, self.last_l_gm = dict(state["last_coeffs"]), state["last_l_gm"]
+        grads = state["probe_grads"]
+        self.probe_grads = None if grads is None else {m: g.to(device) for m, g in grads.items()}
+        self._sum_coeff, self._sum_acc = dict(state["sum_coeff"]), dict(state["sum_acc"])
+        self._sum_l_gm, self._n_l_gm, self._steps = float(state["sum_l_gm"]), int(state["n_l_gm"]), int(state["steps"])
+        self.l_gm, self._l_gm_inputs = None, None
+        pending = state["l_gm"]
+        if pending is not None:
+            model = self._model_ref()
+            if model is None:
+                raise RuntimeError("cggm: the model given to setup is gone; cannot rebuild the direction term")
+            self.l_gm = self._weights_direction_loss(
+                model, list(pending["coeffs"]), {m: w.to(device) for m, w in pending["probe_w"].items()},
+                {m: f.to(device) for m, f in pending["fused"].items()})

@@ -40,3 +40,9 @@ class EpochMeans:
         means = {k: s / self.steps for k, s in self.sums.items()} if self.steps else {}
         self.steps, self.sums = 0, {}
         return means
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "sums": dict(self.sums)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.sums = int(state["steps"]), dict(state["sums"])

@@ -185,5 +185,19 @@ class GreedyRebalancing(TrainingHook):
         self.epoch = epoch + 1
         return values
 
+    def state_dict(self) -> dict:
+        """Epoch counter, accumulated speeds, the re-balancing window in progress, the latest
+        imbalance and the epoch's step counts."""
+        return {"epoch": self.epoch, "main": dict(self.main), "bypass": dict(self.bypass), "caring": self.caring,
+                "window_step": self.window_step, "imbalance": self.imbalance, "steps": self._steps,
+                "rebalance_steps": dict(self._rebalance_steps)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.main, self.bypass = dict(state["main"]), dict(state["bypass"])
+        self.caring, self.window_step = state["caring"], int(state["window_step"])
+        self.imbalance, self._steps = float(state["imbalance"]), int(state["steps"])
+        self._rebalance_steps = dict(state["rebalance_steps"])
+
     def loss(self, model: nn.Module, batch: Batch, out: ModelOutput, task_loss: torch.Tensor) -> torch.Tensor:
         return task_loss

@@ -25,6 +25,9 @@ What we implemented
   tensors, so Adam's moments move with the parameters untouched. The rebuilt layout is the same
   on every call, so the loop's checkpoint (saved after ``setup``) resumes into matching groups.
   Everything that is not an encoder (fusion, head) keeps the global rate.
+* **Resuming.** The rates live in the optimizer's groups (restored with the optimizer, which puts
+  new group dicts in place: ``load_state_dict`` finds each modality's group again by its tag);
+  the score windows are the hook's state (``state_dict``).
 * **Initial rates.** ``lrs`` maps modality -> learning rate (the unimodal optimum, chosen by the
   user from unimodal runs); a modality missing from ``lrs`` starts at the global rate.
 * **keep:** the initial rates, fixed.
@@ -163,6 +166,18 @@ class ModalitySpecificLearningRates(TrainingHook):
         lrs = {m: self.lrs.get(m, base) for m in model.names}
         self.groups = split_encoder_groups(optimizer, model, lrs)
         self.history = {m: deque(maxlen=self.period) for m in model.names}
+        self._optimizer = optimizer
+
+    def state_dict(self) -> dict:
+        """The window of recent unimodal scores per modality (the rates are in the optimizer's state)."""
+        return {"history": {m: list(h) for m, h in self.history.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {m: deque(h, maxlen=self.period) for m, h in state["history"].items()}
+        # the optimizer's load_state_dict replaced its group dicts: point at the ones in use
+        optimizer = getattr(self, "_optimizer", None)
+        if optimizer is not None:
+            self.groups = {g["modality"]: g for g in optimizer.param_groups if "modality" in g}
 
     def lr(self, m: str) -> float:
         return float(self.groups[m]["lr"])

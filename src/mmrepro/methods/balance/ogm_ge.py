@@ -39,7 +39,8 @@ What we adapted:
 - ``ratio_offset`` (default 0, the code) gives ``1 - tanh(alpha * (rho - offset))``; the project
   spec writes ``rho - 1``, which is ``ratio_offset=1``. The code and the paper use ``rho``.
 - Epochs are numbered as the shared loop numbers them (from 1); the window is inclusive. The hook
-  counts epochs through ``on_epoch_end``, so a run resumed from a checkpoint restarts the count.
+  counts epochs through ``on_epoch_end``; the count is part of the hook's state (``state_dict``),
+  so a run resumed from the loop's checkpoint continues it.
 - Scores are computed (and logged) in every step; outside the window nothing is changed.
 
 ``on_epoch_end`` logs the epoch's mean applied coefficient per modality (``coeff_<m>``, 1 outside
@@ -167,3 +168,14 @@ class OGMGE(TrainingHook):
         values = self._means.pop()
         self.epoch = epoch + 1
         return values
+
+    def state_dict(self) -> dict:
+        """Epoch counter, the last ratios / coefficients and the epoch's running means (the GE noise
+        comes from torch's global generator, which the loop's checkpoint keeps)."""
+        return {"epoch": self.epoch, "last_ratios": dict(self.last_ratios), "last_coeffs": dict(self.last_coeffs),
+                "means": self._means.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.last_ratios, self.last_coeffs = dict(state["last_ratios"]), dict(state["last_coeffs"])
+        self._means.load_state_dict(state["means"])

@@ -59,8 +59,8 @@ What we adapted
   short, so the whole run), the entropy term for the first ``per_epochs`` epochs from
   ``modulation_starts``. The defaults ``mu = 0.01`` and ``per_epochs = 3`` are our choices (the
   authors' script has no entropy term to take them from).
-* Hook state (prototypes, epoch counter) is not in the loop's resumable checkpoint: a resumed run
-  restarts the prototypes as in epoch 1.
+* Hook state (prototypes, which classes have one, the epoch's class sums, epoch counter) is part
+  of the loop's resumable checkpoint (``state_dict``): a resumed run continues the prototypes.
 
 Logged per epoch: ``pmr_coef_<m>`` (mean over the epoch's steps of the PCE weight ``alpha * c_m``;
 0 for the dominant modality), ``pmr_entropy_coef_<m>`` (mean weight ``mu * max c`` of ``m``'s
@@ -144,6 +144,7 @@ class PrototypicalModalRebalance(TrainingHook):
         self.num_classes = 2 if model.task_type == "regression" else model.head.out.out_features
         self.epoch = 1
         self.prototypes, self.seen = {}, None
+        self._device = next(model.parameters()).device
         self._reset_accumulators()
 
     def classes(self, y: torch.Tensor) -> torch.Tensor:
@@ -266,3 +267,25 @@ class PrototypicalModalRebalance(TrainingHook):
         self._reset_accumulators()
         self.epoch = epoch + 1
         return values
+
+    # -- resuming ------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Epoch counter, prototypes and their ``seen`` mask, the epoch's class sums and counts and its
+        logged values (the last three are empty at the end of an epoch, when the loop saves)."""
+        return {"epoch": self.epoch, "prototypes": dict(self.prototypes), "seen": self.seen,
+                "sums": dict(self._sums), "counts": self._counts,
+                "log": {k: list(v) for k, v in self._log.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = getattr(self, "_device", None)
+
+        def to(t):
+            return t if t is None or device is None else t.to(device)
+
+        self.epoch = int(state["epoch"])
+        self.prototypes = {m: to(t) for m, t in state["prototypes"].items()}
+        self.seen = to(state["seen"])
+        self._sums = {m: to(t) for m, t in state["sums"].items()}
+        self._counts = to(state["counts"])
+        self._log = {k: list(v) for k, v in state["log"].items()}

@@ -6,7 +6,9 @@ trains :class:`~mmrepro.methods.balance.probes.UnimodalProbes` on the detached e
 after each backward pass, and adds each probe's validation accuracy, ``util_<modality>``, to the
 hook's per-epoch values. Measuring must not perturb: the probes see detached tokens and draw
 their random numbers from a forked generator, so a run with tracking trains bit-for-bit the same
-model as one without.
+model as one without. The fork starts from the global generator's state at each call (and leaves
+it as it was), so the probes have no generator of their own to keep: their resumable state is
+their weights and optimizer, next to the wrapped hook's state.
 """
 
 from __future__ import annotations
@@ -49,6 +51,16 @@ class UtilisationTracking(TrainingHook):
     def on_epoch_end(self, epoch: int, model: nn.Module, valid: SplitLoader) -> dict[str, float]:
         util = {f"util_{m}": v for m, v in self.probes.evaluate(model, valid).items()}
         return {**self.inner.on_epoch_end(epoch, model, valid), **util}
+
+    def state_dict(self) -> dict:
+        """The wrapped hook's state, the probes' weights and their optimizer."""
+        return {"inner": self.inner.state_dict(), "probes": self.probes.state_dict(),
+                "probe_optimizer": self.probes.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.inner.load_state_dict(state["inner"])
+        self.probes.load_state_dict(state["probes"])
+        self.probes.optimizer.load_state_dict(state["probe_optimizer"])
 
 
 def with_utilisation(hook: TrainingHook) -> TrainingHook:
