@@ -72,7 +72,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
         print(f"mmrepro fetch: error: the spec of dataset {args.dataset!r} has no 'path'", file=sys.stderr)
         return 2
     try:
-        report = fetch_and_report(args.dataset, args.spec.get("source"), args.spec["path"], checksums=args.checksums)
+        report = fetch_and_report(args.dataset, args.spec.get("source"), args.spec["path"],
+                                  checksums=args.checksums or args.spec.get("checksums"))
     except ManualDownloadRequired as e:
         print(f"mmrepro fetch: {e}", file=sys.stderr)
         return 2
@@ -148,8 +149,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("fetch", help="download (or resume) and verify a dataset's source files, or say how to get them")
     s.add_argument("--dataset", required=True, help="dataset name (a key of the config's datasets)")
     s.add_argument("--spec", type=_json, required=True, help="the dataset's config entry, as JSON (path, source)")
-    s.add_argument("--checksums", type=Path, required=True,
-                   help="JSON registry of SHA-256 recorded on first download, for sources without a published one")
+    s.add_argument("--checksums", type=Path, default=None,
+                   help="JSON registry of SHA-256 recorded on first download, for sources without a published "
+                        "one (default: the spec's 'checksums', which the workflow sets to <data_root>/checksums.json)")
     s.set_defaults(func=cmd_fetch)
 
     s = sub.add_parser("check-data", help="verify a feature store's arrays against its manifest checksums")

@@ -21,8 +21,6 @@ RESULTS = config["results"]
 # Every job runs in the project's environment (used with --sdm conda; also answers --lint).
 CONDA_ENV = str(Path(workflow.basedir).parent / "environment.yml")
 TRAIN_RES = config["resources"]["train"]
-# SHA-256 recorded on first download for sources that publish none (then enforced)
-CHECKSUMS = str(Path(config["data_root"]) / "checksums.json")
 # Loaders whose raw data is a folder, and what converting each costs (images and volumes: more).
 FOLDER_LOADERS = ("food101", "brats", "iemocap_h5")
 DATA_MEM_MB = {"mmsa": 16000, "mult": 16000, "food101": 16000, "brats": 8000}

@@ -15,14 +15,13 @@ for _raw, _dataset in raw_sources().items():
             dataset=_dataset,
             # a function, so that braces in the spec's text are not read as wildcards
             spec=lambda wildcards, dataset=_dataset: json.dumps(dataset_spec(config, dataset)),
-            checksums=CHECKSUMS,
         conda:
             CONDA_ENV
         log:
             f"{RESULTS}/logs/fetch/{_dataset}.log",
         # the manual-download message goes to the terminal too, so nobody has to open a log to read it
         shell:
-            "set -o pipefail; mmrepro fetch --dataset {params.dataset} --spec {params.spec:q} --checksums {params.checksums:q} 2>&1 | tee {log}"
+            "set -o pipefail; mmrepro fetch --dataset {params.dataset} --spec {params.spec:q} 2>&1 | tee {log}"
 
 
 rule make_data:
