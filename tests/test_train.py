@@ -48,10 +48,19 @@ def test_training_lowers_validation_loss(synth_store):
 
 
 def test_early_stopping_after_patience(synth_store):
+    # lr 1e-9 moves the validation loss by rounding noise only (a few ULPs, sign depending on the
+    # CPU and BLAS): with min_delta far above that, no epoch after the first counts as better
     model, train, valid = _setup(synth_store)
-    result = fit(model, train, valid, JointTraining(), _cfg(epochs=20, lr=1e-9, patience=2))
-    assert result.epochs_run < 20
-    assert result.epochs_run - result.best_epoch == 2
+    result = fit(model, train, valid, JointTraining(), _cfg(epochs=20, lr=1e-9, patience=2, min_delta=1e-3))
+    assert result.best_epoch == 1
+    assert result.epochs_run == 3
+
+
+def test_min_delta_does_not_stop_real_progress(synth_store):
+    # a real learning rate improves the loss by far more than min_delta: training is not cut short
+    model, train, valid = _setup(synth_store)
+    result = fit(model, train, valid, JointTraining(), _cfg(epochs=3, patience=1, min_delta=1e-3))
+    assert result.epochs_run == 3 and result.best_epoch >= 2
 
 
 class _Interrupt(Exception):

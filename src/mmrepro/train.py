@@ -2,7 +2,8 @@
 
 Per step: forward, task loss, ``hook.loss`` (extra terms), backward, ``hook.after_backward``
 (gradient modulation), gradient clipping, optimizer step. Per epoch: validation loss, early
-stopping with patience, the best weights kept as a ``state_dict``, a resumable checkpoint, and
+stopping with patience (an improvement must exceed ``min_delta``: otherwise a loss that falls by
+rounding noise alone, a few ULPs an epoch, would reset the patience forever), the best weights kept as a ``state_dict``, a resumable checkpoint, and
 one call of ``log_epoch(epoch, values)`` for tracking.
 """
 
@@ -34,6 +35,7 @@ class TrainConfig:
     lr: float
     weight_decay: float = 0.0
     patience: int = 5
+    min_delta: float = 0.0  # a validation loss must fall by more than this to count as an improvement
     clip: float | None = 1.0
     device: str = "auto"
     optimizer: str = "adam"
@@ -173,7 +175,7 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
         values.update(hook.on_epoch_end(epoch, model, valid))
         values["lr"] = optimizer.param_groups[0]["lr"]
         schedule.step(values["valid_loss"])
-        if values["valid_loss"] < state["best_loss"]:
+        if values["valid_loss"] < state["best_loss"] - cfg.min_delta:
             state.update(best_loss=values["valid_loss"], best_epoch=epoch, bad_epochs=0,
                          best_state=copy.deepcopy(model.state_dict()))
         else:
