@@ -24,6 +24,13 @@ class ModelOutput:
     fused: torch.Tensor  # (B, F) input of the head (segmentation: the pooled fused bottleneck)
     tokens: dict[str, torch.Tensor]  # per modality (B, T_m, d)
     features: dict[str, torch.Tensor]  # per modality pooled (B, d)
+    # (B, R) what test-time adapters compare across views (CASP's contrastive loss); a backbone
+    # names its own (CASP's late fusion: the concatenated per-modality readouts), else ``fused``
+    representation: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.representation is None:
+            self.representation = self.fused
 
 
 class PredictionHead(nn.Module):
