@@ -12,7 +12,8 @@ import urllib.request
 import mlflow
 import pytest
 
-from mmrepro.tracking import RunTracker, flatten, init_store, tracking_uri
+from mmrepro.tracking import (DeferredRun, RunTracker, flatten, history_steps, ingest_runs, init_store, log_outcome,
+                              open_run, record, tracking_mode, tracking_uri)
 
 SPEC = {"study": "balance", "dataset": "synth", "method": "joint", "setting": "complete", "seed": 3,
         "train": {"lr": 0.001, "epochs": 2}}
@@ -110,3 +111,52 @@ def test_a_tracking_server_works_too(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_mode_auto_is_live_for_a_server_and_deferred_for_a_local_store():
+    assert tracking_mode("sqlite:////tmp/x/mlflow.db") == "deferred"
+    assert tracking_mode("http://127.0.0.1:5000") == "live"
+    assert tracking_mode("sqlite:////tmp/x/mlflow.db", "live") == "live"
+    assert tracking_mode("http://127.0.0.1:5000", "deferred") == "deferred"
+    with pytest.raises(ValueError, match="tracking.mode"):
+        tracking_mode("sqlite:///x.db", "sometimes")
+
+
+def _finished_run_folder(folder, spec, mode):
+    """What a job leaves behind: its files, then tracking.json from the run it logged to."""
+    folder.mkdir(parents=True)
+    history = [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9}, {"epoch": 2, "train_loss": 0.5, "valid_loss": 0.7}]
+    summary = {"metrics": {"test": {"mae": 0.6}}, "best_epoch": 2}
+    (folder / "config.json").write_text(json.dumps(spec))
+    (folder / "history.json").write_text(json.dumps(history))
+    with open_run(spec, threads=2, run_name=str(folder)) as run:
+        assert isinstance(run, DeferredRun if mode == "deferred" else RunTracker)
+        for step, values in history_steps(history):
+            run.log_metrics(values, step)
+        (folder / "metrics.json").write_text(json.dumps(summary))
+        log_outcome(run, folder, summary)
+        record(run, folder, tracking_uri(spec["results"], spec["tracking_uri"]))
+
+
+@pytest.mark.parametrize("mode", ["deferred", "live"])
+def test_deferred_and_live_runs_end_as_the_same_mlflow_record(tmp_path, monkeypatch, mode):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(tmp_path)
+    init_store(uri, ["balance"], tmp_path / "artifacts")
+    spec = {**SPEC, "results": str(tmp_path), "tracking_uri": None, "tracking_mode": mode}
+    folder = tmp_path / "balance" / "run"
+    _finished_run_folder(folder, spec, mode)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("balance").experiment_id
+    assert len(client.search_runs([exp])) == (0 if mode == "deferred" else 1)
+
+    ids = ingest_runs(uri, [folder])
+    assert ingest_runs(uri, [folder]) == ids, "ingesting twice must not log the run twice"
+    runs = client.search_runs([exp])
+    assert [r.info.run_id for r in runs] == [ids[folder.as_posix()]]
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["threads"] == "2" and run.data.tags["seed"] == "3"
+    assert run.data.params["train.lr"] == "0.001"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "valid_loss")] == [(1, 0.9), (2, 0.7)]
+    assert run.data.metrics["test_mae"] == 0.6
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "metrics.json", "history.json"}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -123,3 +125,22 @@ def test_hooks_run_between_backward_and_the_optimizer_step(synth_store):
     assert result.history[0]["spy_epoch"] == 1.0
     for k, v in model.state_dict().items():  # zeroed gradients -> Adam makes no update
         assert torch.equal(v, before[k]), k
+
+
+def test_bf16_precision_trains_in_bfloat16_and_keeps_float32_weights(synth_store):
+    model, train, valid = _setup(synth_store)
+    seen = []
+    model.head.register_forward_hook(lambda mod, args, out: seen.append(out.dtype))
+    result = fit(model, train, valid, JointTraining(), _cfg(epochs=2, precision="bf16"))
+    assert torch.bfloat16 in seen  # the head's matmul ran under autocast
+    assert all(v.dtype == torch.float32 for v in result.best_state.values() if v.is_floating_point())
+    assert all(math.isfinite(h["valid_loss"]) for h in result.history)
+    with pytest.raises(ValueError, match="train.precision"):
+        fit(*_setup(synth_store), JointTraining(), _cfg(precision="fp8"))
+
+
+def test_pinned_copy_is_a_no_op_off_cuda(synth_store):
+    _, train, _ = _setup(synth_store)
+    batch = next(iter(train))
+    moved = batch.to("cpu", pin=True)
+    assert all(torch.equal(moved.x[m], batch.x[m]) for m in batch.x) and torch.equal(moved.y, batch.y)

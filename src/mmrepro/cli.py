@@ -46,6 +46,18 @@ def cmd_init_tracking(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_track(args: argparse.Namespace) -> int:
+    from mmrepro.jobs import write_json
+    from mmrepro.tracking import ingest_runs, tracking_uri
+
+    uri = tracking_uri(args.results, args.uri)
+    ids = ingest_runs(uri, [m.parent for m in args.metrics])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, {"uri": uri, "runs": ids})
+    print(f"{len(ids)} runs in MLflow at {uri}")
+    return 0
+
+
 def cmd_make_data(args: argparse.Namespace) -> int:
     from mmrepro.data import build_store
 
@@ -139,6 +151,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--uri", default=None, help="tracking URI from the config (MLFLOW_TRACKING_URI overrides)")
     s.add_argument("--out", type=Path, required=True, help="JSON file recording the URI and experiment ids")
     s.set_defaults(func=cmd_init_tracking)
+
+    s = sub.add_parser("track", help="log finished runs (their folders' files) to MLflow, skipping runs already there")
+    s.add_argument("--results", required=True, help="results folder (holds mlflow.db and mlartifacts/)")
+    s.add_argument("--uri", default=None, help="tracking URI from the config (MLFLOW_TRACKING_URI overrides)")
+    s.add_argument("--out", type=Path, required=True, help="JSON file recording each run folder's MLflow run id")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the runs (tracking.json is read beside each)")
+    s.set_defaults(func=cmd_track)
 
     s = sub.add_parser("make-data", help="generate or convert a dataset into a feature store")
     s.add_argument("--dataset", required=True, help="dataset name (a key of the config's datasets)")

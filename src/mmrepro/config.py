@@ -240,7 +240,8 @@ def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting
         "data_setting": {"type": setting_cfg["type"], "params": setting_params(setting_cfg)},
         "model": model_config(config, study, dataset), "train": train_config(config, study, dataset),
         "utilisation_probes": config["studies"][study]["utilisation_probes"],
-        "tracking_uri": config["tracking"]["uri"], "results": config["results"],
+        "tracking_uri": config["tracking"]["uri"], "tracking_mode": config["tracking"]["mode"],
+        "results": config["results"],
     }
 
 

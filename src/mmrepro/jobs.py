@@ -2,8 +2,9 @@
 
 Each job seeds and threads itself, opens the feature store, builds the model and the method's
 plug-ins from the registries, runs, and writes ``metrics.json`` (deterministic content only),
-``config.json`` (the run spec), ``history.json`` and ``model.pt`` into its output folder, logging
-the same to MLflow as one run.
+``config.json`` (the run spec), ``history.json``, ``model.pt``, ``timings.json`` (seconds per
+phase) and ``tracking.json`` into its output folder, and logs the same to MLflow as one run, live
+or later (:func:`mmrepro.tracking.open_run`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from mmrepro.methods.transforms import count_parameters
 from mmrepro.models.multimodal import build_model
 from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
 from mmrepro.models.segmentation import check_method_support
-from mmrepro.tracking import RunTracker, tracking_uri
+from mmrepro.phases import Phases
+from mmrepro.tracking import DeferredRun, RunTracker, log_outcome, open_run, record, tracking_uri
 from mmrepro.train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -92,6 +94,7 @@ def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, A
 
 def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None) -> dict[str, Any]:
     """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test."""
+    phases = Phases()
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
@@ -108,26 +111,30 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     elif spec["utilisation_probes"]:
         hook = with_utilisation(hook)
     trainable, total = count_parameters(model)
-    uri = tracking_uri(spec["results"], spec["tracking_uri"])
-    with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:
+    phases.lap("setup")
+    with open_run(spec, threads, run_name=out_dir.as_posix()) as run:
+        phases.lap("tracking")
         cfg = TrainConfig(**spec["train"])
         result = fit(model, train, valid, hook, cfg,
                      log_epoch=lambda epoch, values: run.log_metrics(values, step=epoch),
                      checkpoint=out_dir / "last.ckpt", checkpoint_key=json.dumps(spec, sort_keys=True))
         model.load_state_dict(result.best_state)
+        phases.lap("train")
         metrics = {split: evaluate_model(model, data.loader(split), data.task, cfg.torch_device)
                    for split in ("valid", "test")}
+        phases.lap("evaluate")
         summary = _summary(spec, data, metrics=metrics, oracle={s: data.oracle(s) for s in ("valid", "test") if data.oracle(s)},
                            best_epoch=result.best_epoch, epochs_run=result.epochs_run,
                            trainable_params=trainable, total_params=total)
-        _finish(run, out_dir, spec, summary, result.history)
         _save_model(model, out_dir / "model.pt", spec)
+        _finish(run, out_dir, spec, summary, result.history, phases)
     (out_dir / "last.ckpt").unlink(missing_ok=True)
     return summary
 
 
 def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
     """Adapt a trained model to the spec's target split with the spec's test-time adapter."""
+    phases = Phases()
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
@@ -138,9 +145,10 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     device = TrainConfig(**spec["train"]).torch_device
     model.to(device)
     adapter = build(ADAPTERS, spec["plan"]["adapter"], spec["method_params"][spec["plan"]["adapter"]], model=model)
-    uri = tracking_uri(spec["results"], spec["tracking_uri"])
     history: list[dict[str, float]] = []
-    with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:
+    phases.lap("setup")
+    with open_run(spec, threads, run_name=out_dir.as_posix()) as run:
+        phases.lap("tracking")
         def on_batch(step: int, pred: np.ndarray, y: np.ndarray) -> None:
             values = {"stream_batch_loss": float(np.abs(pred - y).mean()) if data.task.type == "regression"
                       else float((pred.argmax(-1) != y).mean())}
@@ -148,21 +156,25 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
             run.log_metrics(values, step=step)
 
         pred, y = predict(adapter.predict, data.loader("test"), device, on_batch=on_batch)
+        phases.lap("adapt")
         trainable, total = count_parameters(model)
         summary = _summary(spec, data, metrics={"test": score(data.task, pred, y)},
                            oracle={"test": data.oracle("test")} if data.oracle("test") else {},
                            trainable_params=trainable, total_params=total)
-        _finish(run, out_dir, spec, summary, history)
+        _finish(run, out_dir, spec, summary, history, phases)
     return summary
 
 
-def _finish(run: RunTracker, out_dir: Path, spec: dict[str, Any], summary: dict[str, Any],
-            history: list[dict[str, float]]) -> None:
-    """Write the run's files and log the final metrics and the files to MLflow."""
+def _finish(run: RunTracker | DeferredRun, out_dir: Path, spec: dict[str, Any], summary: dict[str, Any],
+            history: list[dict[str, float]], phases: Phases) -> None:
+    """Write the run's files, log the final metrics and the files, and record where the run went.
+
+    ``metrics.json`` is written last among the files Snakemake waits for, after what it summarises.
+    """
     write_json(out_dir / "config.json", spec)
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", summary)
-    final = {f"{split}_{k}": v for split, values in summary["metrics"].items() for k, v in values.items()}
-    run.log_metrics(final, step=summary.get("best_epoch", 0))
-    for name in ("config.json", "metrics.json", "history.json"):
-        run.log_artifact(out_dir / name)
+    log_outcome(run, out_dir, summary)
+    phases.lap("finish")
+    write_json(out_dir / "timings.json", phases.summary())
+    record(run, out_dir, tracking_uri(spec["results"], spec["tracking_uri"]))

@@ -9,20 +9,25 @@
 - Every run is tagged with study, dataset, method, setting, seed, git commit, config hash, torch
   version and threads; parameters are the flattened run spec; per-epoch values are logged with
   their ``step``; the resolved config and metrics.json are artifacts.
+- When runs reach MLflow (``tracking.mode``): ``live`` logs each epoch as the job runs (what a user
+  watching a tracking server wants); ``deferred`` leaves MLflow out of the job, whose files already
+  hold everything, and :func:`ingest_runs` logs a study's finished runs in one process (the
+  ``track`` rule). Importing MLflow and opening a sqlite store costs a job several seconds, more
+  than a small run's compute, so ``auto`` (the default) is live for a server, deferred for a local
+  store. Both log the same tags, parameters, per-step metrics and artifacts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
 
 TAG_KEYS = ("study", "dataset", "method", "setting", "seed")
 
@@ -38,6 +43,18 @@ def tracking_uri(results: Path | str, configured: str | None = None) -> str:
 
 def is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
+
+
+TRACKING_MODES = ("auto", "live", "deferred")
+
+
+def tracking_mode(uri: str, configured: str = "auto") -> str:
+    """``live`` or ``deferred`` for a store: ``auto`` is live for a tracking server, deferred for a local store."""
+    if configured not in TRACKING_MODES:
+        raise ValueError(f"tracking.mode must be one of {TRACKING_MODES}, got {configured!r}")
+    if configured != "auto":
+        return configured
+    return "deferred" if is_local(uri) else "live"
 
 
 def init_store(uri: str, experiments: list[str], artifact_root: Path) -> dict[str, str]:
@@ -82,17 +99,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_tags(spec: Mapping[str, Any], threads: int) -> dict[str, str]:
+    """The tags of a job's run, fixed when the job runs (a deferred run is logged later with these)."""
+    tags = {k: str(spec[k]) for k in TAG_KEYS if k in spec}
+    tags.update(git_commit=git_commit(), config_hash=config_hash(spec),
+                torch_version=importlib.metadata.version("torch"), threads=str(threads))
+    return tags
+
+
 class RunTracker:
     """One MLflow run for one job: ``with RunTracker(...) as run: run.log_metrics(...)``.
 
-    The experiment must exist (created by the init rule); a job never creates tables.
+    The experiment must exist (created by the init rule); a job never creates tables. ``tags``
+    given (a deferred run, logged after its job) replace the ones computed now.
     """
 
-    def __init__(self, uri: str, experiment: str, spec: Mapping[str, Any], threads: int, run_name: str):
+    run_id: str | None = None
+
+    def __init__(self, uri: str, experiment: str, spec: Mapping[str, Any], threads: int, run_name: str,
+                 tags: Mapping[str, str] | None = None):
         self.uri, self.experiment, self.spec, self.run_name = uri, experiment, spec, run_name
-        self.tags = {k: str(spec[k]) for k in TAG_KEYS if k in spec}
-        self.tags.update(git_commit=git_commit(), config_hash=config_hash(spec), torch_version=torch.__version__,
-                         threads=str(threads))
+        self.tags = dict(tags) if tags is not None else run_tags(spec, threads)
 
     def __enter__(self) -> "RunTracker":
         import mlflow
@@ -113,14 +140,95 @@ class RunTracker:
         return self
 
     def log_metrics(self, values: Mapping[str, float], step: int) -> None:
+        self.log_series([(step, values)])
+
+    def log_series(self, steps: Iterable[tuple[int, Mapping[str, float]]]) -> None:
+        """Values of many steps in as few requests as MLflow allows (1000 metrics each)."""
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), ts, step) for k, v in values.items()]
-        self.client.log_batch(self.run_id, metrics=metrics)
+        metrics = [Metric(k, float(v), ts, step) for step, values in steps for k, v in values.items()]
+        for i in range(0, len(metrics), 1000):
+            self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.client.set_terminated(self.run_id, status="FAILED" if exc_type else "FINISHED")
+
+
+class DeferredRun:
+    """A job's run while tracking is deferred: MLflow is not touched (nor imported); the job's files
+    are the record, and :func:`ingest_runs` logs them once the job is done."""
+
+    run_id: str | None = None
+
+    def __init__(self, spec: Mapping[str, Any], threads: int, run_name: str):
+        self.run_name = run_name
+        self.tags = run_tags(spec, threads)
+
+    def __enter__(self) -> "DeferredRun":
+        return self
+
+    def log_metrics(self, values: Mapping[str, float], step: int) -> None:
+        """Nothing now: the values are in the job's history.json."""
+
+    def log_artifact(self, path: Path) -> None:
+        """Nothing now: the file stays in the run folder and is logged at ingestion."""
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        return None
+
+
+def open_run(spec: Mapping[str, Any], threads: int, run_name: str) -> RunTracker | DeferredRun:
+    """The run a job logs to: live in MLflow, or deferred to :func:`ingest_runs` (``tracking.mode``)."""
+    uri = tracking_uri(spec["results"], spec["tracking_uri"])
+    if tracking_mode(uri, spec.get("tracking_mode", "auto")) == "live":
+        return RunTracker(uri, spec["study"], spec, threads, run_name=run_name)
+    return DeferredRun(spec, threads, run_name)
+
+
+def history_steps(history: Iterable[Mapping[str, float]]) -> list[tuple[int, dict[str, float]]]:
+    """``history.json`` entries (keyed by ``epoch`` or ``step``) as ``(step, values)`` pairs."""
+    out = []
+    for entry in history:
+        step = int(entry.get("epoch", entry.get("step", 0)))
+        out.append((step, {k: v for k, v in entry.items() if k not in ("epoch", "step")}))
+    return out
+
+
+def log_outcome(run: RunTracker | DeferredRun, out_dir: Path, summary: Mapping[str, Any]) -> None:
+    """A finished job's final metrics (``<split>_<metric>`` at its best epoch) and its files."""
+    final = {f"{split}_{k}": v for split, values in summary["metrics"].items() for k, v in values.items()}
+    run.log_metrics(final, step=summary.get("best_epoch", 0))
+    for name in ("config.json", "metrics.json", "history.json"):
+        run.log_artifact(Path(out_dir) / name)
+
+
+def record(run: RunTracker | DeferredRun, out_dir: Path, uri: str) -> None:
+    """``tracking.json``: where the run was logged (``run_id`` null while deferred) and its tags."""
+    path = Path(out_dir) / "tracking.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"uri": uri, "run_id": run.run_id, "run_name": run.run_name, "tags": run.tags},
+                              indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def ingest_runs(uri: str, run_dirs: Iterable[Path]) -> dict[str, str]:
+    """Log finished runs whose ``tracking.json`` names no run in this store; return folder -> run id.
+
+    Idempotent: a run logged live, or ingested before, is left alone (its id is returned).
+    """
+    ids = {}
+    for out_dir in map(Path, run_dirs):
+        info = json.loads((out_dir / "tracking.json").read_text())
+        if info["run_id"] is None or info["uri"] != uri:
+            spec = json.loads((out_dir / "config.json").read_text())
+            with RunTracker(uri, spec["study"], spec, 0, run_name=info["run_name"], tags=info["tags"]) as run:
+                run.log_series(history_steps(json.loads((out_dir / "history.json").read_text())))
+                log_outcome(run, out_dir, json.loads((out_dir / "metrics.json").read_text()))
+            record(run, out_dir, uri)
+            info["run_id"] = run.run_id
+        ids[out_dir.as_posix()] = info["run_id"]
+    return ids

@@ -46,12 +46,24 @@ class TrainConfig:
     warmup_epochs: int = 0  # cosine
     warmup_lr: float = 0.0  # cosine: rate of the first warm-up epoch
     min_lr: float = 0.0  # cosine: rate of the last epoch
+    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (losses in float32)
+    pin_memory: bool = True  # CUDA: batches go to the GPU through page-locked memory, asynchronously
 
     @property
     def torch_device(self) -> str:
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
         return self.device
+
+    def autocast(self) -> torch.autocast:
+        """The forward pass's precision context (a no-op at fp32)."""
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        return torch.autocast(torch.device(self.torch_device).type, dtype=torch.bfloat16,
+                              enabled=self.precision == "bf16")
+
+
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -118,12 +130,14 @@ def task_loss_fn(task_type: str) -> Callable[..., torch.Tensor]:
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, loader: SplitLoader, loss_fn, device: str) -> float:
+def validation_loss(model: nn.Module, loader: SplitLoader, loss_fn, cfg: TrainConfig) -> float:
     model.eval()
     total, n = 0.0, 0
     for batch in loader:
-        batch = batch.to(device)
-        total += float(loss_fn(model(batch).pred, batch.y, reduction="sum"))
+        batch = batch.to(cfg.torch_device, pin=cfg.pin_memory)
+        with cfg.autocast():
+            pred = model(batch).pred
+        total += float(loss_fn(pred.float(), batch.y, reduction="sum"))
         n += len(batch)
     return total / max(n, 1)
 
@@ -159,10 +173,11 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
         model.train()
         total, n = 0.0, 0
         for batch in tqdm(train, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=progress_disabled()):
-            batch = batch.to(device)
-            out = model(batch)
-            task_loss = loss_fn(out.pred, batch.y)
-            loss = hook.loss(model, batch, out, task_loss)
+            batch = batch.to(device, pin=cfg.pin_memory)
+            with cfg.autocast():
+                out = model(batch)
+                task_loss = loss_fn(out.pred.float(), batch.y)
+                loss = hook.loss(model, batch, out, task_loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             hook.after_backward(model, batch, out)
@@ -171,7 +186,7 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
             optimizer.step()
             total += task_loss.item() * len(batch)
             n += len(batch)
-        values = {"train_loss": total / max(n, 1), "valid_loss": validation_loss(model, valid, loss_fn, device)}
+        values = {"train_loss": total / max(n, 1), "valid_loss": validation_loss(model, valid, loss_fn, cfg)}
         values.update(hook.on_epoch_end(epoch, model, valid))
         values["lr"] = optimizer.param_groups[0]["lr"]
         schedule.step(values["valid_loss"])

@@ -66,6 +66,14 @@ def study_metrics(study):
     return [f"{run_dir(**run)}/metrics.json" for run in study_grid(config, study)]
 
 
+def study_backbone_metrics(study):
+    """The metrics.json of the backbones a study's runs start from (none for studies that train from scratch)."""
+    if STUDY_KINDS[study] == "train":
+        return []
+    starts = sorted({(run["dataset"], run["seed"]) for run in study_grid(config, study)})
+    return [str(Path(backbone_model(study, dataset, seed)).with_name("metrics.json")) for dataset, seed in starts]
+
+
 def paper_reference(study):
     """The paper's reported numbers for a study (config/reference/<study>.csv), when recorded."""
     path = Path(workflow.basedir).parent / "config" / "reference" / f"{study}.csv"
@@ -73,8 +81,8 @@ def paper_reference(study):
 
 
 def study_report(study):
-    """A study's table and plot, plus per-epoch curves for the studies that train."""
+    """A study's runs in MLflow, its table and plot, plus per-epoch curves for the studies that train."""
     curves = ["_curves"] if STUDY_KINDS[study] != "adapt" else []
-    return [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
+    return [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
         f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ["", *curves] for ext in ("png", "pdf")
     ]

@@ -1,28 +1,5 @@
-# Training: the MLflow store is created once, locally, before any parallel job writes to it;
-# then one job per (study, dataset, method, setting, seed), and the backbones that the shift and
-# peft studies start from.
-
-
-localrules:
-    init_tracking,
-
-
-rule init_tracking:
-    output:
-        f"{RESULTS}/tracking/experiments.json",
-    params:
-        results=lambda wildcards, output: Path(output[0]).parents[1],
-        uri=f"--uri {shlex.quote(config['tracking']['uri'])}" if config["tracking"]["uri"] else "",
-    conda:
-        CONDA_ENV
-    log:
-        f"{RESULTS}/logs/tracking/init.log",
-    threads: 1
-    resources:
-        mem_mb=1000,
-        runtime=10,
-    shell:
-        "mmrepro init-tracking --results {params.results} {params.uri} --out {output} > {log} 2>&1"
+# Training: one job per (study, dataset, method, setting, seed), and the backbones that the shift
+# and peft studies start from. Every job waits for the MLflow store (rules/tracking.smk).
 
 
 rule backbone:

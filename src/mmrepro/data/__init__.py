@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
-from mmrepro.data import brats, food101, iemocap_h5, mmsa, synth
-from mmrepro.data.download import verify
+from mmrepro.data import synth
 from mmrepro.data.store import write_store
 
-CONVERTERS = {"mmsa": mmsa.convert_mmsa, "mult": mmsa.convert_mult, "brats": brats.convert_brats,
-              "food101": food101.convert_food101, "iemocap_h5": iemocap_h5.convert_iemocap_h5}
+#: loader name -> "module:function" of its converter, imported only when that loader runs (the
+#: converters pull in nibabel, h5py, PIL and transformers, which a training job never needs)
+CONVERTERS = {"mmsa": "mmsa:convert_mmsa", "mult": "mmsa:convert_mult", "brats": "brats:convert_brats",
+              "food101": "food101:convert_food101", "iemocap_h5": "iemocap_h5:convert_iemocap_h5"}
+
+
+def converter(loader: str):
+    module, function = CONVERTERS[loader].split(":")
+    return getattr(importlib.import_module(f"mmrepro.data.{module}"), function)
 
 
 def build_store(name: str, cfg: dict[str, Any], out: Path) -> Path:
@@ -25,7 +32,9 @@ def build_store(name: str, cfg: dict[str, Any], out: Path) -> Path:
                            provenance={"dataset": name, "generator": "mmrepro.data.synth", "params": params,
                                        "source": f"synth:{name}"})
     if cfg["loader"] in CONVERTERS:
+        from mmrepro.data.download import verify
+
         checked = verify(name, cfg.get("source"), cfg["path"], checksums=cfg.get("checksums"))
-        schema, splits, provenance = CONVERTERS[cfg["loader"]](Path(cfg["path"]), name=name, **cfg.get("params", {}))
+        schema, splits, provenance = converter(cfg["loader"])(Path(cfg["path"]), name=name, **cfg.get("params", {}))
         return write_store(Path(out), schema, splits, {**provenance, "raw_check": checked})
     raise ValueError(f"dataset {name!r}: unknown loader {cfg['loader']!r}")

@@ -29,10 +29,17 @@ class Batch:
     y: torch.Tensor
     index: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Batch":
-        return replace(self, x={k: v.to(device) for k, v in self.x.items()},
-                       lengths={k: v.to(device) for k, v in self.lengths.items()},
-                       present=self.present.to(device), y=self.y.to(device), index=self.index.to(device))
+    def to(self, device: torch.device | str, pin: bool = False) -> "Batch":
+        """The batch on ``device``; ``pin`` (CUDA only) copies through page-locked memory, asynchronously,
+        so the host can prepare the next batch while the copy and the GPU's work run."""
+        pin = pin and torch.device(device).type == "cuda"
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t if t is None else (t.pin_memory() if pin else t).to(device, non_blocking=pin)
+
+        return replace(self, x={k: move(v) for k, v in self.x.items()},
+                       lengths={k: move(v) for k, v in self.lengths.items()},
+                       present=move(self.present), y=move(self.y), index=move(self.index))
 
     def __len__(self) -> int:
         return len(self.index)
