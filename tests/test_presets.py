@@ -160,7 +160,7 @@ def test_sinusoids_follow_fairseq_layout_and_padding_rule():
 
 def _per_head_attention(attn: MultiheadAttention, q_in, kv_in, allowed):
     """The official arithmetic: scaled q times k, additive -inf mask, softmax, times v, per head."""
-    d, h = q_in.shape[-1], attn.heads
+    d, h = q_in.shape[-1], attn.num_heads
     w, b = attn.in_proj_weight, attn.in_proj_bias
     q = (q_in @ w[:d].T + b[:d]) * (d // h) ** -0.5
     k, v = kv_in @ w[d:2 * d].T + b[d:2 * d], kv_in @ w[2 * d:].T + b[2 * d:]
