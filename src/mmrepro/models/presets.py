@@ -97,7 +97,8 @@ class SequenceEncoder(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pad = padding_mask(lengths, x.shape[1])
         keys = key_padding(pad)
-        x = F.dropout(x, self.input_dropout, self.training)
+        if self.input_dropout:
+            x = F.dropout(x, self.input_dropout, self.training)
         if keys is not None:
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         h = F.linear(x, self.proj.weight.squeeze(-1), self.proj.bias)
