@@ -138,7 +138,13 @@ class SynthGenerator:
                     "A2": rng.standard_normal((d, hidden)) * 1.5 / np.sqrt(hidden),
                 })
             self.maps[-1]["P"] = rng.standard_normal((d, self.kz)) * float(cfg["interaction"]["amplitude"]) / np.sqrt(self.kz)
-        self.readouts = {task: self._readout(rng, cfg["tasks"][task]) for task in ("main", "pretrain")}
+        self.readouts = {task: self._readout(rng, shares) for task, shares in task_shares(cfg).items()}
+        self.rho = float(cfg.get("shortcut_private", 0.0))
+        if not 0.0 <= self.rho <= 1.0:
+            raise ValueError(f"synth.shortcut_private must lie in [0, 1], got {self.rho}")
+        width = (len(self.mods) - 1) * self.ku
+        self.shortcut_map = (rng_for(self.seed, "shortcut-map").standard_normal((int(self.mods[0]["dim"]), width))
+                             / np.sqrt(width))
 
     def _readout(self, rng: np.random.Generator, shares: dict[str, float]) -> _Readout:
         weak = len(self.mods) - 1
@@ -169,22 +175,23 @@ class SynthGenerator:
         cfg, rng = self.cfg, rng_for(self.seed, "split", name)
         domain = domain or {}
         s = rng.standard_normal((n, self.ks))
-        label_shift = float(domain.get("label_shift", 0.0))
+        label_shift = float(domain.get("scale", 1.0)) * float(domain.get("label_shift", 0.0))
         if label_shift:
             s = s + label_shift * self.readouts["main"].v
         u = rng.standard_normal((n, len(self.mods) - 1, self.ku))
         z = rng.standard_normal((n, 2, self.K, self.kz))
         t_min = min(self.mods[i]["length"] for i in self.inter)
         grid = np.sort(np.argsort(rng.random((n, t_min)), axis=1)[:, : self.K], axis=1)  # (n, K) distinct
+        xi = self._nuisance(rng_for(self.seed, "shortcut", name), n)  # own stream: rho = 0 draws as before
         arrays: dict[str, np.ndarray] = {}
         rows = np.arange(n)[:, None]
         for i, m in enumerate(self.mods):
             T, D = int(m["length"]), int(m["dim"])
             x = rng.standard_normal((n, T, D)) * float(m["noise"])
             if i == 0:
-                x += self._signal(0, s, None)[:, None, :]
+                x += self._signal(0, s, u, xi)[:, None, :]
             else:
-                signal = self._signal(i, s, u[:, i - 1])
+                signal = self._signal(i, s, u)
                 if i in self.inter:
                     pos = (grid * T) // t_min
                 else:
@@ -207,16 +214,21 @@ class SynthGenerator:
             oracle[task] = np.clip(cfg["label_scale"] * f, *LABEL_RANGE)
             oracle[f"{task}_cls"] = np.argmax(f_cls, axis=1)
         if not domain:
-            oracle.update(self._ceilings(name, s, u, z))
+            oracle.update(self._ceilings(name, s, u, z, xi))
         arrays["ids"] = np.array([f"{name}_{k:06d}" for k in range(n)])
         return arrays, oracle
 
-    def _signal(self, i: int, s: np.ndarray, u_i: np.ndarray | None) -> np.ndarray:
-        """Modality ``i``'s noise-free signal per sample: ``W_0 s`` (shortcut) or ``alpha g_i(W_i [beta s; u_i])``."""
+    def _signal(self, i: int, s: np.ndarray, u: np.ndarray, xi: np.ndarray | None = None) -> np.ndarray:
+        """Modality ``i``'s noise-free signal per sample: ``W_0 s (+ V_0 (rho u + sqrt(1 - rho^2) xi))``
+        for the shortcut, ``alpha g_i(W_i [beta s; u_i])`` for the others."""
         maps = self.maps[i]
         if i == 0:
-            return s @ maps["W"].T
-        h = np.concatenate([float(self.cfg["weak_shared"]) * s, u_i], axis=1) @ maps["W"].T
+            out = s @ maps["W"].T
+            if self.rho:
+                mixed = self.rho * u.reshape(len(u), -1) + np.sqrt(1 - self.rho ** 2) * xi
+                out = out + mixed @ self.shortcut_map.T
+            return out
+        h = np.concatenate([float(self.cfg["weak_shared"]) * s, u[:, i - 1]], axis=1) @ maps["W"].T
         return float(self.mods[i]["amplitude"]) * (np.tanh(h @ maps["A1"].T) @ maps["A2"].T)
 
     def _score(self, ro: _Readout, s, u, z, cls: bool, interaction: bool = True) -> np.ndarray:
@@ -229,23 +241,27 @@ class SynthGenerator:
             inter = np.einsum("nkz,z->nk", z[:, 0], ro.p) * np.einsum("nkz,z->nk", z[:, 1], ro.q)
         return ro.a * shared + ro.b * private + interaction * ro.c * inter.sum(1) / np.sqrt(self.K)
 
-    def _observe(self, subset: tuple[int, ...], s, u, rng: np.random.Generator) -> np.ndarray:
+    def _observe(self, subset: tuple[int, ...], s, u, xi, rng: np.random.Generator) -> np.ndarray:
         """What an ideal reader of ``subset``'s tokens sees: each modality's clean signal plus its token
         noise averaged over the tokens that carry it (all tokens of the shortcut, the events of the others)."""
         cols = []
         for i in subset:
             m = self.mods[i]
             carriers = m["length"] if i == 0 else (self.K if i in self.inter else m["events"])
-            clean = self._signal(i, s, None if i == 0 else u[:, i - 1])
+            clean = self._signal(i, s, u, xi)
             cols.append(clean + float(m["noise"]) / np.sqrt(carriers) * rng.standard_normal(clean.shape))
         return np.concatenate([np.ones((len(s), 1)), *cols], axis=1)
 
-    def _ceilings(self, split: str, s, u, z) -> dict[str, np.ndarray]:
+    def _nuisance(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
+        """Per-sample noise the shortcut mixes with the private latents (``shortcut_private`` < 1)."""
+        return rng.standard_normal((n, (len(self.mods) - 1) * self.ku)) if self.rho else None
+
+    def _ceilings(self, split: str, s, u, z, xi) -> dict[str, np.ndarray]:
         """Reachable ceilings per modality subset (keys ``<task>|<a+b>``), see the module docstring."""
         rng = rng_for(self.seed, "ceiling", split)
         out = {}
         for key, subset in modality_subsets(self.names, proper=False).items():
-            stacked = self._observe(subset, s, u, rng) @ self._readout_fit(subset)
+            stacked = self._observe(subset, s, u, xi, rng) @ self._readout_fit(subset)
             both = all(i in subset for i in self.inter)
             start = 0
             for task, ro in self.readouts.items():
@@ -268,23 +284,48 @@ class SynthGenerator:
         z = np.zeros((CEILING_FIT_N, 2, self.K, self.kz))
         target = np.column_stack([self._score(ro, s, u, z, cls, interaction=False)
                                   for ro in self.readouts.values() for cls in (False, True)])
-        x = self._observe(subset, s, u, rng)
+        x = self._observe(subset, s, u, self._nuisance(rng, CEILING_FIT_N), rng)
         return np.linalg.solve(x.T @ x + 1e-6 * np.eye(x.shape[1]), x.T @ target)
 
     def _shift(self, x: np.ndarray, modality: str, domain: dict[str, Any]) -> np.ndarray:
-        """Apply a target domain's covariate shift for one modality (identity for the source)."""
+        """Apply a target domain's covariate shift for one modality (identity for the source).
+
+        The domain's ``scale`` (default 1) is its dose: it multiplies ``mix``, ``offset``, ``noise``,
+        ``dropout`` and ``gain - 1`` (and the label shift), so 0 is the source and 1 the shift as written.
+        """
         spec = domain.get("modalities", {}).get(modality)
         if not spec:
             return x
+        k = float(domain.get("scale", 1.0))
         rng = rng_for(self.seed, "domain", domain["name"], modality)
         D = x.shape[-1]
-        A = float(spec.get("gain", 1.0)) * (np.eye(D) + float(spec.get("mix", 0.0)) * rng.standard_normal((D, D)) / np.sqrt(D))
-        b = float(spec.get("offset", 0.0)) * rng.standard_normal(D)
-        x = x @ A.T + b + float(spec.get("noise", 0.0)) * rng.standard_normal(x.shape)
-        drop = float(spec.get("dropout", 0.0))
+        gain = 1.0 + k * (float(spec.get("gain", 1.0)) - 1.0)
+        A = gain * (np.eye(D) + k * float(spec.get("mix", 0.0)) * rng.standard_normal((D, D)) / np.sqrt(D))
+        b = k * float(spec.get("offset", 0.0)) * rng.standard_normal(D)
+        x = x @ A.T + b + k * float(spec.get("noise", 0.0)) * rng.standard_normal(x.shape)
+        drop = min(k * float(spec.get("dropout", 0.0)), 0.95)
         if drop:
             x = x * (rng.random(x.shape[:2]) >= drop)[..., None]
         return x
+
+
+def task_shares(cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The variance shares of ``main`` and ``pretrain``; ``interaction_transfer`` (kappa) rewrites them:
+    the pretraining task loses its interaction share (renormalised over shared and private), and the
+    main task puts kappa in the interaction and ``1 - kappa`` in shared and private in its own ratio."""
+    tasks = {t: dict(cfg["tasks"][t]) for t in ("main", "pretrain")}
+    kappa = cfg.get("interaction_transfer")
+    if kappa is None:
+        return tasks
+    if not 0.0 <= kappa <= 1.0:
+        raise ValueError(f"synth.interaction_transfer must lie in [0, 1], got {kappa}")
+    for task, inter in (("pretrain", 0.0), ("main", float(kappa))):
+        rest = tasks[task]["shared"] + tasks[task]["private"]
+        if rest <= 0:
+            raise ValueError(f"synth.tasks.{task}: interaction_transfer needs a shared or private share")
+        tasks[task] = {"shared": (1 - inter) * tasks[task]["shared"] / rest,
+                       "private": (1 - inter) * tasks[task]["private"] / rest, "interaction": inter}
+    return tasks
 
 
 def modality_subsets(names: list[str], proper: bool = True) -> dict[str, tuple[int, ...]]:
