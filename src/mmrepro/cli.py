@@ -133,6 +133,33 @@ def cmd_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mechanism(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from mmrepro.jobs import write_json
+    from mmrepro.mechanisms import Budget, run_point
+
+    spec = args.spec
+    with tempfile.TemporaryDirectory(prefix="mechanism.", dir=args.out.parent if args.out.parent.exists() else None) as tmp:
+        point = run_point(spec["study"], spec["dataset"], float(spec["dose"]), int(spec["seed"]), Budget(**spec["budget"]),
+                          Path(tmp), methods=spec["methods"], params=spec["params"], domain=spec.get("domain"))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, point)
+    print(json.dumps(point["diagnostic"], indent=1))
+    return 0
+
+
+def cmd_mechanisms_report(args: argparse.Namespace) -> int:
+    from mmrepro.report.mechanisms import diagnostics_table, load_points, plot_mechanism
+
+    points = load_points(args.points)
+    diagnostics_table(points, args.table)
+    for study in points["study"].unique():
+        plot_mechanism(points, study, args.plots / study)
+    print(f"wrote {args.table}.{{md,csv}} and one figure per study under {args.plots} from {len(args.points)} points")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrepro", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -197,6 +224,18 @@ def parser() -> argparse.ArgumentParser:
                    help="CSV of the paper's numbers (dataset,method,setting,metric,value,source) for a side column")
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("mechanism", help="one point of a mechanisms sweep: a study's diagnostic and methods' gains at a dose")
+    s.add_argument("--spec", type=_json, required=True,
+                   help="JSON: study, dataset (config entry), dose, seed, budget, methods, params, domain (shift)")
+    s.add_argument("--out", type=Path, required=True, help="JSON file for the point")
+    s.set_defaults(func=cmd_mechanism)
+
+    s = sub.add_parser("mechanisms-report", help="figures (diagnostic and gains vs dose) and a diagnostics table")
+    s.add_argument("--table", type=Path, required=True, help="output stem of the diagnostics table (md, csv)")
+    s.add_argument("--plots", type=Path, required=True, help="folder for one figure per study (png, pdf)")
+    s.add_argument("points", nargs="+", type=Path, help="point JSON files written by `mmrepro mechanism`")
+    s.set_defaults(func=cmd_mechanisms_report)
 
     s = sub.add_parser("curves", help="plot per-epoch curves (utilisation, coefficients, validation loss) of runs")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")

@@ -79,6 +79,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
         lines = [f"config key {_key(e.absolute_path)}: {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     _check_names(config)
+    _check_mechanisms(config)
     _check_overrides(config, schema)
     return config
 
@@ -172,6 +173,26 @@ def _check_names(config: dict[str, Any]) -> None:
         if not any(name in reg for reg in registries.values()):
             raise ConfigError(f"config key methods.{name}: unknown method; known: "
                               f"{sorted(n for reg in registries.values() for n in reg.names())}")
+
+
+#: The plug-in family whose members a mechanisms sweep compares, per study.
+MECHANISM_FAMILIES = {"balance": HOOKS, "peft": TRANSFORMS, "missing": TRANSFORMS, "shift": ADAPTERS}
+
+
+def _check_mechanisms(config: dict[str, Any]) -> None:
+    """Each sweep names a synth dataset (and, for shift, one of its domains) and methods of its study's family."""
+    for study, sweep in config["mechanisms"]["studies"].items():
+        key = f"mechanisms.studies.{study}"
+        entry = config["datasets"].get(sweep["dataset"])
+        if entry is None or entry["loader"] != "synth":
+            raise ConfigError(f"config key {key}.dataset: {sweep['dataset']!r} is not a synth dataset of datasets")
+        if study == "shift" and sweep.get("domain") not in entry["synth"]["domains"]:
+            raise ConfigError(f"config key {key}.domain: dataset {sweep['dataset']!r} has no target domain "
+                              f"{sweep.get('domain')!r}; it has {sorted(entry['synth']['domains'])}")
+        for i, method in enumerate(sweep["methods"]):
+            if method not in MECHANISM_FAMILIES[study]:
+                raise ConfigError(f"config key {key}.methods[{i}]: {method!r} is not a "
+                                  f"{MECHANISM_FAMILIES[study].family}; known: {MECHANISM_FAMILIES[study].names()}")
 
 
 def setting_params(setting: dict[str, Any]) -> dict[str, Any]:
@@ -275,3 +296,20 @@ def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:
             for d in spec["datasets"] for s, setting in spec["settings"].items() for m in spec["methods"]
             if m in setting.get("methods", spec["methods"]) and d in setting.get("datasets", spec["datasets"])
             for seed in config["seeds"]]
+
+
+def mechanism_points(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every (study, dose, seed) point of the mechanisms sweeps, doses written as the float's ``str``."""
+    mech = config["mechanisms"]
+    return [{"study": study, "dose": str(float(dose)), "seed": seed}
+            for study, sweep in mech["studies"].items() for dose in sweep["doses"] for seed in mech["seeds"]]
+
+
+def mechanism_spec(config: dict[str, Any], study: str, dose: float, seed: int) -> dict[str, Any]:
+    """What one mechanisms point needs: its dataset entry at the sweep's sample sizes, budget and methods."""
+    mech, sweep = config["mechanisms"], config["mechanisms"]["studies"][study]
+    entry = dataset_spec(config, sweep["dataset"])
+    entry["synth"]["n"] = dict(mech["n"])
+    return {"study": study, "dataset": entry, "dose": float(dose), "seed": int(seed), "budget": dict(mech["budget"]),
+            "methods": list(sweep["methods"]), "params": {m: config["methods"].get(m, {}) for m in sweep["methods"]},
+            "domain": sweep.get("domain")}

@@ -64,6 +64,9 @@ class RunData:
     def oracle(self, split: str) -> dict[str, float]:
         return self.store.oracle(self.setting.split_name(split), self.task.name)
 
+    def ceiling(self, split: str) -> dict[str, float]:
+        return self.store.ceiling(self.setting.split_name(split), self.task.name, self.modalities)
+
 
 def _model(data: RunData, spec: dict[str, Any]) -> torch.nn.Module:
     return build_model(data.schema, data.task, modalities=data.modalities, **spec["model"])
@@ -124,6 +127,7 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
                    for split in ("valid", "test")}
         phases.lap("evaluate")
         summary = _summary(spec, data, metrics=metrics, oracle={s: data.oracle(s) for s in ("valid", "test") if data.oracle(s)},
+                           ceiling={s: data.ceiling(s) for s in ("valid", "test") if data.ceiling(s)},
                            best_epoch=result.best_epoch, epochs_run=result.epochs_run,
                            trainable_params=trainable, total_params=total)
         _save_model(model, out_dir / "model.pt", spec)
@@ -160,6 +164,7 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
         trainable, total = count_parameters(model)
         summary = _summary(spec, data, metrics={"test": score(data.task, pred, y)},
                            oracle={"test": data.oracle("test")} if data.oracle("test") else {},
+                           ceiling={"test": data.ceiling("test")} if data.ceiling("test") else {},
                            trainable_params=trainable, total_params=total)
         _finish(run, out_dir, spec, summary, history, phases)
     return summary

@@ -10,6 +10,8 @@ from mmrepro.config import (
     dataset_path,
     dataset_spec,
     load_schema,
+    mechanism_points,
+    mechanism_spec,
     run_spec,
     study_grid,
     validate_config,

@@ -2,7 +2,8 @@
 
 Training reads only stores. Arrays are opened memory-mapped, so a split is never loaded whole;
 the manifest records each array's shape, dtype, byte size and SHA-256, the dataset schema, the
-provenance of the data and, for synthetic data, the oracle scores. A store is written into a
+provenance of the data and, for synthetic data, the oracle scores and the reachable ceiling of every
+subset of the modalities. A store is written into a
 temporary sibling directory and renamed into place only when complete, so an interrupted
 conversion leaves nothing that looks valid.
 """
@@ -101,6 +102,15 @@ class FeatureStore:
     def oracle(self, split: str, task: str) -> dict[str, float]:
         """Ceiling scores of ``task`` on ``split``, or ``{}`` when the dataset has no known oracle."""
         return self.manifest.get("oracle", {}).get(split, {}).get(task, {})
+
+    def ceiling(self, split: str, task: str, modalities: list[str] | None = None) -> dict[str, float]:
+        """Reachable ceiling of a model that reads ``modalities`` (default: all), or ``{}`` when unknown.
+
+        Recorded under ``oracle.<split>.ceilings.<a+b>.<task>``, modalities in schema order.
+        """
+        names = self.schema.modality_names
+        key = "+".join(m for m in names if modalities is None or m in modalities)
+        return self.manifest.get("oracle", {}).get(split, {}).get("ceilings", {}).get(key, {}).get(task, {})
 
     def open_split(self, split: str) -> dict[str, np.ndarray]:
         """Memory-map one split, checking each file's size, shape and dtype against the manifest."""

@@ -32,7 +32,22 @@ Label (task ``main``; task ``pretrain`` uses other readouts and shares on the sa
 Oracle
     the noise-free prediction from the clean latents, :math:`\mathrm{clip}(\gamma f, -3, 3)` and
     :math:`\arg\max_j f_j`. No model that sees only the tokens can beat it in expectation; its
-    scores on every split are written to the store manifest as the ceiling.
+    scores on every split are written to the store manifest.
+Reachable ceilings (``oracle.<split>.ceilings.<a+b>.<task>`` in the manifest, source splits only)
+    the oracle assumes the latents known exactly, which no model reading noisy, nonlinear tokens
+    gets near. For each non-empty subset of modalities, the ceiling is a stated estimate of the
+    best score from that subset's inputs: an ideal reader that knows where each modality's signal
+    sits sees its clean signal (``W_0 s`` or :math:`\alpha g_m(\cdot)`) plus the token noise
+    averaged over the tokens that carry it (:math:`\sigma_m/\sqrt{T_m}` for the shortcut,
+    :math:`\sigma_m/\sqrt{\text{events}}` for the others), reads the shared and private parts
+    of the label with the best *linear* readout (least squares on ``CEILING_FIT_N`` fixed draws),
+    and gets the interaction part exactly when both interaction modalities are in the subset.
+    It counts what a weak modality reveals of ``s`` through ``weak_shared``, and none of the
+    private latents it does not carry. A nonlinear reader may pass it a little (it inverts no
+    ``tanh``); a reader that must find the events falls below it. Measured on the default
+    config (tests' small store, 15 epochs, seed 0, a loaded CPU): unimodal models reach
+    R^2 shares (corr / ceiling corr)^2 of 0.58 (audio), 0.69 (vision), 0.99 (text); the
+    joint late-fusion model 0.68 of the all-modality ceiling, whose gap is mostly the interaction.
 
 Domains (for test-time adaptation): a target domain applies, per modality, an affine map
 :math:`x \to A x + b` to every token, with :math:`A = \text{gain}\,(I + \text{mix}\, R/\sqrt{D})`
@@ -46,7 +61,9 @@ present-masks at load time (:mod:`mmrepro.data.missing`), so every rate reuses o
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +73,8 @@ from mmrepro import metrics
 from mmrepro.data.schema import DatasetSchema, ModalitySpec, TaskSpec
 
 LABEL_RANGE = (-3.0, 3.0)
+#: Samples the ceilings' linear readouts are fitted on (a fixed draw per generator seed and subset).
+CEILING_FIT_N = 10000
 
 
 def rng_for(seed: int, *names: str) -> np.random.Generator:
@@ -119,7 +138,13 @@ class SynthGenerator:
                     "A2": rng.standard_normal((d, hidden)) * 1.5 / np.sqrt(hidden),
                 })
             self.maps[-1]["P"] = rng.standard_normal((d, self.kz)) * float(cfg["interaction"]["amplitude"]) / np.sqrt(self.kz)
-        self.readouts = {task: self._readout(rng, cfg["tasks"][task]) for task in ("main", "pretrain")}
+        self.readouts = {task: self._readout(rng, shares) for task, shares in task_shares(cfg).items()}
+        self.rho = float(cfg.get("shortcut_private", 0.0))
+        if not 0.0 <= self.rho <= 1.0:
+            raise ValueError(f"synth.shortcut_private must lie in [0, 1], got {self.rho}")
+        width = (len(self.mods) - 1) * self.ku
+        self.shortcut_map = (rng_for(self.seed, "shortcut-map").standard_normal((int(self.mods[0]["dim"]), width))
+                             / np.sqrt(width))
 
     def _readout(self, rng: np.random.Generator, shares: dict[str, float]) -> _Readout:
         weak = len(self.mods) - 1
@@ -150,23 +175,23 @@ class SynthGenerator:
         cfg, rng = self.cfg, rng_for(self.seed, "split", name)
         domain = domain or {}
         s = rng.standard_normal((n, self.ks))
-        label_shift = float(domain.get("label_shift", 0.0))
+        label_shift = float(domain.get("scale", 1.0)) * float(domain.get("label_shift", 0.0))
         if label_shift:
             s = s + label_shift * self.readouts["main"].v
         u = rng.standard_normal((n, len(self.mods) - 1, self.ku))
         z = rng.standard_normal((n, 2, self.K, self.kz))
         t_min = min(self.mods[i]["length"] for i in self.inter)
         grid = np.sort(np.argsort(rng.random((n, t_min)), axis=1)[:, : self.K], axis=1)  # (n, K) distinct
+        xi = self._nuisance(rng_for(self.seed, "shortcut", name), n)  # own stream: rho = 0 draws as before
         arrays: dict[str, np.ndarray] = {}
         rows = np.arange(n)[:, None]
         for i, m in enumerate(self.mods):
             T, D = int(m["length"]), int(m["dim"])
             x = rng.standard_normal((n, T, D)) * float(m["noise"])
             if i == 0:
-                x += (s @ self.maps[0]["W"].T)[:, None, :]
+                x += self._signal(0, s, u, xi)[:, None, :]
             else:
-                h = np.concatenate([float(cfg["weak_shared"]) * s, u[:, i - 1]], axis=1) @ self.maps[i]["W"].T
-                signal = float(m["amplitude"]) * (np.tanh(h @ self.maps[i]["A1"].T) @ self.maps[i]["A2"].T)
+                signal = self._signal(i, s, u)
                 if i in self.inter:
                     pos = (grid * T) // t_min
                 else:
@@ -180,48 +205,154 @@ class SynthGenerator:
             arrays[f"len/{m['name']}"] = np.full(n, T, dtype=np.int64)
         oracle: dict[str, np.ndarray] = {}
         for task, ro in self.readouts.items():
-            f = self._score(ro.a, ro.b, ro.c, s @ ro.v, np.einsum("nmk,mk->n", u, ro.w), z, ro.p, ro.q)
+            f = self._score(ro, s, u, z, cls=False)
             y = np.clip(cfg["label_scale"] * f + cfg["label_noise"] * rng.standard_normal(n), *LABEL_RANGE)
-            f_cls = self._score(ro.a, ro.b, ro.c, s @ ro.v_cls.T, np.einsum("nmk,cmk->nc", u, ro.w_cls), z,
-                                ro.p_cls, ro.q_cls)
+            f_cls = self._score(ro, s, u, z, cls=True)
             y_cls = np.argmax(f_cls + cfg["class_noise"] * rng.standard_normal(f_cls.shape), axis=1)
             arrays[f"y/{task}"] = y.astype(np.float32)
             arrays[f"y/{task}_cls"] = y_cls.astype(np.int64)
             oracle[task] = np.clip(cfg["label_scale"] * f, *LABEL_RANGE)
             oracle[f"{task}_cls"] = np.argmax(f_cls, axis=1)
+        if not domain:
+            oracle.update(self._ceilings(name, s, u, z, xi))
         arrays["ids"] = np.array([f"{name}_{k:06d}" for k in range(n)])
         return arrays, oracle
 
-    def _score(self, a, b, c, shared, private, z, p, q) -> np.ndarray:
-        """``a*shared + b*private + c*interaction``; class readouts broadcast over a last axis."""
-        if p.ndim == 1:
-            inter = np.einsum("nkz,z->nk", z[:, 0], p) * np.einsum("nkz,z->nk", z[:, 1], q)
-            return a * shared + b * private + c * inter.sum(1) / np.sqrt(self.K)
-        inter = np.einsum("nkz,cz->nkc", z[:, 0], p) * np.einsum("nkz,cz->nkc", z[:, 1], q)
-        return a * shared + b * private + c * inter.sum(1) / np.sqrt(self.K)
+    def _signal(self, i: int, s: np.ndarray, u: np.ndarray, xi: np.ndarray | None = None) -> np.ndarray:
+        """Modality ``i``'s noise-free signal per sample: ``W_0 s (+ V_0 (rho u + sqrt(1 - rho^2) xi))``
+        for the shortcut, ``alpha g_i(W_i [beta s; u_i])`` for the others."""
+        maps = self.maps[i]
+        if i == 0:
+            out = s @ maps["W"].T
+            if self.rho:
+                mixed = self.rho * u.reshape(len(u), -1) + np.sqrt(1 - self.rho ** 2) * xi
+                out = out + mixed @ self.shortcut_map.T
+            return out
+        h = np.concatenate([float(self.cfg["weak_shared"]) * s, u[:, i - 1]], axis=1) @ maps["W"].T
+        return float(self.mods[i]["amplitude"]) * (np.tanh(h @ maps["A1"].T) @ maps["A2"].T)
+
+    def _score(self, ro: _Readout, s, u, z, cls: bool, interaction: bool = True) -> np.ndarray:
+        """``a*shared + b*private + c*interaction`` (regression ``(n,)``; class scores ``(n, K)`` with ``cls``)."""
+        if cls:
+            shared, private = s @ ro.v_cls.T, np.einsum("nmk,cmk->nc", u, ro.w_cls)
+            inter = np.einsum("nkz,cz->nkc", z[:, 0], ro.p_cls) * np.einsum("nkz,cz->nkc", z[:, 1], ro.q_cls)
+        else:
+            shared, private = s @ ro.v, np.einsum("nmk,mk->n", u, ro.w)
+            inter = np.einsum("nkz,z->nk", z[:, 0], ro.p) * np.einsum("nkz,z->nk", z[:, 1], ro.q)
+        return ro.a * shared + ro.b * private + interaction * ro.c * inter.sum(1) / np.sqrt(self.K)
+
+    def _observe(self, subset: tuple[int, ...], s, u, xi, rng: np.random.Generator) -> np.ndarray:
+        """What an ideal reader of ``subset``'s tokens sees: each modality's clean signal plus its token
+        noise averaged over the tokens that carry it (all tokens of the shortcut, the events of the others)."""
+        cols = []
+        for i in subset:
+            m = self.mods[i]
+            carriers = m["length"] if i == 0 else (self.K if i in self.inter else m["events"])
+            clean = self._signal(i, s, u, xi)
+            cols.append(clean + float(m["noise"]) / np.sqrt(carriers) * rng.standard_normal(clean.shape))
+        return np.concatenate([np.ones((len(s), 1)), *cols], axis=1)
+
+    def _nuisance(self, rng: np.random.Generator, n: int) -> np.ndarray | None:
+        """Per-sample noise the shortcut mixes with the private latents (``shortcut_private`` < 1)."""
+        return rng.standard_normal((n, (len(self.mods) - 1) * self.ku)) if self.rho else None
+
+    def _ceilings(self, split: str, s, u, z, xi) -> dict[str, np.ndarray]:
+        """Reachable ceilings per modality subset (keys ``<task>|<a+b>``), see the module docstring."""
+        rng = rng_for(self.seed, "ceiling", split)
+        out = {}
+        for key, subset in modality_subsets(self.names, proper=False).items():
+            stacked = self._observe(subset, s, u, xi, rng) @ self._readout_fit(subset)
+            both = all(i in subset for i in self.inter)
+            start = 0
+            for task, ro in self.readouts.items():
+                for cls, name in ((False, task), (True, f"{task}_cls")):
+                    width = self.num_classes if cls else 1
+                    inter = (self._score(ro, s, u, z, cls) - self._score(ro, s, u, z, cls, interaction=False)) * both
+                    pred = (stacked[:, start:start + width] if cls else stacked[:, start]) + inter
+                    start += width
+                    out[f"{name}|{key}"] = (np.argmax(pred, axis=1) if cls
+                                            else np.clip(self.cfg["label_scale"] * pred, *LABEL_RANGE))
+        return out
+
+    @functools.cache
+    def _readout_fit(self, subset: tuple[int, ...]) -> np.ndarray:
+        """Least-squares coefficients from :meth:`_observe` to the shared and private parts of every
+        task's scores (stacked), fitted once on a fixed draw of ``CEILING_FIT_N`` source samples."""
+        rng = rng_for(self.seed, "ceiling-fit", *map(str, subset))
+        s = rng.standard_normal((CEILING_FIT_N, self.ks))
+        u = rng.standard_normal((CEILING_FIT_N, len(self.mods) - 1, self.ku))
+        z = np.zeros((CEILING_FIT_N, 2, self.K, self.kz))
+        target = np.column_stack([self._score(ro, s, u, z, cls, interaction=False)
+                                  for ro in self.readouts.values() for cls in (False, True)])
+        x = self._observe(subset, s, u, self._nuisance(rng, CEILING_FIT_N), rng)
+        return np.linalg.solve(x.T @ x + 1e-6 * np.eye(x.shape[1]), x.T @ target)
 
     def _shift(self, x: np.ndarray, modality: str, domain: dict[str, Any]) -> np.ndarray:
-        """Apply a target domain's covariate shift for one modality (identity for the source)."""
+        """Apply a target domain's covariate shift for one modality (identity for the source).
+
+        The domain's ``scale`` (default 1) is its dose: it multiplies ``mix``, ``offset``, ``noise``,
+        ``dropout`` and ``gain - 1`` (and the label shift), so 0 is the source and 1 the shift as written.
+        """
         spec = domain.get("modalities", {}).get(modality)
         if not spec:
             return x
+        k = float(domain.get("scale", 1.0))
         rng = rng_for(self.seed, "domain", domain["name"], modality)
         D = x.shape[-1]
-        A = float(spec.get("gain", 1.0)) * (np.eye(D) + float(spec.get("mix", 0.0)) * rng.standard_normal((D, D)) / np.sqrt(D))
-        b = float(spec.get("offset", 0.0)) * rng.standard_normal(D)
-        x = x @ A.T + b + float(spec.get("noise", 0.0)) * rng.standard_normal(x.shape)
-        drop = float(spec.get("dropout", 0.0))
+        gain = 1.0 + k * (float(spec.get("gain", 1.0)) - 1.0)
+        A = gain * (np.eye(D) + k * float(spec.get("mix", 0.0)) * rng.standard_normal((D, D)) / np.sqrt(D))
+        b = k * float(spec.get("offset", 0.0)) * rng.standard_normal(D)
+        x = x @ A.T + b + k * float(spec.get("noise", 0.0)) * rng.standard_normal(x.shape)
+        drop = min(k * float(spec.get("dropout", 0.0)), 0.95)
         if drop:
             x = x * (rng.random(x.shape[:2]) >= drop)[..., None]
         return x
 
 
-def oracle_scores(schema: DatasetSchema, arrays: dict[str, np.ndarray], oracle: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    """Metrics of the noise-free prediction against the stored labels, per task."""
-    out = {}
-    for task in schema.tasks:
-        kind = "regression" if task.type == "regression" else "classification"
-        out[task.name] = metrics.compute(kind, oracle[task.name], arrays[task.label_key])
+def task_shares(cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The variance shares of ``main`` and ``pretrain``; ``interaction_transfer`` (kappa) rewrites them:
+    the pretraining task loses its interaction share (renormalised over shared and private), and the
+    main task puts kappa in the interaction and ``1 - kappa`` in shared and private in its own ratio."""
+    tasks = {t: dict(cfg["tasks"][t]) for t in ("main", "pretrain")}
+    kappa = cfg.get("interaction_transfer")
+    if kappa is None:
+        return tasks
+    if not 0.0 <= kappa <= 1.0:
+        raise ValueError(f"synth.interaction_transfer must lie in [0, 1], got {kappa}")
+    for task, inter in (("pretrain", 0.0), ("main", float(kappa))):
+        rest = tasks[task]["shared"] + tasks[task]["private"]
+        if rest <= 0:
+            raise ValueError(f"synth.tasks.{task}: interaction_transfer needs a shared or private share")
+        tasks[task] = {"shared": (1 - inter) * tasks[task]["shared"] / rest,
+                       "private": (1 - inter) * tasks[task]["private"] / rest, "interaction": inter}
+    return tasks
+
+
+def modality_subsets(names: list[str], proper: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every non-empty subset of the modalities (only the proper ones with ``proper``), keyed by
+    :func:`subset_key`."""
+    idx = range(len(names))
+    return {subset_key([names[i] for i in sub]): sub
+            for r in range(1, len(names) + (not proper)) for sub in itertools.combinations(idx, r)}
+
+
+def subset_key(names: list[str]) -> str:
+    return "+".join(names)
+
+
+def oracle_scores(schema: DatasetSchema, arrays: dict[str, np.ndarray], oracle: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Metrics of the noise-free predictions against the stored labels, per task, and of the subset
+    ceilings under ``ceilings.<a+b>.<task>`` (the store's layout, see ``FeatureStore.ceiling``)."""
+    out: dict[str, Any] = {}
+    for key, pred in oracle.items():
+        task_name, _, subset = key.partition("|")
+        task = schema.task(task_name)
+        scores = metrics.compute("regression" if task.type == "regression" else "classification", pred,
+                                 arrays[task.label_key])
+        if subset:
+            out.setdefault("ceilings", {}).setdefault(subset, {})[task_name] = scores
+        else:
+            out[task_name] = scores
     return out
 
 

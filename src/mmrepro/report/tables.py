@@ -5,8 +5,9 @@ offline from a results folder alone.
 
 Summary frame layout (what :func:`summarize` returns and :func:`write_table`
 expects): identifier columns ``dataset, method, setting, task, n`` followed,
-per metric ``m`` in order, by ``m_mean``, ``m_std``, ``m_oracle`` and, only when
-a reference was given, ``m_paper``.
+per metric ``m`` in order, by ``m_mean``, ``m_std``, ``m_oracle`` (the noise-free
+latent optimum), ``m_ceiling`` (the best score reachable from the modalities the run
+reads, see :mod:`mmrepro.data.synth`) and, only when a reference was given, ``m_paper``.
 """
 
 from __future__ import annotations
@@ -52,8 +53,10 @@ LOWER_IS_BETTER: frozenset[str] = frozenset({"mae"})
 #: Columns of the long frame returned by :func:`load_runs`.
 RUN_COLUMNS: tuple[str, ...] = (
     "study", "dataset", "method", "setting", "seed", "task", "backbone",
-    "split", "metric", "value", "oracle", "trainable_params", "path",
+    "split", "metric", "value", "oracle", "ceiling", "trainable_params", "path",
 )
+#: Per-split score blocks a metrics.json may carry beside its metrics, one table column each.
+_BOUNDS = ("oracle", "ceiling")
 _ID_COLUMNS = ("dataset", "method", "setting", "task", "n")
 _STR_KEYS = ("study", "dataset", "method", "task", "backbone")
 _REQUIRED_KEYS = (*_STR_KEYS, "setting", "seed", "metrics", "trainable_params")
@@ -116,8 +119,7 @@ def _read_one(path: Path) -> list[dict]:
         raise ValueError(f"{path}: key 'trainable_params' must be an integer, got {doc['trainable_params']!r}")
 
     metrics = _metric_block(path, "metrics", doc["metrics"])
-    oracle_raw = doc.get("oracle")
-    oracle = {} if oracle_raw in (None, {}) else _metric_block(path, "oracle", oracle_raw)
+    bounds = {key: {} if doc.get(key) in (None, {}) else _metric_block(path, key, doc[key]) for key in _BOUNDS}
 
     base = {
         "study": doc["study"], "dataset": doc["dataset"], "method": doc["method"],
@@ -129,7 +131,7 @@ def _read_one(path: Path) -> list[dict]:
         for name, v in vals.items():
             rows.append({
                 **base, "split": split, "metric": name, "value": v,
-                "oracle": oracle.get(split, {}).get(name, math.nan),
+                **{key: block.get(split, {}).get(name, math.nan) for key, block in bounds.items()},
                 "trainable_params": int(doc["trainable_params"]), "path": str(path),
             })
     return rows
@@ -139,9 +141,9 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
     """Read ``metrics.json`` files into one long frame (one row per run x split x metric).
 
     Columns: :data:`RUN_COLUMNS` (``study, dataset, method, setting, seed, task,
-    backbone, split, metric, value, oracle, trainable_params, path``). ``setting``
+    backbone, split, metric, value, oracle, ceiling, trainable_params, path``). ``setting``
     is always a string (a numeric missing rate ``0.3`` becomes ``"0.3"``);
-    ``oracle`` is NaN where the file has no oracle for that split/metric; a JSON
+    ``oracle`` (``ceiling``) is NaN where the file has none for that split/metric; a JSON
     ``null`` metric becomes NaN. Row order follows ``paths``.
 
     Raises ``ValueError`` naming the file (and key) for a file that is not JSON,
@@ -153,22 +155,22 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
     for p in paths:
         rows.extend(_read_one(Path(p)))
     frame = pd.DataFrame(rows, columns=list(RUN_COLUMNS))
-    return frame.astype({"seed": "int64", "value": "float64", "oracle": "float64",
+    return frame.astype({"seed": "int64", "value": "float64", "oracle": "float64", "ceiling": "float64",
                          "trainable_params": "int64"})
 
 
 # --------------------------------------------------------------------------- summarizing
 
 
-def _oracle_of(g: pd.DataFrame, where: str) -> float:
-    """The single oracle value of one (dataset, method, setting, metric) group."""
-    ora = g["oracle"].to_numpy(dtype=float)
+def _oracle_of(g: pd.DataFrame, where: str, column: str = "oracle") -> float:
+    """The single oracle (or ceiling) value of one (dataset, method, setting, metric) group."""
+    ora = g[column].to_numpy(dtype=float) if column in g else np.array([])
     if len(ora) == 0 or np.isnan(ora).all():
         return math.nan
     if np.isnan(ora).any() or not np.allclose(ora, ora[0], rtol=1e-9, atol=1e-12):
         per_seed = ", ".join(f"seed {s}: {o}" for s, o in zip(g["seed"], ora))
-        raise ValueError(f"inconsistent oracle across seeds for {where} ({per_seed}); "
-                         "the oracle must not depend on the seed")
+        raise ValueError(f"inconsistent {column} across seeds for {where} ({per_seed}); "
+                         f"the {column} must not depend on the seed")
     return float(ora[0])
 
 
@@ -184,7 +186,7 @@ def summarize(
     :data:`DEFAULT_METRICS` of the task(s) present (those found in the data).
     Columns: ``dataset, method, setting, task, n`` then per metric ``m``:
     ``m_mean``, ``m_std`` (sample std, ddof=1; NaN when n == 1 -- a single seed
-    has no spread, and 0.0 would be misleading), ``m_oracle`` (NaN when none) and,
+    has no spread, and 0.0 would be misleading), ``m_oracle`` and ``m_ceiling`` (NaN when none) and,
     with ``reference``, ``m_paper`` (see :func:`add_reference`). A seed lacking a
     metric (or having NaN) makes that cell's mean NaN rather than silently
     averaging fewer seeds.
@@ -243,7 +245,7 @@ def summarize(
         for m in chosen:
             gm = by_metric.get(m)
             if gm is None:
-                mean = std = ora = math.nan
+                mean = std = ora = ceil = math.nan
             else:
                 vals = gm.set_index("seed")["value"].reindex(seeds).to_numpy(dtype=float).tolist()
                 if any(math.isnan(v) for v in vals):
@@ -252,11 +254,12 @@ def summarize(
                     mean = statistics.fmean(vals)
                     std = statistics.stdev(vals) if n > 1 else math.nan
                 ora = _oracle_of(gm, f"{ds}/{meth}/{sett}/{m}")
-            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_oracle"] = mean, std, ora
+                ceil = _oracle_of(gm, f"{ds}/{meth}/{sett}/{m}", "ceiling")
+            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_oracle"], row[f"{m}_ceiling"] = mean, std, ora, ceil
         rows.append(row)
 
     rows.sort(key=lambda r: (r["dataset"], method_order[r["method"]], setting_order[r["setting"]]))
-    columns = [*_ID_COLUMNS] + [f"{m}_{s}" for m in chosen for s in ("mean", "std", "oracle")]
+    columns = [*_ID_COLUMNS] + [f"{m}_{s}" for m in chosen for s in ("mean", "std", *_BOUNDS)]
     summary = pd.DataFrame(rows, columns=columns).astype({"n": "int64"})
     summary.attrs.update(metrics=list(chosen), split=split)
     if reference is not None:
@@ -272,7 +275,7 @@ def _summary_metrics(summary: pd.DataFrame) -> list[str]:
 
 
 def add_reference(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
-    """Return a copy of ``summary`` with a ``m_paper`` column after ``m_oracle``.
+    """Return a copy of ``summary`` with a ``m_paper`` column after ``m_ceiling`` (or ``m_oracle``).
 
     ``reference`` has columns ``dataset, method, metric, value`` and optionally
     ``setting``; a row whose setting is absent/empty applies to every setting of
@@ -307,7 +310,8 @@ def add_reference(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFram
             continue
         vals = [exact.get((ds, me, str(se), m), general.get((ds, me, m), math.nan))
                 for ds, me, se in zip(out["dataset"], out["method"], out["setting"])]
-        out.insert(out.columns.get_loc(f"{m}_oracle") + 1, f"{m}_paper", vals)
+        last = f"{m}_ceiling" if f"{m}_ceiling" in out.columns else f"{m}_oracle"
+        out.insert(out.columns.get_loc(last) + 1, f"{m}_paper", vals)
     out.attrs.update(summary.attrs)
     return out
 
@@ -367,7 +371,7 @@ def _display(summary: pd.DataFrame, digits: int, pm: str) -> tuple[list[str], li
                 return ""
             return _fmt(mean, digits) if pd.isna(std) else f"{_fmt(mean, digits)}{pm}{_fmt(std, digits)}"
         getters.append(cell)
-        for extra in ("oracle", "paper"):
+        for extra in (*_BOUNDS, "paper"):
             col = f"{m}_{extra}"
             if col in summary.columns and summary[col].notna().any():
                 header.append(f"{m} ({extra})")
@@ -430,9 +434,9 @@ def write_table(
     """Write ``stem.md``, ``stem.csv`` and ``stem.tex`` from a :func:`summarize` frame.
 
     * ``.md``: cells ``"0.612 ± 0.010"`` (mean only when n == 1), plus
-      ``"m (oracle)"`` / ``"m (paper)"`` columns where any row has a value.
+      ``"m (oracle)"`` / ``"m (ceiling)"`` / ``"m (paper)"`` columns where any row has a value.
     * ``.csv``: the summary itself, full precision, separate ``m_mean``,
-      ``m_std``, ``m_oracle`` (and ``m_paper``) columns; NaN is an empty cell.
+      ``m_std``, ``m_oracle``, ``m_ceiling`` (and ``m_paper``) columns; NaN is an empty cell.
     * ``.tex``: a booktabs ``tabular`` (no float environment) to ``\\input``.
 
     ``reference`` (see :func:`add_reference`) replaces any paper columns already

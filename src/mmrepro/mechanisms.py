@@ -1,0 +1,255 @@
+"""Diagnostics that say whether a study's phenomenon is present on a synth setting.
+
+Each study's setting on ``synth`` has a dose knob (a generator or data-setting parameter) and one
+diagnostic, a number compared with a threshold fixed here *before* any measurement, so that a
+table read "on synth" means "on a setting where the paper's effect is there":
+
+``balance`` (dose: ``synth.shortcut_private``)
+    per weak modality, what its encoder learned alone minus what it learned under joint training,
+    both after the same number of epochs, read by :func:`encoder_probe` (a ridge readout of the
+    encoder's pooled features fitted on train, scored on valid: corr, or accuracy for classes;
+    closed form, so the reading does not depend on how fast a trained probe learns). Present when
+    every weak modality's gap is at least :data:`IMBALANCE_GAP`.
+``peft`` (dose: ``synth.interaction_transfer``)
+    full fine-tuning's score minus a linear probe's on the same frozen pretrained backbone,
+    relative to full fine-tuning. Present when at least :data:`TRANSFER_GAP`.
+``missing`` (dose: the missing rate) and ``shift`` (dose: a target domain's ``scale``)
+    the relative increase of a model's error (MAE; 1 - accuracy for classes) over the
+    complete / source data. Present when at least :data:`DEGRADATION`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmrepro import metrics, reproducibility
+from mmrepro.data import build_store
+from mmrepro.evaluate import evaluate_model, metric_kind, predict
+from mmrepro.evaluate import score as score_predictions
+from mmrepro.jobs import RunData
+from mmrepro.methods.registry import ADAPTERS, HOOKS, TRANSFORMS, build
+from mmrepro.report.tables import LOWER_IS_BETTER, MAIN_METRIC
+from mmrepro.models.multimodal import build_model
+from mmrepro.train import TrainConfig, fit
+
+#: Smallest encoder-probe gap (unimodal - joint; corr or accuracy) of every weak modality for imbalance to count.
+IMBALANCE_GAP = 0.05
+#: Smallest relative gap (full fine-tuning - linear probe) / full fine-tuning for transfer to count.
+TRANSFER_GAP = 0.10
+#: Smallest relative error increase under missing modalities or a shifted domain.
+DEGRADATION = 0.10
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One diagnostic value of a study at one dose, with the threshold it is read against."""
+
+    study: str
+    dose: float
+    value: float
+    threshold: float
+    detail: str = ""
+
+    @property
+    def present(self) -> bool:
+        return self.value >= self.threshold
+
+
+def imbalance(dose: float, unimodal: Mapping[str, float], joint: Mapping[str, float]) -> Diagnostic:
+    """Weak modalities' probe accuracies alone (``unimodal``) and under joint training (``joint``);
+    the value is the smallest gap over the modalities of ``unimodal``."""
+    gaps = {m: unimodal[m] - joint[m] for m in unimodal}
+    worst = min(gaps, key=gaps.get)
+    return Diagnostic("balance", dose, gaps[worst], IMBALANCE_GAP,
+                      ", ".join(f"{m}: {unimodal[m]:.3f} alone, {joint[m]:.3f} joint" for m in gaps))
+
+
+def transfer(dose: float, linear_probe: float, full_finetune: float) -> Diagnostic:
+    """Scores (higher is better, e.g. corr) of a linear probe and of full fine-tuning."""
+    return Diagnostic("peft", dose, (full_finetune - linear_probe) / abs(full_finetune), TRANSFER_GAP,
+                      f"linear probe {linear_probe:.3f}, full fine-tuning {full_finetune:.3f}")
+
+
+def degradation(study: str, dose: float, reference_error: float, error: float) -> Diagnostic:
+    """Errors (lower is better) on the reference data and at ``dose``."""
+    return Diagnostic(study, dose, (error - reference_error) / reference_error, DEGRADATION,
+                      f"error {reference_error:.3f} -> {error:.3f}")
+
+
+@torch.no_grad()
+def _features(model: torch.nn.Module, loader, modality: str) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    feats, ys = [], []
+    for batch in loader:
+        feats.append(model(batch).features[modality].double().numpy())
+        ys.append(batch.y.numpy())
+    return np.concatenate(feats), np.concatenate(ys)
+
+
+def encoder_probe(model: torch.nn.Module, train, valid, modality: str, ridge: float = 1e-2) -> float:
+    """How much of the label ``modality``'s encoder carries: a ridge readout of its pooled features,
+    fitted on ``train`` and scored on ``valid`` (corr for regression, accuracy for classes)."""
+    x, y = _features(model, train, modality)
+    xv, yv = _features(model, valid, modality)
+    mean, std = x.mean(0), x.std(0) + 1e-8
+    x, xv = np.c_[np.ones(len(x)), (x - mean) / std], np.c_[np.ones(len(xv)), (xv - mean) / std]
+    classes = model.task_type != "regression"
+    target = np.eye(int(max(y.max(), yv.max())) + 1)[y] if classes else y
+    coef = np.linalg.solve(x.T @ x + ridge * len(x) * np.eye(x.shape[1]), x.T @ target)
+    pred = xv @ coef
+    if classes:
+        return float((pred.argmax(1) == yv).mean())
+    return metrics.regression_metrics(pred, yv)["corr"]
+
+
+# --------------------------------------------------------------------------- measuring on a budget
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The small training budget a diagnostic is measured with (every run of it alike)."""
+
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 3e-3
+    d_model: int = 16
+    heads: int = 2
+    backbone: str = "late"
+
+
+def train(store: Path, task: str, budget: Budget, seed: int, *, setting: dict[str, Any] | None = None,
+          init: dict[str, torch.Tensor] | None = None, transform: str = "full_finetune", hook: str = "joint",
+          params: Mapping[str, dict[str, Any]] | None = None) -> tuple[torch.nn.Module, RunData]:
+    """Train ``budget.epochs`` epochs (no early stop, so runs compare at equal epochs); return the last model."""
+    reproducibility.configure(seed, 1)
+    params = params or {}
+    data = RunData(store, {"task": task, "seed": seed, "data_setting": setting or {"type": "complete", "params": {}},
+                           "train": {"batch_size": budget.batch_size}})
+    model = build_model(data.schema, data.task, modalities=data.modalities, backbone=budget.backbone,
+                        d_model=budget.d_model, layers=1, heads=budget.heads, kernel=3, dropout=0.0, fusion_layers=1)
+    if init is not None:
+        model.load_state_dict(init)
+    model = build(TRANSFORMS, transform, params.get(transform)).apply(model)
+    fit(model, data.loader("train", shuffle=True), data.loader("valid"), build(HOOKS, hook, params.get(hook)),
+        TrainConfig(epochs=budget.epochs, batch_size=budget.batch_size, lr=budget.lr, patience=budget.epochs + 1,
+                    device="cpu"))
+    return model, data
+
+
+def score(model: torch.nn.Module, data: RunData, split: str = "test") -> dict[str, float]:
+    return evaluate_model(model, data.loader(split), data.task)
+
+
+def measure_imbalance(store: Path, task: str, budget: Budget, seed: int, dose: float) -> Diagnostic:
+    """Joint training and one unimodal run per weak modality, read by :func:`encoder_probe`."""
+    joint, data = train(store, task, budget, seed)
+    weak = data.schema.modality_names[1:]
+    together = {m: encoder_probe(joint, data.loader("train"), data.loader("valid"), m) for m in weak}
+    alone = {}
+    for m in weak:
+        model, single = train(store, task, budget, seed, setting={"type": "subset", "params": {"modalities": [m]}})
+        alone[m] = encoder_probe(model, single.loader("train"), single.loader("valid"), m)
+    return imbalance(dose, alone, together)
+
+
+def measure_transfer(store: Path, budget: Budget, seed: int, dose: float, task: str = "main",
+                     pretrain_task: str = "pretrain") -> Diagnostic:
+    """Pretrain a backbone, then a linear probe and full fine-tuning from it; test corr of both."""
+    backbone, _ = train(store, pretrain_task, budget, seed)
+    init = {k: v.clone() for k, v in backbone.state_dict().items()}
+    probe, data = train(store, task, budget, seed, init=init, transform="linear_probe")
+    full, _ = train(store, task, budget, seed, init=init)
+    return transfer(dose, score(probe, data)["corr"], score(full, data)["corr"])
+
+
+# --------------------------------------------------------------------------- one point of a sweep
+
+#: The dose each study's sweep varies: a synth key, the missing rate, or the target domain's scale.
+DOSE_KEYS = {"balance": "shortcut_private", "peft": "interaction_transfer", "missing": "rate", "shift": "scale"}
+
+
+def _dosed(study: str, entry: dict[str, Any], dose: float, domain: str | None) -> dict[str, Any]:
+    """The dataset entry with ``dose`` applied (missing applies it at load time instead)."""
+    entry = copy.deepcopy(entry)
+    synth = entry["synth"]
+    if study in ("balance", "peft"):
+        synth[DOSE_KEYS[study]] = dose
+    synth["domains"] = {domain: {**synth["domains"][domain], "scale": dose}} if study == "shift" else {}
+    return entry
+
+
+def _better(scores: dict[str, float], base: dict[str, float], metric: str) -> float:
+    """How much better ``scores`` is than ``base`` on ``metric`` (positive = better)."""
+    sign = -1.0 if metric in LOWER_IS_BETTER else 1.0
+    return sign * (scores[metric] - base[metric])
+
+
+def run_point(study: str, entry: dict[str, Any], dose: float, seed: int, budget: Budget, workdir: Path, *,
+              methods: list[str] = (), params: Mapping[str, dict[str, Any]] | None = None,
+              domain: str | None = None) -> dict[str, Any]:
+    """One (study, dose, seed) point: the diagnostic, the baseline's score and each method's gain over it.
+
+    Gains are in the task's main metric (positive = better): balance hooks over joint training,
+    PEFT transforms as the share of the (full fine-tuning - linear probe) gap they close, missing
+    methods over joint training at the same rate, test-time adapters over the source model.
+    """
+    store = build_store("mechanism", _dosed(study, entry, dose, domain), Path(workdir) / "store")
+    task = entry["task"]
+    gains: dict[str, float] = {}
+    if study == "balance":
+        diag = measure_imbalance(store, task, budget, seed, dose)
+        joint, data = train(store, task, budget, seed)
+        base = score(joint, data)
+        metric = MAIN_METRIC[metric_kind(data.task)]
+        for m in methods:
+            gains[m] = _better(score(train(store, task, budget, seed, hook=m, params=params)[0], data), base, metric)
+    elif study == "peft":
+        backbone, _ = train(store, entry["pretrain_task"], budget, seed)
+        init = {k: v.clone() for k, v in backbone.state_dict().items()}
+        probe, data = train(store, task, budget, seed, init=init, transform="linear_probe")
+        base, full = score(probe, data), score(train(store, task, budget, seed, init=init)[0], data)
+        diag = transfer(dose, base["corr"], full["corr"])
+        metric = "corr"
+        for m in methods:
+            closed = score(train(store, task, budget, seed, init=init, transform=m, params=params)[0], data)
+            gains[m] = (closed["corr"] - base["corr"]) / (full["corr"] - base["corr"])
+    elif study == "missing":
+        complete = score(*train(store, task, budget, seed))
+        setting = {"type": "zero_fill", "params": {"rate": dose}}
+        joint, data = train(store, task, budget, seed, setting=setting)
+        base = score(joint, data)
+        metric = MAIN_METRIC[metric_kind(data.task)]
+        diag = degradation(study, dose, *(_error(s, metric) for s in (complete, base)))
+        for m in methods:
+            gains[m] = _better(score(train(store, task, budget, seed, setting=setting, transform=m,
+                                           params=params)[0], data), base, metric)
+    elif study == "shift":
+        model, data = train(store, task, budget, seed)
+        source = score(model, data)
+        target = RunData(store, {"task": task, "seed": seed, "train": {"batch_size": budget.batch_size},
+                                 "data_setting": {"type": "domain", "params": {"domain": domain}}})
+        base = score(model, target)
+        metric = MAIN_METRIC[metric_kind(data.task)]
+        diag = degradation(study, dose, *(_error(s, metric) for s in (source, base)))
+        for m in methods:
+            adapter = build(ADAPTERS, m, (params or {}).get(m), model=copy.deepcopy(model))
+            pred, y = predict(adapter.predict, target.loader("test"))
+            gains[m] = _better(score_predictions(target.task, pred, y), base, metric)
+    else:
+        raise ValueError(f"unknown study {study!r}; one of {sorted(DOSE_KEYS)}")
+    return {"study": study, "dose": dose, "seed": seed, "metric": metric, "baseline": base[metric],
+            "diagnostic": {"value": diag.value, "threshold": diag.threshold, "present": diag.present,
+                           "detail": diag.detail},
+            "gains": gains}
+
+
+def _error(scores: dict[str, float], metric: str) -> float:
+    """An error to compare relatively: the metric itself if lower is better, else 1 - it."""
+    return scores[metric] if metric in LOWER_IS_BETTER else 1.0 - scores[metric]
