@@ -50,7 +50,7 @@ def test_one_case_per_incomplete_available_set(m):
     assert len(cases) == 2 ** m - 2
     for name, mask in cases.items():
         assert mask.shape == (4, m) and 0 < mask[0].sum() < m and (mask == mask[0]).all()
-        assert name == "available=" + "+".join(n for n, k in zip(names, mask[0]) if k)
+        assert name == "available:" + ".".join(n for n, k in zip(names, mask[0]) if k)
 
 
 def test_training_patterns_hit_the_rate_and_are_uniform_over_incomplete_sets():
@@ -91,15 +91,15 @@ def test_bad_missing_parameters_are_named(bad, match):
 def test_missing_test_cases_and_rate_sweep():
     s = build(SETTINGS, "missing", {"rate": 0.7, "test_rates": [0.0, 0.5]})
     cases = s.test_cases(400, NAMES)
-    assert len([c for c in cases if c.startswith("available=")]) == 6
-    assert cases["rate=0"].all() and 0.3 < (~cases["rate=0.5"].all(1)).mean() < 0.7
+    assert len([c for c in cases if c.startswith("available:")]) == 6
+    assert cases["rate:0"].all() and 0.3 < (~cases["rate:0.5"].all(1)).mean() < 0.7
 
 
 def test_case_average_is_the_mean_of_the_available_cases():
-    metrics = {"test": {"acc": 9.0}, "test:available=a": {"acc": 1.0}, "test:available=b": {"acc": 3.0},
-               "test:rate=0.5": {"acc": 100.0}}
+    metrics = {"test": {"acc": 9.0}, "test:available:a": {"acc": 1.0}, "test:available:b": {"acc": 3.0},
+               "test:rate:0.5": {"acc": 100.0}}
     assert case_average(metrics) == {"test:avg": {"acc": 2.0}}
-    assert case_average({"test": {"acc": 1.0}, "test:available=a": {"acc": 1.0}}) == {}
+    assert case_average({"test": {"acc": 1.0}, "test:available:a": {"acc": 1.0}}) == {}
 
 
 def test_available_setting_gives_every_sample_the_set():
@@ -107,7 +107,7 @@ def test_available_setting_gives_every_sample_the_set():
     b = next(iter(loader(s)))
     assert b.present.tolist() == [[True, False, True]] * len(b)
     assert torch.isnan(b.x["b"]).all()
-    assert list(s.test_cases(10, NAMES)) == ["available=a+c"]
+    assert list(s.test_cases(10, NAMES)) == ["available:a.c"]
     with pytest.raises(ValueError, match="'z'"):
         build(SETTINGS, "available", {"modalities": ["z"]}).modalities(NAMES)
 
@@ -141,3 +141,25 @@ def test_modality_dropout_drops_in_training_only():
     assert seen[-1].all()
     with pytest.raises(ValueError, match="rate"):
         build(TRANSFORMS, "modality_dropout", {"rate": 1.5})
+
+
+def test_runs_score_every_case_and_their_average(synth_store):
+    """A run under ``missing`` reports test:<case> per available set, test:avg and the rate sweep."""
+    from conftest import default_config
+
+    from mmrepro.config import run_spec
+    from mmrepro.jobs import RunData, _model
+
+    config = default_config()
+    config["model"].update(d_model=8, heads=2)
+    config["studies"]["missing"]["methods"] = ["modality_substitution"]
+    config["studies"]["missing"]["settings"] = {"r": {"type": "missing", "rate": 0.7, "test_rates": [0.0, 0.5]}}
+    spec = run_spec(config, "missing", "synth", "modality_substitution", "r", 0)
+    data = RunData(synth_store, spec)
+    torch.manual_seed(0)
+    metrics = data.evaluate(build(TRANSFORMS, "modality_substitution").apply(_model(data, spec)), "cpu")
+    cases = [k for k in metrics if k.startswith("test:available:")]
+    assert len(cases) == 6 and {"valid", "test", "test:avg", "test:rate:0", "test:rate:0.5"} <= set(metrics)
+    assert np.isfinite(metrics["test:avg"]["mae"])
+    assert metrics["test:avg"]["mae"] == pytest.approx(np.mean([metrics[c]["mae"] for c in cases]))
+    assert len({metrics[c]["mae"] for c in cases}) == 6  # the cases really differ

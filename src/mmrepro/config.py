@@ -23,8 +23,8 @@ from mmrepro.models.segmentation import check_method_support
 SEGMENTATION_LOADERS = ("brats",)
 
 #: How each study produces its runs: trained per (method, setting), or a source model adapted at test time.
-STUDY_KINDS = {"balance": "train", "missing": "train", "peft": "finetune", "shift": "adapt"}
-#: Tracking experiments: one per study, plus one for the backbones that shift and peft start from.
+STUDY_KINDS = {"balance": "train", "missing": "finetune", "peft": "finetune", "shift": "adapt"}
+#: Tracking experiments: one per study, plus one for the backbones that shift, peft and missing start from.
 EXPERIMENTS = [*STUDY_KINDS, "backbones"]
 
 
@@ -253,8 +253,10 @@ def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, sett
 def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -> dict[str, Any]:
     """The model a study starts from: plain joint training on complete source data.
 
-    ``shift`` adapts a model of the dataset's own task; ``peft`` fine-tunes one pretrained on the
-    dataset's pretraining task. Backbones are tracked in their own experiment.
+    ``shift`` adapts a model of the dataset's own task; ``peft`` and ``missing`` fine-tune one
+    pretrained on complete data of the dataset's pretraining task (MPLMM's stage 1: its prompts
+    train on a frozen backbone; the baselines fine-tune all of it). Backbones are tracked in their
+    own experiment.
     """
     finetune = STUDY_KINDS[study] == "finetune"
     task = config["datasets"][dataset]["pretrain_task"] if finetune else study_task(config, study, dataset)

@@ -82,9 +82,9 @@ def evaluate_model(model: torch.nn.Module, loader: SplitLoader, task: TaskSpec, 
 
 
 def case_average(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
-    """``{"test:avg": ...}``: each metric's mean over the ``test:available=...`` cases (at least two
+    """``{"test:avg": ...}``: each metric's mean over the ``test:available:...`` cases (at least two
     of them, all multi-case settings), else ``{}``."""
-    cases = [v for k, v in metrics.items() if k.startswith("test:available=")]
+    cases = [v for k, v in metrics.items() if k.startswith("test:available:")]
     if len(cases) < 2:
         return {}
     return {"test:avg": {k: float(np.mean([c[k] for c in cases])) for k in cases[0]}}

@@ -1,6 +1,6 @@
 # Training: the MLflow store is created once, locally, before any parallel job writes to it;
-# then one job per (study, dataset, method, setting, seed), and the backbones that the shift and
-# peft studies start from.
+# then one job per (study, dataset, method, setting, seed), and the backbones that the shift,
+# peft and missing studies start from.
 
 
 localrules:
@@ -38,7 +38,7 @@ rule backbone:
         ),
         out_dir=lambda wildcards, output: Path(output.model).parent,
     wildcard_constraints:
-        study="shift|peft",
+        study="shift|peft|missing",
     conda:
         CONDA_ENV
     log:

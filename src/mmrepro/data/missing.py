@@ -10,7 +10,7 @@ MPLMM's code redraws a pattern every time a sample is loaded).
 
 An evaluation *case* (:func:`case_masks`) gives every sample of a split the same available set,
 one case per non-empty incomplete set (``2**M - 2``: the six columns of MPLMM's Table 1 for
-``M = 3``), named ``available=<modalities joined by +>``.
+``M = 3``), named ``available:<modalities joined by .>`` (characters MLflow accepts in metric names).
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ def present_mask(n: int, m: int, rate: float, *, seed: int, split: str, protocol
 
 
 def case_name(names: list[str], keep: np.ndarray) -> str:
-    """``available=text+audio``: the test case in which only the kept modalities are present."""
-    return "available=" + "+".join(n for n, k in zip(names, keep) if k)
+    """``available:text.audio``: the test case in which only the kept modalities are present."""
+    return "available:" + ".".join(n for n, k in zip(names, keep) if k)
 
 
 def case_masks(n: int, names: list[str]) -> dict[str, np.ndarray]:

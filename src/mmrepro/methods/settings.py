@@ -107,7 +107,7 @@ class Missing(_Withheld):
     ``fixed`` keeps one seeded pattern per sample. Validation and test patterns are always fixed.
     The run is further scored on one test case per available set (every test sample with that
     set, ``2**M - 2`` cases; their mean is ``test:avg``) and at each of ``test_rates``
-    (``test:rate=<r>``, fixed seeded patterns). Missing features become ``fill`` (:class:`_Withheld`).
+    (``test:rate:<r>``, fixed seeded patterns). Missing features become ``fill`` (:class:`_Withheld`).
     """
 
     REDRAWS = ("per_epoch", "fixed")
@@ -131,7 +131,7 @@ class Missing(_Withheld):
         return base & drawn
 
     def test_cases(self, n: int, names: list[str]) -> dict[str, np.ndarray | None]:
-        rates = {f"rate={r:g}": present_mask(n, len(names), r, seed=self.mask_seed, split=f"test@rate={r:g}")
+        rates = {f"rate:{r:g}": present_mask(n, len(names), r, seed=self.mask_seed, split=f"test@rate:{r:g}")
                  for r in self.test_rates}
         return {**case_masks(n, names), **rates}
 
