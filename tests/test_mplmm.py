@@ -145,3 +145,9 @@ def test_backbone_stays_frozen_and_dataset_parts_are_reinitialised():
 def test_bad_parameters_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         build(TRANSFORMS, "mplmm", bad)
+
+
+def test_ablation_variants_carry_their_families():
+    for name, families in [("mplmm_gt", ("generative", "type")), ("mplmm_s", ("signal",)), ("mplmm_none", ())]:
+        t = build(TRANSFORMS, name, {"prompt_length": 2})
+        assert t.prompts == families and t.prompt_length == 2

@@ -23,7 +23,10 @@ What each family does, on the ``mplmm_mult`` preset's stage API (:mod:`mmrepro.m
   ``t``'s memory input, whose last position the backbone reads out. Tying ``Q`` to the signal
   prompts keeps the count linear in M instead of one prompt per pattern (``2^M - 1``).
 
-``prompts`` selects any subset (the paper's Table 3 ablation). ``prompt_init``: ``uniform``
+``prompts`` selects any subset (the paper's Table 3 ablation); each proper subset is also
+registered as ``mplmm_<letters>`` (``g`` generative, ``s`` signal, ``t`` type; ``mplmm_none``:
+no prompts, only the re-initialised input projections and output layer), so one study can run
+the whole ablation. ``prompt_init``: ``uniform``
 (``U[0, 1)``, the first release; default) or ``zeros`` (a later commit of the released code).
 With zeros the type path is a product of two zero factors (``P_t`` and ``m_X``): each one's
 gradient is proportional to the other, so both stay exactly zero and the missing-type prompts
@@ -196,3 +199,19 @@ class MPLMM(ModelTransform):
             for p in layer.parameters():
                 p.requires_grad_(True)
         return MPLMMModel(model, Prompts(dims, lengths, d, self.prompt_length, self.prompts, self.prompt_init))
+
+
+def _ablation(letters: str) -> type[MPLMM]:
+    """``mplmm_<letters>``: MPLMM with only the families whose initials are ``letters``."""
+    chosen = [f for f in FAMILIES if f[0] in letters]
+
+    class Ablation(MPLMM):
+        def __init__(self, prompt_length: int = 16, prompt_init: str = "uniform"):
+            super().__init__(chosen, prompt_length, prompt_init)
+
+    Ablation.__doc__ = f"MPLMM with prompts {chosen or 'none'} only (Table 3 ablation)."
+    Ablation.__qualname__ = Ablation.__name__ = f"MPLMM_{letters}"
+    return TRANSFORMS.register(f"mplmm_{letters}")(Ablation)
+
+
+ABLATIONS = {letters: _ablation(letters) for letters in ("g", "s", "t", "gs", "gt", "st", "none")}
