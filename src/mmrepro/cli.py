@@ -121,6 +121,14 @@ def cmd_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_missing_report(args: argparse.Namespace) -> int:
+    from mmrepro.report.missing import missing_report
+
+    missing_report(args.metrics, args.table, args.plot)
+    print(f"wrote {args.table}.{{md,csv}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrepro", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -178,6 +186,13 @@ def parser() -> argparse.ArgumentParser:
                    help="CSV of the paper's numbers (dataset,method,setting,metric,value,source) for a side column")
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)
+
+    s = sub.add_parser("missing-report", help="the missing study's per-available-set table (MPLMM's Table 1 "
+                                               "layout) and its curve over the test missing rate")
+    s.add_argument("--table", type=Path, required=True, help="output stem for the table files (md, csv)")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files (png, pdf)")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the missing study's runs")
+    s.set_defaults(func=cmd_missing_report)
 
     s = sub.add_parser("curves", help="plot per-epoch curves (utilisation, coefficients, validation loss) of runs")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")

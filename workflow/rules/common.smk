@@ -73,8 +73,13 @@ def paper_reference(study):
 
 
 def study_report(study):
-    """A study's table and plot, plus per-epoch curves for the studies that train."""
+    """A study's table and plot, plus per-epoch curves for the studies that train, and for a
+    missing study with per-case settings its Table 1 layout and test-rate curve."""
     curves = ["_curves"] if STUDY_KINDS[study] != "adapt" else []
-    return [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
+    files = [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
         f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ["", *curves] for ext in ("png", "pdf")
     ]
+    if study == "missing" and any(s["type"] in ("missing", "available") for s in config["studies"][study]["settings"].values()):
+        files += [f"{RESULTS}/tables/missing_cases.{ext}" for ext in ("md", "csv")]
+        files += [f"{RESULTS}/plots/missing_rates.{ext}" for ext in ("png", "pdf")]
+    return files
