@@ -126,6 +126,10 @@ def _check_names(config: dict[str, Any]) -> None:
             if ds not in config["datasets"]:
                 raise ConfigError(f"config key studies.{study}.datasets[{i}]: unknown dataset {ds!r}; "
                                   f"defined under datasets: {sorted(config['datasets'])}")
+        source = spec.get("pretrain_dataset")
+        if source is not None and source not in config["datasets"]:
+            raise ConfigError(f"config key studies.{study}.pretrain_dataset: unknown dataset {source!r}; "
+                              f"defined under datasets: {sorted(config['datasets'])}")
         for i, method in enumerate(spec["methods"]):
             try:
                 plan = resolve_method(method)
@@ -260,9 +264,16 @@ def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -
     own experiment.
     """
     finetune = STUDY_KINDS[study] == "finetune"
-    task = config["datasets"][dataset]["pretrain_task"] if finetune else study_task(config, study, dataset)
+    source = backbone_source(config, study, dataset)
+    task = config["datasets"][source]["pretrain_task"] if finetune else study_task(config, study, dataset)
     spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task)
-    return {**spec, "study": "backbones", "setting": f"for-{study}"}
+    return {**spec, "dataset": source, "study": "backbones", "setting": f"for-{study}"}
+
+
+def backbone_source(config: dict[str, Any], study: str, dataset: str) -> str:
+    """The dataset a study's backbone for ``dataset`` is trained on: the study's ``pretrain_dataset``
+    (MPLMM: CMU-MOSEI for every target dataset) or else ``dataset`` itself."""
+    return config["studies"][study].get("pretrain_dataset") or dataset
 
 
 def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:

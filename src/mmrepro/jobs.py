@@ -91,9 +91,22 @@ def _save_model(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> Non
     os.replace(tmp, path)
 
 
+#: Tensors that are specific to a dataset (input widths, outputs): a backbone pretrained on another
+#: dataset (``pretrain_dataset``) leaves them freshly initialised where their shapes differ.
+DATASET_SPECIFIC = ("encoders.", "head.out.")
+
+
 def _load_backbone(model: torch.nn.Module, path: Path) -> None:
-    saved = torch.load(path, map_location="cpu")
-    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+    saved = torch.load(path, map_location="cpu")["state_dict"]
+    own = model.state_dict()
+    differ = [k for k, v in saved.items() if k in own and own[k].shape != v.shape]
+    fresh = [k for k in differ if k.startswith(DATASET_SPECIFIC)]
+    if len(fresh) < len(differ):
+        raise ValueError(f"{path}: checkpoint does not fit the model (shapes differ: {sorted(set(differ) - set(fresh))})")
+    if fresh:
+        log.info("%s: %s start fresh (shapes differ from the pretraining dataset's)", path, fresh)
+    missing, unexpected = model.load_state_dict({k: v for k, v in saved.items() if k not in fresh}, strict=False)
+    missing = [k for k in missing if k not in fresh]
     if unexpected or missing:
         raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})")
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mmrepro.config import (
     STUDY_KINDS,
+    backbone_source,
     backbone_spec,
     dataset_path,
     dataset_spec,

@@ -27,7 +27,7 @@ rule init_tracking:
 
 rule backbone:
     input:
-        data=lambda wildcards: store(wildcards.dataset),
+        data=lambda wildcards: store(backbone_source(config, wildcards.study, wildcards.dataset)),
         tracking=rules.init_tracking.output,
     output:
         metrics=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/metrics.json",
