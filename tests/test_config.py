@@ -39,8 +39,10 @@ def _broken(mutate) -> str:
 @pytest.mark.parametrize("mutate, key", [
     (lambda c: c["studies"]["balance"].update(methods=["joint", "no_such_method"]), "studies.balance.methods[1]"),
     (lambda c: c["studies"]["balance"]["datasets"].append("imagenet"), "studies.balance.datasets[1]"),
-    (lambda c: c["studies"]["missing"]["settings"]["rate0.3"].update(rate=-0.1), "studies.missing.settings.rate0.3.rate"),
-    (lambda c: c["studies"]["missing"]["settings"]["rate0.3"].update(type="blur"), "studies.missing.settings.rate0.3.type"),
+    (lambda c: c["studies"]["missing"]["settings"]["rate0.7"].update(rate=-0.1), "studies.missing.settings.rate0.7.rate"),
+    (lambda c: c["studies"]["missing"]["settings"]["rate0.7"].update(type="blur"), "studies.missing.settings.rate0.7.type"),
+    (lambda c: c["studies"]["missing"]["settings"]["rate0.7"].update(redraw="never"),
+     "studies.missing.settings.rate0.7.redraw"),
     (lambda c: c["studies"]["shift"]["settings"]["source"].update(domian="x"), "studies.shift.settings.source"),
     (lambda c: c["train"].update(lr=-1), "train.lr"),
     (lambda c: c["studies"]["balance"]["settings"].update(only_x={"type": "subset", "modalities": ["smell"]}),
@@ -79,9 +81,10 @@ def test_unknown_method_message_lists_known_methods():
 
 
 def test_run_spec_resolves_plug_ins_and_setting():
-    spec = run_spec(default_config(), "missing", "synth", "joint", "rate0.3", 2)
-    assert spec["plan"] == {"transform": "full_finetune", "hook": "joint", "adapter": "source_only"}
-    assert spec["data_setting"] == {"type": "zero_fill", "params": {"rate": 0.3}}
+    spec = run_spec(default_config(), "missing", "synth", "modality_dropout", "rate0.7", 2)
+    assert spec["plan"] == {"transform": "modality_dropout", "hook": "joint", "adapter": "source_only"}
+    assert spec["data_setting"] == {"type": "missing",
+                                    "params": {"rate": 0.7, "test_rates": [0.0, 0.3, 0.5, 0.7, 0.9]}}
     assert spec["seed"] == 2 and spec["task"] == "main"
 
 
@@ -89,7 +92,7 @@ def test_study_grid_is_the_full_product():
     config = default_config()
     grid = study_grid(config, "missing")
     assert len(grid) == len(config["seeds"]) * 3
-    assert {g["setting"] for g in grid} == {"rate0.0", "rate0.3", "rate0.6"}
+    assert {g["method"] for g in grid} == {"mplmm", "modality_dropout", "modality_substitution"}
 
 
 def test_a_setting_can_restrict_its_methods():

@@ -157,6 +157,13 @@ def cmd_mechanisms_report(args: argparse.Namespace) -> int:
     for study in points["study"].unique():
         plot_mechanism(points, study, args.plots / study)
     print(f"wrote {args.table}.{{md,csv}} and one figure per study under {args.plots} from {len(args.points)} points")
+
+
+def cmd_missing_report(args: argparse.Namespace) -> int:
+    from mmrepro.report.missing import missing_report
+
+    missing_report(args.metrics, args.table, args.plot)
+    print(f"wrote {args.table}.{{md,csv}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
     return 0
 
 
@@ -236,6 +243,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--plots", type=Path, required=True, help="folder for one figure per study (png, pdf)")
     s.add_argument("points", nargs="+", type=Path, help="point JSON files written by `mmrepro mechanism`")
     s.set_defaults(func=cmd_mechanisms_report)
+
+    s = sub.add_parser("missing-report", help="the missing study's per-available-set table (MPLMM's Table 1 "
+                                               "layout) and its curve over the test missing rate")
+    s.add_argument("--table", type=Path, required=True, help="output stem for the table files (md, csv)")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files (png, pdf)")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the missing study's runs")
+    s.set_defaults(func=cmd_missing_report)
 
     s = sub.add_parser("curves", help="plot per-epoch curves (utilisation, coefficients, validation loss) of runs")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")

@@ -24,8 +24,8 @@ from mmrepro.models.segmentation import check_method_support
 SEGMENTATION_LOADERS = ("brats",)
 
 #: How each study produces its runs: trained per (method, setting), or a source model adapted at test time.
-STUDY_KINDS = {"balance": "train", "missing": "train", "peft": "finetune", "shift": "adapt"}
-#: Tracking experiments: one per study, plus one for the backbones that shift and peft start from.
+STUDY_KINDS = {"balance": "train", "missing": "finetune", "peft": "finetune", "shift": "adapt"}
+#: Tracking experiments: one per study, plus one for the backbones that shift, peft and missing start from.
 EXPERIMENTS = [*STUDY_KINDS, "backbones"]
 
 
@@ -127,6 +127,10 @@ def _check_names(config: dict[str, Any]) -> None:
             if ds not in config["datasets"]:
                 raise ConfigError(f"config key studies.{study}.datasets[{i}]: unknown dataset {ds!r}; "
                                   f"defined under datasets: {sorted(config['datasets'])}")
+        source = spec.get("pretrain_dataset")
+        if source is not None and source not in config["datasets"]:
+            raise ConfigError(f"config key studies.{study}.pretrain_dataset: unknown dataset {source!r}; "
+                              f"defined under datasets: {sorted(config['datasets'])}")
         for i, method in enumerate(spec["methods"]):
             try:
                 plan = resolve_method(method)
@@ -276,13 +280,22 @@ def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, sett
 def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -> dict[str, Any]:
     """The model a study starts from: plain joint training on complete source data.
 
-    ``shift`` adapts a model of the dataset's own task; ``peft`` fine-tunes one pretrained on the
-    dataset's pretraining task. Backbones are tracked in their own experiment.
+    ``shift`` adapts a model of the dataset's own task; ``peft`` and ``missing`` fine-tune one
+    pretrained on complete data of the dataset's pretraining task (MPLMM's stage 1: its prompts
+    train on a frozen backbone; the baselines fine-tune all of it). Backbones are tracked in their
+    own experiment.
     """
     finetune = STUDY_KINDS[study] == "finetune"
-    task = config["datasets"][dataset]["pretrain_task"] if finetune else study_task(config, study, dataset)
+    source = backbone_source(config, study, dataset)
+    task = config["datasets"][source]["pretrain_task"] if finetune else study_task(config, study, dataset)
     spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task)
-    return {**spec, "study": "backbones", "setting": f"for-{study}"}
+    return {**spec, "dataset": source, "study": "backbones", "setting": f"for-{study}"}
+
+
+def backbone_source(config: dict[str, Any], study: str, dataset: str) -> str:
+    """The dataset a study's backbone for ``dataset`` is trained on: the study's ``pretrain_dataset``
+    (MPLMM: CMU-MOSEI for every target dataset) or else ``dataset`` itself."""
+    return config["studies"][study].get("pretrain_dataset") or dataset
 
 
 def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:

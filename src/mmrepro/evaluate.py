@@ -79,3 +79,12 @@ def evaluate_model(model: torch.nn.Module, loader: SplitLoader, task: TaskSpec, 
             return meter.result()
         pred, y = predict(lambda b: model(b).pred, loader, device)
     return score(task, pred, y)
+
+
+def case_average(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """``{"test:avg": ...}``: each metric's mean over the ``test:available:...`` cases (at least two
+    of them, all multi-case settings), else ``{}``."""
+    cases = [v for k, v in metrics.items() if k.startswith("test:available:")]
+    if len(cases) < 2:
+        return {}
+    return {"test:avg": {k: float(np.mean([c[k] for c in cases])) for k in cases[0]}}

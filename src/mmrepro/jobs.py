@@ -21,7 +21,7 @@ import torch
 from mmrepro import reproducibility
 from mmrepro.data.loader import SplitLoader
 from mmrepro.data.store import FeatureStore
-from mmrepro.evaluate import evaluate_model, metric_kind, predict, score
+from mmrepro.evaluate import case_average, evaluate_model, metric_kind, predict, score
 from mmrepro.methods.balance.utilisation import with_utilisation
 from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build
 from mmrepro.methods.transforms import count_parameters
@@ -52,14 +52,32 @@ class RunData:
         self.modalities = self.setting.modalities(self.schema.modality_names)
         self.batch_size, self.seed = spec["train"]["batch_size"], spec["seed"]
 
-    def loader(self, split: str, shuffle: bool = False) -> SplitLoader:
+    def loader(self, split: str, shuffle: bool = False, case: np.ndarray | None = None) -> SplitLoader:
+        """``split``'s loader; ``case`` (a test case's ``(N, M)`` mask) replaces the setting's own draw."""
         name = self.setting.split_name(split)
         arrays = self.store.open_split(name)
         n, m = len(arrays["ids"]), len(self.schema.modalities)
         base = np.asarray(arrays["present"]) if "present" in arrays else np.ones((n, m), dtype=bool)
+        if case is not None:
+            present = base & case
+        elif self.setting.redraws(name):
+            present = lambda epoch: self.setting.present(name, base, epoch)  # noqa: E731
+        else:
+            present = self.setting.present(name, base)
         return SplitLoader(arrays, self.schema, self.task.name, batch_size=self.batch_size, shuffle=shuffle,
-                           seed=self.seed, present=self.setting.present(name, base), transform=self.setting.transform,
+                           seed=self.seed, present=present, transform=self.setting.transform,
                            modalities=self.modalities)
+
+    def evaluate(self, model: torch.nn.Module, device: str) -> dict[str, dict[str, float]]:
+        """Metrics on valid and test, on each of the setting's test cases (``test:<case>``) and, with
+        available-set cases, their mean (``test:avg``, MPLMM's Table 1 "Avg")."""
+        out = {split: evaluate_model(model, self.loader(split), self.task, device) for split in ("valid", "test")}
+        n = len(self.store.open_split(self.setting.split_name("test"))["ids"])
+        for case, mask in self.setting.test_cases(n, self.schema.modality_names).items():
+            out[f"test:{case}"] = (out["test"] if mask is None
+                                   else evaluate_model(model, self.loader("test", case=mask), self.task, device))
+        out.update(case_average(out))
+        return out
 
     def oracle(self, split: str) -> dict[str, float]:
         return self.store.oracle(self.setting.split_name(split), self.task.name)
@@ -78,9 +96,22 @@ def _save_model(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> Non
     os.replace(tmp, path)
 
 
+#: Tensors that are specific to a dataset (input widths, outputs): a backbone pretrained on another
+#: dataset (``pretrain_dataset``) leaves them freshly initialised where their shapes differ.
+DATASET_SPECIFIC = ("encoders.", "head.out.")
+
+
 def _load_backbone(model: torch.nn.Module, path: Path) -> None:
-    saved = torch.load(path, map_location="cpu")
-    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+    saved = torch.load(path, map_location="cpu")["state_dict"]
+    own = model.state_dict()
+    differ = [k for k, v in saved.items() if k in own and own[k].shape != v.shape]
+    fresh = [k for k in differ if k.startswith(DATASET_SPECIFIC)]
+    if len(fresh) < len(differ):
+        raise ValueError(f"{path}: checkpoint does not fit the model (shapes differ: {sorted(set(differ) - set(fresh))})")
+    if fresh:
+        log.info("%s: %s start fresh (shapes differ from the pretraining dataset's)", path, fresh)
+    missing, unexpected = model.load_state_dict({k: v for k, v in saved.items() if k not in fresh}, strict=False)
+    missing = [k for k in missing if k not in fresh]
     if unexpected or missing:
         raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})")
 
@@ -123,8 +154,7 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
                      checkpoint=out_dir / "last.ckpt", checkpoint_key=json.dumps(spec, sort_keys=True))
         model.load_state_dict(result.best_state)
         phases.lap("train")
-        metrics = {split: evaluate_model(model, data.loader(split), data.task, cfg.torch_device)
-                   for split in ("valid", "test")}
+        metrics = data.evaluate(model, cfg.torch_device)
         phases.lap("evaluate")
         summary = _summary(spec, data, metrics=metrics, oracle={s: data.oracle(s) for s in ("valid", "test") if data.oracle(s)},
                            ceiling={s: data.ceiling(s) for s in ("valid", "test") if data.ceiling(s)},

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mmrepro.config import (
     STUDY_KINDS,
+    backbone_source,
     backbone_spec,
     dataset_path,
     dataset_spec,
@@ -83,8 +84,13 @@ def paper_reference(study):
 
 
 def study_report(study):
-    """A study's runs in MLflow, its table and plot, plus per-epoch curves for the studies that train."""
+    """A study's runs in MLflow, its table and plot, plus per-epoch curves for the studies that train, and for a
+    missing study with per-case settings its Table 1 layout and test-rate curve."""
     curves = ["_curves"] if STUDY_KINDS[study] != "adapt" else []
-    return [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
+    files = [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
         f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ["", *curves] for ext in ("png", "pdf")
     ]
+    if study == "missing" and any(s["type"] in ("missing", "available") for s in config["studies"][study]["settings"].values()):
+        files += [f"{RESULTS}/tables/missing_cases.{ext}" for ext in ("md", "csv")]
+        files += [f"{RESULTS}/plots/missing_rates.{ext}" for ext in ("png", "pdf")]
+    return files

@@ -49,6 +49,27 @@ rule curves:
         "mmrepro curves --plot {params.plot} {input} > {log} 2>&1"
 
 
+rule missing_report:
+    input:
+        lambda wildcards: study_metrics("missing"),
+    output:
+        multiext(f"{RESULTS}/tables/missing_cases", ".md", ".csv"),
+        multiext(f"{RESULTS}/plots/missing_rates", ".png", ".pdf"),
+    params:
+        table=f"{RESULTS}/tables/missing_cases",
+        plot=f"{RESULTS}/plots/missing_rates",
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/report/missing_cases.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "mmrepro missing-report --table {params.table} --plot {params.plot} {input} > {log} 2>&1"
+
+
 for _study in config["studies"]:
 
     rule:

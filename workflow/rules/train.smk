@@ -1,10 +1,10 @@
-# Training: one job per (study, dataset, method, setting, seed), and the backbones that the shift
-# and peft studies start from. Every job waits for the MLflow store (rules/tracking.smk).
+# Training: one job per (study, dataset, method, setting, seed), and the backbones that the shift,
+# peft and missing studies start from. Every job waits for the MLflow store (rules/tracking.smk).
 
 
 rule backbone:
     input:
-        data=lambda wildcards: store(wildcards.dataset),
+        data=lambda wildcards: store(backbone_source(config, wildcards.study, wildcards.dataset)),
         tracking=rules.init_tracking.output,
     output:
         metrics=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/metrics.json",
@@ -15,7 +15,7 @@ rule backbone:
         ),
         out_dir=lambda wildcards, output: Path(output.model).parent,
     wildcard_constraints:
-        study="shift|peft",
+        study="shift|peft|missing",
     conda:
         CONDA_ENV
     log:

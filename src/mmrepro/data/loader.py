@@ -12,7 +12,7 @@ split, and the shuffle order depends only on ``(seed, epoch)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -48,11 +48,13 @@ class Batch:
 class SplitLoader:
     """Iterates over one split in batches; ``present`` and ``transform`` come from the data setting.
 
-    ``present`` (one column per dataset modality) defaults to the store's own mask or all-present.
+    ``present`` (one column per dataset modality) defaults to the store's own mask or all-present;
+    a callable ``present(epoch)`` gives a fresh mask per epoch (missing patterns redrawn each epoch).
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], schema: DatasetSchema, task: str, *,
-                 batch_size: int, shuffle: bool, seed: int, present: np.ndarray | None = None,
+                 batch_size: int, shuffle: bool, seed: int,
+                 present: np.ndarray | Callable[[int], np.ndarray] | None = None,
                  transform=None, modalities: list[str] | None = None):
         self.arrays, self.schema = arrays, schema
         self.task = schema.task(task)
@@ -63,9 +65,11 @@ class SplitLoader:
         if present is None:
             present = np.asarray(arrays["present"]) if "present" in arrays else np.ones((self.n, len(schema.modalities)), bool)
         # ``present`` has one column per dataset modality; keep those of the modalities read here
-        self.present = present[:, [schema.modality_names.index(m) for m in self.modalities]]
+        self._columns = [schema.modality_names.index(m) for m in self.modalities]
+        self._present_for = present if callable(present) else None
         self.transform = transform
         self.epoch = 0
+        self.present = (present if self._present_for is None else self._present_for(0))[:, self._columns]
 
     def __len__(self) -> int:
         return (self.n + self.batch_size - 1) // self.batch_size
@@ -75,6 +79,8 @@ class SplitLoader:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
         else:
             order = np.arange(self.n)
+        if self._present_for is not None:
+            self.present = self._present_for(self.epoch)[:, self._columns]
         self.epoch += 1
         for start in range(0, self.n, self.batch_size):
             yield self.batch(np.sort(order[start:start + self.batch_size]))

@@ -42,6 +42,7 @@ Stage API of ``mplmm_mult`` (:class:`MulTModel`), for model transforms such as M
   memory transformer's scaling and positions), so the readout, the memory output's last
   position, is a suffix token. ``model.fusion.memory_dim`` is that width ``(M-1) d``.
 - ``model(batch)`` is ``forward_from_projected(*model.project(batch))``.
+- ``model.max_lengths[m]``: the schema's (maximum) sequence length ``T_m`` of each modality.
 
 Config: ``model.backbone`` names the preset; ``d_model``, ``layers``, ``heads`` and (cggm)
 ``fusion_layers`` come from the model config; ``model.dropouts`` overrides single sites of the
@@ -232,7 +233,9 @@ def build_preset(name: str, schema: DatasetSchema, task: TaskSpec, names: list[s
         encoders = {m: SequenceEncoder(dims[m], d_model, bias=False, input_dropout=drop.embed if i == 0 else 0.0)
                     for i, m in enumerate(names)}
         fusion = MulTFusion(names, d_model, heads, layers, drop, causal, position_padding)
-        return MulTModel(encoders, fusion, PredictionHead(fusion.out_dim, out_dim, drop.out), task)
+        model = MulTModel(encoders, fusion, PredictionHead(fusion.out_dim, out_dim, drop.out), task)
+        model.max_lengths = {m: schema.modality(m).length for m in names}  # prompts sized per modality need them
+        return model
     if name == "casp_early":
         encoders = {m: SequenceEncoder(dims[m], d_model, bias=True) for m in names}
         fusion = TimeConcatFusion(names, encoder(layers), d_model)

@@ -1,0 +1,132 @@
+"""The missing study's own outputs: MPLMM's Table 1 layout and the curve over the test missing rate.
+
+Why a separate report: the generic table has one column per metric on the plain test split; the
+missing study scores each run on one test case per available set (``test:available:<set>``),
+their mean (``test:avg``) and a sweep of test missing rates (``test:rate:<r>``), all written by
+the runs into ``metrics.json``. Here:
+
+- :func:`case_table`: one row per (dataset, method, case, metric): mean and sample std over
+  seeds, seed count, and the method's trainable parameters and their share of all parameters.
+  A lower-bound run (``available`` setting) holds one case, the set it was trained on; its
+  ``avg`` is the mean of the per-set models, seed by seed, like the paper's LB row. The Table 3
+  ablation rows are the ``mplmm_<letters>`` methods.
+- :func:`write_case_table`: that frame as CSV, and as Markdown in the paper's layout (methods x
+  available sets + Avg, one block per dataset and metric).
+- :func:`plot_rate_curves`: the task's main metric against the test missing rate, one line per method.
+
+Metrics shown (:data:`CASE_METRICS`): ACC/F1 of the binary task for every dataset (regression:
+the non-zero Acc-2 and F1), plus MAE, Corr and Acc-7 for MOSI-style regression.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from .plots import metric_label
+from .tables import MAIN_METRIC, _atomic_write, _atomic_write_text, _with_suffix, load_runs
+
+__all__ = ["CASE_METRICS", "case_table", "write_case_table", "plot_rate_curves", "missing_report"]
+
+CASE_METRICS: dict[str, tuple[str, ...]] = {
+    "regression": ("acc2_non0", "f1_non0", "mae", "corr", "acc7"),
+    "sims_regression": ("acc2", "f1", "mae", "corr"),
+    "classification": ("acc", "f1_weighted"),
+}
+CASE_PREFIX, AVG, RATE_PREFIX = "test:available:", "test:avg", "test:rate:"
+
+
+def _totals(paths: pd.Series) -> dict[str, int]:
+    return {p: int(json.loads(Path(p).read_text())["total_params"]) for p in pd.unique(paths)}
+
+
+def case_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Long frame ``dataset, method, case, metric, mean, std, n, trainable_params, trainable_share``."""
+    df = runs[runs["split"].str.startswith(CASE_PREFIX)].copy()
+    if df.empty:
+        raise ValueError("no test:available:<set> cases in these runs (is the setting 'missing' or 'available'?)")
+    df["case"] = df["split"].str.removeprefix(CASE_PREFIX)
+    df = df[[m in CASE_METRICS.get(t, ()) for t, m in zip(df["task"], df["metric"])]]
+    # one value per (dataset, method, case, metric, seed): a case comes from one run of the seed
+    per_seed = df.groupby(["dataset", "method", "case", "metric", "seed"], sort=False)["value"].mean().reset_index()
+    avg = per_seed.groupby(["dataset", "method", "metric", "seed"], sort=False)["value"].mean().reset_index()
+    avg["case"] = "avg"
+    both = pd.concat([per_seed, avg[per_seed.columns]], ignore_index=True)
+    out = both.groupby(["dataset", "method", "case", "metric"], sort=False)["value"].agg(
+        mean="mean", std=lambda v: v.std(ddof=1) if len(v) > 1 else np.nan, n="count").reset_index()
+    totals = _totals(runs["path"])
+    params = runs.groupby(["dataset", "method"], sort=False).agg(
+        trainable_params=("trainable_params", "first"), path=("path", "first")).reset_index()
+    params["trainable_share"] = params["trainable_params"] / params["path"].map(totals)
+    return out.merge(params.drop(columns="path"), on=["dataset", "method"], how="left")
+
+
+def _markdown(table: pd.DataFrame, digits: int = 3) -> str:
+    lines = ["Mean ± sample std over seeds, per available test set and their mean (Avg); "
+             "trainable parameters and their share of the model.", ""]
+    for (dataset, metric), g in table.groupby(["dataset", "metric"], sort=False):
+        cases = [c for c in pd.unique(g["case"]) if c != "avg"] + ["avg"]
+        lines += [f"### {dataset}: {metric}", "",
+                  "| method | " + " | ".join(cases) + " | trainable (share) |",
+                  "|---" * (len(cases) + 2) + "|"]
+        for method, rows in g.groupby("method", sort=False):
+            cell = {r.case: (f"{r.mean:.{digits}f}" + ("" if np.isnan(r.std) else f" ± {r.std:.{digits}f}"))
+                    for r in rows.itertuples()}
+            first = rows.iloc[0]
+            lines.append(f"| {method} | " + " | ".join(cell.get(c, "") for c in cases)
+                         + f" | {int(first.trainable_params):,} ({first.trainable_share:.1%}) |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_case_table(table: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Write ``stem.csv`` (the long frame) and ``stem.md`` (the paper's layout)."""
+    stem = Path(stem)
+    csv, md = _with_suffix(stem, ".csv"), _with_suffix(stem, ".md")
+    _atomic_write_text(csv, table.to_csv(index=False))
+    _atomic_write_text(md, _markdown(table))
+    return [csv, md]
+
+
+def plot_rate_curves(runs: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Write ``stem.png``/``.pdf``: main metric (mean ± std over seeds) against the test missing rate."""
+    df = runs[runs["split"].str.startswith(RATE_PREFIX)].copy()
+    datasets = sorted(pd.unique(df["dataset"]))
+    fig = Figure(figsize=(5 * max(len(datasets), 1), 4))
+    FigureCanvasAgg(fig)
+    if df.empty:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no test_rates in these runs", ha="center", va="center")
+        ax.set_axis_off()
+    for i, dataset in enumerate(datasets):
+        ax = fig.add_subplot(1, len(datasets), i + 1)
+        d = df[df["dataset"] == dataset]
+        metric = MAIN_METRIC[d["task"].iloc[0]]
+        d = d[d["metric"] == metric].assign(rate=lambda f: f["split"].str.removeprefix(RATE_PREFIX).astype(float))
+        for method, g in d.groupby("method", sort=False):
+            stats = g.groupby("rate")["value"].agg(["mean", "std"]).sort_index()
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method)
+        ax.set_xlabel("test missing rate")
+        ax.set_ylabel(metric_label(metric))
+        ax.set_title(dataset)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths = []
+    for ext in (".png", ".pdf"):
+        path = _with_suffix(Path(stem), ext)
+        _atomic_write(path, lambda fh, e=ext: fig.savefig(fh, format=e[1:]))
+        paths.append(path)
+    return paths
+
+
+def missing_report(metrics: list[Path], table: Path, plot: Path) -> None:
+    """The CLI's ``missing-report``: both outputs from the runs' ``metrics.json`` files."""
+    runs = load_runs(metrics)
+    write_case_table(case_table(runs), table)
+    plot_rate_curves(runs, plot)
