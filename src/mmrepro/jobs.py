@@ -21,6 +21,7 @@ from mmrepro import reproducibility
 from mmrepro.data.loader import SplitLoader
 from mmrepro.data.store import FeatureStore
 from mmrepro.evaluate import evaluate_model, metric_kind, predict, score
+from mmrepro.methods.adapters import SplitPool
 from mmrepro.methods.balance.utilisation import with_utilisation
 from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build
 from mmrepro.methods.transforms import count_parameters
@@ -50,8 +51,9 @@ class RunData:
         self.modalities = self.setting.modalities(self.schema.modality_names)
         self.batch_size, self.seed = spec["train"]["batch_size"], spec["seed"]
 
-    def loader(self, split: str, shuffle: bool = False) -> SplitLoader:
-        name = self.setting.split_name(split)
+    def loader(self, split: str, shuffle: bool = False, target: bool = False) -> SplitLoader:
+        """``target``: the data setting's target version of ``split`` (what a test-time adapter reads)."""
+        name = self.setting.target_split(split) if target else self.setting.split_name(split)
         arrays = self.store.open_split(name)
         n, m = len(arrays["ids"]), len(self.schema.modalities)
         base = np.asarray(arrays["present"]) if "present" in arrays else np.ones((n, m), dtype=bool)
@@ -127,7 +129,13 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
 
 
 def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
-    """Adapt a trained model to the spec's target split with the spec's test-time adapter."""
+    """Adapt a trained model to the spec's target with the spec's test-time adapter; score the target test split.
+
+    An offline adapter first adapts on the target's unlabelled train split; the target test error
+    is recorded before and after each of its epochs. An online adapter adapts as the test stream
+    passes; the error of each batch is recorded. Labels never reach the adapter, except the target
+    validation callback of one that declares label use (then ``target_labels_used`` is true).
+    """
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
@@ -140,17 +148,33 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     adapter = build(ADAPTERS, spec["plan"]["adapter"], spec["method_params"][spec["plan"]["adapter"]], model=model)
     uri = tracking_uri(spec["results"], spec["tracking_uri"])
     history: list[dict[str, float]] = []
-    with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:
-        def on_batch(step: int, pred: np.ndarray, y: np.ndarray) -> None:
-            values = {"stream_batch_loss": float(np.abs(pred - y).mean()) if data.task.type == "regression"
-                      else float((pred.argmax(-1) != y).mean())}
-            history.append({"step": step, **values})
-            run.log_metrics(values, step=step)
 
-        pred, y = predict(adapter.predict, data.loader("test"), device, on_batch=on_batch)
+    def error(pred: np.ndarray, y: np.ndarray) -> float:
+        return float(np.abs(pred - y).mean()) if data.task.type == "regression" else float((pred.argmax(-1) != y).mean())
+
+    with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:
+        def record(unit: str, step: int, value: float) -> None:
+            history.append({unit: step, "target_error": value})
+            run.log_metrics({f"target_error_per_{unit}": value}, step=step)
+
+        if adapter.offline:
+            def on_epoch(epoch: int) -> None:
+                record("epoch", epoch, error(*predict(adapter.predict, data.loader("test"), device)))
+
+            validate = None
+            if adapter.uses_target_labels:
+                validate = lambda: evaluate_model(model, data.loader("valid", target=True), data.task, device)  # noqa: E731
+            on_epoch(0)
+            adapter.adapt(SplitPool(data.loader("train", target=True), device), on_epoch=on_epoch, validate=validate)
+            pred, y = predict(adapter.predict, data.loader("test"), device)
+        else:
+            pred, y = predict(adapter.predict, data.loader("test"), device,
+                              on_batch=lambda step, p, y: record("batch", step, error(p, y)))
         trainable, total = count_parameters(model)
         summary = _summary(spec, data, metrics={"test": score(data.task, pred, y)},
                            oracle={"test": data.oracle("test")} if data.oracle("test") else {},
+                           protocol="offline" if adapter.offline else "online",
+                           target_labels_used=adapter.uses_target_labels,
                            trainable_params=trainable, total_params=total)
         _finish(run, out_dir, spec, summary, history)
     return summary

@@ -51,7 +51,7 @@ METHOD_FAMILIES = {"transform": TRANSFORMS, "hook": HOOKS, "adapter": ADAPTERS}
 
 def _load_plugins() -> None:
     """Import the modules that register plug-ins (kept here so the registries are never empty)."""
-    from mmrepro.methods import adapters, balance, hooks, peft, settings, transforms  # noqa: F401
+    from mmrepro.methods import adapters, balance, casp, hooks, peft, settings, transforms  # noqa: F401
 
 
 @dataclass(frozen=True)
