@@ -107,7 +107,8 @@ def test_subset_of_modalities():
 
 
 def test_unknown_backbone_names_known_ones():
-    with pytest.raises(ValueError, match=r"unknown backbone 'gru'; known: \['concat', 'late', 'mult'\]"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'gru'; known: \['casp_early', 'casp_late', 'cggm_food', 'cggm_msa', 'concat', 'late', "
+                       r"'mplmm_mult', 'mult'\]"):
         build_model(SCHEMA, REG, backbone="gru", d_model=D_MODEL, layers=1, heads=2, kernel=1, dropout=0.0,
                     fusion_layers=1)
 

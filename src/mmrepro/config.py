@@ -17,6 +17,7 @@ import yaml
 
 from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, resolve_method
 from mmrepro.models.fusion import FUSIONS
+from mmrepro.models.presets import PRESETS
 from mmrepro.models.segmentation import check_method_support
 
 #: Loaders whose task is per-voxel segmentation (a model and method subset of their own).
@@ -154,11 +155,11 @@ def _check_names(config: dict[str, Any]) -> None:
                 raise ConfigError(f"config key {key}: {e}") from None
         for ds in spec["datasets"]:
             backbone = model_config(config, study, ds)["backbone"]
-            if backbone not in FUSIONS:
+            if backbone not in FUSIONS and backbone not in PRESETS:
                 where = (f"studies.{study}.per_dataset.{ds}" if "backbone" in _override(config, study, ds).get("model", {})
                          else f"studies.{study}")
                 raise ConfigError(f"config key {where}.model.backbone: unknown backbone {backbone!r}; "
-                                  f"known: {sorted(FUSIONS)}")
+                                  f"known: {sorted([*FUSIONS, *PRESETS])}")
         for run in study_grid(config, study):
             if config["datasets"][run["dataset"]]["loader"] in SEGMENTATION_LOADERS:
                 try:

@@ -34,14 +34,23 @@ class ModelOutput:
 
 
 class PredictionHead(nn.Module):
-    """Residual two-layer MLP then a linear ``out`` layer (the layout of MulT's and CGGM's heads)."""
+    """Residual two-layer MLP then a linear ``out`` layer (the layout of MulT's and CGGM's heads).
 
-    def __init__(self, in_dim: int, out_dim: int, dropout: float):
+    ``hidden``: first map the input to that width with Linear + ReLU (CASP's late-fusion head,
+    ``3d -> d``); the residual MLP and ``out`` then work at ``hidden``.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float, hidden: int | None = None):
         super().__init__()
+        if hidden is not None:
+            self.pre = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU())
+            in_dim = hidden
         self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Dropout(dropout), nn.Linear(in_dim, in_dim))
         self.out = nn.Linear(in_dim, out_dim)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "pre"):
+            h = self.pre(h)
         return self.out(h + self.mlp(h))
 
 
@@ -61,8 +70,12 @@ class MultimodalModel(nn.Module):
         return tokens, pads
 
     def forward(self, batch: Batch) -> ModelOutput:
-        tokens, pads = self.encode(batch)
-        fused = self.fusion(tokens, pads)
+        return self.forward_tokens(*self.encode(batch))
+
+    def forward_tokens(self, tokens: dict[str, torch.Tensor], pads: dict[str, torch.Tensor],
+                       **fusion_kwargs) -> ModelOutput:
+        """Everything after :meth:`encode`: fusion, head, output (a model transform may edit the tokens)."""
+        fused = self.fusion(tokens, pads, **fusion_kwargs)
         pred = self.head(fused)
         if self.task_type == "regression":
             pred = pred.squeeze(-1)
@@ -72,7 +85,8 @@ class MultimodalModel(nn.Module):
 
 def build_model(schema: DatasetSchema, task: TaskSpec, *, backbone: str, d_model: int, layers: int,
                 heads: int, kernel: int, dropout: float, fusion_layers: int,
-                modalities: list[str] | None = None) -> nn.Module:
+                modalities: list[str] | None = None, dropouts: dict[str, float] | None = None,
+                causal: bool | None = None, position_padding: bool = False) -> nn.Module:
     """One builder for every backbone, as torchvision's model builders: plain arguments in, module out.
 
     A ``segmentation`` task always gets the 3-D U-Net of :mod:`mmrepro.models.segmentation`
@@ -80,18 +94,29 @@ def build_model(schema: DatasetSchema, task: TaskSpec, *, backbone: str, d_model
     config is shared by all its datasets, so ``backbone`` may still name a sequence fusion
     (``late``/``mult``, then ignored) or be ``unet3d``; ``heads``, ``kernel`` and
     ``fusion_layers`` do not apply. ``unet3d`` for a sequence task is an error.
+
+    The papers' backbones (``casp_late``, ``casp_early``, ``cggm_msa``, ``cggm_food``,
+    ``mplmm_mult``) are built by :func:`mmrepro.models.presets.build_preset` from ``d_model``,
+    ``layers``, ``heads``, ``fusion_layers`` and the preset-only ``dropouts`` (per site; missing
+    sites take the preset's official value), ``causal`` (None = preset default) and
+    ``position_padding``; ``kernel`` and ``dropout`` do not apply to them.
     """
-    from mmrepro.models.segmentation import BACKBONE, unet3d  # it imports ModelOutput from here
+    from mmrepro.models.presets import PRESETS, build_preset  # they import from here
+    from mmrepro.models.segmentation import BACKBONE, unet3d
 
     if task.type == "segmentation":
-        if backbone != BACKBONE and backbone not in FUSIONS:
-            raise ValueError(f"unknown backbone {backbone!r}; known: {sorted([*FUSIONS, BACKBONE])}")
+        if backbone != BACKBONE and backbone not in FUSIONS and backbone not in PRESETS:
+            raise ValueError(f"unknown backbone {backbone!r}; known: {sorted([*FUSIONS, *PRESETS, BACKBONE])}")
         return unet3d(schema, task, d_model=d_model, layers=layers, dropout=dropout, modalities=modalities)
     if backbone == BACKBONE:
         raise ValueError(f"backbone {BACKBONE!r} is for segmentation tasks; task {task.name!r} is {task.type}")
-    if backbone not in FUSIONS:
-        raise ValueError(f"unknown backbone {backbone!r}; known: {sorted(FUSIONS)}")
     names = modalities or schema.modality_names
+    if backbone in PRESETS:
+        return build_preset(backbone, schema, task, names, d_model=d_model, layers=layers, heads=heads,
+                            fusion_layers=fusion_layers, dropouts=dropouts, causal=causal,
+                            position_padding=position_padding)
+    if backbone not in FUSIONS:
+        raise ValueError(f"unknown backbone {backbone!r}; known: {sorted([*FUSIONS, *PRESETS])}")
     encoders = {m: ModalityEncoder(schema.modality(m).dim, schema.modality(m).length, d_model, layers, heads,
                                    kernel, dropout) for m in names}
     fusion = FUSIONS[backbone](names, d_model=d_model, dropout=dropout, heads=heads, layers=fusion_layers)

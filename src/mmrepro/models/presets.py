@@ -1,0 +1,245 @@
+"""The papers' own backbones, wired from :class:`mmrepro.models.transformer.TransformerEncoder`.
+
+Each preset is the official model's layout (read from the authors' code) as a
+:class:`~mmrepro.models.multimodal.MultimodalModel` (``encoders`` per modality, a ``fusion``, a
+``head`` with its ``out`` layer), so every hook and adapter that works on the model's parts
+works on them. ``enc(d, L) = L (12 d^2 + 13 d) + 2 d`` is one encoder's parameter count, ``D_m``
+the input widths, ``M`` the modalities, ``K`` the outputs (1 for regression):
+
+- ``casp_late`` (CASP's late fusion; Wander's MOSI base): per modality a 1x1 Conv1d with bias
+  ``D_m -> d`` and an encoder of ``layers``; each encoder's output at step 0, concatenated
+  (``M d``: the ``representation`` CASP contrasts, also ``fused``) -> head ``Linear(M d, d)`` + ReLU,
+  residual MLP ``d -> d -> d``, ``Linear(d, K)``.
+  Parameters ``sum_m (D_m d + d) + M enc(d, L) + (M d^2 + d) + 2 (d^2 + d) + (d + 1) K``.
+- ``casp_early``: the projected sequences concatenated along time, one encoder of ``layers``,
+  step 0 (``fused`` = ``representation``, ``d``) -> residual MLP -> ``Linear(d, K)``.
+  Parameters ``sum_m (D_m d + d) + enc(d, L) + 2 (d^2 + d) + (d + 1) K``.
+- ``cggm_msa`` (CGGM's MOSI/IEMOCAP "MSA model") and ``cggm_food`` (its Food-101 model: the same
+  wiring for image + text, with the Food run script's dropouts): ``casp_late``'s per-modality
+  encoders, then their full outputs concatenated along time into a fusion encoder of
+  ``fusion_layers`` layers (the code's ``nlevels - 2``), step 0 -> residual MLP -> ``Linear(d, K)``.
+  CGGM's unimodal classifiers belong to its training hook, not here. Parameters
+  ``sum_m (D_m d + d) + M enc(d, L) + enc(d, F) + 2 (d^2 + d) + (d + 1) K``. (The official Food
+  model projects the text with the image's Conv1d and leaves its text Conv1d unused; here each
+  modality uses its own: same parameter count.)
+- ``mplmm_mult`` (MulT as MPLMM uses it): per modality a 1x1 Conv1d without bias ``D_m -> d``
+  (the first modality's raw input, MulT's text, gets the embedding dropout first, as in the code);
+  for every ordered pair a crossmodal encoder (target ``t`` queries source ``s``, ``layers``);
+  per target a memory encoder of width ``(M-1) d`` and ``max(layers, 3)`` layers over the
+  concatenation of its crossmodal outputs (sources in modality order); each memory output at the
+  LAST step, concatenated (``W = M (M-1) d``) -> residual MLP ``W -> W -> W`` -> ``Linear(W, K)``.
+  MulT's causal mask is on by default. Parameters besides the input projections and output layer
+  ``M (M-1) enc(d, L) + M enc((M-1) d, max(L, 3)) + 2 (W^2 + W)``.
+
+Stage API of ``mplmm_mult`` (:class:`MulTModel`), for model transforms such as MPLMM's prompts:
+
+- ``projected, pads = model.project(batch)``: per modality the ``(B, T_m, d)`` projected sequence
+  and its ``(B, T_m)`` padding mask (True = padded). A transform may replace or add to any
+  ``projected[m]`` (e.g. a generated missing modality, or signal prompts added) keeping its shape.
+- ``model.forward_from_projected(projected, pads, memory_suffix=None) -> ModelOutput``: the
+  crossmodal and memory transformers and the head. ``memory_suffix[t]`` ``(B, l, (M-1) d)`` is
+  appended at the END of target ``t``'s memory input (after the crossmodal streams, before the
+  memory transformer's scaling and positions), so the readout, the memory output's last
+  position, is a suffix token. ``model.fusion.memory_dim`` is that width ``(M-1) d``.
+- ``model(batch)`` is ``forward_from_projected(*model.project(batch))``.
+
+Config: ``model.backbone`` names the preset; ``d_model``, ``layers``, ``heads`` and (cggm)
+``fusion_layers`` come from the model config; ``model.dropouts`` overrides single sites of the
+preset defaults below (the official run scripts'); ``model.causal`` (None = preset default) and
+``model.position_padding`` (the official position rule) as in :mod:`mmrepro.models.transformer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmrepro.data.loader import Batch
+from mmrepro.data.schema import DatasetSchema, TaskSpec
+from mmrepro.models.encoders import attention_mask, padding_mask
+from mmrepro.models.multimodal import ModelOutput, MultimodalModel, PredictionHead
+from mmrepro.models.transformer import Dropouts, TransformerEncoder, encoder_params
+
+#: Official run-script dropouts per preset (CASP: its training script; CGGM: run/mosi_run.py and
+#: run/food_run.py; MPLMM: main.py) and whether MulT's causal mask is on.
+PRESET_DEFAULTS: dict[str, tuple[Dropouts, bool]] = {
+    "casp_late": (Dropouts(attn=0.1, relu=0.1, res=0.1, embed=0.25, out=0.0), False),
+    "casp_early": (Dropouts(attn=0.1, relu=0.1, res=0.1, embed=0.25, out=0.0), False),
+    "cggm_msa": (Dropouts(attn=0.15, relu=0.15, res=0.1, embed=0.2, out=0.1), False),
+    "cggm_food": (Dropouts(attn=0.2, relu=0.15, res=0.15, embed=0.2, out=0.1), False),
+    "mplmm_mult": (Dropouts(attn=0.1, relu=0.1, res=0.1, embed=0.25, out=0.1), True),
+}
+PRESETS = tuple(PRESET_DEFAULTS)
+
+
+def key_padding(pad: torch.Tensor) -> torch.Tensor | None:
+    """The keys to mask for a ``(B, T)`` padding mask; None when nothing is padded (no mask built)."""
+    return attention_mask(pad) if bool(pad.any()) else None
+
+
+class SequenceEncoder(nn.Module):
+    """A modality's input stage: a 1x1 Conv1d to ``d`` (run as a matrix product), optionally an encoder.
+
+    Returns the ``(B, T, d)`` tokens (padded steps zeroed when there are any) and the padding mask.
+    """
+
+    def __init__(self, in_dim: int, d: int, bias: bool, transformer: TransformerEncoder | None = None,
+                 input_dropout: float = 0.0):
+        super().__init__()
+        self.proj = nn.Conv1d(in_dim, d, kernel_size=1, bias=bias)
+        self.transformer = transformer
+        self.input_dropout = input_dropout
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = padding_mask(lengths, x.shape[1])
+        keys = key_padding(pad)
+        x = F.dropout(x, self.input_dropout, self.training)
+        if keys is not None:
+            x = x.masked_fill(pad.unsqueeze(-1), 0.0)
+        h = F.linear(x, self.proj.weight.squeeze(-1), self.proj.bias)
+        if self.transformer is not None:
+            h = self.transformer(h, key_pad=keys)
+        if keys is not None:
+            h = h.masked_fill(pad.unsqueeze(-1), 0.0)
+        return h, pad
+
+
+class FirstSteps(nn.Module):
+    """CASP's late fusion: every modality's encoder output at step 0, concatenated."""
+
+    def __init__(self, names: list[str], d: int):
+        super().__init__()
+        self.names, self.out_dim = names, d * len(names)
+
+    def forward(self, tokens: dict[str, torch.Tensor], pads: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([tokens[m][:, 0] for m in self.names], dim=-1)
+
+
+class TimeConcatFusion(nn.Module):
+    """The modalities' sequences concatenated along time, one encoder, its output at step 0."""
+
+    def __init__(self, names: list[str], transformer: TransformerEncoder, d: int):
+        super().__init__()
+        self.names, self.transformer, self.out_dim = names, transformer, d
+
+    def forward(self, tokens: dict[str, torch.Tensor], pads: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = torch.cat([tokens[m] for m in self.names], dim=1)
+        pad = torch.cat([pads[m] for m in self.names], dim=1)
+        return self.transformer(h, key_pad=key_padding(pad))[:, 0]
+
+
+class MulTFusion(nn.Module):
+    """MulT's crossmodal transformers (every ordered pair) and memory transformers (per target)."""
+
+    def __init__(self, names: list[str], d: int, heads: int, layers: int, dropouts: Dropouts, causal: bool,
+                 position_padding: bool):
+        super().__init__()
+        self.names = names
+        self.memory_dim = d * (len(names) - 1)
+        self.out_dim = self.memory_dim * len(names)
+        self.cross = nn.ModuleDict({
+            f"{s}->{t}": TransformerEncoder(d, heads, layers, dropouts, causal, position_padding)
+            for t in names for s in names if s != t})
+        self.memory = nn.ModuleDict({
+            t: TransformerEncoder(self.memory_dim, heads, max(layers, 3), dropouts, causal, position_padding)
+            for t in names})
+
+    def forward(self, tokens: dict[str, torch.Tensor], pads: dict[str, torch.Tensor],
+                memory_suffix: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        keys = {m: key_padding(pads[m]) for m in self.names}
+        last = []
+        for t in self.names:
+            h = torch.cat([self.cross[f"{s}->{t}"](tokens[t], tokens[s], key_pad=keys[s])
+                           for s in self.names if s != t], dim=-1)
+            key = keys[t]
+            if memory_suffix is not None and t in memory_suffix:
+                suffix = memory_suffix[t]
+                h = torch.cat([h, suffix.to(h.dtype)], dim=1)
+                if key is not None:
+                    key = torch.cat([key, key.new_zeros(key.shape[0], suffix.shape[1])], dim=1)
+            last.append(self.memory[t](h, key_pad=key)[:, -1])
+        return torch.cat(last, dim=-1)
+
+
+class MulTModel(MultimodalModel):
+    """``mplmm_mult``: :class:`MultimodalModel` whose encoders only project, with MPLMM's two stages."""
+
+    def project(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per modality the ``(B, T_m, d)`` projected input and its ``(B, T_m)`` padding mask."""
+        return self.encode(batch)
+
+    def forward_from_projected(self, projected: dict[str, torch.Tensor], pads: dict[str, torch.Tensor],
+                               memory_suffix: Mapping[str, torch.Tensor] | None = None) -> ModelOutput:
+        """Crossmodal + memory transformers and head; ``memory_suffix[t]`` ``(B, l, memory_dim)`` tokens
+        are appended to target ``t``'s memory input, whose last position is read out."""
+        return self.forward_tokens(projected, pads, memory_suffix=memory_suffix)
+
+
+def preset_params(name: str, dims: list[int], d: int, layers: int, fusion_layers: int, out_dim: int) -> int:
+    """The formula of each preset's parameter count (module docstring), for tests and reports."""
+    m, head = len(dims), 2 * (d * d + d) + (d + 1) * out_dim
+    proj = sum(dims) * d + m * d
+    if name == "casp_late":
+        return proj + m * encoder_params(d, layers) + m * d * d + d + head
+    if name == "casp_early":
+        return proj + encoder_params(d, layers) + head
+    if name in ("cggm_msa", "cggm_food"):
+        return proj + m * encoder_params(d, layers) + encoder_params(d, fusion_layers) + head
+    if name == "mplmm_mult":
+        w = m * (m - 1) * d
+        return (sum(dims) * d + m * (m - 1) * encoder_params(d, layers)
+                + m * encoder_params((m - 1) * d, max(layers, 3)) + 2 * (w * w + w) + (w + 1) * out_dim)
+    raise ValueError(f"unknown preset {name!r}; known: {list(PRESETS)}")
+
+
+def _dropouts(name: str, overrides: Mapping[str, float | None] | None) -> Dropouts:
+    default = asdict(PRESET_DEFAULTS[name][0])
+    unknown = sorted(set(overrides or {}) - set(default))
+    if unknown:
+        raise ValueError(f"model.dropouts: unknown site(s) {unknown}; known: {sorted(default)}")
+    return Dropouts(**{**default, **{k: v for k, v in (overrides or {}).items() if v is not None}})
+
+
+def build_preset(name: str, schema: DatasetSchema, task: TaskSpec, names: list[str], *, d_model: int, layers: int,
+                 heads: int, fusion_layers: int, dropouts: Mapping[str, float | None] | None = None,
+                 causal: bool | None = None, position_padding: bool = False) -> MultimodalModel:
+    """Build preset ``name`` for ``names`` of ``schema``; errors name the config key at fault."""
+    for m in names:
+        if schema.modality(m).dim is None:
+            raise ValueError(f"model.backbone {name!r} needs token sequences; modality {m!r} of dataset "
+                             f"{schema.name!r} is an array of shape {schema.modality(m).shape}")
+    widths = [d_model] + ([d_model * (len(names) - 1)] if name == "mplmm_mult" else [])
+    for w in widths:
+        if w % heads:
+            raise ValueError(f"model.heads={heads} must divide the transformer width {w} of {name!r} "
+                             f"(d_model={d_model})")
+    if name == "mplmm_mult" and len(names) < 2:
+        raise ValueError(f"model.backbone 'mplmm_mult' needs at least 2 modalities, got {names}")
+    drop = _dropouts(name, dropouts)
+    causal = PRESET_DEFAULTS[name][1] if causal is None else causal
+    out_dim = 1 if task.type == "regression" else task.num_classes
+
+    def encoder(n_layers: int) -> TransformerEncoder:
+        return TransformerEncoder(d_model, heads, n_layers, drop, causal, position_padding)
+
+    dims = {m: schema.modality(m).dim for m in names}
+    if name == "mplmm_mult":
+        encoders = {m: SequenceEncoder(dims[m], d_model, bias=False, input_dropout=drop.embed if i == 0 else 0.0)
+                    for i, m in enumerate(names)}
+        fusion = MulTFusion(names, d_model, heads, layers, drop, causal, position_padding)
+        return MulTModel(encoders, fusion, PredictionHead(fusion.out_dim, out_dim, drop.out), task)
+    if name == "casp_early":
+        encoders = {m: SequenceEncoder(dims[m], d_model, bias=True) for m in names}
+        fusion = TimeConcatFusion(names, encoder(layers), d_model)
+        return MultimodalModel(encoders, fusion, PredictionHead(d_model, out_dim, drop.out), task)
+    encoders = {m: SequenceEncoder(dims[m], d_model, bias=True, transformer=encoder(layers)) for m in names}
+    if name == "casp_late":
+        fusion = FirstSteps(names, d_model)
+        return MultimodalModel(encoders, fusion, PredictionHead(fusion.out_dim, out_dim, drop.out, hidden=d_model),
+                               task)
+    fusion = TimeConcatFusion(names, encoder(fusion_layers), d_model)
+    return MultimodalModel(encoders, fusion, PredictionHead(d_model, out_dim, drop.out), task)
