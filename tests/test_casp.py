@@ -147,3 +147,17 @@ def test_offline_adapt_job_records_target_error_per_epoch(converged, store_path,
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # before, 2 contrastive epochs, 1 pseudo-label epoch
     assert summary["protocol"] == "offline" and summary["target_labels_used"] is True
     assert np.isfinite(summary["metrics"]["test"]["mae"])
+
+
+@pytest.mark.parametrize("backbone", ["casp_late", "casp_early"])
+def test_casp_adapts_the_layer_norms_of_the_paper_backbones(store_path, backbone):
+    store = FeatureStore(store_path)
+    torch.manual_seed(0)
+    model = build_model(store.schema, store.schema.task("main"), **{**MODEL, "backbone": backbone})
+    before = copy.deepcopy(model.state_dict())
+    names = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in layer_norm_parameters(model)}}
+    assert names and all(".layers." in n for n in names)  # the encoders' final LayerNorm stays out
+    arrays = {k: v[:48] for k, v in store.open_split("train@target_all").items()}
+    CASP(model, **SMALL).adapt(SplitPool(SplitLoader(arrays, store.schema, "main", batch_size=24, shuffle=False, seed=0)))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= names
