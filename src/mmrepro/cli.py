@@ -95,7 +95,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_adapt(args: argparse.Namespace) -> int:
     from mmrepro.jobs import adapt_job
 
-    summary = adapt_job(args.spec, args.data, args.model, args.out_dir, args.threads)
+    summary = adapt_job(args.spec, args.data, args.model, args.out_dir, args.threads, source_stats=args.source_stats)
     print(json.dumps(summary["metrics"]["test"], indent=1))
     return 0
 
@@ -169,6 +169,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--init", type=Path, default=None, help="backbone checkpoint to start from (fine-tuning)")
         else:
             s.add_argument("--model", type=Path, required=True, help="trained model checkpoint (model.pt)")
+            s.add_argument("--source-stats", type=Path, default=None,
+                           help="source feature statistics saved beside the backbone (feature_stats.pt), for SSA")
         s.set_defaults(func=func)
 
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")

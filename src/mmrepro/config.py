@@ -240,7 +240,7 @@ def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting
                           for name in (plan.transform, plan.hook, plan.adapter)},
         "data_setting": {"type": setting_cfg["type"], "params": setting_params(setting_cfg)},
         "model": model_config(config, study, dataset), "train": train_config(config, study, dataset),
-        "utilisation_probes": config["studies"][study]["utilisation_probes"],
+        "utilisation_probes": config["studies"][study]["utilisation_probes"], "feature_stats": False,
         "tracking_uri": config["tracking"]["uri"], "results": config["results"],
     }
 
@@ -260,7 +260,7 @@ def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -
     finetune = STUDY_KINDS[study] == "finetune"
     task = config["datasets"][dataset]["pretrain_task"] if finetune else study_task(config, study, dataset)
     spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task)
-    return {**spec, "study": "backbones", "setting": f"for-{study}"}
+    return {**spec, "study": "backbones", "setting": f"for-{study}", "feature_stats": True}
 
 
 def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:

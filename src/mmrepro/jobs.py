@@ -23,8 +23,9 @@ from mmrepro.data.store import FeatureStore
 from mmrepro.evaluate import evaluate_model, metric_kind, predict, score
 from mmrepro.methods.adapters import SplitPool
 from mmrepro.methods.balance.utilisation import with_utilisation
-from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build
+from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build, plugin_class
 from mmrepro.methods.transforms import count_parameters
+from mmrepro.methods.tta_baselines import feature_statistics
 from mmrepro.models.multimodal import build_model
 from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
 from mmrepro.models.segmentation import check_method_support
@@ -72,6 +73,16 @@ def _model(data: RunData, spec: dict[str, Any]) -> torch.nn.Module:
 def _save_model(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save({"state_dict": model.state_dict(), "model": spec["model"], "task": spec["task"]}, tmp)
+    os.replace(tmp, path)
+
+
+def _save_feature_stats(model: torch.nn.Module, loader: SplitLoader, path: Path, device: str) -> None:
+    """Statistics of the source features (the head's input) on the train split, for SSA at test time."""
+    model.eval()
+    with torch.no_grad():
+        features = torch.cat([model(b.to(device)).fused.cpu() for b in loader]).double()
+    tmp = path.with_suffix(".tmp")
+    torch.save({k: v.float() for k, v in feature_statistics(features).items()}, tmp)
     os.replace(tmp, path)
 
 
@@ -124,11 +135,14 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
                            trainable_params=trainable, total_params=total)
         _finish(run, out_dir, spec, summary, result.history)
         _save_model(model, out_dir / "model.pt", spec)
+        if spec.get("feature_stats"):
+            _save_feature_stats(model, data.loader("train"), out_dir / "feature_stats.pt", cfg.torch_device)
     (out_dir / "last.ckpt").unlink(missing_ok=True)
     return summary
 
 
-def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
+def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int,
+              source_stats: Path | None = None) -> dict[str, Any]:
     """Adapt a trained model to the spec's target with the spec's test-time adapter; score the target test split.
 
     An offline adapter first adapts on the target's unlabelled train split; the target test error
@@ -145,7 +159,14 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     _load_backbone(model, model_path)
     device = TrainConfig(**spec["train"]).torch_device
     model.to(device)
-    adapter = build(ADAPTERS, spec["plan"]["adapter"], spec["method_params"][spec["plan"]["adapter"]], model=model)
+    name = spec["plan"]["adapter"]
+    context: dict[str, Any] = {"model": model}
+    if plugin_class(ADAPTERS, name).needs_source_stats:
+        if source_stats is None or not Path(source_stats).is_file():
+            raise ValueError(f"adapter {name!r} needs the source feature statistics the backbone job saves "
+                             f"(feature_stats.pt); got {source_stats}")
+        context["source_stats"] = source_stats
+    adapter = build(ADAPTERS, name, spec["method_params"][name], **context)
     uri = tracking_uri(spec["results"], spec["tracking_uri"])
     history: list[dict[str, float]] = []
 

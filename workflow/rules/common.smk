@@ -56,6 +56,10 @@ def backbone_model(study, dataset, seed):
     return f"{RESULTS}/backbones/{study}/{dataset}/seed{seed}/model.pt"
 
 
+def backbone_stats(study, dataset, seed):
+    return f"{RESULTS}/backbones/{study}/{dataset}/seed{seed}/feature_stats.pt"
+
+
 def spec_json(wildcards):
     """The job's run spec, as JSON for the command line (changes to it re-run the job)."""
     w = wildcards

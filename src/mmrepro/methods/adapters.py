@@ -117,12 +117,22 @@ def only_trainable(model: nn.Module, params: list[nn.Parameter]) -> list[nn.Para
     return params
 
 
+def clipped_step(optimiser: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> None:
+    """One optimiser step with the gradient norm of its parameters clipped to ``clip``."""
+    optimiser.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimiser.param_groups for p in g["params"]], clip)
+    optimiser.step()
+
+
 class TestTimeAdapter:
     name = "base"
     #: True: ``adapt`` runs on the target's train split before ``predict`` (which then never updates).
     offline = False
     #: True only for runs that read target labels (through ``validate``); the table marks them.
     uses_target_labels = False
+    #: True: built with ``source_stats``, the feature statistics the backbone job saved (SSA).
+    needs_source_stats = False
 
     def __init__(self, model: nn.Module):
         self.model = model

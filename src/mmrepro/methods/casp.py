@@ -30,7 +30,7 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.methods.adapters import (BatchPool, EpochCallback, Pool, TestTimeAdapter, Validate, batches,
-                                      check_protocol, layer_norm_parameters, only_trainable, random_drop_view)
+                                      check_protocol, clipped_step, layer_norm_parameters, only_trainable, random_drop_view)
 from mmrepro.methods.registry import ADAPTERS
 
 STAGES = ("contrastive", "pseudo_label")
@@ -129,12 +129,6 @@ class CASP(TestTimeAdapter):
         only_trainable(self.model, params)
         return self._optimisers[stage]
 
-    def _step(self, optimiser: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        optimiser.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in optimiser.param_groups for p in g["params"]], self.clip)
-        optimiser.step()
-
     @torch.no_grad()
     def _snapshot(self, pool: Pool, size: int, train_mode: bool = False) -> np.ndarray:
         self.model.train(train_mode)
@@ -151,7 +145,7 @@ class CASP(TestTimeAdapter):
                 for batch in batches(pool, size):
                     z1 = self.model(batch).representation
                     z2 = self.model(random_drop_view(batch)).representation
-                    self._step(optimiser, nt_xent(z1, z2, self.temperature))
+                    clipped_step(optimiser, nt_xent(z1, z2, self.temperature), self.clip)
                 if epoch % every == 0:
                     snapshots.append(self._snapshot(pool, size))
                 if best is not None:
@@ -177,7 +171,7 @@ class CASP(TestTimeAdapter):
             for start in range(0, len(rows), size):
                 chunk = rows[start:start + size]
                 pred = self.model(pool.batch(chunk)).pred
-                self._step(optimiser, F.l1_loss(pred, target[chunk].to(pred.device)))
+                clipped_step(optimiser, F.l1_loss(pred, target[chunk].to(pred.device)), self.clip)
             if best is not None:
                 best.update()
             on_epoch(done + epoch)
