@@ -101,13 +101,13 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mmrepro.report import load_runs, plot_study, summarize, write_table
+    from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
 
     import pandas as pd
 
     runs = load_runs(args.metrics)
     reference = pd.read_csv(args.reference, dtype={"setting": str}) if args.reference else None
-    write_table(summarize(runs, reference=reference), args.table)
+    write_table(add_baseline_delta(summarize(runs, reference=reference), runs), args.table)
     plot_study(runs, args.plot)
     print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
     return 0

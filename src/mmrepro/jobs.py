@@ -174,8 +174,8 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
         return float(np.abs(pred - y).mean()) if data.task.type == "regression" else float((pred.argmax(-1) != y).mean())
 
     with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:
-        def record(unit: str, step: int, value: float) -> None:
-            history.append({unit: step, "target_error": value})
+        def record(unit: str, step: int, value: float, suffix: str = "") -> None:
+            history.append({unit: step, f"target_error{suffix}": value})
             run.log_metrics({f"target_error_per_{unit}": value}, step=step)
 
         if adapter.offline:
@@ -190,7 +190,7 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
             pred, y = predict(adapter.predict, data.loader("test"), device)
         else:
             pred, y = predict(adapter.predict, data.loader("test"), device,
-                              on_batch=lambda step, p, y: record("batch", step, error(p, y)))
+                              on_batch=lambda step, p, y: record("batch", step, error(p, y), "_per_batch"))
         trainable, total = count_parameters(model)
         summary = _summary(spec, data, metrics={"test": score(data.task, pred, y)},
                            oracle={"test": data.oracle("test")} if data.oracle("test") else {},

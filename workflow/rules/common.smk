@@ -77,8 +77,7 @@ def paper_reference(study):
 
 
 def study_report(study):
-    """A study's table and plot, plus per-epoch curves for the studies that train."""
-    curves = ["_curves"] if STUDY_KINDS[study] != "adapt" else []
+    """A study's table and plot, plus its curves (per epoch of training; shift: target error along adaptation)."""
     return [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
-        f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ["", *curves] for ext in ("png", "pdf")
+        f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves") for ext in ("png", "pdf")
     ]
