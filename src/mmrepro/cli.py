@@ -107,19 +107,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_adapt(args: argparse.Namespace) -> int:
     from mmrepro.jobs import adapt_job
 
-    summary = adapt_job(args.spec, args.data, args.model, args.out_dir, args.threads)
+    summary = adapt_job(args.spec, args.data, args.model, args.out_dir, args.threads, source_stats=args.source_stats)
     print(json.dumps(summary["metrics"]["test"], indent=1))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from mmrepro.report import load_runs, plot_study, summarize, write_table
+    from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
 
     import pandas as pd
 
     runs = load_runs(args.metrics)
     reference = pd.read_csv(args.reference, dtype={"setting": str}) if args.reference else None
-    write_table(summarize(runs, reference=reference), args.table)
+    write_table(add_baseline_delta(summarize(runs, reference=reference), runs), args.table)
     plot_study(runs, args.plot)
     print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
     return 0
@@ -222,6 +222,8 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--init", type=Path, default=None, help="backbone checkpoint to start from (fine-tuning)")
         else:
             s.add_argument("--model", type=Path, required=True, help="trained model checkpoint (model.pt)")
+            s.add_argument("--source-stats", type=Path, default=None,
+                           help="source feature statistics saved beside the backbone (feature_stats.pt), for SSA")
         s.set_defaults(func=func)
 
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")

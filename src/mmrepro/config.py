@@ -265,7 +265,7 @@ def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting
                           for name in (plan.transform, plan.hook, plan.adapter)},
         "data_setting": {"type": setting_cfg["type"], "params": setting_params(setting_cfg)},
         "model": model_config(config, study, dataset), "train": train_config(config, study, dataset),
-        "utilisation_probes": config["studies"][study]["utilisation_probes"],
+        "utilisation_probes": config["studies"][study]["utilisation_probes"], "feature_stats": False,
         "tracking_uri": config["tracking"]["uri"], "tracking_mode": config["tracking"]["mode"],
         "results": config["results"],
     }
@@ -289,7 +289,7 @@ def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -
     source = backbone_source(config, study, dataset)
     task = config["datasets"][source]["pretrain_task"] if finetune else study_task(config, study, dataset)
     spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task)
-    return {**spec, "dataset": source, "study": "backbones", "setting": f"for-{study}"}
+    return {**spec, "dataset": source, "study": "backbones", "setting": f"for-{study}", "feature_stats": True}
 
 
 def backbone_source(config: dict[str, Any], study: str, dataset: str) -> str:

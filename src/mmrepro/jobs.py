@@ -22,9 +22,11 @@ from mmrepro import reproducibility
 from mmrepro.data.loader import SplitLoader
 from mmrepro.data.store import FeatureStore
 from mmrepro.evaluate import case_average, evaluate_model, metric_kind, predict, score
+from mmrepro.methods.adapters import SplitPool
 from mmrepro.methods.balance.utilisation import with_utilisation
-from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build
+from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build, plugin_class
 from mmrepro.methods.transforms import count_parameters
+from mmrepro.methods.tta_baselines import feature_statistics
 from mmrepro.models.multimodal import build_model
 from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
 from mmrepro.models.segmentation import check_method_support
@@ -52,9 +54,11 @@ class RunData:
         self.modalities = self.setting.modalities(self.schema.modality_names)
         self.batch_size, self.seed = spec["train"]["batch_size"], spec["seed"]
 
-    def loader(self, split: str, shuffle: bool = False, case: np.ndarray | None = None) -> SplitLoader:
-        """``split``'s loader; ``case`` (a test case's ``(N, M)`` mask) replaces the setting's own draw."""
-        name = self.setting.split_name(split)
+    def loader(self, split: str, shuffle: bool = False, case: np.ndarray | None = None,
+               target: bool = False) -> SplitLoader:
+        """``split``'s loader; ``case`` (a test case's ``(N, M)`` mask) replaces the setting's own draw;
+        ``target``: the data setting's target version of ``split`` (what a test-time adapter reads)."""
+        name = self.setting.target_split(split) if target else self.setting.split_name(split)
         arrays = self.store.open_split(name)
         n, m = len(arrays["ids"]), len(self.schema.modalities)
         base = np.asarray(arrays["present"]) if "present" in arrays else np.ones((n, m), dtype=bool)
@@ -99,6 +103,16 @@ def _save_model(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> Non
 #: Tensors that are specific to a dataset (input widths, outputs): a backbone pretrained on another
 #: dataset (``pretrain_dataset``) leaves them freshly initialised where their shapes differ.
 DATASET_SPECIFIC = ("encoders.", "head.out.")
+
+
+def _save_feature_stats(model: torch.nn.Module, loader: SplitLoader, path: Path, device: str) -> None:
+    """Statistics of the source features (the head's input) on the train split, for SSA at test time."""
+    model.eval()
+    with torch.no_grad():
+        features = torch.cat([model(b.to(device)).fused.cpu() for b in loader]).double()
+    tmp = path.with_suffix(".tmp")
+    torch.save({k: v.float() for k, v in feature_statistics(features).items()}, tmp)
+    os.replace(tmp, path)
 
 
 def _load_backbone(model: torch.nn.Module, path: Path) -> None:
@@ -161,13 +175,22 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
                            best_epoch=result.best_epoch, epochs_run=result.epochs_run,
                            trainable_params=trainable, total_params=total)
         _save_model(model, out_dir / "model.pt", spec)
+        if spec.get("feature_stats"):
+            _save_feature_stats(model, data.loader("train"), out_dir / "feature_stats.pt", cfg.torch_device)
         _finish(run, out_dir, spec, summary, result.history, phases)
     (out_dir / "last.ckpt").unlink(missing_ok=True)
     return summary
 
 
-def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
-    """Adapt a trained model to the spec's target split with the spec's test-time adapter."""
+def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int,
+              source_stats: Path | None = None) -> dict[str, Any]:
+    """Adapt a trained model to the spec's target with the spec's test-time adapter; score the target test split.
+
+    An offline adapter first adapts on the target's unlabelled train split; the target test error
+    is recorded before and after each of its epochs. An online adapter adapts as the test stream
+    passes; the error of each batch is recorded. Labels never reach the adapter, except the target
+    validation callback of one that declares label use (then ``target_labels_used`` is true).
+    """
     phases = Phases()
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -178,23 +201,47 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     _load_backbone(model, model_path)
     device = TrainConfig(**spec["train"]).torch_device
     model.to(device)
-    adapter = build(ADAPTERS, spec["plan"]["adapter"], spec["method_params"][spec["plan"]["adapter"]], model=model)
+    name = spec["plan"]["adapter"]
+    context: dict[str, Any] = {"model": model}
+    if plugin_class(ADAPTERS, name).needs_source_stats:
+        if source_stats is None or not Path(source_stats).is_file():
+            raise ValueError(f"adapter {name!r} needs the source feature statistics the backbone job saves "
+                             f"(feature_stats.pt); got {source_stats}")
+        context["source_stats"] = source_stats
+    adapter = build(ADAPTERS, name, spec["method_params"][name], **context)
     history: list[dict[str, float]] = []
+
+    def error(pred: np.ndarray, y: np.ndarray) -> float:
+        return float(np.abs(pred - y).mean()) if data.task.type == "regression" else float((pred.argmax(-1) != y).mean())
+
     phases.lap("setup")
     with open_run(spec, threads, run_name=out_dir.as_posix()) as run:
         phases.lap("tracking")
-        def on_batch(step: int, pred: np.ndarray, y: np.ndarray) -> None:
-            values = {"stream_batch_loss": float(np.abs(pred - y).mean()) if data.task.type == "regression"
-                      else float((pred.argmax(-1) != y).mean())}
-            history.append({"step": step, **values})
-            run.log_metrics(values, step=step)
 
-        pred, y = predict(adapter.predict, data.loader("test"), device, on_batch=on_batch)
+        def note(unit: str, step: int, value: float, suffix: str = "") -> None:
+            history.append({unit: step, f"target_error{suffix}": value})
+            run.log_metrics({f"target_error{suffix}": value}, step=step)
+
+        if adapter.offline:
+            def on_epoch(epoch: int) -> None:
+                note("epoch", epoch, error(*predict(adapter.predict, data.loader("test"), device)))
+
+            validate = None
+            if adapter.uses_target_labels:
+                validate = lambda: evaluate_model(model, data.loader("valid", target=True), data.task, device)  # noqa: E731
+            on_epoch(0)
+            adapter.adapt(SplitPool(data.loader("train", target=True), device), on_epoch=on_epoch, validate=validate)
+            pred, y = predict(adapter.predict, data.loader("test"), device)
+        else:
+            pred, y = predict(adapter.predict, data.loader("test"), device,
+                              on_batch=lambda step, p, y: note("batch", step, error(p, y), "_per_batch"))
         phases.lap("adapt")
         trainable, total = count_parameters(model)
         summary = _summary(spec, data, metrics={"test": score(data.task, pred, y)},
                            oracle={"test": data.oracle("test")} if data.oracle("test") else {},
                            ceiling={"test": data.ceiling("test")} if data.ceiling("test") else {},
+                           protocol="offline" if adapter.offline else "online",
+                           target_labels_used=adapter.uses_target_labels,
                            trainable_params=trainable, total_params=total)
         _finish(run, out_dir, spec, summary, history, phases)
     return summary

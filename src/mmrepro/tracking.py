@@ -190,12 +190,16 @@ def open_run(spec: Mapping[str, Any], threads: int, run_name: str) -> RunTracker
 
 
 def history_steps(history: Iterable[Mapping[str, float]]) -> list[tuple[int, dict[str, float]]]:
-    """``history.json`` entries (keyed by ``epoch`` or ``step``) as ``(step, values)`` pairs."""
+    """``history.json`` entries (keyed by ``epoch``, ``step`` or ``batch``) as ``(step, values)`` pairs."""
     out = []
     for entry in history:
-        step = int(entry.get("epoch", entry.get("step", 0)))
-        out.append((step, {k: v for k, v in entry.items() if k not in ("epoch", "step")}))
+        key = next((k for k in STEP_KEYS if k in entry), None)
+        out.append((int(entry[key]) if key else 0, {k: v for k, v in entry.items() if k not in STEP_KEYS}))
     return out
+
+
+#: Keys of a history entry that say where it lies (one per entry), not what was measured.
+STEP_KEYS = ("epoch", "step", "batch")
 
 
 def log_outcome(run: RunTracker | DeferredRun, out_dir: Path, summary: Mapping[str, Any]) -> None:

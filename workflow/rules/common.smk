@@ -59,6 +59,10 @@ def backbone_model(study, dataset, seed):
     return f"{RESULTS}/backbones/{study}/{dataset}/seed{seed}/model.pt"
 
 
+def backbone_stats(study, dataset, seed):
+    return f"{RESULTS}/backbones/{study}/{dataset}/seed{seed}/feature_stats.pt"
+
+
 def spec_json(wildcards):
     """The job's run spec, as JSON for the command line (changes to it re-run the job)."""
     w = wildcards
@@ -84,11 +88,11 @@ def paper_reference(study):
 
 
 def study_report(study):
-    """A study's runs in MLflow, its table and plot, plus per-epoch curves for the studies that train, and for a
-    missing study with per-case settings its Table 1 layout and test-rate curve."""
-    curves = ["_curves"] if STUDY_KINDS[study] != "adapt" else []
+    """A study's runs in MLflow, its table and plot, its curves (per epoch of training; shift: target
+    error along adaptation), and for a missing study with per-case settings its Table 1 layout and
+    test-rate curve."""
     files = [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
-        f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ["", *curves] for ext in ("png", "pdf")
+        f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves") for ext in ("png", "pdf")
     ]
     if study == "missing" and any(s["type"] in ("missing", "available") for s in config["studies"][study]["settings"].values()):
         files += [f"{RESULTS}/tables/missing_cases.{ext}" for ext in ("md", "csv")]

@@ -1,5 +1,6 @@
-# Evaluation under shift: a source-trained backbone meets each target domain's test stream
-# through a test-time adapter (missing-modality settings are evaluated inside training runs).
+# Evaluation under shift: a source-trained backbone meets each target domain through a
+# test-time adapter (offline: the target's train split, then its test split; online: the test
+# stream). Missing-modality settings are evaluated inside training runs.
 
 
 rule adapt:
@@ -7,6 +8,7 @@ rule adapt:
         data=lambda wildcards: store(wildcards.dataset),
         tracking=rules.init_tracking.output,
         model=lambda wildcards: backbone_model("shift", wildcards.dataset, wildcards.seed),
+        stats=lambda wildcards: backbone_stats("shift", wildcards.dataset, wildcards.seed),
     output:
         metrics=f"{RESULTS}/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
     params:
@@ -29,4 +31,4 @@ rule adapt:
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro adapt --spec {params.spec:q} --data {input.data} --model {input.model}"
-        " --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        " --source-stats {input.stats} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"

@@ -36,7 +36,7 @@ rule curves:
     params:
         plot=lambda wildcards: f"{RESULTS}/plots/{wildcards.study}_curves",
     wildcard_constraints:
-        study="balance|missing|peft",
+        study="balance|missing|shift|peft",
     conda:
         CONDA_ENV
     log:

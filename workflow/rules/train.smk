@@ -9,6 +9,7 @@ rule backbone:
     output:
         metrics=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/metrics.json",
         model=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/model.pt",
+        stats=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/feature_stats.pt",
     params:
         spec=lambda wildcards: json.dumps(
             backbone_spec(config, wildcards.study, wildcards.dataset, int(wildcards.seed))

@@ -53,7 +53,8 @@ Domains (for test-time adaptation): a target domain applies, per modality, an af
 :math:`x \to A x + b` to every token, with :math:`A = \text{gain}\,(I + \text{mix}\, R/\sqrt{D})`
 (a sensor gain and a fixed random mixing R) and :math:`b = \text{offset}\cdot \xi` (a fixed random :math:`\xi \sim N(0, I)`), then extra
 Gaussian noise and token dropout; and/or it shifts the mean of ``s`` along the readout ``v``
-(a label-prior shift). Targets are test splits named ``test@<domain>``.
+(a label-prior shift). Each domain has its own ``train@``, ``valid@`` and ``test@<domain>`` splits:
+an offline test-time adapter adapts on the target's unlabelled train split and is scored on its test split.
 
 Missing modalities are not baked into the arrays: the ``zero_fill`` data setting draws the
 present-masks at load time (:mod:`mmrepro.data.missing`), so every rate reuses one store.
@@ -75,6 +76,8 @@ from mmrepro.data.schema import DatasetSchema, ModalitySpec, TaskSpec
 LABEL_RANGE = (-3.0, 3.0)
 #: Samples the ceilings' linear readouts are fitted on (a fixed draw per generator seed and subset).
 CEILING_FIT_N = 10000
+#: The splits every target domain has, sized like the source's (each drawn from its own seed stream).
+TARGET_SPLITS = ("train", "valid", "test")
 
 
 def rng_for(seed: int, *names: str) -> np.random.Generator:
@@ -166,7 +169,7 @@ class SynthGenerator:
             name="synth",
             modalities=tuple(ModalitySpec(m["name"], int(m["length"]), int(m["dim"])) for m in self.mods),
             tasks=tuple(tasks),
-            splits=("train", "valid", "test", *(f"test@{d}" for d in domains)),
+            splits=("train", "valid", "test", *(f"{s}@{d}" for d in domains for s in TARGET_SPLITS)),
             extra={"shortcut": self.names[0], "interaction": [self.names[i] for i in self.inter]},
         )
 
@@ -362,7 +365,7 @@ def generate(cfg: dict[str, Any]):
     domains = cfg.get("domains", {})
     schema = gen.schema(list(domains))
     plan = [("train", cfg["n"]["train"], None), ("valid", cfg["n"]["valid"], None), ("test", cfg["n"]["test"], None)]
-    plan += [(f"test@{d}", cfg["n"]["test"], {"name": d, **spec}) for d, spec in domains.items()]
+    plan += [(f"{s}@{d}", cfg["n"][s], {"name": d, **spec}) for d, spec in domains.items() for s in TARGET_SPLITS]
     for name, n, domain in plan:
         arrays, oracle = gen.split(name, int(n), domain)
         yield name, arrays, oracle_scores(schema, arrays, oracle)

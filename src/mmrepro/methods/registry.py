@@ -51,7 +51,8 @@ METHOD_FAMILIES = {"transform": TRANSFORMS, "hook": HOOKS, "adapter": ADAPTERS}
 
 def _load_plugins() -> None:
     """Import the modules that register plug-ins (kept here so the registries are never empty)."""
-    from mmrepro.methods import adapters, balance, hooks, incomplete, mplmm, peft, settings, transforms  # noqa: F401
+    from mmrepro.methods import (adapters, balance, casp, hooks, incomplete, mplmm, peft, settings,  # noqa: F401
+                                 transforms, tta_baselines)
 
 
 @dataclass(frozen=True)
@@ -80,10 +81,15 @@ def resolve_method(method: str) -> MethodPlan:
     return MethodPlan(**{f: chosen.get(f, reg.default) for f, reg in METHOD_FAMILIES.items()})
 
 
+def plugin_class(registry: Registry, name: str) -> type:
+    """The class registered as ``name`` (plug-in modules imported first)."""
+    _load_plugins()
+    return registry.get(name)
+
+
 def build(registry: Registry, name: str, params: dict[str, Any] | None = None, **context: Any):
     """Instantiate a registered plug-in with its config params; unknown params raise TypeError."""
-    _load_plugins()
-    cls = registry.get(name)
+    cls = plugin_class(registry, name)
     try:
         return cls(**(params or {}), **context)
     except TypeError as e:

@@ -26,6 +26,10 @@ class DataSetting:
     def split_name(self, split: str) -> str:
         return split
 
+    def target_split(self, split: str) -> str:
+        """The split a test-time adapter reads for ``split`` of the target (offline: adapt on train)."""
+        return self.split_name(split)
+
     def modalities(self, available: list[str]) -> list[str]:
         """The modalities the run's model reads, out of the dataset's."""
         return available
@@ -165,13 +169,17 @@ class Available(_Withheld):
 
 @SETTINGS.register("domain")
 class Domain(DataSetting):
-    """Train on the source domain, evaluate on ``domain``'s test split (``source`` = no shift)."""
+    """Train on the source domain, evaluate on ``domain``'s test split (``source`` = no shift);
+    test-time adapters read any of the domain's splits (``train@<domain>`` to adapt offline)."""
 
     def __init__(self, domain: str):
         self.domain = domain
 
     def split_name(self, split: str) -> str:
-        return split if self.domain == "source" or split != "test" else f"test@{self.domain}"
+        return self.target_split(split) if split == "test" else split
+
+    def target_split(self, split: str) -> str:
+        return split if self.domain == "source" else f"{split}@{self.domain}"
 
 
 @SETTINGS.register("subset")

@@ -12,6 +12,7 @@ can be regenerated offline (and reproducibly) from a results folder alone.
 
 from .curves import load_histories, plot_curves
 from .plots import plot_study
-from .tables import add_reference, load_runs, summarize, write_table
+from .tables import add_baseline_delta, add_reference, load_runs, summarize, write_table
 
-__all__ = ["load_runs", "summarize", "write_table", "plot_study", "add_reference", "load_histories", "plot_curves"]
+__all__ = ["load_runs", "summarize", "write_table", "plot_study", "add_reference", "add_baseline_delta",
+           "load_histories", "plot_curves"]

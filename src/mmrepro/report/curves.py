@@ -19,11 +19,15 @@ from matplotlib.figure import Figure
 from .tables import _atomic_write, _with_suffix
 
 FAMILIES = {"util_": "unimodal probe accuracy (validation)", "coeff_": "modulation coefficient",
-            "valid_loss": "validation loss"}
+            "valid_loss": "validation loss",
+            "target_error": "target test error along adaptation (x: epoch offline, batch online)"}
+#: The step of a history entry: an epoch (training, offline adaptation) or a batch (online adaptation).
+STEPS = ("epoch", "batch")
 
 
 def load_histories(metrics_paths: list[str | os.PathLike]) -> pd.DataFrame:
-    """Long frame (method, setting, seed, epoch, key, value) from the history.json beside each metrics.json."""
+    """Long frame (method, setting, seed, epoch, key, value) from the history.json beside each metrics.json;
+    ``epoch`` holds the entry's step (its ``epoch``, else its ``batch``)."""
     rows = []
     for path in map(Path, metrics_paths):
         meta = json.loads(path.read_text())
@@ -33,12 +37,13 @@ def load_histories(metrics_paths: list[str | os.PathLike]) -> pd.DataFrame:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{history_path}: cannot read the run's history ({e})") from None
         for entry in history:
-            if "epoch" not in entry:
+            step = next((entry[s] for s in STEPS if s in entry), None)
+            if step is None:
                 continue
             for key, value in entry.items():
-                if key != "epoch":
+                if key not in STEPS:
                     rows.append({"method": meta["method"], "setting": str(meta["setting"]), "seed": meta["seed"],
-                                 "epoch": entry["epoch"], "key": key, "value": float(value)})
+                                 "epoch": step, "key": key, "value": float(value)})
     return pd.DataFrame(rows, columns=["method", "setting", "seed", "epoch", "key", "value"])
 
 

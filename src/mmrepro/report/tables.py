@@ -34,6 +34,7 @@ __all__ = [
     "load_runs",
     "summarize",
     "add_reference",
+    "add_baseline_delta",
     "write_table",
 ]
 
@@ -121,8 +122,10 @@ def _read_one(path: Path) -> list[dict]:
     metrics = _metric_block(path, "metrics", doc["metrics"])
     bounds = {key: {} if doc.get(key) in (None, {}) else _metric_block(path, key, doc[key]) for key in _BOUNDS}
 
+    # a test-time run that read target labels (CASP's released code) is marked wherever it is shown
+    method = doc["method"] + (" [target labels]" if doc.get("target_labels_used") else "")
     base = {
-        "study": doc["study"], "dataset": doc["dataset"], "method": doc["method"],
+        "study": doc["study"], "dataset": doc["dataset"], "method": method,
         "setting": str(setting), "seed": int(doc["seed"]), "task": doc["task"],
         "backbone": doc["backbone"],
     }
@@ -316,6 +319,28 @@ def add_reference(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFram
     return out
 
 
+def add_baseline_delta(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str = "source_only") -> pd.DataFrame:
+    """A copy of ``summary`` with ``m_delta`` after each metric's other columns: the mean over seeds of
+    the run's value minus ``baseline``'s on the same dataset, setting and seed (NaN where that run is
+    missing). Returned unchanged when no ``baseline`` run exists (studies without one)."""
+    split = summary.attrs.get("split", "test")
+    df = runs[runs["split"] == split]
+    if not (df["method"] == baseline).any():
+        return summary
+    ref = df[df["method"] == baseline].set_index(["dataset", "setting", "seed", "metric"])["value"]
+    out = summary.copy()
+    for m in _summary_metrics(summary):
+        deltas = []
+        for ds, meth, sett in zip(out["dataset"], out["method"], out["setting"]):
+            g = df[(df["dataset"] == ds) & (df["method"] == meth) & (df["setting"] == sett) & (df["metric"] == m)]
+            diff = [v - ref.get((ds, sett, s, m), math.nan) for s, v in zip(g["seed"], g["value"])]
+            deltas.append(statistics.fmean(diff) if diff else math.nan)
+        last = max(i for i, c in enumerate(out.columns) if c.startswith(f"{m}_"))
+        out.insert(last + 1, f"{m}_delta", deltas)
+    out.attrs.update(summary.attrs)
+    return out
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -371,10 +396,10 @@ def _display(summary: pd.DataFrame, digits: int, pm: str) -> tuple[list[str], li
                 return ""
             return _fmt(mean, digits) if pd.isna(std) else f"{_fmt(mean, digits)}{pm}{_fmt(std, digits)}"
         getters.append(cell)
-        for extra in (*_BOUNDS, "paper"):
+        for extra, label in (*((b, b) for b in _BOUNDS), ("paper", "paper"), ("delta", "vs source only")):
             col = f"{m}_{extra}"
             if col in summary.columns and summary[col].notna().any():
-                header.append(f"{m} ({extra})")
+                header.append(f"{m} ({label})")
                 getters.append(lambda r, col=col: _fmt(r[col], digits))
     rows = [[str(r[c]) for c in id_cols] + [g(r) for g in getters] for _, r in summary.iterrows()]
     return header, rows, len(id_cols)

@@ -1,0 +1,207 @@
+"""CASP (Guo et al., AAAI 2025): test-time adaptation in two stages, updating only the LayerNorm
+affine parameters inside the transformer layers (everything else frozen).
+
+Stage 1 (contrastive): each batch is seen twice, as is and with one randomly chosen modality
+zeroed for the whole batch; the two views' L2-normalised representations
+(``ModelOutput.representation``) are pulled together by NT-Xent, every other sample of either
+view a negative. Dropout stays on while adapting. Eval-mode predictions of the whole pool are
+kept before stage 1 and every ``snapshot_every`` epochs.
+
+Stage 2 (stable pseudo-labels): a sample's instability is the mean absolute change of its
+prediction between consecutive snapshots, its pseudo-label the snapshots' mean. The stable ones
+(instability at most the ``keep_quantile`` quantile) are regressed on with L1. The released code
+keeps the *least* stable 5% instead (``selection: official_code``), and picks checkpoints and
+steps a plateau scheduler on target *validation labels* (``label_use: official_code``, marked in
+the table); by default neither. Without stage 1 the snapshots come from MC dropout.
+
+Offline, the pool is the target's train split (``epochs`` passes, batches of ``batch_size``);
+online, each test batch is its own pool (``online_steps`` contrastive steps, one snapshot after
+each), adapted on and then predicted; the adapted state carries over to the next batch.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmrepro.data.loader import Batch
+from mmrepro.methods.adapters import (BatchPool, EpochCallback, Pool, TestTimeAdapter, Validate, batches,
+                                      check_protocol, clipped_step, layer_norm_parameters, only_trainable, random_drop_view)
+from mmrepro.methods.registry import ADAPTERS
+
+STAGES = ("contrastive", "pseudo_label")
+SELECTIONS = ("stable", "official_code")
+LABEL_USES = ("none", "official_code")
+#: The released code keeps the samples above this instability quantile (``selection: official_code``).
+OFFICIAL_QUANTILE = 0.95
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's loss over ``2N`` L2-normalised vectors: each one's positive is its other view, the
+    other ``2N - 2`` are negatives; mean over all ``2N`` anchors."""
+    z = F.normalize(torch.cat([z1, z2]), dim=-1)
+    n = z1.shape[0]
+    sim = z @ z.T / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    positive = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, positive)
+
+
+def instability(snapshots: np.ndarray) -> np.ndarray:
+    """``(K, N)`` predictions -> ``(N,)`` mean absolute change between consecutive snapshots."""
+    return np.abs(np.diff(snapshots, axis=0)).mean(axis=0)
+
+
+def select_stable(snapshots: np.ndarray, selection: str, keep_quantile: float) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo-labels (snapshot mean) and the boolean mask of the samples stage 2 trains on."""
+    s = instability(snapshots)
+    if selection == "stable":
+        keep = s <= np.quantile(s, keep_quantile)
+    else:  # the released code: strictly above the 0.95 quantile, i.e. the least stable
+        keep = s > np.quantile(s, OFFICIAL_QUANTILE)
+    return snapshots.mean(axis=0), keep
+
+
+class _BestByTargetLabels:
+    """The released code's use of target validation labels: keep the state with the best Acc-2 and
+    step a plateau scheduler on validation MAE."""
+
+    def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, validate: Validate):
+        self.model, self.validate = model, validate
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, patience=10, factor=0.1)
+        self.best, self.state = -np.inf, copy.deepcopy(model.state_dict())
+
+    def update(self) -> None:
+        values = self.validate()
+        self.scheduler.step(values["mae"])
+        if values["acc2_has0"] > self.best:
+            self.best, self.state = values["acc2_has0"], copy.deepcopy(self.model.state_dict())
+
+    def restore(self) -> None:
+        self.model.load_state_dict(self.state)
+
+
+@ADAPTERS.register("casp")
+class CASP(TestTimeAdapter):
+    default_stages: tuple[str, ...] = STAGES
+
+    def __init__(self, model: nn.Module, protocol: str = "offline", stages: list[str] | None = None,
+                 epochs: int = 15, snapshot_every: int = 3, pl_epochs: int = 5, batch_size: int = 24,
+                 online_steps: int = 1, temperature: float = 0.5, lr: float = 1e-3, clip: float = 0.8,
+                 selection: str = "stable", keep_quantile: float = 0.5, mc_snapshots: int = 6,
+                 stage2_params: str = "norms", label_use: str = "none"):
+        super().__init__(model)
+        self.protocol = check_protocol(protocol)
+        self.stages = tuple(self.default_stages if stages is None else stages)
+        if not self.stages or any(s not in STAGES for s in self.stages):
+            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+        if label_use not in LABEL_USES:
+            raise ValueError(f"label_use must be one of {LABEL_USES}, got {label_use!r}")
+        if label_use != "none" and protocol == "online":
+            raise ValueError("label_use: official_code picks checkpoints per epoch: offline protocol only")
+        if stage2_params not in ("norms", "all"):
+            raise ValueError(f"stage2_params must be 'norms' or 'all', got {stage2_params!r}")
+        if not 0.0 < keep_quantile <= 1.0:
+            raise ValueError(f"keep_quantile must lie in (0, 1], got {keep_quantile}")
+        if min(epochs, snapshot_every, online_steps) < 1 or mc_snapshots < 2 or pl_epochs < 0:
+            raise ValueError("epochs, snapshot_every and online_steps must be >= 1, mc_snapshots >= 2, pl_epochs >= 0")
+        self.offline = protocol == "offline"
+        self.uses_target_labels = label_use == "official_code"
+        self.epochs, self.snapshot_every, self.pl_epochs = epochs, snapshot_every, pl_epochs
+        self.batch_size, self.online_steps = batch_size, online_steps
+        self.temperature, self.lr, self.clip = temperature, lr, clip
+        self.selection, self.keep_quantile, self.mc_snapshots = selection, keep_quantile, mc_snapshots
+        self.norms = layer_norm_parameters(model)
+        self.stage2 = self.norms if stage2_params == "norms" else list(model.parameters())
+        self._optimisers: dict[str, torch.optim.Optimizer] = {}
+
+    # -- the two stages over one pool ------------------------------------------------------------
+    def _optimiser(self, stage: str, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """One Adam per stage; online it persists across batches (the stream is never reset)."""
+        if self.offline or stage not in self._optimisers:
+            self._optimisers[stage] = torch.optim.Adam(only_trainable(self.model, params), lr=self.lr)
+        only_trainable(self.model, params)
+        return self._optimisers[stage]
+
+    @torch.no_grad()
+    def _snapshot(self, pool: Pool, size: int, train_mode: bool = False) -> np.ndarray:
+        self.model.train(train_mode)
+        return torch.cat([self.model(b).pred for b in batches(pool, size)]).cpu().numpy()
+
+    def _episode(self, pool: Pool, size: int, epochs: int, every: int, on_epoch: EpochCallback,
+                 validate: Validate | None) -> None:
+        if "contrastive" in self.stages:
+            snapshots = [self._snapshot(pool, size)]
+            optimiser = self._optimiser("contrastive", self.norms)
+            best = _BestByTargetLabels(self.model, optimiser, validate) if self.uses_target_labels else None
+            for epoch in range(1, epochs + 1):
+                self.model.train()
+                for batch in batches(pool, size):
+                    z1 = self.model(batch).representation
+                    z2 = self.model(random_drop_view(batch)).representation
+                    clipped_step(optimiser, nt_xent(z1, z2, self.temperature), self.clip)
+                if epoch % every == 0:
+                    snapshots.append(self._snapshot(pool, size))
+                if best is not None:
+                    best.update()
+                on_epoch(epoch)
+            if best is not None:
+                best.restore()
+        else:  # nothing moves the predictions: draw the snapshots with dropout on
+            snapshots = [self._snapshot(pool, size, train_mode=True) for _ in range(self.mc_snapshots)]
+        if "pseudo_label" in self.stages and self.pl_epochs:
+            self._pseudo_label(pool, size, np.stack(snapshots), epochs, on_epoch, validate)
+        self.model.eval()
+
+    def _pseudo_label(self, pool: Pool, size: int, snapshots: np.ndarray, done: int, on_epoch: EpochCallback,
+                      validate: Validate | None) -> None:
+        target, keep = select_stable(snapshots, self.selection, self.keep_quantile)
+        rows = np.flatnonzero(keep)
+        target = torch.as_tensor(target, dtype=torch.float32)
+        optimiser = self._optimiser("pseudo_label", self.stage2)
+        best = _BestByTargetLabels(self.model, optimiser, validate) if self.uses_target_labels else None
+        for epoch in range(1, self.pl_epochs + 1):
+            self.model.train()
+            for start in range(0, len(rows), size):
+                chunk = rows[start:start + size]
+                pred = self.model(pool.batch(chunk)).pred
+                clipped_step(optimiser, F.l1_loss(pred, target[chunk].to(pred.device)), self.clip)
+            if best is not None:
+                best.update()
+            on_epoch(done + epoch)
+        if best is not None:
+            best.restore()
+
+    # -- the adapter interface -------------------------------------------------------------------
+    def adapt(self, pool: Pool, on_epoch: EpochCallback | None = None, validate: Validate | None = None) -> None:
+        if self.uses_target_labels and validate is None:
+            raise ValueError("label_use: official_code needs the target validation split")
+        self._episode(pool, self.batch_size, self.epochs, self.snapshot_every, on_epoch or (lambda epoch: None),
+                      validate)
+
+    def predict(self, batch: Batch) -> torch.Tensor:
+        if not self.offline:
+            self._episode(BatchPool(batch), len(batch), self.online_steps, 1, lambda step: None, None)
+        self.model.eval()
+        with torch.no_grad():
+            return self.model(batch).pred
+
+
+@ADAPTERS.register("casp_contrastive")
+class CASPContrastive(CASP):
+    """CASP's ablation: stage 1 only."""
+
+    default_stages = ("contrastive",)
+
+
+@ADAPTERS.register("casp_pseudo_label")
+class CASPPseudoLabel(CASP):
+    """CASP's ablation: stage 2 only, on MC-dropout snapshots of the source model."""
+
+    default_stages = ("pseudo_label",)

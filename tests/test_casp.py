@@ -1,0 +1,163 @@
+"""CASP as a test-time adapter: its loss, its sample selection, what it updates, and the offline job."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import default_config, small_synth
+from mmrepro import reproducibility
+from mmrepro.config import run_spec
+from mmrepro.data import build_store
+from mmrepro.data.loader import SplitLoader
+from mmrepro.data.store import FeatureStore
+from mmrepro.evaluate import predict
+from mmrepro.jobs import adapt_job
+from mmrepro.methods.adapters import SourceOnly, SplitPool, layer_norm_parameters
+from mmrepro.methods.casp import CASP, nt_xent, select_stable
+from mmrepro.methods.hooks import JointTraining
+from mmrepro.models import build_model
+from mmrepro.tracking import init_store, tracking_uri
+from mmrepro.train import TrainConfig, fit
+
+MODEL = dict(backbone="late", d_model=8, layers=1, heads=2, kernel=3, dropout=0.1, fusion_layers=1)
+SMALL = dict(epochs=2, snapshot_every=1, pl_epochs=1, batch_size=64)
+
+
+def test_nt_xent_matches_a_hand_worked_two_by_two_case():
+    eye = torch.eye(2)
+    # views agree: each anchor's positive has cosine 1, its two negatives 0 -> log(1 + 2 e^{-1/0.5})
+    torch.testing.assert_close(nt_xent(eye, eye, 0.5), torch.tensor(math.log(1 + 2 * math.exp(-2.0))))
+    # views swapped: the positive is orthogonal, one negative is identical -> log(2 + e^2); scale-free
+    swapped = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    torch.testing.assert_close(nt_xent(3.0 * eye, swapped, 0.5), torch.tensor(math.log(2 + math.exp(2.0))))
+
+
+def test_stability_selection_keeps_the_stable_or_as_the_code_the_least_stable():
+    # instabilities 0, 0.1, 0.5, 1.0 (mean |change| over two consecutive pairs)
+    snaps = np.array([[1.0, 0.0, 0.0, 0.0], [1.0, 0.1, 0.5, 1.0], [1.0, 0.2, 1.0, 2.0]])
+    label, keep = select_stable(snaps, "stable", keep_quantile=0.5)
+    np.testing.assert_allclose(label, [1.0, 0.1, 0.5, 1.0])
+    assert keep.tolist() == [True, True, False, False]
+    _, keep = select_stable(snaps, "official_code", keep_quantile=0.5)  # the code's fixed 0.95 quantile
+    assert keep.tolist() == [False, False, False, True]
+
+
+def _loader(store, split, **kw):
+    return SplitLoader(store.open_split(split), store.schema, "main", batch_size=128, shuffle=False, seed=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def store_path(tmp_path_factory):
+    return build_store("synth", small_synth(train=600, valid=200, test=300), tmp_path_factory.mktemp("casp") / "synth")
+
+
+@pytest.fixture(scope="module")
+def converged(store_path):
+    """A late-fusion model trained on the source until its validation loss levels off."""
+    reproducibility.configure(0, 1)
+    store = FeatureStore(store_path)
+    model = build_model(store.schema, store.schema.task("main"), **MODEL)
+    train = SplitLoader(store.open_split("train"), store.schema, "main", batch_size=64, shuffle=True, seed=0)
+    result = fit(model, train, _loader(store, "valid"), JointTraining(),
+                 TrainConfig(epochs=8, batch_size=64, lr=3e-3, patience=3, device="cpu"))
+    model.load_state_dict(result.best_state)
+    return store, model.state_dict()
+
+
+def _model(store, state):
+    model = build_model(store.schema, store.schema.task("main"), **MODEL)
+    model.load_state_dict(state)
+    return model
+
+
+def _mae(adapter, loader):
+    pred, y = predict(adapter.predict, loader)
+    return float(np.abs(pred - y).mean())
+
+
+def test_only_the_layer_norms_inside_transformer_layers_change(converged):
+    store, state = converged
+    model = _model(store, state)
+    norms = {id(p) for p in layer_norm_parameters(model)}
+    names = {n for n, p in model.named_parameters() if id(p) in norms}
+    assert names and all(".layers." in n and (".norm1." in n or ".norm2." in n) for n in names)
+    torch.manual_seed(0)
+    CASP(model, **SMALL).adapt(SplitPool(_loader(store, "test@target_all")))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, state[n])}
+    assert changed and changed <= names
+
+
+def test_stage_two_may_train_everything_when_asked(converged):
+    store, state = converged
+    model = _model(store, state)
+    torch.manual_seed(0)
+    CASP(model, stages=["pseudo_label"], stage2_params="all", **SMALL).adapt(SplitPool(_loader(store, "test")))
+    assert not torch.equal(model.head.out.weight, state["head.out.weight"])
+
+
+@pytest.mark.parametrize("protocol", ["offline", "online"])
+def test_unshifted_stream_barely_moves_a_converged_model(converged, protocol):
+    """On source data CASP should not hurt: the test MAE moves by less than 0.05 (labels span [-3, 3])."""
+    store, state = converged
+    test = _loader(store, "test")
+    before = _mae(SourceOnly(_model(store, state)), test)
+    torch.manual_seed(0)
+    adapter = CASP(_model(store, state), protocol=protocol, **SMALL)
+    if protocol == "offline":
+        adapter.adapt(SplitPool(_loader(store, "train")))
+    assert abs(_mae(adapter, test) - before) < 0.05
+
+
+@pytest.mark.parametrize("protocol", ["offline", "online"])
+def test_nan_labels_change_nothing(converged, protocol):
+    store, state = converged
+    preds = []
+    for poison in (False, True):
+        arrays = {k: v[:200] for k, v in store.open_split("train@target_audio").items()}
+        if poison:
+            arrays["y/main"] = np.full(len(arrays["ids"]), np.nan, dtype=np.float32)
+        loader = SplitLoader(arrays, store.schema, "main", batch_size=64, shuffle=False, seed=0)
+        torch.manual_seed(0)
+        adapter = CASP(_model(store, state), protocol=protocol, **SMALL)
+        if protocol == "offline":
+            adapter.adapt(SplitPool(loader))
+        preds.append(predict(adapter.predict, loader)[0])
+    assert np.isfinite(preds[1]).all()
+    np.testing.assert_allclose(preds[0], preds[1], rtol=0, atol=1e-6)
+
+
+def test_offline_adapt_job_records_target_error_per_epoch(converged, store_path, tmp_path):
+    store, state = converged
+    torch.save({"state_dict": state}, tmp_path / "model.pt")
+    config = default_config()
+    config["model"] = {**config["model"], **MODEL}
+    config["studies"]["shift"]["methods"] = ["casp"]
+    config["methods"]["casp"] = {**SMALL, "label_use": "official_code"}
+    config["results"] = str(tmp_path / "results")
+    spec = run_spec(config, "shift", "synth", "casp", "target_all", 0)
+    init_store(tracking_uri(spec["results"], spec["tracking_uri"]), ["shift"], tmp_path / "artifacts")
+    summary = adapt_job(spec, store_path, tmp_path / "model.pt", tmp_path / "run", 1)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # before, 2 contrastive epochs, 1 pseudo-label epoch
+    assert summary["protocol"] == "offline" and summary["target_labels_used"] is True
+    assert np.isfinite(summary["metrics"]["test"]["mae"])
+
+
+@pytest.mark.parametrize("backbone", ["casp_late", "casp_early"])
+def test_casp_adapts_the_layer_norms_of_the_paper_backbones(store_path, backbone):
+    store = FeatureStore(store_path)
+    torch.manual_seed(0)
+    model = build_model(store.schema, store.schema.task("main"), **{**MODEL, "backbone": backbone})
+    before = copy.deepcopy(model.state_dict())
+    names = {n for n, p in model.named_parameters() if id(p) in {id(q) for q in layer_norm_parameters(model)}}
+    assert names and all(".layers." in n for n in names)  # the encoders' final LayerNorm stays out
+    arrays = {k: v[:48] for k, v in store.open_split("train@target_all").items()}
+    CASP(model, **SMALL).adapt(SplitPool(SplitLoader(arrays, store.schema, "main", batch_size=24, shuffle=False, seed=0)))
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= names
