@@ -90,13 +90,9 @@ def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, A
             "backbone": backbone, **extra}
 
 
-def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None) -> dict[str, Any]:
-    """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test."""
-    reproducibility.configure(spec["seed"], threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = RunData(store, spec)
+def prepare_training(spec: dict[str, Any], data: RunData, init: Path | None = None) -> tuple[torch.nn.Module, Any]:
+    """The model (``init`` loaded, the spec's transform applied) and the training hook a run trains with."""
     check_method_support(data.task, spec["plan"])  # before anything is built: a clear error, not a traceback
-    train, valid = data.loader("train", shuffle=True), data.loader("valid")
     model = _model(data, spec)
     if init is not None:
         _load_backbone(model, init)
@@ -107,6 +103,16 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
                     data.task.name)
     elif spec["utilisation_probes"]:
         hook = with_utilisation(hook)
+    return model, hook
+
+
+def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None) -> dict[str, Any]:
+    """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test."""
+    reproducibility.configure(spec["seed"], threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = RunData(store, spec)
+    train, valid = data.loader("train", shuffle=True), data.loader("valid")
+    model, hook = prepare_training(spec, data, init)
     trainable, total = count_parameters(model)
     uri = tracking_uri(spec["results"], spec["tracking_uri"])
     with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:
@@ -126,18 +132,23 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     return summary
 
 
-def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
-    """Adapt a trained model to the spec's target split with the spec's test-time adapter."""
-    reproducibility.configure(spec["seed"], threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = RunData(store, spec)
+def prepare_adapter(spec: dict[str, Any], data: RunData, model_path: Path) -> tuple[torch.nn.Module, Any, str]:
+    """The trained model, the spec's test-time adapter wrapped around it, and the device both live on."""
     if data.task.type == "segmentation":
         raise ValueError(f"test-time adaptation is not supported for segmentation (task {data.task.name!r})")
     model = _model(data, spec)
     _load_backbone(model, model_path)
     device = TrainConfig(**spec["train"]).torch_device
     model.to(device)
-    adapter = build(ADAPTERS, spec["plan"]["adapter"], spec["method_params"][spec["plan"]["adapter"]], model=model)
+    return model, build(ADAPTERS, spec["plan"]["adapter"], spec["method_params"][spec["plan"]["adapter"]], model=model), device
+
+
+def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
+    """Adapt a trained model to the spec's target split with the spec's test-time adapter."""
+    reproducibility.configure(spec["seed"], threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = RunData(store, spec)
+    model, adapter, device = prepare_adapter(spec, data, model_path)
     uri = tracking_uri(spec["results"], spec["tracking_uri"])
     history: list[dict[str, float]] = []
     with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:

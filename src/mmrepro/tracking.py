@@ -85,14 +85,18 @@ def git_commit() -> str:
 class RunTracker:
     """One MLflow run for one job: ``with RunTracker(...) as run: run.log_metrics(...)``.
 
-    The experiment must exist (created by the init rule); a job never creates tables.
+    The experiment must exist (created by the init rule); a job never creates tables. ``tags`` adds
+    to the standard ones (``mlflow.parentRunId`` nests the run under a search); setting ``status``
+    inside the block overrides the final one (``KILLED`` for a pruned trial).
     """
 
-    def __init__(self, uri: str, experiment: str, spec: Mapping[str, Any], threads: int, run_name: str):
+    def __init__(self, uri: str, experiment: str, spec: Mapping[str, Any], threads: int, run_name: str,
+                 tags: Mapping[str, str] | None = None):
         self.uri, self.experiment, self.spec, self.run_name = uri, experiment, spec, run_name
         self.tags = {k: str(spec[k]) for k in TAG_KEYS if k in spec}
         self.tags.update(git_commit=git_commit(), config_hash=config_hash(spec), torch_version=torch.__version__,
-                         threads=str(threads))
+                         threads=str(threads), **(tags or {}))
+        self.status: str | None = None
 
     def __enter__(self) -> "RunTracker":
         import mlflow
@@ -123,4 +127,4 @@ class RunTracker:
         self.client.log_artifact(self.run_id, str(path))
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.client.set_terminated(self.run_id, status="FAILED" if exc_type else "FINISHED")
+        self.client.set_terminated(self.run_id, status=self.status or ("FAILED" if exc_type else "FINISHED"))
