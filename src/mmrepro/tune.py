@@ -187,12 +187,22 @@ def _uri(search: dict[str, Any]) -> str:
     return tracking_uri(search["spec"]["results"], search["spec"]["tracking_uri"])
 
 
+#: A worker marks a trial as its own right after ``ask``; one still unmarked this long after was
+#: claimed by a job killed in between.
+UNMARKED_GRACE_S = 5.0
+
+
 def _fail_stale(study, owner: int | None) -> list[int]:
     """Fail the RUNNING trials of ``owner`` (all of them for None) and enqueue their parameters again."""
     from optuna.trial import TrialState
 
-    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-             if owner is None or t.user_attrs.get("worker") == owner]
+    def candidates():
+        return [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if owner is None or t.user_attrs.get("worker", owner) == owner]
+
+    if owner is not None and any("worker" not in t.user_attrs for t in candidates()):
+        time.sleep(UNMARKED_GRACE_S)  # a live worker may be between ask and marking
+    stale = candidates()
     for t in stale:
         study.tell(t.number, state=TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **{k: v for k, v in t.user_attrs.items()
