@@ -57,8 +57,9 @@ def tiny_config(results: Path | None = None, **tune_keys) -> dict:
     return validate_config(config, load_schema(SCHEMA))
 
 
-def _study(search: dict) -> optuna.Study:
-    return optuna.load_study(study_name=search["name"], storage=tune._storage(search["storage"]))
+def _study(search: dict, workdir: Path = Path.cwd()) -> optuna.Study:
+    """The search's study; a journal path is relative to the directory Snakemake ran in."""
+    return optuna.load_study(study_name=search["name"], storage=tune._storage(str(workdir / search["storage"])))
 
 
 def _states(study: optuna.Study) -> list[str]:
@@ -209,7 +210,7 @@ def test_a_search_feeds_the_final_run_through_the_dag(tmp_path):
     folder = out / "tune" / "balance" / "synth" / "cggm"
     best = json.loads((folder / "best.json").read_text())
     search = json.loads((folder / "search.json").read_text())
-    trials = _study(search).get_trials()
+    trials = _study(search, tmp_path).get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert len(complete) == 3 and best["states"]["COMPLETE"] == 3
     assert len({tuple(sorted(t.params.items())) for t in complete}) == 3, "no point evaluated twice"
