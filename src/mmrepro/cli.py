@@ -96,10 +96,23 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tuned(args: argparse.Namespace) -> dict:
+    """The run spec, with a search's best parameters when ``--tuned`` names its best.json."""
+    if args.tuned is None:
+        return args.spec
+    from mmrepro.tune import apply_params
+
+    best = json.loads(args.tuned.read_text())
+    if (best["study"], best["dataset"], best["method"]) != tuple(args.spec[k] for k in ("study", "dataset", "method")):
+        raise SystemExit(f"--tuned {args.tuned} is the search of {best['study']}/{best['dataset']}/{best['method']}, "
+                         "not of this run")
+    return apply_params(args.spec, best["params"])
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mmrepro.jobs import train_job
 
-    summary = train_job(args.spec, args.data, args.out_dir, args.threads, init=args.init)
+    summary = train_job(_tuned(args), args.data, args.out_dir, args.threads, init=args.init)
     print(json.dumps(summary["metrics"]["test"], indent=1))
     return 0
 
@@ -107,8 +120,26 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_adapt(args: argparse.Namespace) -> int:
     from mmrepro.jobs import adapt_job
 
-    summary = adapt_job(args.spec, args.data, args.model, args.out_dir, args.threads, source_stats=args.source_stats)
+    summary = adapt_job(_tuned(args), args.data, args.model, args.out_dir, args.threads, source_stats=args.source_stats)
     print(json.dumps(summary["metrics"]["test"], indent=1))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from mmrepro import tune
+    from mmrepro.jobs import write_json
+
+    if args.step == "create":
+        out = tune.create(args.search)
+    else:
+        search = json.loads(args.search_file.read_text())
+        if args.step == "work":
+            out = tune.work(search, args.worker, args.data, args.init, args.threads)
+        else:
+            out = tune.best(search, args.data, args.init, args.threads, args.out.parent)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.out, out)
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -218,6 +249,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--data", type=Path, required=True, help="feature store manifest.json")
         s.add_argument("--out-dir", type=Path, required=True, help="folder for metrics.json, model.pt, config.json")
         s.add_argument("--threads", type=int, default=1, help="CPU threads (Snakemake passes the rule's threads)")
+        s.add_argument("--tuned", type=Path, default=None, help="best.json of the run's search: its parameters "
+                       "replace the spec's")
         if verb == "train":
             s.add_argument("--init", type=Path, default=None, help="backbone checkpoint to start from (fine-tuning)")
         else:
@@ -225,6 +258,24 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--source-stats", type=Path, default=None,
                            help="source feature statistics saved beside the backbone (feature_stats.pt), for SSA")
         s.set_defaults(func=func)
+
+    s = sub.add_parser("tune", help="one step of an Optuna search: create the study, run a worker, or write the best")
+    steps = s.add_subparsers(dest="step", required=True, metavar="step")
+    t = steps.add_parser("create", help="create (or load) the study and its MLflow parent run; enqueue the default point")
+    t.add_argument("--search", type=_json, required=True, help="search spec JSON (built by mmrepro.tune.search_spec)")
+    t.add_argument("--out", type=Path, required=True, help="search.json to write (the spec, with the parent run)")
+    for step, helptext in (("work", "run trials until the study's shared budget is finished"),
+                           ("best", "after every worker: finish the budget, write best.json and the plots beside it")):
+        t = steps.add_parser(step, help=helptext)
+        t.add_argument("--search-file", type=Path, required=True, help="search.json written by the create step")
+        t.add_argument("--data", type=Path, required=True, help="feature store manifest.json")
+        t.add_argument("--init", type=Path, default=None, help="backbone checkpoint the trials start from (or adapt)")
+        t.add_argument("--threads", type=int, default=1, help="CPU threads")
+        t.add_argument("--out", type=Path, required=True,
+                       help="worker's summary JSON" if step == "work" else "best.json (history.png, importances.png beside)")
+        if step == "work":
+            t.add_argument("--worker", type=int, required=True, help="this worker's index (0 .. tune.workers - 1)")
+    s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")

@@ -81,6 +81,9 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
     _check_names(config)
     _check_mechanisms(config)
     _check_overrides(config, schema)
+    from mmrepro.tune import check_tune  # tune builds on this module's run specs
+
+    check_tune(config)
     return config
 
 

@@ -140,14 +140,9 @@ def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, A
             "backbone": backbone, **extra}
 
 
-def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None) -> dict[str, Any]:
-    """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test."""
-    phases = Phases()
-    reproducibility.configure(spec["seed"], threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = RunData(store, spec)
+def prepare_training(spec: dict[str, Any], data: RunData, init: Path | None = None) -> tuple[torch.nn.Module, Any]:
+    """The model (``init`` loaded, the spec's transform applied) and the training hook a run trains with."""
     check_method_support(data.task, spec["plan"])  # before anything is built: a clear error, not a traceback
-    train, valid = data.loader("train", shuffle=True), data.loader("valid")
     model = _model(data, spec)
     if init is not None:
         _load_backbone(model, init)
@@ -158,6 +153,17 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
                     data.task.name)
     elif spec["utilisation_probes"]:
         hook = with_utilisation(hook)
+    return model, hook
+
+
+def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None) -> dict[str, Any]:
+    """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test."""
+    phases = Phases()
+    reproducibility.configure(spec["seed"], threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = RunData(store, spec)
+    train, valid = data.loader("train", shuffle=True), data.loader("valid")
+    model, hook = prepare_training(spec, data, init)
     trainable, total = count_parameters(model)
     phases.lap("setup")
     with open_run(spec, threads, run_name=out_dir.as_posix()) as run:
@@ -182,19 +188,9 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     return summary
 
 
-def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int,
-              source_stats: Path | None = None) -> dict[str, Any]:
-    """Adapt a trained model to the spec's target with the spec's test-time adapter; score the target test split.
-
-    An offline adapter first adapts on the target's unlabelled train split; the target test error
-    is recorded before and after each of its epochs. An online adapter adapts as the test stream
-    passes; the error of each batch is recorded. Labels never reach the adapter, except the target
-    validation callback of one that declares label use (then ``target_labels_used`` is true).
-    """
-    phases = Phases()
-    reproducibility.configure(spec["seed"], threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = RunData(store, spec)
+def prepare_adapter(spec: dict[str, Any], data: RunData, model_path: Path,
+                    source_stats: Path | None = None) -> tuple[torch.nn.Module, Any, str]:
+    """The trained model, the spec's test-time adapter wrapped around it, and the device both live on."""
     if data.task.type == "segmentation":
         raise ValueError(f"test-time adaptation is not supported for segmentation (task {data.task.name!r})")
     model = _model(data, spec)
@@ -208,7 +204,31 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
             raise ValueError(f"adapter {name!r} needs the source feature statistics the backbone job saves "
                              f"(feature_stats.pt); got {source_stats}")
         context["source_stats"] = source_stats
-    adapter = build(ADAPTERS, name, spec["method_params"][name], **context)
+    return model, build(ADAPTERS, name, spec["method_params"][name], **context), device
+
+
+def adapted_predictions(adapter: Any, data: RunData, device: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``split``'s predictions through ``adapter``: an offline one first adapts on the unlabelled target
+    train split, an online one adapts as ``split`` streams by (what a search scores on validation)."""
+    if adapter.offline:
+        adapter.adapt(SplitPool(data.loader("train", target=True), device))
+    return predict(adapter.predict, data.loader(split), device)
+
+
+def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int,
+              source_stats: Path | None = None) -> dict[str, Any]:
+    """Adapt a trained model to the spec's target with the spec's test-time adapter; score the target test split.
+
+    An offline adapter first adapts on the target's unlabelled train split; the target test error
+    is recorded before and after each of its epochs. An online adapter adapts as the test stream
+    passes; the error of each batch is recorded. Labels never reach the adapter, except the target
+    validation callback of one that declares label use (then ``target_labels_used`` is true).
+    """
+    phases = Phases()
+    reproducibility.configure(spec["seed"], threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = RunData(store, spec)
+    model, adapter, device = prepare_adapter(spec, data, model_path, source_stats)
     history: list[dict[str, float]] = []
 
     def error(pred: np.ndarray, y: np.ndarray) -> float:

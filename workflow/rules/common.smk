@@ -17,10 +17,12 @@ from mmrepro.config import (
     study_grid,
     validate_config,
 )
+from mmrepro.tune import search_spec, tuned_methods
 
 validate_config(config, load_schema(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
 
 RESULTS = config["results"]
+TUNE = f"{RESULTS}/tune"
 # Every job runs in the project's environment (used with --sdm conda; also answers --lint).
 CONDA_ENV = str(Path(workflow.basedir).parent / "environment.yml")
 TRAIN_RES = config["resources"]["train"]
@@ -61,6 +63,29 @@ def backbone_model(study, dataset, seed):
 
 def backbone_stats(study, dataset, seed):
     return f"{RESULTS}/backbones/{study}/{dataset}/seed{seed}/feature_stats.pt"
+
+
+def tune_inputs(wildcards):
+    """A search's study file, data and the model its trials start from (fine-tuning) or adapt."""
+    w = wildcards
+    kind, seed = STUDY_KINDS[w.study], config["seeds"][0]
+    init = {"finetune": backbone_model(w.study, w.dataset, seed), "adapt": backbone_model("shift", w.dataset, seed)}
+    return {
+        "search": f"{TUNE}/{w.study}/{w.dataset}/{w.method}/search.json",
+        "data": store(w.dataset),
+        "init": init.get(kind, []),
+    }
+
+
+def tuned_best(study):
+    """Input function: a run's search result (best.json) when its method is tuned, else nothing."""
+
+    def best(wildcards):
+        if wildcards.method not in tuned_methods(config, study or wildcards.study):
+            return []
+        return f"{TUNE}/{study or wildcards.study}/{wildcards.dataset}/{wildcards.method}/best.json"
+
+    return best
 
 
 def spec_json(wildcards):

@@ -9,6 +9,7 @@ rule adapt:
         tracking=rules.init_tracking.output,
         model=lambda wildcards: backbone_model("shift", wildcards.dataset, wildcards.seed),
         stats=lambda wildcards: backbone_stats("shift", wildcards.dataset, wildcards.seed),
+        tuned=tuned_best("shift"),
     output:
         metrics=f"{RESULTS}/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
     params:
@@ -18,6 +19,7 @@ rule adapt:
             )
         ),
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
+        tuned=lambda wildcards, input: f"--tuned {input.tuned}" if input.tuned else "",
     conda:
         CONDA_ENV
     log:
@@ -31,4 +33,4 @@ rule adapt:
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro adapt --spec {params.spec:q} --data {input.data} --model {input.model}"
-        " --source-stats {input.stats} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        " --source-stats {input.stats} --out-dir {params.out_dir} {params.tuned} --threads {threads} > {log} 2>&1"

@@ -42,6 +42,7 @@ rule train:
             if STUDY_KINDS[wildcards.study] == "finetune"
             else []
         ),
+        tuned=tuned_best(None),
     output:
         metrics=f"{RESULTS}/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
         history=f"{RESULTS}/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/history.json",
@@ -50,6 +51,7 @@ rule train:
         spec=spec_json,
         out_dir=lambda wildcards, output: Path(output.model).parent,
         init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
+        tuned=lambda wildcards, input: f"--tuned {input.tuned}" if input.tuned else "",
     wildcard_constraints:
         study="balance|missing|peft",
     conda:
@@ -65,4 +67,4 @@ rule train:
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro train --spec {params.spec:q} --data {input.data} --out-dir {params.out_dir}"
-        " {params.init} --threads {threads} > {log} 2>&1"
+        " {params.init} {params.tuned} --threads {threads} > {log} 2>&1"
