@@ -100,6 +100,7 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     model = _model(data, spec)
     if init is not None:
         _load_backbone(model, init)
+    backbone = count_parameters(model)[1]  # before the transform: the denominator of a method's share
     model = build(TRANSFORMS, spec["plan"]["transform"], spec["method_params"][spec["plan"]["transform"]]).apply(model)
     hook = build(HOOKS, spec["plan"]["hook"], spec["method_params"][spec["plan"]["hook"]])
     if spec["utilisation_probes"] and data.task.type == "segmentation":
@@ -119,7 +120,7 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
                    for split in ("valid", "test")}
         summary = _summary(spec, data, metrics=metrics, oracle={s: data.oracle(s) for s in ("valid", "test") if data.oracle(s)},
                            best_epoch=result.best_epoch, epochs_run=result.epochs_run,
-                           trainable_params=trainable, total_params=total)
+                           trainable_params=trainable, total_params=total, backbone_params=backbone)
         _finish(run, out_dir, spec, summary, result.history)
         _save_model(model, out_dir / "model.pt", spec)
     (out_dir / "last.ckpt").unlink(missing_ok=True)
@@ -151,7 +152,7 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
         trainable, total = count_parameters(model)
         summary = _summary(spec, data, metrics={"test": score(data.task, pred, y)},
                            oracle={"test": data.oracle("test")} if data.oracle("test") else {},
-                           trainable_params=trainable, total_params=total)
+                           trainable_params=trainable, total_params=total, backbone_params=total)
         _finish(run, out_dir, spec, summary, history)
     return summary
 
