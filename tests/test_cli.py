@@ -70,6 +70,7 @@ def test_parser_requires_a_verb():
 
 
 def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
+    import csv
     import json
 
     paths = []
@@ -77,13 +78,15 @@ def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
         d = tmp_path / f"seed{seed}"
         d.mkdir()
         (d / "metrics.json").write_text(json.dumps({
-            "study": "balance", "dataset": "mosi", "method": "cggm", "setting": "complete", "seed": seed,
+            "study": "balance", "dataset": "mosi_mult", "method": "cggm", "setting": "complete", "seed": seed,
             "task": "regression", "backbone": "late", "trainable_params": 10,
             "metrics": {"test": {"mae": mae, "corr": 0.5, "acc2_has0": 0.7, "f1_has0": 0.7, "acc2_non0": 0.7,
                                  "f1_non0": 0.7, "acc7": 0.3}}}))
         paths.append(str(d / "metrics.json"))
-    (tmp_path / "ref.csv").write_text("dataset,method,setting,metric,value,source\nmosi,cggm,,mae,0.747,Table 2\n")
+    reference = REPO / "config" / "reference" / "balance.csv"
+    with open(reference, newline="") as fh:
+        paper = next(r for r in csv.DictReader(fh) if r["dataset"] == "mosi" and r["metric"] == "MAE")
     assert main(["report", "--table", str(tmp_path / "t"), "--plot", str(tmp_path / "p"),
-                 "--reference", str(tmp_path / "ref.csv"), *paths]) == 0
+                 "--reference", str(reference), *paths]) == 0
     table = (tmp_path / "t.md").read_text()
-    assert "mae (paper)" in table and "0.747" in table and "0.850 ± 0.071" in table
+    assert "mae (paper)" in table and paper["value"] in table and "0.850 ± 0.071" in table

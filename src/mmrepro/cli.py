@@ -143,14 +143,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_reference(path: Path | None, names: Path | None, runs) -> object:
+    """The paper's numbers for the runs' study, in our names (None without a CSV)."""
+    from mmrepro.report import load_reference
+
+    if path is None:
+        return None
+    studies = sorted(set(runs["study"]))
+    if len(studies) != 1:
+        raise SystemExit(f"--reference needs runs of one study, got {studies}")
+    return load_reference(path, names or path.with_name("names.yaml"), studies[0])
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
 
-    import pandas as pd
-
     runs = load_runs(args.metrics)
-    reference = pd.read_csv(args.reference, dtype={"setting": str}) if args.reference else None
-    write_table(add_baseline_delta(summarize(runs, reference=reference), runs), args.table)
+    write_table(add_baseline_delta(summarize(runs, reference=_study_reference(args.reference, args.names, runs)), runs),
+                args.table)
     plot_study(runs, args.plot)
     print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
     return 0
@@ -281,7 +291,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
     s.add_argument("--reference", type=Path, default=None,
-                   help="CSV of the paper's numbers (dataset,method,setting,metric,value,source) for a side column")
+                   help="CSV of the paper's numbers (config/reference/<study>.csv) for paper and difference columns")
+    s.add_argument("--names", type=Path, default=None,
+                   help="the mapping of the paper's names to ours (default: names.yaml beside --reference)")
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)
 

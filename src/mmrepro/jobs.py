@@ -146,6 +146,7 @@ def prepare_training(spec: dict[str, Any], data: RunData, init: Path | None = No
     model = _model(data, spec)
     if init is not None:
         _load_backbone(model, init)
+    backbone = count_parameters(model)[1]  # before the transform: the denominator of a method's share
     model = build(TRANSFORMS, spec["plan"]["transform"], spec["method_params"][spec["plan"]["transform"]]).apply(model)
     hook = build(HOOKS, spec["plan"]["hook"], spec["method_params"][spec["plan"]["hook"]])
     if spec["utilisation_probes"] and data.task.type == "segmentation":
@@ -179,7 +180,7 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
         summary = _summary(spec, data, metrics=metrics, oracle={s: data.oracle(s) for s in ("valid", "test") if data.oracle(s)},
                            ceiling={s: data.ceiling(s) for s in ("valid", "test") if data.ceiling(s)},
                            best_epoch=result.best_epoch, epochs_run=result.epochs_run,
-                           trainable_params=trainable, total_params=total)
+                           trainable_params=trainable, total_params=total, backbone_params=backbone)
         _save_model(model, out_dir / "model.pt", spec)
         if spec.get("feature_stats"):
             _save_feature_stats(model, data.loader("train"), out_dir / "feature_stats.pt", cfg.torch_device)
@@ -262,7 +263,7 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
                            ceiling={"test": data.ceiling("test")} if data.ceiling("test") else {},
                            protocol="offline" if adapter.offline else "online",
                            target_labels_used=adapter.uses_target_labels,
-                           trainable_params=trainable, total_params=total)
+                           trainable_params=trainable, total_params=total, backbone_params=total)
         _finish(run, out_dir, spec, summary, history, phases)
     return summary
 

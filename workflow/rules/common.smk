@@ -107,9 +107,11 @@ def study_backbone_metrics(study):
 
 
 def paper_reference(study):
-    """The paper's reported numbers for a study (config/reference/<study>.csv), when recorded."""
-    path = Path(workflow.basedir).parent / "config" / "reference" / f"{study}.csv"
-    return [str(path)] if path.is_file() else []
+    """The paper's reported numbers for a study and the names mapping, when recorded:
+    [config/reference/<study>.csv, config/reference/names.yaml] or []."""
+    folder = Path(workflow.basedir).parent / "config" / "reference"
+    path = folder / f"{study}.csv"
+    return [str(path), str(folder / "names.yaml")] if path.is_file() else []
 
 
 def study_report(study):

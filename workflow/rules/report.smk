@@ -12,7 +12,9 @@ rule report:
     params:
         table=lambda wildcards: f"{RESULTS}/tables/{wildcards.study}",
         plot=lambda wildcards: f"{RESULTS}/plots/{wildcards.study}",
-        reference=lambda wildcards, input: f"--reference {input.reference}" if input.reference else "",
+        reference=lambda wildcards, input: (
+            f"--reference {input.reference[0]} --names {input.reference[1]}" if input.reference else ""
+        ),
     wildcard_constraints:
         study="balance|missing|shift|peft",
     conda:

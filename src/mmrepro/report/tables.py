@@ -4,10 +4,14 @@ Only the JSON files the pipeline writes are read, so a table can be rebuilt
 offline from a results folder alone.
 
 Summary frame layout (what :func:`summarize` returns and :func:`write_table`
-expects): identifier columns ``dataset, method, setting, task, n`` followed,
-per metric ``m`` in order, by ``m_mean``, ``m_std``, ``m_oracle`` (the noise-free
+expects): identifier columns ``dataset, method, setting, task, n`` and the
+parameter counts ``trainable_params, backbone_params, trainable_share``, then,
+per metric ``m`` in order, ``m_mean``, ``m_std``, ``m_oracle`` (the noise-free
 latent optimum), ``m_ceiling`` (the best score reachable from the modalities the run
-reads, see :mod:`mmrepro.data.synth`) and, only when a reference was given, ``m_paper``.
+reads, see :mod:`mmrepro.data.synth`) and, for a metric the paper reports (see
+:func:`add_reference`), ``m_paper``, ``m_paper_printed``, ``m_paper_note`` and
+``m_diff``; a shift study adds ``m_delta`` (vs source only). The CSV keeps our units;
+the Markdown and LaTeX tables show a metric in the paper's units (% where the paper prints %).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import math
 import numbers
 import os
+import re
 import statistics
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +30,8 @@ from typing import IO
 
 import numpy as np
 import pandas as pd
+
+from .reference import Reference, reference_frame
 
 __all__ = [
     "DEFAULT_METRICS",
@@ -54,11 +61,11 @@ LOWER_IS_BETTER: frozenset[str] = frozenset({"mae"})
 #: Columns of the long frame returned by :func:`load_runs`.
 RUN_COLUMNS: tuple[str, ...] = (
     "study", "dataset", "method", "setting", "seed", "task", "backbone",
-    "split", "metric", "value", "oracle", "ceiling", "trainable_params", "path",
+    "split", "metric", "value", "oracle", "ceiling", "trainable_params", "backbone_params", "path",
 )
 #: Per-split score blocks a metrics.json may carry beside its metrics, one table column each.
 _BOUNDS = ("oracle", "ceiling")
-_ID_COLUMNS = ("dataset", "method", "setting", "task", "n")
+_ID_COLUMNS = ("dataset", "method", "setting", "task", "n", "trainable_params", "backbone_params", "trainable_share")
 _STR_KEYS = ("study", "dataset", "method", "task", "backbone")
 _REQUIRED_KEYS = (*_STR_KEYS, "setting", "seed", "metrics", "trainable_params")
 
@@ -118,6 +125,9 @@ def _read_one(path: Path) -> list[dict]:
         raise ValueError(f"{path}: key 'seed' must be an integer, got {doc['seed']!r}")
     if not _is_int(doc["trainable_params"]):
         raise ValueError(f"{path}: key 'trainable_params' must be an integer, got {doc['trainable_params']!r}")
+    backbone = doc.get("backbone_params")  # older runs lack it: no share of the backbone then
+    if backbone is not None and not _is_int(backbone):
+        raise ValueError(f"{path}: key 'backbone_params' must be an integer, got {backbone!r}")
 
     metrics = _metric_block(path, "metrics", doc["metrics"])
     bounds = {key: {} if doc.get(key) in (None, {}) else _metric_block(path, key, doc[key]) for key in _BOUNDS}
@@ -135,7 +145,8 @@ def _read_one(path: Path) -> list[dict]:
             rows.append({
                 **base, "split": split, "metric": name, "value": v,
                 **{key: block.get(split, {}).get(name, math.nan) for key, block in bounds.items()},
-                "trainable_params": int(doc["trainable_params"]), "path": str(path),
+                "trainable_params": int(doc["trainable_params"]),
+                "backbone_params": math.nan if backbone is None else float(backbone), "path": str(path),
             })
     return rows
 
@@ -144,7 +155,9 @@ def load_runs(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> pd.Data
     """Read ``metrics.json`` files into one long frame (one row per run x split x metric).
 
     Columns: :data:`RUN_COLUMNS` (``study, dataset, method, setting, seed, task,
-    backbone, split, metric, value, oracle, ceiling, trainable_params, path``). ``setting``
+    backbone, split, metric, value, oracle, ceiling, trainable_params, backbone_params, path``;
+    ``backbone_params``, the parameters of the model before a method's transform, is NaN for
+    files without it). ``setting``
     is always a string (a numeric missing rate ``0.3`` becomes ``"0.3"``);
     ``oracle`` (``ceiling``) is NaN where the file has none for that split/metric; a JSON
     ``null`` metric becomes NaN. Row order follows ``paths``.
@@ -181,9 +194,9 @@ def summarize(
     runs: pd.DataFrame,
     split: str = "test",
     metrics: Sequence[str] | None = None,
-    reference: pd.DataFrame | None = None,
+    reference: Reference | pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """One row per (dataset, method, setting): mean/std over seeds, seed count, oracle.
+    """One row per (dataset, method, setting): mean/std over seeds, seed count, oracle, parameters.
 
     ``runs`` is the frame of :func:`load_runs`. ``metrics`` defaults to
     :data:`DEFAULT_METRICS` of the task(s) present (those found in the data).
@@ -192,7 +205,8 @@ def summarize(
     has no spread, and 0.0 would be misleading), ``m_oracle`` and ``m_ceiling`` (NaN when none) and,
     with ``reference``, ``m_paper`` (see :func:`add_reference`). A seed lacking a
     metric (or having NaN) makes that cell's mean NaN rather than silently
-    averaging fewer seeds.
+    averaging fewer seeds. ``trainable_params`` and ``backbone_params`` are means over
+    seeds; ``trainable_share`` = trainable / backbone (NaN when unknown).
 
     Row order: datasets sorted, then methods and settings in order of first
     appearance in ``runs``. Raises ``ValueError`` when there is nothing to
@@ -200,7 +214,7 @@ def summarize(
     appears twice (e.g. several studies/backbones mixed -- filter first), or seeds
     disagree on the oracle.
     """
-    missing_cols = set(RUN_COLUMNS) - {"path", "trainable_params"} - set(runs.columns)
+    missing_cols = set(RUN_COLUMNS) - {"path", "trainable_params", "backbone_params"} - set(runs.columns)
     if missing_cols:
         raise ValueError(f"runs frame lacks columns {sorted(missing_cols)}; use load_runs()")
     df = runs[runs["split"] == split]
@@ -242,8 +256,11 @@ def summarize(
             raise ValueError(f"{ds}/{meth}/{sett}: runs disagree on task {list(tasks)}")
         seeds = pd.unique(g["seed"])
         n = len(seeds)
-        row: dict[str, object] = {"dataset": ds, "method": meth, "setting": sett,
-                                  "task": tasks[0], "n": n}
+        trainable = g["trainable_params"].mean() if "trainable_params" in g else math.nan
+        backbone = g["backbone_params"].mean() if "backbone_params" in g else math.nan
+        row: dict[str, object] = {"dataset": ds, "method": meth, "setting": sett, "task": tasks[0], "n": n,
+                                  "trainable_params": trainable, "backbone_params": backbone,
+                                  "trainable_share": trainable / backbone if backbone > 0 else math.nan}
         by_metric = dict(tuple(g.groupby("metric", sort=False)))
         for m in chosen:
             gm = by_metric.get(m)
@@ -277,46 +294,69 @@ def _summary_metrics(summary: pd.DataFrame) -> list[str]:
     return [c[: -len("_mean")] for c in summary.columns if c.endswith("_mean")]
 
 
-def add_reference(summary: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
-    """Return a copy of ``summary`` with a ``m_paper`` column after ``m_ceiling`` (or ``m_oracle``).
+def add_reference(summary: pd.DataFrame, reference: Reference | pd.DataFrame) -> pd.DataFrame:
+    """Return a copy of ``summary`` with the paper's values beside ours.
 
-    ``reference`` has columns ``dataset, method, metric, value`` and optionally
-    ``setting``; a row whose setting is absent/empty applies to every setting of
-    that dataset/method, a row with a setting only to that setting (compared as
-    strings). A ``m_paper`` column is added for each summarized metric the
-    reference mentions; cells without a reference number are NaN. Reference rows
-    for metrics that are not in the summary are ignored; duplicate keys raise
-    ``ValueError``.
+    ``reference`` is a :class:`~mmrepro.report.reference.Reference` (or a frame that
+    :func:`~mmrepro.report.reference.reference_frame` completes), keyed by dataset, setting,
+    method and metric; a blank setting applies to every setting of that dataset and method.
+    For each metric it mentions, ``m_paper`` (our units), ``m_paper_printed``, ``m_paper_note``
+    (footnote text) and ``m_diff`` (ours minus paper, our units) follow ``m_oracle``; a metric we
+    did not compute gets empty columns of ours. A paper cell with no run of ours becomes a row
+    with ``n == 0`` ("not run"), after that dataset's runs. ``attrs["scale"]`` gives the paper's
+    units per metric; a metric whose references disagree on it raises ``ValueError``.
     """
-    need = {"dataset", "method", "metric", "value"}
-    if not need <= set(reference.columns):
-        raise ValueError(f"reference needs columns {sorted(need)} (+ optional 'setting'), "
-                         f"got {list(reference.columns)}")
-    exact: dict[tuple, float] = {}
-    general: dict[tuple, float] = {}
-    has_setting = "setting" in reference.columns
-    for r in reference.itertuples(index=False):
-        sett = getattr(r, "setting") if has_setting else None
-        blank = sett is None or (isinstance(sett, float) and math.isnan(sett)) or str(sett) == ""
-        key = (str(r.dataset), str(r.method), str(r.metric)) if blank else \
-              (str(r.dataset), str(r.method), str(sett), str(r.metric))
-        table = general if blank else exact
-        if key in table:
-            raise ValueError(f"reference has more than one value for {key}")
-        table[key] = float(r.value)
-
-    out = summary.drop(columns=[c for c in summary.columns if c.endswith("_paper")])
+    ref = reference_frame(reference)
+    out = summary.drop(columns=[c for c in summary.columns if c.endswith(("_paper", "_paper_printed",
+                                                                          "_paper_note", "_diff"))])
     metrics = _summary_metrics(out)
-    mentioned = {str(m) for m in reference["metric"]}
-    for m in metrics:
-        if m not in mentioned:
-            continue
-        vals = [exact.get((ds, me, str(se), m), general.get((ds, me, m), math.nan))
-                for ds, me, se in zip(out["dataset"], out["method"], out["setting"])]
-        last = f"{m}_ceiling" if f"{m}_ceiling" in out.columns else f"{m}_oracle"
-        out.insert(out.columns.get_loc(last) + 1, f"{m}_paper", vals)
+    new = [m for m in dict.fromkeys(ref["metric"]) if m not in metrics]
+    for m in new:
+        for stat in ("mean", "std", *_BOUNDS):
+            out[f"{m}_{stat}"] = math.nan
+    metrics += new
+
+    ran = set(zip(out["dataset"], out["method"], out["setting"].astype(str)))
+    ran_any = {(d, me) for d, me, _ in ran}
+    missing = []
+    for r in ref.itertuples(index=False):
+        key = (r.dataset, r.method, r.setting)
+        if (key not in ran if r.setting else (r.dataset, r.method) not in ran_any) and key not in missing:
+            missing.append(key)
+    if missing:
+        blank = {"task": "", "n": 0, "trainable_params": math.nan, "backbone_params": math.nan,
+                 "trainable_share": math.nan}
+        rows = pd.DataFrame([{"dataset": d, "method": me, "setting": se, **blank} for d, me, se in missing])
+        out = pd.concat([out, rows], ignore_index=True).sort_values("dataset", kind="stable", ignore_index=True)
+
+    exact = {(r.dataset, r.method, r.setting, r.metric): r for r in ref.itertuples(index=False) if r.setting}
+    general = {(r.dataset, r.method, r.metric): r for r in ref.itertuples(index=False) if not r.setting}
+    scale: dict[str, float] = {}
+    for m in dict.fromkeys(ref["metric"]):
+        scales = set(ref.loc[ref["metric"] == m, "scale"].astype(float))
+        if len(scales) > 1:
+            raise ValueError(f"reference prints metric {m!r} in several units (scales {sorted(scales)})")
+        scale[m] = scales.pop()
+        hits = [exact.get((d, me, str(se), m), general.get((d, me, m)))
+                for d, me, se in zip(out["dataset"], out["method"], out["setting"])]
+        paper = [math.nan if h is None else float(h.value) for h in hits]
+        at = out.columns.get_loc(f"{m}_ceiling" if f"{m}_ceiling" in out.columns else f"{m}_oracle") + 1
+        for i, (col, vals) in enumerate((
+                (f"{m}_paper", paper),
+                (f"{m}_paper_printed", ["" if h is None else h.printed for h in hits]),
+                (f"{m}_paper_note", ["" if h is None else h.footnote for h in hits]),
+                (f"{m}_diff", (out[f"{m}_mean"].to_numpy(dtype=float) - paper).tolist()))):
+            out.insert(at + i, col, vals)
+    ordered = [*_ID_COLUMNS] + [f"{m}_{f}" for m in metrics for f in _METRIC_FIELDS if f"{m}_{f}" in out.columns]
+    out = out[ordered].astype({"n": "int64"})
     out.attrs.update(summary.attrs)
+    out.attrs.update(metrics=metrics, scale={**summary.attrs.get("scale", {}), **scale})
+    if isinstance(reference, Reference):
+        out.attrs.update(paper=reference.paper, absent=reference.absent)
     return out
+
+
+_METRIC_FIELDS = ("mean", "std", *_BOUNDS, "paper", "paper_printed", "paper_note", "diff")
 
 
 def add_baseline_delta(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str = "source_only") -> pd.DataFrame:
@@ -377,44 +417,109 @@ def _fmt(x: float, digits: int) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def _display(summary: pd.DataFrame, digits: int, pm: str) -> tuple[list[str], list[list[str]], int]:
+#: Footnote marks in order of use (then doubled: ††, ‡‡, ...), and their LaTeX.
+_MARKS = ("†", "‡", "§", "¶", "‖")
+_TEX_MARKS = {"†": r"\dag", "‡": r"\ddag", "§": r"\S", "¶": r"\P", "‖": r"\|"}
+
+
+def _decimals(printed: Iterable[str], default: int) -> int:
+    """As many decimals as the paper prints for a metric (``default`` without a printed value)."""
+    found = [len(m.group(1)) if m.group(1) else 0
+             for m in (_DECIMALS.match(p) for p in printed if p) if m]
+    return max(found) if found else default
+
+
+_DECIMALS = re.compile(r"\s*[-+]?\d*(?:\.(\d+))?")
+
+
+def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], str] = str,
+             esc: Callable[[str], str] = str) -> tuple[list[str], list[list[str]], int, list[tuple[str, str]]]:
     """Header and string cells shared by the Markdown and LaTeX writers.
 
-    Returns (header, rows, number of identifier columns). Oracle/paper columns
-    that are empty for every row are dropped (the CSV keeps them).
+    Returns (header, rows, number of identifier columns, footnotes as (mark, text)). A metric
+    the paper reports is shown in the paper's units and decimals, with paper and difference
+    columns; oracle/paper/share columns that are empty for every row are dropped (the CSV keeps
+    them). ``mark`` renders a footnote mark, ``esc`` escapes a printed paper value.
     """
     metrics = _summary_metrics(summary)
+    scales = summary.attrs.get("scale", {})
     id_cols = ["dataset", "method", "setting", "n"]
-    header = list(id_cols)
-    getters: list[Callable[[pd.Series], str]] = []
-    for m in metrics:
-        header.append(m)
+    header = [*id_cols, "trainable"]
+    getters: list[Callable[[pd.Series], str]] = [lambda r: "" if pd.isna(r.get("trainable_params", math.nan))
+                                                 else f"{r['trainable_params']:,.0f}"]
+    if "trainable_share" in summary.columns and summary["trainable_share"].notna().any():
+        header.append("% of backbone")
+        getters.append(lambda r: _fmt(100 * r["trainable_share"], 2))
+    footnotes: dict[str, str] = {}
 
-        def cell(r: pd.Series, m: str = m) -> str:
-            mean, std = r[f"{m}_mean"], r[f"{m}_std"]
+    def footnote(text: str) -> str:
+        if not text:
+            return ""
+        if text not in footnotes:
+            i = len(footnotes)
+            footnotes[text] = _MARKS[i % len(_MARKS)] * (i // len(_MARKS) + 1)
+        return mark(footnotes[text])
+
+    for m in metrics:
+        scale = scales.get(m, 1.0)
+        has_paper = f"{m}_paper" in summary.columns and summary[f"{m}_paper"].notna().any()
+        dec = _decimals(summary[f"{m}_paper_printed"], digits) if has_paper else digits
+        header.append(m + (" (%)" if scale == 100 else f" (x{scale:g})" if scale != 1 else ""))
+
+        def cell(r: pd.Series, m: str = m, scale: float = scale, dec: int = dec) -> str:
+            if r["n"] == 0:
+                return "not run" if not pd.isna(r.get(f"{m}_paper", math.nan)) else ""
+            mean, std = r[f"{m}_mean"] * scale, r[f"{m}_std"] * scale
             if pd.isna(mean):
                 return ""
-            return _fmt(mean, digits) if pd.isna(std) else f"{_fmt(mean, digits)}{pm}{_fmt(std, digits)}"
+            return _fmt(mean, dec) if pd.isna(std) else f"{_fmt(mean, dec)}{pm}{_fmt(std, dec)}"
         getters.append(cell)
-        for extra, label in (*((b, b) for b in _BOUNDS), ("paper", "paper"), ("delta", "vs source only")):
-            col = f"{m}_{extra}"
-            if col in summary.columns and summary[col].notna().any():
-                header.append(f"{m} ({label})")
-                getters.append(lambda r, col=col: _fmt(r[col], digits))
+        for bound in _BOUNDS:
+            if f"{m}_{bound}" in summary.columns and summary[f"{m}_{bound}"].notna().any():
+                header.append(f"{m} ({bound})")
+                getters.append(lambda r, col=f"{m}_{bound}", scale=scale, dec=dec: _fmt(r[col] * scale, dec))
+        if has_paper:
+            header += [f"{m} (paper)", f"{m} (Δ)"]
+
+            def paper(r: pd.Series, m: str = m, scale: float = scale, dec: int = dec) -> str:
+                if pd.isna(r[f"{m}_paper"]):
+                    return ""
+                shown = esc(r[f"{m}_paper_printed"]) or _fmt(r[f"{m}_paper"] * scale, dec)
+                return shown + footnote(r[f"{m}_paper_note"])
+            getters.append(paper)
+            getters.append(lambda r, m=m, scale=scale, dec=dec: "" if pd.isna(r[f"{m}_diff"])
+                           else f"{r[f'{m}_diff'] * scale:+.{dec}f}")
+        if f"{m}_delta" in summary.columns and summary[f"{m}_delta"].notna().any():
+            header.append(f"{m} (vs source only)")
+            getters.append(lambda r, m=m, scale=scale, dec=dec: "" if pd.isna(r[f"{m}_delta"])
+                           else f"{r[f'{m}_delta'] * scale:+.{dec}f}")
     rows = [[str(r[c]) for c in id_cols] + [g(r) for g in getters] for _, r in summary.iterrows()]
-    return header, rows, len(id_cols)
+    return header, rows, len(id_cols), [(mk, text) for text, mk in footnotes.items()]
+
+
+def _notes(summary: pd.DataFrame) -> list[str]:
+    """The lines under a table: what the numbers are, where the paper's come from."""
+    split = summary.attrs.get("split")
+    lines = [f"Mean ± sample std over seeds ({split} split; n = number of seeds; std omitted when n = 1). "
+             "Generated from metrics.json files. trainable: trainable parameters; % of backbone: their share "
+             "of the model's parameters before the method's transform."]
+    if any(c.endswith("_paper") for c in summary.columns):
+        paper = summary.attrs.get("paper") or "the paper"
+        lines.append(f"Paper: {paper}, values as printed; Δ = ours − paper in the paper's units (% where the "
+                     "header says so); 'not run': a cell the paper reports that this configuration does not run.")
+    if summary.attrs.get("absent"):
+        lines.append(summary.attrs["absent"])
+    return lines
 
 
 def _markdown(summary: pd.DataFrame, digits: int) -> str:
-    header, rows, n_id = _display(summary, digits, " ± ")
+    header, rows, n_id, footnotes = _display(summary, digits, " ± ")
 
     def line(cells: list[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
     align = ["---"] * (n_id - 1) + ["---:"] * (len(header) - n_id + 1)
-    split = summary.attrs.get("split")
-    note = (f"Mean ± sample std over seeds ({split} split; n = number of seeds; "
-            "std omitted when n = 1). Generated from metrics.json files.")
-    return "\n".join([line(header), line(align), *map(line, rows), "", note, ""])
+    notes = [*_notes(summary), *(f"{mk} {text}" for mk, text in footnotes)]
+    return "\n".join([line(header), line(align), *map(line, rows), "", "\n\n".join(notes), ""])
 
 
 _TEX_ESCAPES = {
@@ -429,14 +534,16 @@ def latex_escape(text: str) -> str:
 
 
 def _latex(summary: pd.DataFrame, digits: int) -> str:
-    header, rows, n_id = _display(summary, digits, " $\\pm$ ")
+    def tex_mark(mk: str) -> str:
+        return "$^{" + "".join(_TEX_MARKS[c] for c in mk) + "}$"
+    header, rows, n_id, footnotes = _display(summary, digits, " $\\pm$ ", mark=tex_mark, esc=latex_escape)
     spec = "l" * (n_id - 1) + "r" * (len(header) - n_id + 1)
     out = [
         "% Generated by mmrepro.report from metrics.json files (needs \\usepackage{booktabs}).",
-        f"% Mean $\\pm$ sample std over seeds; split: {latex_escape(summary.attrs.get('split', ''))}.",
+        *(f"% {latex_escape(line)}" for line in _notes(summary)),
         f"\\begin{{tabular}}{{{spec}}}",
         "\\toprule",
-        " & ".join(latex_escape(h) for h in header) + " \\\\",
+        " & ".join(latex_escape(h).replace("Δ", "$\\Delta$") for h in header) + " \\\\",
         "\\midrule",
     ]
     prev = None
@@ -444,24 +551,26 @@ def _latex(summary: pd.DataFrame, digits: int) -> str:
         if prev is not None and cells[0] != prev:
             out.append("\\midrule")
         prev = cells[0]
-        # Metric cells already contain LaTeX ($\pm$) and only digits otherwise.
+        # Metric cells are already LaTeX: digits, $\pm$, escaped paper values and marks.
         out.append(" & ".join([latex_escape(c) for c in cells[:n_id]] + cells[n_id:]) + " \\\\")
-    out += ["\\bottomrule", "\\end{tabular}", ""]
-    return "\n".join(out)
+    out += ["\\bottomrule", "\\end{tabular}"]
+    out += [f"\\par{{\\footnotesize {tex_mark(mk)} {latex_escape(text)}}}" for mk, text in footnotes]
+    return "\n".join([*out, ""])
 
 
 def write_table(
     summary: pd.DataFrame,
     stem: str | os.PathLike,
-    reference: pd.DataFrame | None = None,
+    reference: Reference | pd.DataFrame | None = None,
     digits: int = 3,
 ) -> list[Path]:
     """Write ``stem.md``, ``stem.csv`` and ``stem.tex`` from a :func:`summarize` frame.
 
     * ``.md``: cells ``"0.612 ± 0.010"`` (mean only when n == 1), plus
-      ``"m (oracle)"`` / ``"m (ceiling)"`` / ``"m (paper)"`` columns where any row has a value.
-    * ``.csv``: the summary itself, full precision, separate ``m_mean``,
-      ``m_std``, ``m_oracle``, ``m_ceiling`` (and ``m_paper``) columns; NaN is an empty cell.
+      ``"m (oracle)"`` / ``"m (ceiling)"`` / ``"m (paper)"`` / ``"m (Δ)"`` columns where any row has a
+      value, in the paper's units; footnotes for values not read from the paper itself.
+    * ``.csv``: the summary itself, full precision, in our units, separate ``m_mean``,
+      ``m_std``, ``m_oracle``, ``m_ceiling`` (and ``m_paper``...) columns; NaN is an empty cell.
     * ``.tex``: a booktabs ``tabular`` (no float environment) to ``\\input``.
 
     ``reference`` (see :func:`add_reference`) replaces any paper columns already
