@@ -84,10 +84,18 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _teacher(value: str) -> tuple[str, Path]:
+    modality, sep, path = value.partition("=")
+    if not sep or not modality or not path:
+        raise argparse.ArgumentTypeError(f"expected MODALITY=PATH, got {value!r}")
+    return modality, Path(path)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mmrepro.jobs import train_job
 
-    summary = train_job(args.spec, args.data, args.out_dir, args.threads, init=args.init)
+    summary = train_job(args.spec, args.data, args.out_dir, args.threads, init=args.init,
+                        teachers=dict(args.teacher) or None)
     print(json.dumps(summary["metrics"]["test"], indent=1))
     return 0
 
@@ -167,6 +175,8 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--threads", type=int, default=1, help="CPU threads (Snakemake passes the rule's threads)")
         if verb == "train":
             s.add_argument("--init", type=Path, default=None, help="backbone checkpoint to start from (fine-tuning)")
+            s.add_argument("--teacher", type=_teacher, action="append", default=[], metavar="MODALITY=MODEL_PT",
+                           help="a trained unimodal run's model.pt, for methods that distil from teachers (umt)")
         else:
             s.add_argument("--model", type=Path, required=True, help="trained model checkpoint (model.pt)")
         s.set_defaults(func=func)

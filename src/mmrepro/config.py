@@ -160,6 +160,11 @@ def _check_names(config: dict[str, Any]) -> None:
                 raise ConfigError(f"config key {where}.model.backbone: unknown backbone {backbone!r}; "
                                   f"known: {sorted(FUSIONS)}")
         for run in study_grid(config, study):
+            if needs_teachers(run["method"]) and not teacher_runs(config, study, run["dataset"], run["method"], run["seed"]):
+                i = spec["methods"].index(run["method"])
+                raise ConfigError(f"config key studies.{study}.methods[{i}]: {run['method']!r} distils from unimodal "
+                                  f"teachers, but the study has no one-modality 'subset' setting trained with 'joint' "
+                                  f"on dataset {run['dataset']!r}")
             if config["datasets"][run["dataset"]]["loader"] in SEGMENTATION_LOADERS:
                 try:
                     check_method_support("segmentation", resolve_method(run["method"]))
@@ -246,8 +251,33 @@ def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting
 
 def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str, seed: int) -> dict[str, Any]:
     """Everything one training or adaptation job needs, resolved (the job's config artifact)."""
-    return _spec(config, study, dataset, method, setting, config["studies"][study]["settings"][setting], seed,
+    spec = _spec(config, study, dataset, method, setting, config["studies"][study]["settings"][setting], seed,
                  study_task(config, study, dataset))
+    teachers = teacher_runs(config, study, dataset, method, seed)
+    if teachers:
+        spec["teachers"] = {m: run["setting"] for m, run in teachers.items()}
+    return spec
+
+
+def needs_teachers(method: str) -> bool:
+    """Whether the method's hook distils from unimodal teachers (UMT)."""
+    return bool(getattr(HOOKS.get(resolve_method(method).hook), "needs_teachers", False))
+
+
+def teacher_runs(config: dict[str, Any], study: str, dataset: str, method: str, seed: int) -> dict[str, dict[str, Any]]:
+    """For a method that needs unimodal teachers: modality -> the study's run that trains that modality
+    alone (a one-modality ``subset`` setting with ``joint``) on the same dataset and seed; else ``{}``."""
+    if not needs_teachers(method):
+        return {}
+    spec = config["studies"][study]
+    runs = {}
+    for name, setting in spec["settings"].items():
+        mods = setting.get("modalities", [])
+        if (setting["type"] == "subset" and len(mods) == 1 and "joint" in setting.get("methods", spec["methods"])
+                and dataset in setting.get("datasets", spec["datasets"])):
+            runs.setdefault(mods[0], {"study": study, "dataset": dataset, "method": "joint", "setting": name,
+                                      "seed": int(seed)})
+    return runs
 
 
 def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -> dict[str, Any]:

@@ -90,8 +90,25 @@ def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, A
             "backbone": backbone, **extra}
 
 
-def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None) -> dict[str, Any]:
-    """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test."""
+def _load_teachers(data: RunData, spec: dict[str, Any], paths: dict[str, Path]) -> dict[str, torch.nn.Module]:
+    """The unimodal runs' models (modality -> model), frozen, for hooks that distil from teachers."""
+    teachers = {}
+    for m, path in paths.items():
+        saved = torch.load(path, map_location="cpu")
+        if saved["task"] != spec["task"]:
+            raise ValueError(f"teacher {path} was trained on task {saved['task']!r}, this run on {spec['task']!r}")
+        model = build_model(data.schema, data.task, modalities=[m], **saved["model"])
+        model.load_state_dict(saved["state_dict"])
+        teachers[m] = model.eval().requires_grad_(False)
+    return teachers
+
+
+def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None,
+              teachers: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test.
+
+    ``teachers`` (modality -> unimodal run's ``model.pt``) go to a hook that ``needs_teachers`` (UMT).
+    """
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
@@ -101,7 +118,12 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     if init is not None:
         _load_backbone(model, init)
     model = build(TRANSFORMS, spec["plan"]["transform"], spec["method_params"][spec["plan"]["transform"]]).apply(model)
-    hook = build(HOOKS, spec["plan"]["hook"], spec["method_params"][spec["plan"]["hook"]])
+    context = {}
+    if getattr(HOOKS.get(spec["plan"]["hook"]), "needs_teachers", False):
+        context["teachers"] = _load_teachers(data, spec, teachers or {})
+    elif teachers:
+        raise ValueError(f"hook {spec['plan']['hook']!r} takes no teachers")
+    hook = build(HOOKS, spec["plan"]["hook"], spec["method_params"][spec["plan"]["hook"]], **context)
     if spec["utilisation_probes"] and data.task.type == "segmentation":
         log.warning("utilisation probes predict one label per sample; skipped for the segmentation task %r",
                     data.task.name)

@@ -12,6 +12,7 @@ from mmrepro.config import (
     load_schema,
     run_spec,
     study_grid,
+    teacher_runs,
     validate_config,
 )
 
@@ -54,6 +55,13 @@ def run_dir(study, dataset, method, setting, seed):
 
 def backbone_model(study, dataset, seed):
     return f"{RESULTS}/backbones/{study}/{dataset}/seed{seed}/model.pt"
+
+
+def teachers(wildcards):
+    """Modality -> model.pt of the unimodal runs a distilling method (UMT) learns from."""
+    w = wildcards
+    runs = teacher_runs(config, w.study, w.dataset, w.method, int(w.seed))
+    return {m: f"{run_dir(**run)}/model.pt" for m, run in runs.items()}
 
 
 def spec_json(wildcards):

@@ -64,6 +64,7 @@ rule train:
             if STUDY_KINDS[wildcards.study] == "finetune"
             else []
         ),
+        teachers=lambda wildcards: list(teachers(wildcards).values()),
     output:
         metrics=f"{RESULTS}/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
         history=f"{RESULTS}/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/history.json",
@@ -72,6 +73,7 @@ rule train:
         spec=spec_json,
         out_dir=lambda wildcards, output: Path(output.model).parent,
         init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
+        teachers=lambda wildcards: " ".join(f"--teacher {m}={path}" for m, path in teachers(wildcards).items()),
     wildcard_constraints:
         study="balance|missing|peft",
     conda:
@@ -87,4 +89,4 @@ rule train:
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro train --spec {params.spec:q} --data {input.data} --out-dir {params.out_dir}"
-        " {params.init} --threads {threads} > {log} 2>&1"
+        " {params.init} {params.teachers} --threads {threads} > {log} 2>&1"
