@@ -142,6 +142,8 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
         summary = _summary(spec, data, metrics=metrics, oracle={s: data.oracle(s) for s in ("valid", "test") if data.oracle(s)},
                            best_epoch=result.best_epoch, epochs_run=result.epochs_run,
                            trainable_params=trainable, total_params=total)
+        if hook.run_summary():
+            summary["hook"] = hook.run_summary()
         _finish(run, out_dir, spec, summary, result.history)
         _save_model(model, out_dir / "model.pt", spec)
     (out_dir / "last.ckpt").unlink(missing_ok=True)
