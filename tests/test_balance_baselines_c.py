@@ -319,3 +319,25 @@ def test_umt_runs_depend_on_the_grids_unimodal_runs():
     bad["studies"]["balance"]["settings"] = {"complete": {"type": "complete"}}
     with pytest.raises(ConfigError, match="studies.balance.methods.*'umt' distils from unimodal teachers"):
         validate_config(bad, load_schema(CONFIG_SCHEMA))
+
+
+def test_method_variants_run_a_plug_in_with_other_parameters():
+    from mmrepro.config import ConfigError, load_schema, run_spec, validate_config
+    from conftest import SCHEMA as CONFIG_SCHEMA
+
+    cfg = grid_config()
+    spec = run_spec(cfg, "balance", "synth", "cggm_direction", "complete", 0)
+    assert spec["method"] == "cggm_direction" and spec["plan"]["hook"] == "cggm"
+    assert spec["method_params"]["cggm"] == {"lam": 0.1, "magnitude": False}
+    assert run_spec(cfg, "balance", "synth", "cggm", "complete", 0)["method_params"]["cggm"] == {}
+    for change, key in ((lambda c: c["method_variants"].update(cggm_x={"method": "cggm", "params": {"rhoo": 1}}),
+                         "method_variants.cggm_x.params"),
+                        (lambda c: c["method_variants"].update(cggm_y={"method": "nope"}), "method_variants.cggm_y.method"),
+                        (lambda c: c["method_variants"].update(joint={"method": "cggm"}), "method_variants.joint")):
+        bad = copy.deepcopy(cfg)
+        change(bad)
+        name = key.split(".")[1]
+        if name not in ("joint",):
+            bad["studies"]["balance"]["methods"].append(name)
+        with pytest.raises(ConfigError, match=key):
+            validate_config(bad, load_schema(CONFIG_SCHEMA))

@@ -305,6 +305,18 @@ def test_extreme_steps_are_counted_with_medians_per_epoch_and_totals_per_run():
     assert hook.run_summary() == {"coeff_steps": 6, "coeff_extreme_steps": 2, "coeff_extreme_share": pytest.approx(1 / 3)}
 
 
+def test_direction_only_leaves_the_encoder_gradients_alone():
+    model, loss_fn, optimizer, hook = set_up(magnitude=False)
+    batch = batches(k=1)[0]
+    one_step(model, loss_fn, optimizer, hook, batch, step=False)  # first step: no direction term yet
+    with_hook = grads(model)
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(batch).pred, batch.y).backward()
+    for name, g in grads(model).items():
+        torch.testing.assert_close(with_hook[name], g)
+    assert hook.lam > 0 and hook.l_gm is not None  # the direction term still comes at the next step
+
+
 def test_cggm_training_differs_from_joint_training():
     trained = {}
     for name, hook in (("joint", JointTraining()), ("cggm", CGGM(cls_dropout=0.0))):

@@ -121,6 +121,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cggm_report(args: argparse.Namespace) -> int:
+    from mmrepro.report.cggm import load_balance_runs, write_cggm_report
+
+    paths = write_cggm_report(load_balance_runs(args.metrics), args.table, args.plot)
+    print(f"wrote {', '.join(map(str, paths))} from {len(args.metrics)} runs")
+    return 0
+
+
 def cmd_curves(args: argparse.Namespace) -> int:
     from mmrepro.report import load_histories, plot_curves
 
@@ -180,6 +188,12 @@ def parser() -> argparse.ArgumentParser:
         else:
             s.add_argument("--model", type=Path, required=True, help="trained model checkpoint (model.pt)")
         s.set_defaults(func=func)
+
+    s = sub.add_parser("cggm-report", help="the CGGM paper's Tables 5 and 6 and Figure 5 from balance runs (md, png, pdf)")
+    s.add_argument("--table", type=Path, required=True, help="output stem for the markdown tables")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the sweep plot")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the balance study's runs")
+    s.set_defaults(func=cmd_cggm_report)
 
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")

@@ -81,8 +81,10 @@ def paper_reference(study):
 
 
 def study_report(study):
-    """A study's table and plot, plus per-epoch curves for the studies that train."""
+    """A study's table and plot, plus per-epoch curves for the studies that train, plus the CGGM
+    paper's Tables 5, 6 and Figure 5 for the balance study."""
     curves = ["_curves"] if STUDY_KINDS[study] != "adapt" else []
+    cggm = [f"{RESULTS}/tables/balance_cggm.md"] + [f"{RESULTS}/plots/balance_cggm.{ext}" for ext in ("png", "pdf")]
     return [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
         f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ["", *curves] for ext in ("png", "pdf")
-    ]
+    ] + (cggm if study == "balance" else [])

@@ -396,7 +396,8 @@ class CGGM(TrainingHook):
 
     Defaults are the official MOSI run script's (``run/mosi_run.py``). ``cls_layers``, ``cls_heads``,
     ``cls_dropout`` and ``faithful_double_hidden`` shape the sequence probes only; ``seg_magnitude``
-    acts on segmentation models only.
+    acts on segmentation models only. ``magnitude=False`` turns the gradient scaling off (the
+    paper's Table 6 "direction only"; "magnitude only" is ``lam=0``).
     """
 
     tracks_utilisation = True
@@ -405,7 +406,7 @@ class CGGM(TrainingHook):
                  cls_heads: int | None = None, cls_dropout: float = 0.15, cls_optim: str = "Adam",
                  cls_weight_decay: float = 0.0, cls_momentum: float = 0.0, faithful_double_hidden: bool = True,
                  direction: str = "weights", guarded: bool = False, guard_eps: float = 0.05,
-                 seg_magnitude: bool = False):
+                 seg_magnitude: bool = False, magnitude: bool = True):
         if direction not in DIRECTIONS:
             raise ValueError(f"cggm: direction must be one of {DIRECTIONS}, got {direction!r}")
         if guard_eps <= 0:
@@ -420,7 +421,7 @@ class CGGM(TrainingHook):
                              optim=cls_optim, weight_decay=cls_weight_decay,
                              faithful_double_hidden=faithful_double_hidden)
         self.direction, self.guarded, self.guard_eps = direction, guarded, guard_eps
-        self.seg_magnitude = seg_magnitude
+        self.seg_magnitude, self.use_magnitude = seg_magnitude, bool(magnitude)
         self.probes: UnimodalProbes | SegmentationProbes | None = None
 
     # ---------------------------------------------------------------------------------------------
@@ -439,7 +440,7 @@ class CGGM(TrainingHook):
             if self.optim_kw["momentum"]:
                 self.probes.optimizer = make_optimizer(self.probes.parameters(), **self.optim_kw)
             head_blocks(model, model.head.out.weight)  # fail early on an unsupported head width
-        self.magnitude = self.seg_magnitude or not self.segmentation
+        self.magnitude = self.use_magnitude and (self.seg_magnitude or not self.segmentation)
         self._model_ref = weakref.ref(model)  # to build ``l_gm`` again on resume
         self.prev_acc = {m: 0.0 for m in self.names}
         self.l_gm: torch.Tensor | None = None  # weights mode: built at step t, used at step t+1
