@@ -24,33 +24,19 @@ import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
-from mmrepro.methods.balance.common import EpochMeans, per_modality
-from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.balance.common import EpochMeansHook, per_modality
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
 
 @HOOKS.register("ume")
-class UME(TrainingHook):
+class UME(EpochMeansHook):
     """Sum of the unimodal heads' losses: each modality's predictor trains on its own loss only."""
 
     transform = "late_mean"
-
-    def setup(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> None:
-        self.loss_fn = loss_fn
-        self._means = EpochMeans()
 
     def loss(self, model: nn.Module, batch: Batch, out: ModelOutput, task_loss: torch.Tensor) -> torch.Tensor:
         preds, _ = model.unimodal(out.features)
         losses = {m: self.loss_fn(preds[m], batch.y) for m in model.names}
         self._means.add(per_modality("ume_loss", {m: float(v.detach()) for m, v in losses.items()}))
         return sum(losses.values())
-
-    def on_epoch_end(self, epoch: int, model: nn.Module, valid) -> dict[str, float]:
-        return self._means.pop()
-
-    def state_dict(self) -> dict:
-        return {"means": self._means.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._means.load_state_dict(state["means"])

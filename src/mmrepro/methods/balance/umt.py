@@ -25,14 +25,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrepro.data.loader import Batch
-from mmrepro.methods.balance.common import EpochMeans, per_modality
-from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.balance.common import EpochMeansHook, per_modality
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
 
 @HOOKS.register("umt")
-class UMT(TrainingHook):
+class UMT(EpochMeansHook):
     """Task loss + ``weight`` * sum over modalities of MSE(student features, frozen teacher features)."""
 
     #: the job passes ``teachers`` (modality -> trained unimodal model) to this hook
@@ -43,7 +42,6 @@ class UMT(TrainingHook):
             raise ValueError(f"umt: weight must be >= 0, got {weight}")
         self.weight = float(weight)
         self.teachers = dict(teachers or {})
-        self._means = EpochMeans()
 
     def setup(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> None:
         missing = [m for m in model.names if m not in self.teachers]
@@ -53,7 +51,7 @@ class UMT(TrainingHook):
         ref = next(model.parameters())
         for m in model.names:
             self.teachers[m] = self.teachers[m].to(ref.device).eval().requires_grad_(False)
-        self._means = EpochMeans()
+        super().setup(model, loss_fn, optimizer)
 
     def loss(self, model: nn.Module, batch: Batch, out: ModelOutput, task_loss: torch.Tensor) -> torch.Tensor:
         distill = {}
@@ -63,12 +61,3 @@ class UMT(TrainingHook):
             distill[m] = F.mse_loss(out.features[m], target)
         self._means.add(per_modality("umt_distill", {m: float(v.detach()) for m, v in distill.items()}))
         return task_loss + self.weight * sum(distill.values())
-
-    def on_epoch_end(self, epoch: int, model: nn.Module, valid) -> dict[str, float]:
-        return self._means.pop()
-
-    def state_dict(self) -> dict:
-        return {"means": self._means.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._means.load_state_dict(state["means"])

@@ -166,6 +166,14 @@ def wander_param_count(dims: Sequence[int], lengths: Sequence[int], out_dim: int
     return layers * (core + sum(T * L + h * d + d for T, d in zip(lengths, dims)))
 
 
+def check_switches(factor_form: str, readout: str, residual: str, prefix: str = "") -> None:
+    """Each of the three switches names one of its choices (module docstring, "Three switches")."""
+    for name, value, allowed in (("factor_form", factor_form, FACTOR_FORMS), ("readout", readout, READOUTS),
+                                 ("residual", residual, RESIDUALS)):
+        if value not in allowed:
+            raise ValueError(f"{prefix}{name} must be one of {allowed}, got {value!r}")
+
+
 class WanderAdapter(nn.Module):
     """Low-rank sequence multimodal adapter over M token sequences (see the module docstring).
 
@@ -185,10 +193,7 @@ class WanderAdapter(nn.Module):
                  dropout: float = 0.0, append_one: bool = False, output: str = "pooled",
                  factor_form: str = "paper", readout: str = "mean", residual: str = "pooled"):
         super().__init__()
-        for name, value, allowed in (("factor_form", factor_form, FACTOR_FORMS), ("readout", readout, READOUTS),
-                                     ("residual", residual, RESIDUALS)):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        check_switches(factor_form, readout, residual)
         if output == "tokens" and (readout, residual) != ("mean", "pooled"):
             raise ValueError("readout and residual apply to output 'pooled' only (placement 'last')")
         if residual == "first_tokens" and any(d != (hidden or rank) for d in dims):
@@ -451,10 +456,7 @@ class Wander(ModelTransform):
                  train_head: bool = True, factor_form: str = "paper", readout: str = "mean", residual: str = "pooled"):
         if placement not in PLACEMENTS:
             raise ValueError(f"wander: placement must be one of {PLACEMENTS}, got {placement!r}")
-        for name, value, allowed in (("factor_form", factor_form, FACTOR_FORMS), ("readout", readout, READOUTS),
-                                     ("residual", residual, RESIDUALS)):
-            if value not in allowed:
-                raise ValueError(f"wander: {name} must be one of {allowed}, got {value!r}")
+        check_switches(factor_form, readout, residual, prefix="wander: ")
         if placement == "every" and (readout, residual) != ("mean", "pooled"):
             raise ValueError("wander: readout and residual apply to placement 'last' only")
         self.factor_form, self.readout, self.residual = factor_form, readout, residual
