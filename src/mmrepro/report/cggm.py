@@ -67,7 +67,9 @@ def _at_best_epoch(run: dict, key: str) -> float | None:
 def table5(runs: list[dict]) -> pd.DataFrame:
     """Rows unimodal / joint / joint + CGGM, one column per modality (validation accuracy)."""
     complete = [r for r in runs if r["spec"]["data_setting"]["type"] == "complete"]
-    names = sorted({k[len("util_"):] for r in complete for h in r["history"] for k in h if k.startswith("util_")})
+    names = sorted({k[len("util_"):] for r in complete for h in r["history"] for k in h if k.startswith("util_")}
+                   | {m for r in runs if r["spec"]["data_setting"]["type"] == "subset"
+                      for m in r["spec"]["data_setting"]["params"].get("modalities", [])})
     rows = {"unimodal": {}, "joint": {}, "joint + CGGM": {}}
     for m in names:
         uni = [r for r in runs if r["spec"]["data_setting"]["type"] == "subset" and r["method"] == "joint"
