@@ -12,7 +12,8 @@ import torch
 
 from mmrepro.data.loader import SplitLoader
 from mmrepro.data.schema import DatasetSchema, ModalitySpec, TaskSpec
-from mmrepro.methods.balance.cggm import CGGM, direction_loss, head_blocks, modulation_coefficients
+from mmrepro.methods.balance.cggm import (CGGM, direction_loss, extreme_denominator, head_blocks,
+                                         modulation_coefficients)
 from mmrepro.methods.balance.probes import UnimodalClassifier, UnimodalProbes, batch_accuracy, sinusoidal_positions
 from mmrepro.methods.hooks import JointTraining
 from mmrepro.methods.registry import HOOKS, build
@@ -279,6 +280,41 @@ def test_improvement_is_against_the_previous_batch():
         d = [accs[-1][m] - prev[m] for m in ("a", "b")]
         assert [hook.last_coeffs["a"], hook.last_coeffs["b"]] == pytest.approx(modulation_coefficients(d))
     assert hook.prev_acc == accs[-1]
+
+
+def test_extreme_steps_are_counted_with_medians_per_epoch_and_totals_per_run():
+    assert extreme_denominator([0.1, -0.1]) and extreme_denominator([0.02, 0.0])
+    assert not extreme_denominator([0.1, 0.0]) and not extreme_denominator([-0.04, -0.02])
+    model, loss_fn, optimizer, hook = set_up()
+    hook.probes.evaluate = lambda model, loader: {m: 0.5 for m in hook.names}  # no validation loader here
+    # batch accuracies chosen so that the second step of each epoch has d = (0.25, -0.25), S = 1e-8
+    accs = iter([{"a": 0.5, "b": 0.5}, {"a": 0.75, "b": 0.25}, {"a": 0.75, "b": 0.5}] * 2)
+    hook.probes.step = lambda out, batch, loss_fn: next(accs)
+    coeffs = {"a": [], "b": []}
+    for epoch in (1, 2):
+        for batch in batches(k=3):
+            one_step(model, loss_fn, optimizer, hook, batch)
+            for m in coeffs:
+                coeffs[m].append(hook.last_coeffs[m])
+        values = hook.on_epoch_end(epoch, model, None)
+        assert (values["coeff_extreme_steps"], values["coeff_extreme_share"]) == (1.0, pytest.approx(1 / 3))
+        assert values["coeff_a"] < -1e5  # the mean is dominated by the exploded step, the median is not
+        for m in ("a", "b"):
+            assert values[f"coeff_median_{m}"] == pytest.approx(float(np.median(coeffs[m][-3:])))
+            assert abs(values[f"coeff_median_{m}"]) < 10
+    assert hook.run_summary() == {"coeff_steps": 6, "coeff_extreme_steps": 2, "coeff_extreme_share": pytest.approx(1 / 3)}
+
+
+def test_direction_only_leaves_the_encoder_gradients_alone():
+    model, loss_fn, optimizer, hook = set_up(magnitude=False)
+    batch = batches(k=1)[0]
+    one_step(model, loss_fn, optimizer, hook, batch, step=False)  # first step: no direction term yet
+    with_hook = grads(model)
+    model.zero_grad(set_to_none=True)
+    loss_fn(model(batch).pred, batch.y).backward()
+    for name, g in grads(model).items():
+        torch.testing.assert_close(with_hook[name], g)
+    assert hook.lam > 0 and hook.l_gm is not None  # the direction term still comes at the next step
 
 
 def test_cggm_training_differs_from_joint_training():

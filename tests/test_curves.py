@@ -7,6 +7,7 @@ import json
 import pytest
 
 from mmrepro.report import load_histories, plot_curves
+from mmrepro.report.curves import family_of, panels
 
 
 def _run(root, method, seed, history):
@@ -36,3 +37,19 @@ def test_a_run_without_history_is_an_error_naming_the_file(tmp_path):
     path.with_name("history.json").unlink()
     with pytest.raises(ValueError, match="history.json"):
         load_histories([path])
+
+
+def test_cggm_coefficients_are_drawn_by_median_and_extreme_share(tmp_path):
+    paths = [
+        _run(tmp_path, "cggm", 0, [{"epoch": 1, "coeff_text": 4e5, "coeff_median_text": 0.9, "coeff_extreme_share": 0.1,
+                                    "util_text": 0.5, "valid_loss": 1.0}]),
+        _run(tmp_path, "ogm_ge", 0, [{"epoch": 1, "coeff_text": 0.7, "valid_loss": 1.0}]),
+    ]
+    assert family_of("coeff_median_text") == "coeff_median_" and family_of("coeff_text") == "coeff_"
+    assert family_of("coeff_extreme_share") == "coeff_extreme_share"
+    h = load_histories(paths)
+    assert panels(h) == ["util_", "coeff_median_", "coeff_extreme_share", "coeff_", "valid_loss"]
+    # without a run that logs plain coefficients only, CGGM's epoch means get no panel
+    assert "coeff_" not in panels(load_histories(paths[:1]))
+    png, _ = plot_curves(h, tmp_path / "curves")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -52,47 +52,151 @@ SMALL = dict(rank=2, drank=2, trank=3, common_length=2, hidden=3)
 
 
 # ---------------------------------------------------------------------------------------------
-# The definition: equal to building the outer product and the CP-reconstructed weight tensor
+# The definition, written here from scratch (no code shared with the module): project, build the
+# outer product of the M whole projected sequences and the weight tensor from its factors,
+# contract, read out, up-project.
 
 
-@pytest.mark.parametrize("M", [2, 3, 4])
+def reference_output(adapter, toks, pads, *, readout="mean", residual="pooled"):
+    """Paper form, by the definition: sum over (j, k) of prod_m S_m^j[t_m, l] D_m^k[i_m, e] as one
+    explicit weight tensor over the outer product of the projected sequences."""
+    z = []
+    for m, (x, pad) in enumerate(zip(toks, pads)):
+        w, b = adapter.down[m].weight, adapter.down[m].bias
+        h = 0.5 * (x @ w.T + b) * (1 + torch.erf((x @ w.T + b) / 2 ** 0.5))  # exact GELU
+        if adapter.append_one:
+            h = torch.cat([h, torch.ones(*h.shape[:-1], 1, dtype=h.dtype)], dim=-1)
+        z.append(h * (~pad).unsqueeze(-1))
+    B = z[0].shape[0]
+    outer = z[0].reshape(B, -1)
+    for zm in z[1:]:
+        outer = torch.einsum("bp,bq->bpq", outer, zm.reshape(B, -1)).reshape(B, -1)
+    weight = 0
+    for j in range(adapter.trank):
+        for k in range(adapter.drank):
+            w = None
+            for m, zm in enumerate(z):
+                S = adapter.token_factors[m][j, : zm.shape[1]]  # (T, L)
+                D = adapter.feature_factors[m][k]  # (r', h)
+                g = torch.einsum("tl,ie->tile", S, D).reshape(-1, S.shape[1], D.shape[1])
+                w = g if w is None else torch.einsum("ple,qle->pqle", w, g).reshape(-1, S.shape[1], D.shape[1])
+            weight = weight + w
+    fused = torch.einsum("bp,ple->ble", outer, weight)
+    if adapter.output == "tokens":  # placement "every": back to each modality's length, up to its width
+        return [(torch.einsum("tl,ble->bte", adapter.back[m][: p.shape[1]], fused) @ adapter.up_tokens[m].weight.T
+                 + adapter.up_tokens[m].bias) * (~p).unsqueeze(-1) for m, p in enumerate(pads)]
+    if residual == "first_tokens":
+        cat = torch.cat([x * (~p).unsqueeze(-1) for x, p in zip(toks, pads)], dim=1)
+        fused = fused + cat[:, : fused.shape[1]]
+    vec = fused.mean(1) if readout == "mean" else fused[:, 0]
+    return vec @ adapter.up.weight.T + adapter.up.bias
+
+
+@pytest.mark.parametrize("M", [2, 3])
 @pytest.mark.parametrize("append_one", [False, True])
-@pytest.mark.parametrize("full_sequence", [False, True])
-def test_equals_explicit_outer_product(M, append_one, full_sequence):
-    dims, lengths = [3, 4, 5, 2][:M], [3, 2, 4, 3][:M]
+@pytest.mark.parametrize("readout", ["mean", "first_token"])
+def test_paper_form_equals_the_explicit_outer_product(M, append_one, readout):
+    dims, lengths = [3, 4, 5][:M], [3, 2, 4][:M]
     torch.manual_seed(M)
-    adapter = WanderAdapter(dims, lengths, 7, append_one=append_one, **SMALL).double()
+    adapter = WanderAdapter(dims, lengths, 7, append_one=append_one, readout=readout, **SMALL).double()
     adapter.reset_parameters(zero_output=False)
     toks, pads = random_inputs(dims, lengths, seed=M)
     fast = adapter(toks, pads)
-    slow = explicit_outer_product(adapter, toks, pads, full_sequence=full_sequence)
     assert fast.shape == (3, 7)
-    assert fast.abs().max() > 1e-3  # not trivially zero
-    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast, reference_output(adapter, toks, pads, readout=readout), rtol=1e-10, atol=1e-12)
+    other = "first_token" if readout == "mean" else "mean"  # the readout is really checked
+    assert not torch.allclose(fast, reference_output(adapter, toks, pads, readout=other))
 
 
-def test_equals_explicit_for_token_output_and_the_fused_sequence():
+def test_token_output_equals_the_explicit_outer_product():
     dims, lengths = [3, 4, 2], [3, 2, 4]
     torch.manual_seed(0)
     adapter = WanderAdapter(dims, lengths, output="tokens", append_one=True, **SMALL).double()
     adapter.reset_parameters(zero_output=False)
     toks, pads = random_inputs(dims, lengths)
-    for a, b in zip(adapter(toks, pads), explicit_outer_product(adapter, toks, pads, full_sequence=True)):
+    for a, b in zip(adapter(toks, pads), reference_output(adapter, toks, pads)):
+        assert a.abs().max() > 1e-3
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
-    # the fused (B, L, h) sequence itself, against a direct elementwise sum over every index tuple (M = 2)
-    a2 = WanderAdapter([3, 2], [2, 3], 4, **SMALL).double()
-    toks, pads = random_inputs([3, 2], [2, 3], B=2)
-    z = a2.project(toks, pads)
-    S, D = a2.token_factors, a2.feature_factors
-    ref = torch.zeros(2, 2, 3, dtype=torch.float64)
-    for t1 in range(2):
-        for i1 in range(2):
-            for t2 in range(3):
-                for i2 in range(2):
-                    w = sum(S[0][j, t1, :, None] * D[0][k, i1] * S[1][j, t2, :, None] * D[1][k, i2]
-                            for j in range(3) for k in range(2))  # (L, h)
-                    ref += (z[0][:, t1, i1] * z[1][:, t2, i2])[:, None, None] * w
-    torch.testing.assert_close(a2.fuse(z), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_paper_form_with_the_first_tokens_residual_and_the_module_reference():
+    dims, lengths = [4, 4, 4], [3, 2, 4]
+    torch.manual_seed(0)
+    adapter = WanderAdapter(dims, lengths, 5, residual="first_tokens", readout="first_token",
+                            **{**SMALL, "hidden": 4}).double()
+    adapter.reset_parameters(zero_output=False)
+    toks, pads = random_inputs(dims, lengths)
+    ref = reference_output(adapter, toks, pads, readout="first_token", residual="first_tokens")
+    torch.testing.assert_close(adapter(toks, pads), ref, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(ref, reference_output(adapter, toks, pads, readout="first_token"))
+    # the module's own slow path (used by the benchmark) agrees with the definition too
+    torch.testing.assert_close(explicit_outer_product(adapter, toks, pads, full_sequence=True), ref,
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_a_wrong_down_projection_fails_the_reference():
+    dims, lengths = [3, 4], [3, 2]
+    torch.manual_seed(1)
+    adapter = WanderAdapter(dims, lengths, 7, **SMALL).double()
+    adapter.reset_parameters(zero_output=False)
+    toks, pads = random_inputs(dims, lengths)
+    ref = reference_output(adapter, toks, pads)
+    with torch.no_grad():
+        adapter.down[1].weight.mul_(1.01)
+    assert not torch.allclose(adapter(toks, pads), ref)
+
+
+def code_transcription(adapter, toks):
+    """The released code's adapter, step by step (full sequences, no masks): down + GELU, the drank
+    slices summed into one (r, dim) matrix, the trank slices into one (T, r) matrix, product across
+    modalities, back to (B, r, dim), plus the first r tokens of the concatenated inputs; position 0."""
+    original = torch.cat(toks, dim=1)
+    fusion = None
+    for m, x in enumerate(toks):
+        h = torch.nn.functional.gelu(x @ adapter.down[m].weight.T + adapter.down[m].bias)  # (B, T, r)
+        h = h @ adapter.feature_factors[m].sum(dim=0)  # (B, T, dim)
+        h = h.permute(0, 2, 1) @ adapter.token_factors[m].sum(dim=0)  # (B, dim, r)
+        fusion = h if fusion is None else fusion * h
+    fusion = fusion.permute(0, 2, 1) + original[:, : fusion.shape[2], :]
+    return fusion[:, 0]
+
+
+@pytest.mark.parametrize("M", [2, 3])
+def test_code_form_equals_a_transcription_of_the_released_code(M):
+    dim, lengths = 4, [3, 5, 4][:M]
+    torch.manual_seed(M)
+    adapter = WanderAdapter([dim] * M, lengths, dim, rank=2, drank=3, trank=2, hidden=dim, factor_form="code",
+                            readout="first_token", residual="first_tokens").double()
+    adapter.reset_parameters()
+    with torch.no_grad():  # identity up-projection: the adapter's output is the code's
+        adapter.up.weight.copy_(torch.eye(dim, dtype=torch.float64))
+        adapter.up.bias.zero_()
+    toks, pads = random_inputs([dim] * M, lengths, seed=M)
+    pads = [torch.zeros_like(p) for p in pads]  # the code has no padding
+    code = code_transcription(adapter, toks)
+    torch.testing.assert_close(adapter(toks, pads), code, rtol=1e-10, atol=1e-12)
+    paper = WanderAdapter([dim] * M, lengths, dim, rank=2, drank=3, trank=2, hidden=dim, readout="first_token",
+                          residual="first_tokens").double()
+    paper.load_state_dict(adapter.state_dict())
+    assert not torch.allclose(paper(toks, pads), code)  # with drank, trank > 1 the two forms differ
+
+
+def test_switches_reach_the_adapter_and_keep_the_count():
+    model = tiny_model("late")
+    t = build(TRANSFORMS, "wander", {"rank": 3, "drank": 2, "trank": 2, "factor_form": "code",
+                                     "readout": "first_token", "residual": "first_tokens"})
+    count = t.adapter_param_count(model)
+    assert count == wander_param_count([8, 8, 8], [6, 4, 3], 24, rank=3, drank=2, trank=2, hidden=8)
+    t.apply(model)
+    a = model.fusion.adapter
+    assert (a.factor_form, a.readout_mode, a.residual, a.hidden) == ("code", "first_token", "first_tokens", 8)
+    assert sum(p.numel() for p in a.parameters()) == count
+    with pytest.raises(ValueError, match="readout"):
+        Wander(placement="every", readout="first_token")
+    with pytest.raises(ValueError, match="factor_form"):
+        Wander(factor_form="tucker")
+    with pytest.raises(ValueError, match="hidden"):
+        WanderAdapter([4, 4], [2, 2], 3, rank=2, hidden=3, residual="first_tokens")
 
 
 def test_explicit_elements_counts_the_tensors():

@@ -109,10 +109,18 @@ def _tuned(args: argparse.Namespace) -> dict:
     return apply_params(args.spec, best["params"])
 
 
+def _teacher(value: str) -> tuple[str, Path]:
+    modality, sep, path = value.partition("=")
+    if not sep or not modality or not path:
+        raise argparse.ArgumentTypeError(f"expected MODALITY=PATH, got {value!r}")
+    return modality, Path(path)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mmrepro.jobs import train_job
 
-    summary = train_job(_tuned(args), args.data, args.out_dir, args.threads, init=args.init)
+    summary = train_job(_tuned(args), args.data, args.out_dir, args.threads, init=args.init,
+                        teachers=dict(args.teacher) or None)
     print(json.dumps(summary["metrics"]["test"], indent=1))
     return 0
 
@@ -163,6 +171,14 @@ def cmd_report(args: argparse.Namespace) -> int:
                 args.table)
     plot_study(runs, args.plot)
     print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
+    return 0
+
+
+def cmd_cggm_report(args: argparse.Namespace) -> int:
+    from mmrepro.report.cggm import load_balance_runs, write_cggm_report
+
+    paths = write_cggm_report(load_balance_runs(args.metrics), args.table, args.plot)
+    print(f"wrote {', '.join(map(str, paths))} from {len(args.metrics)} runs")
     return 0
 
 
@@ -263,6 +279,8 @@ def parser() -> argparse.ArgumentParser:
                        "replace the spec's")
         if verb == "train":
             s.add_argument("--init", type=Path, default=None, help="backbone checkpoint to start from (fine-tuning)")
+            s.add_argument("--teacher", type=_teacher, action="append", default=[], metavar="MODALITY=MODEL_PT",
+                           help="a trained unimodal run's model.pt, for methods that distil from teachers (umt)")
         else:
             s.add_argument("--model", type=Path, required=True, help="trained model checkpoint (model.pt)")
             s.add_argument("--source-stats", type=Path, default=None,
@@ -286,6 +304,12 @@ def parser() -> argparse.ArgumentParser:
         if step == "work":
             t.add_argument("--worker", type=int, required=True, help="this worker's index (0 .. tune.workers - 1)")
     s.set_defaults(func=cmd_tune)
+
+    s = sub.add_parser("cggm-report", help="the CGGM paper's Tables 5 and 6 and Figure 5 from balance runs (md, png, pdf)")
+    s.add_argument("--table", type=Path, required=True, help="output stem for the markdown tables")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the sweep plot")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the balance study's runs")
+    s.set_defaults(func=cmd_cggm_report)
 
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")

@@ -125,6 +125,11 @@ def _check_names(config: dict[str, Any]) -> None:
             for m in ds["synth"]["interaction"]["modalities"]:
                 if m not in names:
                     raise ConfigError(f"config key datasets.{name}.synth.interaction.modalities: {m!r} is not one of {names}")
+    for name, variant in config.get("method_variants", {}).items():
+        if any(name in reg for reg in registries.values()):
+            raise ConfigError(f"config key method_variants.{name}: the name is a registered plug-in already")
+        if not any(variant["method"] in reg for reg in registries.values()):
+            raise ConfigError(f"config key method_variants.{name}.method: unknown plug-in {variant['method']!r}")
     for study, spec in config["studies"].items():
         for i, ds in enumerate(spec["datasets"]):
             if ds not in config["datasets"]:
@@ -136,12 +141,16 @@ def _check_names(config: dict[str, Any]) -> None:
                               f"defined under datasets: {sorted(config['datasets'])}")
         for i, method in enumerate(spec["methods"]):
             try:
-                plan = resolve_method(method)
+                base, overrides = expand_variants(config, method)
+                plan = resolve_method(base)
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"config key studies.{study}.methods[{i}]: {e.args[0]}") from None
             for family, reg in registries.items():
                 name = getattr(plan, family)
                 _check_params(reg.get(name), config["methods"].get(name, {}), f"methods.{name}")
+                if name in overrides:
+                    _check_params(reg.get(name), {**config["methods"].get(name, {}), **overrides[name]},
+                                  f"method_variants.{method}.params")
         for name, setting in spec["settings"].items():
             key = f"studies.{study}.settings.{name}"
             if setting["type"] == "domain":
@@ -176,9 +185,14 @@ def _check_names(config: dict[str, Any]) -> None:
                 except ValueError as e:
                     raise ConfigError(f"config key studies.{study} (dataset {ds}): {e}") from None
         for run in study_grid(config, study):
+            if needs_teachers(config, run["method"]) and not teacher_runs(config, study, run["dataset"], run["method"], run["seed"]):
+                i = spec["methods"].index(run["method"])
+                raise ConfigError(f"config key studies.{study}.methods[{i}]: {run['method']!r} distils from unimodal "
+                                  f"teachers, but the study has no one-modality 'subset' setting trained with 'joint' "
+                                  f"on dataset {run['dataset']!r}")
             if config["datasets"][run["dataset"]]["loader"] in SEGMENTATION_LOADERS:
                 try:
-                    check_method_support("segmentation", resolve_method(run["method"]))
+                    check_method_support("segmentation", method_plan(config, run["method"]))
                 except ValueError as e:
                     i = spec["methods"].index(run["method"])
                     raise ConfigError(f"config key studies.{study}.methods[{i}]: on dataset {run['dataset']!r} "
@@ -265,13 +279,33 @@ def study_task(config: dict[str, Any], study: str, dataset: str) -> str:
     return config["studies"][study].get("task", config["datasets"][dataset]["task"])
 
 
+def expand_variants(config: dict[str, Any], method: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """A method string with its ``method_variants`` names replaced by their plug-ins, and each such
+    plug-in's parameter overrides (``cggm_direction`` -> ``cggm``, ``{"cggm": {"lam": 0.1, ...}}``)."""
+    variants = config.get("method_variants", {})
+    parts, overrides = [], {}
+    for part in method.split("+"):
+        if part in variants:
+            base = variants[part]["method"]
+            overrides[base] = dict(variants[part].get("params", {}))
+            part = base
+        parts.append(part)
+    return "+".join(parts), overrides
+
+
+def method_plan(config: dict[str, Any], method: str):
+    """The plug-ins of a method string, variant names resolved (see :func:`expand_variants`)."""
+    return resolve_method(expand_variants(config, method)[0])
+
+
 def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str,
           setting_cfg: dict[str, Any], seed: int, task: str) -> dict[str, Any]:
-    plan = resolve_method(method)
+    base, overrides = expand_variants(config, method)
+    plan = resolve_method(base)
     return {
         "study": study, "dataset": dataset, "method": method, "setting": setting, "seed": int(seed), "task": task,
         "plan": {"transform": plan.transform, "hook": plan.hook, "adapter": plan.adapter},
-        "method_params": {name: method_params(config, study, dataset, name)
+        "method_params": {name: {**method_params(config, study, dataset, name), **overrides.get(name, {})}
                           for name in (plan.transform, plan.hook, plan.adapter)},
         "data_setting": {"type": setting_cfg["type"], "params": setting_params(setting_cfg)},
         "model": model_config(config, study, dataset), "train": train_config(config, study, dataset),
@@ -283,8 +317,33 @@ def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting
 
 def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str, seed: int) -> dict[str, Any]:
     """Everything one training or adaptation job needs, resolved (the job's config artifact)."""
-    return _spec(config, study, dataset, method, setting, config["studies"][study]["settings"][setting], seed,
+    spec = _spec(config, study, dataset, method, setting, config["studies"][study]["settings"][setting], seed,
                  study_task(config, study, dataset))
+    teachers = teacher_runs(config, study, dataset, method, seed)
+    if teachers:
+        spec["teachers"] = {m: run["setting"] for m, run in teachers.items()}
+    return spec
+
+
+def needs_teachers(config: dict[str, Any], method: str) -> bool:
+    """Whether the method's hook distils from unimodal teachers (UMT)."""
+    return bool(getattr(HOOKS.get(method_plan(config, method).hook), "needs_teachers", False))
+
+
+def teacher_runs(config: dict[str, Any], study: str, dataset: str, method: str, seed: int) -> dict[str, dict[str, Any]]:
+    """For a method that needs unimodal teachers: modality -> the study's run that trains that modality
+    alone (a one-modality ``subset`` setting with ``joint``) on the same dataset and seed; else ``{}``."""
+    if not needs_teachers(config, method):
+        return {}
+    spec = config["studies"][study]
+    runs = {}
+    for name, setting in spec["settings"].items():
+        mods = setting.get("modalities", [])
+        if (setting["type"] == "subset" and len(mods) == 1 and "joint" in setting.get("methods", spec["methods"])
+                and dataset in setting.get("datasets", spec["datasets"])):
+            runs.setdefault(mods[0], {"study": study, "dataset": dataset, "method": "joint", "setting": name,
+                                      "seed": int(seed)})
+    return runs
 
 
 def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -> dict[str, Any]:

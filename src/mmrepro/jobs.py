@@ -140,31 +140,56 @@ def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, A
             "backbone": backbone, **extra}
 
 
-def prepare_training(spec: dict[str, Any], data: RunData, init: Path | None = None) -> tuple[torch.nn.Module, Any]:
-    """The model (``init`` loaded, the spec's transform applied) and the training hook a run trains with."""
+def _load_teachers(data: RunData, spec: dict[str, Any], paths: dict[str, Path]) -> dict[str, torch.nn.Module]:
+    """The unimodal runs' models (modality -> model), frozen, for hooks that distil from teachers."""
+    teachers = {}
+    for m, path in paths.items():
+        saved = torch.load(path, map_location="cpu")
+        if saved["task"] != spec["task"]:
+            raise ValueError(f"teacher {path} was trained on task {saved['task']!r}, this run on {spec['task']!r}")
+        model = build_model(data.schema, data.task, modalities=[m], **saved["model"])
+        model.load_state_dict(saved["state_dict"])
+        teachers[m] = model.eval().requires_grad_(False)
+    return teachers
+
+
+def prepare_training(spec: dict[str, Any], data: RunData, init: Path | None = None,
+                     teachers: dict[str, Path] | None = None) -> tuple[torch.nn.Module, Any, int]:
+    """The model (``init`` loaded, the spec's transform applied), the training hook a run trains with,
+    and the model's parameter count before the transform (the denominator of a method's share).
+
+    ``teachers`` (modality -> unimodal run's ``model.pt``) go to a hook that ``needs_teachers`` (UMT).
+    """
     check_method_support(data.task, spec["plan"])  # before anything is built: a clear error, not a traceback
     model = _model(data, spec)
     if init is not None:
         _load_backbone(model, init)
-    backbone = count_parameters(model)[1]  # before the transform: the denominator of a method's share
+    backbone = count_parameters(model)[1]
     model = build(TRANSFORMS, spec["plan"]["transform"], spec["method_params"][spec["plan"]["transform"]]).apply(model)
-    hook = build(HOOKS, spec["plan"]["hook"], spec["method_params"][spec["plan"]["hook"]])
+    context = {}
+    if getattr(HOOKS.get(spec["plan"]["hook"]), "needs_teachers", False):
+        context["teachers"] = _load_teachers(data, spec, teachers or {})
+    elif teachers:
+        raise ValueError(f"hook {spec['plan']['hook']!r} takes no teachers")
+    hook = build(HOOKS, spec["plan"]["hook"], spec["method_params"][spec["plan"]["hook"]], **context)
     if spec["utilisation_probes"] and data.task.type == "segmentation":
         log.warning("utilisation probes predict one label per sample; skipped for the segmentation task %r",
                     data.task.name)
     elif spec["utilisation_probes"]:
         hook = with_utilisation(hook)
-    return model, hook
+    return model, hook, backbone
 
 
-def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None) -> dict[str, Any]:
-    """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test."""
+def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None,
+              teachers: dict[str, Path] | None = None) -> dict[str, Any]:
+    """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test
+    (``teachers``: see :func:`prepare_training`)."""
     phases = Phases()
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
     train, valid = data.loader("train", shuffle=True), data.loader("valid")
-    model, hook = prepare_training(spec, data, init)
+    model, hook, backbone = prepare_training(spec, data, init, teachers)
     trainable, total = count_parameters(model)
     phases.lap("setup")
     with open_run(spec, threads, run_name=out_dir.as_posix()) as run:
@@ -181,6 +206,8 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
                            ceiling={s: data.ceiling(s) for s in ("valid", "test") if data.ceiling(s)},
                            best_epoch=result.best_epoch, epochs_run=result.epochs_run,
                            trainable_params=trainable, total_params=total, backbone_params=backbone)
+        if hook.run_summary():
+            summary["hook"] = hook.run_summary()
         _save_model(model, out_dir / "model.pt", spec)
         if spec.get("feature_stats"):
             _save_feature_stats(model, data.loader("train"), out_dir / "feature_stats.pt", cfg.torch_device)

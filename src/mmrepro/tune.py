@@ -236,7 +236,7 @@ def _objective(search: dict[str, Any], spec: dict[str, Any], store: Path, init: 
         run.log_metrics({"valid_loss": value}, step=0)
         return value
     train, valid = data.loader("train", shuffle=True), data.loader("valid")
-    model, hook = prepare_training(spec, data, init)
+    model, hook, _ = prepare_training(spec, data, init)
 
     def on_epoch(epoch: int, values: dict[str, float]) -> None:
         run.log_metrics(values, step=epoch)

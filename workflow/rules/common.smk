@@ -15,6 +15,7 @@ from mmrepro.config import (
     mechanism_spec,
     run_spec,
     study_grid,
+    teacher_runs,
     validate_config,
 )
 from mmrepro.tune import search_spec, tuned_methods
@@ -88,6 +89,13 @@ def tuned_best(study):
     return best
 
 
+def teachers(wildcards):
+    """Modality -> model.pt of the unimodal runs a distilling method (UMT) learns from."""
+    w = wildcards
+    runs = teacher_runs(config, w.study, w.dataset, w.method, int(w.seed))
+    return {m: f"{run_dir(**run)}/model.pt" for m, run in runs.items()}
+
+
 def spec_json(wildcards):
     """The job's run spec, as JSON for the command line (changes to it re-run the job)."""
     w = wildcards
@@ -116,12 +124,14 @@ def paper_reference(study):
 
 def study_report(study):
     """A study's runs in MLflow, its table and plot, its curves (per epoch of training; shift: target
-    error along adaptation), and for a missing study with per-case settings its Table 1 layout and
-    test-rate curve."""
+    error along adaptation), for a missing study with per-case settings its Table 1 layout and
+    test-rate curve, and for the balance study the CGGM paper's Tables 5, 6 and Figure 5."""
     files = [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
         f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves") for ext in ("png", "pdf")
     ]
     if study == "missing" and any(s["type"] in ("missing", "available") for s in config["studies"][study]["settings"].values()):
         files += [f"{RESULTS}/tables/missing_cases.{ext}" for ext in ("md", "csv")]
         files += [f"{RESULTS}/plots/missing_rates.{ext}" for ext in ("png", "pdf")]
+    if study == "balance":
+        files += [f"{RESULTS}/tables/balance_cggm.md"] + [f"{RESULTS}/plots/balance_cggm.{ext}" for ext in ("png", "pdf")]
     return files

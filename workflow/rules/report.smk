@@ -72,6 +72,27 @@ rule missing_report:
         "mmrepro missing-report --table {params.table} --plot {params.plot} {input} > {log} 2>&1"
 
 
+rule cggm_report:
+    input:
+        lambda wildcards: study_metrics("balance"),
+    output:
+        table=f"{RESULTS}/tables/balance_cggm.md",
+        plot=multiext(f"{RESULTS}/plots/balance_cggm", ".png", ".pdf"),
+    params:
+        table=f"{RESULTS}/tables/balance_cggm",
+        plot=f"{RESULTS}/plots/balance_cggm",
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/report/balance_cggm.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "mmrepro cggm-report --table {params.table} --plot {params.plot} {input} > {log} 2>&1"
+
+
 for _study in config["studies"]:
 
     rule:

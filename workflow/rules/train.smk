@@ -43,6 +43,7 @@ rule train:
             else []
         ),
         tuned=tuned_best(None),
+        teachers=lambda wildcards: list(teachers(wildcards).values()),
     output:
         metrics=f"{RESULTS}/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
         history=f"{RESULTS}/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/history.json",
@@ -52,6 +53,7 @@ rule train:
         out_dir=lambda wildcards, output: Path(output.model).parent,
         init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
         tuned=lambda wildcards, input: f"--tuned {input.tuned}" if input.tuned else "",
+        teachers=lambda wildcards: " ".join(f"--teacher {m}={path}" for m, path in teachers(wildcards).items()),
     wildcard_constraints:
         study="balance|missing|peft",
     conda:
@@ -67,4 +69,4 @@ rule train:
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro train --spec {params.spec:q} --data {input.data} --out-dir {params.out_dir}"
-        " {params.init} {params.tuned} --threads {threads} > {log} 2>&1"
+        " {params.init} {params.tuned} {params.teachers} --threads {threads} > {log} 2>&1"

@@ -45,6 +45,11 @@ class TrainingHook:
         """Per-epoch values to log (logged with ``step=epoch``); ``valid`` is the validation loader."""
         return {}
 
+    def run_summary(self) -> dict[str, float]:
+        """Run-level counts the hook adds to ``metrics.json`` (under ``hook``), e.g. CGGM's extreme
+        coefficient steps. Default: none."""
+        return {}
+
     def state_dict(self) -> dict:
         """The hook's state that carries over between steps and epochs, for the loop's resumable
         checkpoint (only weights-only-loadable objects; see the module docstring). Default: none."""

@@ -2,7 +2,9 @@
 
 A method is a class registered by name in exactly one family. A run's method string names one
 plug-in, or several of different families joined by ``+`` (``wander+cggm``: Wander's transform
-trained with CGGM's hook); every family left unnamed gets its trivial member.
+trained with CGGM's hook); every family left unnamed gets its trivial member, except that a hook
+may name (class attribute ``transform``) the model transform whose model it trains (QMF's
+late-fusion heads, for example): naming the hook then picks that transform.
 """
 
 from __future__ import annotations
@@ -78,6 +80,12 @@ def resolve_method(method: str) -> MethodPlan:
             raise ValueError(f"method {method!r} names two {METHOD_FAMILIES[family].family}s: "
                              f"{chosen[family]!r} and {part!r}")
         chosen[family] = part
+    needed = getattr(HOOKS.get(chosen["hook"]), "transform", None) if "hook" in chosen else None
+    if needed is not None:  # a hook that trains a model of its own shape names the transform that builds it
+        if chosen.get("transform", needed) != needed:
+            raise ValueError(f"method {method!r}: hook {chosen['hook']!r} trains the model transform {needed!r}, "
+                             f"not {chosen['transform']!r}")
+        chosen["transform"] = needed
     return MethodPlan(**{f: chosen.get(f, reg.default) for f, reg in METHOD_FAMILIES.items()})
 
 

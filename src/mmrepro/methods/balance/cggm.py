@@ -76,7 +76,12 @@ were *before* that update, as the official code), and the loop clips and steps. 
 of ``model.encoders[m]`` except ``proj`` (``pos``, ``transformer``, ``norm``) is scaled; the
 proj, the fusion and the head are not. ``on_epoch_end`` logs ``util_<m>`` (probe accuracy on the
 validation split, probes and model in eval mode), ``coeff_<m>`` (mean coefficient over the
-epoch's steps), ``probe_train_acc_<m>`` (mean batch accuracy) and ``l_gm`` (epoch mean).
+epoch's steps), ``coeff_median_<m>`` (their median: the mean is dominated by the few steps whose
+denominator is about 0, values up to ~1e5 and beyond), ``coeff_extreme_steps`` and
+``coeff_extreme_share`` (the epoch's steps whose denominator ``|S|`` is below ``guard_eps``: their
+coefficients explode in the faithful formula and are clamped in the guarded one),
+``probe_train_acc_<m>`` (mean batch accuracy) and ``l_gm`` (epoch mean). ``run_summary`` gives the
+run's totals (``coeff_steps``, ``coeff_extreme_steps``, ``coeff_extreme_share``) for ``metrics.json``.
 
 Where we differ, and why:
 
@@ -157,6 +162,7 @@ U-Net (:class:`SegmentationProbes`):
 
 from __future__ import annotations
 
+import statistics
 import weakref
 
 import torch
@@ -184,6 +190,13 @@ def modulation_coefficients(d: list[float], guarded: bool = False, guard_eps: fl
     if guarded:
         s = max(abs(s), guard_eps) * (1.0 if s >= 0 else -1.0)
     return [(s - di) / s for di in d]
+
+
+def extreme_denominator(d: list[float], guard_eps: float = 0.05) -> bool:
+    """Whether this step's denominator ``S = sum(d) + 1e-8`` is smaller in size than ``guard_eps``: the
+    steps whose coefficients explode in the faithful formula (by up to 1e8 when ``S`` is 1e-8) and
+    are clamped in the guarded one."""
+    return abs(sum(d) + 1e-8) < guard_eps
 
 
 def direction_loss(coeffs: list[float], cos: list[torch.Tensor]) -> torch.Tensor:
@@ -383,7 +396,8 @@ class CGGM(TrainingHook):
 
     Defaults are the official MOSI run script's (``run/mosi_run.py``). ``cls_layers``, ``cls_heads``,
     ``cls_dropout`` and ``faithful_double_hidden`` shape the sequence probes only; ``seg_magnitude``
-    acts on segmentation models only.
+    acts on segmentation models only. ``magnitude=False`` turns the gradient scaling off (the
+    paper's Table 6 "direction only"; "magnitude only" is ``lam=0``).
     """
 
     tracks_utilisation = True
@@ -392,7 +406,7 @@ class CGGM(TrainingHook):
                  cls_heads: int | None = None, cls_dropout: float = 0.15, cls_optim: str = "Adam",
                  cls_weight_decay: float = 0.0, cls_momentum: float = 0.0, faithful_double_hidden: bool = True,
                  direction: str = "weights", guarded: bool = False, guard_eps: float = 0.05,
-                 seg_magnitude: bool = False):
+                 seg_magnitude: bool = False, magnitude: bool = True):
         if direction not in DIRECTIONS:
             raise ValueError(f"cggm: direction must be one of {DIRECTIONS}, got {direction!r}")
         if guard_eps <= 0:
@@ -407,7 +421,7 @@ class CGGM(TrainingHook):
                              optim=cls_optim, weight_decay=cls_weight_decay,
                              faithful_double_hidden=faithful_double_hidden)
         self.direction, self.guarded, self.guard_eps = direction, guarded, guard_eps
-        self.seg_magnitude = seg_magnitude
+        self.seg_magnitude, self.use_magnitude = seg_magnitude, bool(magnitude)
         self.probes: UnimodalProbes | SegmentationProbes | None = None
 
     # ---------------------------------------------------------------------------------------------
@@ -426,7 +440,7 @@ class CGGM(TrainingHook):
             if self.optim_kw["momentum"]:
                 self.probes.optimizer = make_optimizer(self.probes.parameters(), **self.optim_kw)
             head_blocks(model, model.head.out.weight)  # fail early on an unsupported head width
-        self.magnitude = self.seg_magnitude or not self.segmentation
+        self.magnitude = self.use_magnitude and (self.seg_magnitude or not self.segmentation)
         self._model_ref = weakref.ref(model)  # to build ``l_gm`` again on resume
         self.prev_acc = {m: 0.0 for m in self.names}
         self.l_gm: torch.Tensor | None = None  # weights mode: built at step t, used at step t+1
@@ -435,9 +449,12 @@ class CGGM(TrainingHook):
         self.last_acc: dict[str, float] = {}
         self.last_coeffs: dict[str, float] = {}
         self.last_l_gm: float | None = None
+        self._run_steps = self._run_extreme = 0
         self._reset_epoch()
 
     def _reset_epoch(self) -> None:
+        self._coeffs: dict[str, list[float]] = {m: [] for m in self.names}
+        self._extreme = 0
         self._sum_coeff = {m: 0.0 for m in self.names}
         self._sum_acc = {m: 0.0 for m in self.names}
         self._sum_l_gm, self._n_l_gm, self._steps = 0.0, 0, 0
@@ -489,7 +506,12 @@ class CGGM(TrainingHook):
                     p.grad.mul_(scale)
 
         self._steps += 1
+        self._run_steps += 1
+        if extreme_denominator(d, self.guard_eps):
+            self._extreme += 1
+            self._run_extreme += 1
         for m in self.names:
+            self._coeffs[m].append(coeffs[m])
             self._sum_coeff[m] += coeffs[m]
             self._sum_acc[m] += acc[m]
 
@@ -526,10 +548,19 @@ class CGGM(TrainingHook):
         n = self._steps
         values = {f"util_{m}": util[m] for m in self.names}
         values.update({f"coeff_{m}": self._sum_coeff[m] / n if n else float("nan") for m in self.names})
+        values.update({f"coeff_median_{m}": statistics.median(self._coeffs[m]) if n else float("nan")
+                       for m in self.names})
+        values["coeff_extreme_steps"] = float(self._extreme)
+        values["coeff_extreme_share"] = self._extreme / n if n else float("nan")
         values.update({f"probe_train_acc_{m}": self._sum_acc[m] / n if n else float("nan") for m in self.names})
         values["l_gm"] = self._sum_l_gm / self._n_l_gm if self._n_l_gm else float("nan")
         self._reset_epoch()
         return values
+
+    def run_summary(self) -> dict[str, float]:
+        """Steps of the whole run and how many had an extreme denominator (``extreme_denominator``)."""
+        share = self._run_extreme / self._run_steps if self._run_steps else float("nan")
+        return {"coeff_steps": self._run_steps, "coeff_extreme_steps": self._run_extreme, "coeff_extreme_share": share}
 
     # ---------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -542,7 +573,9 @@ class CGGM(TrainingHook):
                 "l_gm": self._l_gm_inputs if self.l_gm is not None else None,
                 "probe_grads": None if self.probe_grads is None else dict(self.probe_grads),
                 "sum_coeff": dict(self._sum_coeff), "sum_acc": dict(self._sum_acc),
-                "sum_l_gm": self._sum_l_gm, "n_l_gm": self._n_l_gm, "steps": self._steps}
+                "sum_l_gm": self._sum_l_gm, "n_l_gm": self._n_l_gm, "steps": self._steps,
+                "coeffs": {m: list(v) for m, v in self._coeffs.items()}, "extreme": self._extreme,
+                "run_steps": self._run_steps, "run_extreme": self._run_extreme}
 
     def load_state_dict(self, state: dict) -> None:
         self.probes.load_state_dict(state["probes"])
@@ -554,6 +587,8 @@ class CGGM(TrainingHook):
         self.probe_grads = None if grads is None else {m: g.to(device) for m, g in grads.items()}
         self._sum_coeff, self._sum_acc = dict(state["sum_coeff"]), dict(state["sum_acc"])
         self._sum_l_gm, self._n_l_gm, self._steps = float(state["sum_l_gm"]), int(state["n_l_gm"]), int(state["steps"])
+        self._coeffs, self._extreme = {m: list(v) for m, v in state["coeffs"].items()}, int(state["extreme"])
+        self._run_steps, self._run_extreme = int(state["run_steps"]), int(state["run_extreme"])
         self.l_gm, self._l_gm_inputs = None, None
         pending = state["l_gm"]
         if pending is not None:

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 from torch import nn
 
+from mmrepro.methods.hooks import TrainingHook
+
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
@@ -46,3 +48,21 @@ class EpochMeans:
 
     def load_state_dict(self, state: dict) -> None:
         self.steps, self.sums = int(state["steps"]), dict(state["sums"])
+
+
+class EpochMeansHook(TrainingHook):
+    """A hook whose only state across steps is the epoch's running means of the values it logs
+    (``self._means``, popped at every epoch end)."""
+
+    def setup(self, model: nn.Module, loss_fn, optimizer) -> None:
+        self.loss_fn = loss_fn
+        self._means = EpochMeans()
+
+    def on_epoch_end(self, epoch: int, model: nn.Module, valid) -> dict[str, float]:
+        return self._means.pop()
+
+    def state_dict(self) -> dict:
+        return {"means": self._means.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._means.load_state_dict(state["means"])

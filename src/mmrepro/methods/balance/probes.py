@@ -103,7 +103,7 @@ class UnimodalProbes(nn.Module):
         d_model = first.proj.out_channels
         if heads is None:
             heads = first.transformer.layers[0].self_attn.num_heads
-        out_dim = model.head.out.out_features
+        out_dim = model.out_dim if hasattr(model, "out_dim") else model.head.out.out_features  # late-heads models
         probes = cls(model.names, d_model, out_dim, model.task_type, heads=heads, **kw)
         return probes.to(next(model.parameters()).device)
 

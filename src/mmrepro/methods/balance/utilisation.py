@@ -52,6 +52,9 @@ class UtilisationTracking(TrainingHook):
         util = {f"util_{m}": v for m, v in self.probes.evaluate(model, valid).items()}
         return {**self.inner.on_epoch_end(epoch, model, valid), **util}
 
+    def run_summary(self) -> dict[str, float]:
+        return self.inner.run_summary()
+
     def state_dict(self) -> dict:
         """The wrapped hook's state, the probes' weights and their optimizer."""
         return {"inner": self.inner.state_dict(), "probes": self.probes.state_dict(),

@@ -71,33 +71,59 @@ h = hidden (default r) and L = common_length (default r), one adapter has::
 ``wander_param_count`` (adapter only) and ``Wander.param_count(model)`` (the whole trainable
 budget, head included when trained, as the PEFT baselines' ``param_count``).
 
-Where we differ from the sources
---------------------------------
-- CP structure: the hand copy sums each modality's ``drank`` (and ``trank``) factors *before*
-  multiplying across modalities, which collapses the decomposition to rank one; we keep the sum
-  over components outside the product (a true CP decomposition, as the paper describes and the
-  explicit-tensor test requires). Whether the official file does the same could not be checked.
-- Output: the copy adds an (L x d) fused sequence to the first L tokens of the concatenated
-  original sequences; our backbone's fused representation is a pooled (B, F) vector, so we
-  mean-pool over L and up-project with a zero-initialised linear map (the residual block).
-  The copy's feature factors map r straight to the model width; ours map r' to a small h
-  (``hidden``), then ``U`` maps h to F.
-- Initialisation: the copy starts the token factors at zero (and feature factors random), which with
-  M >= 2 leaves every factor without gradient (each is multiplied by the others' zeros); we start the
-  factors random and the up-projection at zero (LoRA/Houlsby style). Exact identity at init.
-- Defaults: common length L = r, as in the copy where token factors map T_m to ``rank``; r=16,
-  drank=8, trank=12 follow the copy's MOSI run script. The constant 1 (``append_one``) is not in the
-  copy and we could not confirm it from the paper: off by default, available as an option.
-- Padding: the copy has no masks; we zero padded tokens after the down-projection, so padding never
-  changes the output. (The encoders open position 0 of an *empty* sequence in the mask they return;
-  such a position holds a zero token and, through the down-projection's bias, adds a small constant
-  term; with ``placement="every"`` the raw padding mask is used, so there it is zeroed too.)
-- Prediction head: the copy freezes the pretrained model but keeps its prediction head trainable;
+Three switches: the paper's reading or the released code's arithmetic
+---------------------------------------------------------------------
+- ``factor_form``: ``paper`` (default) keeps the sum over components outside the product across
+  modalities (the formula above, a true CP decomposition, what the explicit-tensor test checks);
+  ``code`` sums each modality's ``trank`` token slices into one T_m x L matrix and its ``drank``
+  feature slices into one r' x h matrix *before* the product, as the released code does:
+  ``fused = prod_m (sum_j S_m^j)^T Z_m (sum_k D_m^k)``. The code form is the paper form with
+  trank = drank = 1 on re-parameterised factors, so it fuses at CP rank one; the parameter count is
+  the same (the slices are stored either way).
+- ``readout``: ``mean`` (default) averages the L fused positions; ``first_token`` takes position 0,
+  the one the code feeds to the prediction head.
+- ``residual``: ``pooled`` (default) adds nothing inside the adapter (the frozen fusion's output is
+  the residual path); ``first_tokens`` adds, before the readout, the first L positions of the
+  modalities' token sequences concatenated along time (padded positions zeroed, zeros appended if
+  the concatenation is shorter than L), as the code adds ``x[:, :r]``. It needs h equal to the token
+  width (the code's feature factors map r straight to the model width); ``Wander`` sets that when
+  ``hidden`` is unset. ``factor_form="code", readout="first_token", residual="first_tokens"`` with
+  ``common_length=rank`` computes, before our up-projection, exactly the code's adapter output at
+  position 0 (a test checks it against a hand transcription of the code's arithmetic).
+
+Every difference from the released code (two public copies, ``shinnew9/WANDER`` read here)
+-------------------------------------------------------------------------------------------
+- Factor form: the code sums components before the product (rank one, see above); default here is
+  the paper's sum of rank-one components, ``factor_form="code"`` reproduces the code.
+- Readout: the code's head reads fused position 0; default here is the mean over positions,
+  ``readout="first_token"`` reproduces the code.
+- Residual: the code's adapter output *replaces* the sequence its head reads, with the first r
+  tokens of the concatenated inputs as its identity path, so the head then sees token 0 of the
+  first modality plus the fused term. Our backbone's head reads a pooled fused vector (B, F) from a
+  frozen fusion, so the adapter's readout always goes through a zero-initialised up-projection
+  ``U`` (h -> F) and is *added* to that vector; ``residual="first_tokens"`` adds the code's identity
+  path inside the adapter, before ``U``. There is no setting that drops the frozen fusion's output.
+- Width: the code's feature factors map r to the model width; ours map r' to ``hidden`` (default r),
+  then ``U`` maps to F (with ``residual="first_tokens"``, hidden = the token width).
+- Initialisation: the code starts the token factors at zero (feature factors standard normal),
+  which with M >= 2 leaves every adapter parameter without gradient for ever (each factor is
+  multiplied by the others' zeros); we start the factors random and ``U`` at zero (LoRA/Houlsby
+  style), exact identity at init. The code's initialisation is not offered.
+- Padding: the code has no masks; we zero padded tokens after the down-projection (and in the
+  ``first_tokens`` residual), so padding never changes the output. (The encoders open position 0 of
+  an *empty* sequence in the mask they return; such a position holds a zero token and, through the
+  down-projection's bias, adds a small constant term; with ``placement="every"`` the raw padding
+  mask is used, so there it is zeroed too.)
+- ``append_one`` (a constant 1 appended to each projected token, as TFN/LMF do) and ``dropout`` on the
+  read-out vector are ours, off by default; the code has neither.
+- Defaults: common length L = r, as in the code where token factors map T_m to ``rank``; r=16,
+  drank=8, trank=12 follow the code's MOSI run script.
+- Prediction head: the code freezes the pretrained model but keeps its prediction head trainable;
   we do the same by default (``train_head=True``); ``train_head=False`` freezes it.
-- ``dropout`` on the fused representation before the up-projection is ours (default 0, none in the
-  copy). ``placement="every"`` is our concrete design of the README's "after every intermediate
+- ``placement="every"`` is our concrete design of the README's "after every intermediate
   transformer layer" (the README shows only the call pattern); it applies to our per-modality
-  encoders, which run layer by layer in lockstep so that the adapter sees all modalities.
+  encoders, which run layer by layer in lockstep so that the adapter sees all modalities; the
+  ``readout`` and ``residual`` switches do not apply there.
 """
 
 from __future__ import annotations
@@ -114,6 +140,9 @@ from mmrepro.methods.transforms import ModelTransform
 from mmrepro.models.multimodal import MultimodalModel
 
 PLACEMENTS = ("last", "every")
+FACTOR_FORMS = ("paper", "code")
+READOUTS = ("mean", "first_token")
+RESIDUALS = ("pooled", "first_tokens")
 
 
 def wander_param_count(dims: Sequence[int], lengths: Sequence[int], out_dim: int | None = None, *, rank: int,
@@ -137,6 +166,14 @@ def wander_param_count(dims: Sequence[int], lengths: Sequence[int], out_dim: int
     return layers * (core + sum(T * L + h * d + d for T, d in zip(lengths, dims)))
 
 
+def check_switches(factor_form: str, readout: str, residual: str, prefix: str = "") -> None:
+    """Each of the three switches names one of its choices (module docstring, "Three switches")."""
+    for name, value, allowed in (("factor_form", factor_form, FACTOR_FORMS), ("readout", readout, READOUTS),
+                                 ("residual", residual, RESIDUALS)):
+        if value not in allowed:
+            raise ValueError(f"{prefix}{name} must be one of {allowed}, got {value!r}")
+
+
 class WanderAdapter(nn.Module):
     """Low-rank sequence multimodal adapter over M token sequences (see the module docstring).
 
@@ -144,12 +181,24 @@ class WanderAdapter(nn.Module):
     and ``(B, T_m)`` boolean masks (True = padded; ``T_m`` may be shorter than the maximum length)
     and returns ``(B, out_dim)`` (``output="pooled"``) or a list of per-modality ``(B, T_m, d_m)``
     residuals (``output="tokens"``). Both are exactly zero at initialisation.
+
+    ``factor_form``, ``readout`` and ``residual`` choose between the paper's reading and the
+    released code's arithmetic (module docstring, "Three switches"); ``readout`` and ``residual``
+    apply to ``output="pooled"`` only, ``residual="first_tokens"`` needs ``hidden`` equal to the
+    (common) token width.
     """
 
     def __init__(self, dims: Sequence[int], lengths: Sequence[int], out_dim: int | None = None, *, rank: int = 16,
                  drank: int = 8, trank: int = 12, common_length: int | None = None, hidden: int | None = None,
-                 dropout: float = 0.0, append_one: bool = False, output: str = "pooled"):
+                 dropout: float = 0.0, append_one: bool = False, output: str = "pooled",
+                 factor_form: str = "paper", readout: str = "mean", residual: str = "pooled"):
         super().__init__()
+        check_switches(factor_form, readout, residual)
+        if output == "tokens" and (readout, residual) != ("mean", "pooled"):
+            raise ValueError("readout and residual apply to output 'pooled' only (placement 'last')")
+        if residual == "first_tokens" and any(d != (hidden or rank) for d in dims):
+            raise ValueError(f"residual 'first_tokens' adds the input tokens to the fused sequence, so hidden "
+                             f"({hidden or rank}) must equal every token width, got {list(dims)}")
         if len(dims) != len(lengths) or not dims:
             raise ValueError(f"need one width and one length per modality, got {list(dims)} and {list(lengths)}")
         if output not in ("pooled", "tokens"):
@@ -164,6 +213,7 @@ class WanderAdapter(nn.Module):
         self.rank, self.drank, self.trank = int(rank), int(drank), int(trank)
         self.common_length, self.hidden = int(common_length or rank), int(hidden or rank)
         self.append_one, self.output, self.out_dim = bool(append_one), output, out_dim
+        self.factor_form, self.readout_mode, self.residual = factor_form, readout, residual
         self.width = self.rank + int(self.append_one)  # r'
         L, h = self.common_length, self.hidden
         self.down = nn.ModuleList(nn.Linear(d, self.rank) for d in self.dims)
@@ -221,6 +271,13 @@ class WanderAdapter(nn.Module):
 
     def fuse(self, projected: Sequence[torch.Tensor]) -> torch.Tensor:
         """Low-rank sequence fusion ``(B, L, h)`` of the projected sequences, never building the tensor."""
+        if self.factor_form == "code":  # components summed per modality first: one (T, L) and one (r', h) matrix
+            prod = None
+            for m, z in enumerate(projected):
+                s = self.token_factors[m][:, : z.shape[1]].sum(0)
+                v = torch.matmul(torch.matmul(s.transpose(0, 1), z), self.feature_factors[m].sum(0))  # (B, L, h)
+                prod = v if prod is None else prod * v
+            return prod
         J, K, h = self.trank, self.drank, self.hidden
         prod = None
         for m, z in enumerate(projected):
@@ -232,10 +289,16 @@ class WanderAdapter(nn.Module):
         B, L = prod.shape[0], prod.shape[2]
         return prod.view(B, J, L, K, h).sum(dim=(1, 3))
 
-    def readout(self, fused: torch.Tensor, pads: Sequence[torch.Tensor]):
-        """Residual output from the fused ``(B, L, h)`` sequence (pooled vector, or per-modality tokens)."""
+    def readout(self, fused: torch.Tensor, pads: Sequence[torch.Tensor], tokens: Sequence[torch.Tensor] = ()):
+        """Residual output from the fused ``(B, L, h)`` sequence (pooled vector, or per-modality tokens).
+
+        ``tokens`` (the adapter's inputs) are read only by ``residual="first_tokens"``.
+        """
         if self.output == "pooled":
-            return self.up(self.drop(fused.mean(dim=1)))
+            if self.residual == "first_tokens":
+                fused = fused + first_tokens(tokens, pads, fused.shape[1])
+            vec = fused.mean(dim=1) if self.readout_mode == "mean" else fused[:, 0]
+            return self.up(self.drop(vec))
         out = []
         for m, pad in enumerate(pads):
             seq = torch.matmul(self.back[m][: pad.shape[1]], fused)  # (B, T_m, h)
@@ -243,7 +306,15 @@ class WanderAdapter(nn.Module):
         return out
 
     def forward(self, tokens: Sequence[torch.Tensor], pads: Sequence[torch.Tensor]):
-        return self.readout(self.fuse(self.project(tokens, pads)), pads)
+        return self.readout(self.fuse(self.project(tokens, pads)), pads, tokens)
+
+
+def first_tokens(tokens: Sequence[torch.Tensor], pads: Sequence[torch.Tensor], length: int) -> torch.Tensor:
+    """The first ``length`` positions of the modalities' token sequences concatenated along time
+    (padded positions zeroed; zeros appended if the concatenation is shorter): the released code's
+    residual."""
+    seq = torch.cat([x.masked_fill(p.unsqueeze(-1), 0.0) for x, p in zip(tokens, pads)], dim=1)[:, :length]
+    return F.pad(seq, (0, 0, 0, length - seq.shape[1]))
 
 
 # -- the reference: build the outer product and the weight tensor --------------------------------
@@ -288,8 +359,10 @@ def explicit_outer_product(adapter: WanderAdapter, tokens: Sequence[torch.Tensor
     (``r'^M`` entries) and contract it with the CP-reconstructed feature weight tensor; sum over j.
     ``full_sequence=True``: build the outer product of the M whole projected sequences
     (``prod_m T_m r'`` entries per sample) and contract it with the full reconstructed weight tensor
-    (token and feature factors). Both then go through the same readout as the adapter.
+    (token and feature factors). Both then go through the same readout as the adapter. Paper form only.
     """
+    if adapter.factor_form != "paper":
+        raise ValueError("explicit_outer_product builds the paper form's tensor; the code form is its trank = drank = 1 case")
     z = adapter.project(tokens, pads)
     B, L, h = z[0].shape[0], adapter.common_length, adapter.hidden
     if full_sequence:
@@ -307,7 +380,7 @@ def explicit_outer_product(adapter: WanderAdapter, tokens: Sequence[torch.Tensor
                 outer = y if outer is None else (outer.unsqueeze(-1) * y.unsqueeze(-2)).flatten(2)
             part = outer @ w  # (B, L, r'^M) x (r'^M, h)
             fused = part if fused is None else fused + part
-    return adapter.readout(fused, pads)
+    return adapter.readout(fused, pads, tokens)
 
 
 def explicit_elements(width: int, lengths: Sequence[int], *, batch: int, trank: int, common_length: int,
@@ -375,13 +448,18 @@ def _modality_sizes(model: nn.Module, names: Sequence[str]) -> tuple[list[int], 
 @TRANSFORMS.register("wander")
 class Wander(ModelTransform):
     """Freeze the backbone, add Wander (``placement`` "last" or "every"); the head stays trainable
-    when ``train_head`` (the official code's choice). Hyperparameters as in ``WanderAdapter``."""
+    when ``train_head`` (the official code's choice). Hyperparameters as in ``WanderAdapter``;
+    with ``residual="first_tokens"`` an unset ``hidden`` becomes the token width (the code's r -> dim)."""
 
     def __init__(self, rank: int = 16, drank: int = 8, trank: int = 12, common_length: int | None = None,
                  hidden: int | None = None, dropout: float = 0.0, append_one: bool = False, placement: str = "last",
-                 train_head: bool = True):
+                 train_head: bool = True, factor_form: str = "paper", readout: str = "mean", residual: str = "pooled"):
         if placement not in PLACEMENTS:
             raise ValueError(f"wander: placement must be one of {PLACEMENTS}, got {placement!r}")
+        check_switches(factor_form, readout, residual, prefix="wander: ")
+        if placement == "every" and (readout, residual) != ("mean", "pooled"):
+            raise ValueError("wander: readout and residual apply to placement 'last' only")
+        self.factor_form, self.readout, self.residual = factor_form, readout, residual
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"wander: dropout must be in [0, 1), got {dropout}")
         self.rank, self.drank, self.trank = int(rank), int(drank), int(trank)
@@ -389,9 +467,13 @@ class Wander(ModelTransform):
         self.dropout, self.append_one = float(dropout), bool(append_one)
         self.placement, self.train_head = placement, bool(train_head)
 
-    def _adapter_kwargs(self) -> dict:
+    def _adapter_kwargs(self, dims: Sequence[int]) -> dict:
+        hidden = self.hidden
+        if hidden is None and self.residual == "first_tokens":
+            hidden = dims[0]
         return dict(rank=self.rank, drank=self.drank, trank=self.trank, common_length=self.common_length,
-                    hidden=self.hidden, dropout=self.dropout, append_one=self.append_one)
+                    hidden=hidden, dropout=self.dropout, append_one=self.append_one, factor_form=self.factor_form,
+                    readout=self.readout, residual=self.residual)
 
     def param_count(self, model: nn.Module) -> int:
         """The trainable budget ``apply`` gives this model: the adapter(s) by the formula, plus the
@@ -404,8 +486,9 @@ class Wander(ModelTransform):
         names = list(model.names)
         dims, lengths = _modality_sizes(model, names)
         layers = len(model.encoders[names[0]].transformer.layers) if self.placement == "every" else 1
+        kw = self._adapter_kwargs(dims)
         return wander_param_count(dims, lengths, model.fusion.out_dim, rank=self.rank, drank=self.drank,
-                                  trank=self.trank, common_length=self.common_length, hidden=self.hidden,
+                                  trank=self.trank, common_length=self.common_length, hidden=kw["hidden"],
                                   append_one=self.append_one, placement=self.placement, layers=layers)
 
     def apply(self, model: nn.Module) -> nn.Module:
@@ -415,7 +498,7 @@ class Wander(ModelTransform):
         for p in model.parameters():
             p.requires_grad_(False)
         if self.placement == "last":
-            adapter = WanderAdapter(dims, lengths, model.fusion.out_dim, output="pooled", **self._adapter_kwargs())
+            adapter = WanderAdapter(dims, lengths, model.fusion.out_dim, output="pooled", **self._adapter_kwargs(dims))
             model.fusion = WanderFusion(model.fusion, names, adapter.to(ref.device, ref.dtype))
             added: nn.Module = adapter
         else:
@@ -426,7 +509,7 @@ class Wander(ModelTransform):
                 raise ValueError(f"wander: placement 'every' needs encoders of equal depth, got {sorted(n_layers)}")
             model.__class__ = WanderLayerwiseModel
             model.wander = nn.ModuleList(
-                WanderAdapter(dims, lengths, output="tokens", **self._adapter_kwargs()) for _ in range(n_layers.pop())
+                WanderAdapter(dims, lengths, output="tokens", **self._adapter_kwargs(dims)) for _ in range(n_layers.pop())
             ).to(ref.device, ref.dtype)
             added = model.wander
         for p in added.parameters():
