@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError, ChecksumMismatch, DatasetIncomplete) as e:
+    except (ConfigError, DataValidationError, ChecksumMismatch, DatasetIncomplete, FileNotFoundError) as e:
         print(f"mmrepro {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ import torch
 
 from mmrepro import reproducibility
 from mmrepro.data.loader import SplitLoader
-from mmrepro.data.store import FeatureStore
+from mmrepro.data.schema import DataValidationError
+from mmrepro.data.store import MANIFEST, FeatureStore
 from mmrepro.evaluate import evaluate_model, metric_kind, predict, score
 from mmrepro.methods.balance.utilisation import with_utilisation
 from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build
@@ -45,12 +47,27 @@ class RunData:
     def __init__(self, store_path: Path, spec: dict[str, Any]):
         self.store = FeatureStore(store_path)
         self.schema = self.store.schema
-        self.task = self.schema.task(spec["task"])
+        manifest = str(self.store.root / MANIFEST)
         self.setting = build(SETTINGS, spec["data_setting"]["type"], spec["data_setting"]["params"])
-        self.modalities = self.setting.modalities(self.schema.modality_names)
+        try:  # names the config could not check before the store existed (real datasets)
+            self.task = self.schema.task(spec["task"])
+            self.modalities = self.setting.modalities(self.schema.modality_names)
+        except (KeyError, ValueError) as e:
+            raise DataValidationError(f"{e.args[0]} (dataset {spec['dataset']!r}, setting {spec['setting']!r})",
+                                      file=manifest) from None
         self.batch_size, self.seed = spec["train"]["batch_size"], spec["seed"]
+        self._checked: set[str] = set()
+
+    def check(self, *splits: str) -> None:
+        """Check the values of the splits a job reads (once each), so bad data fails before compute."""
+        for split in splits:
+            name = self.setting.split_name(split)
+            if name not in self._checked:
+                self.store.open_split(name, validate=True)
+                self._checked.add(name)
 
     def loader(self, split: str, shuffle: bool = False) -> SplitLoader:
+        self.check(split)
         name = self.setting.split_name(split)
         arrays = self.store.open_split(name)
         n, m = len(arrays["ids"]), len(self.schema.modalities)
@@ -74,10 +91,18 @@ def _save_model(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> Non
 
 
 def _load_backbone(model: torch.nn.Module, path: Path) -> None:
-    saved = torch.load(path, map_location="cpu")
-    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+    """Load a trained model's weights; an unreadable or ill-fitting checkpoint names the file."""
+    try:
+        saved = torch.load(path, map_location="cpu")
+        missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
+    except FileNotFoundError:
+        raise DataValidationError("checkpoint file is missing", file=str(path)) from None
+    except (RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        raise DataValidationError(f"not a model checkpoint of this run's model ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:400]})", file=str(path)) from None
     if unexpected or missing:
-        raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})")
+        raise DataValidationError(f"checkpoint does not fit the model (missing {missing}, unexpected {unexpected})",
+                                  file=str(path))
 
 
 def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, Any]:
@@ -95,6 +120,7 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
+    data.check("train", "valid", "test")
     check_method_support(data.task, spec["plan"])  # before anything is built: a clear error, not a traceback
     train, valid = data.loader("train", shuffle=True), data.loader("valid")
     model = _model(data, spec)
@@ -131,6 +157,7 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
+    data.check("test")
     if data.task.type == "segmentation":
         raise ValueError(f"test-time adaptation is not supported for segmentation (task {data.task.name!r})")
     model = _model(data, spec)
