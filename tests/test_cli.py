@@ -11,7 +11,7 @@ from conftest import REPO, SCHEMA, small_synth
 from mmrepro.cli import main, parser
 from mmrepro.data import build_store
 
-VERBS = ["check-config", "init-tracking", "fetch", "make-data", "check-data", "train", "adapt", "report", "curves"]
+VERBS = ["check-config", "doctor", "init-tracking", "fetch", "make-data", "check-data", "train", "adapt", "report", "curves"]
 
 
 def test_every_verb_is_listed_and_has_help(capsys):

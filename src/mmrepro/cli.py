@@ -121,6 +121,14 @@ def cmd_curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mmrepro.doctor import render, run_checks
+
+    checks = run_checks(args.configfile, args.schema)
+    print(render(checks))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmrepro", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -133,6 +141,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("configfile", nargs="+", help="YAML config files, later ones override earlier keys")
     s.add_argument("--schema", default="workflow/schemas/config.schema.yaml", help="JSON schema (YAML)")
     s.set_defaults(func=cmd_check_config)
+
+    doctor = ("check versions, threads, GPU, the config, the tracking store and the data; say what to fix "
+              "(exit code 1 when something is broken)")
+    s = sub.add_parser("doctor", help=doctor, description=doctor)
+    s.add_argument("--configfile", nargs="+", type=Path, default=[Path("config/config.yaml")],
+                   help="config files as given to snakemake (default: config/config.yaml)")
+    s.add_argument("--schema", type=Path, default=Path("workflow/schemas/config.schema.yaml"), help="JSON schema (YAML)")
+    s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("init-tracking", help="create the MLflow store and one experiment per study (run once, before jobs)")
     s.add_argument("--results", required=True, help="results folder (holds mlflow.db and mlartifacts/)")
