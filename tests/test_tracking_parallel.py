@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -70,3 +72,59 @@ def test_16_jobs_at_once_on_the_default_sqlite_store(tmp_path):
     init_store(uri, ["balance"], tmp_path / "mlartifacts")  # the init rule; jobs fork from here (fast start)
     run_jobs_at_once(uri, tmp_path)
     check_nothing_lost(uri, tmp_path)
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp_path):
+    """An MLflow server on loopback, the single writer of its sqlite file (README 'Tracking on a cluster')."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900  # seconds when idle; minutes on a machine shared by many
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=5)
+                break
+            except OSError:
+                assert server.poll() is None, "the MLflow server exited"
+                assert time.monotonic() < deadline, "the MLflow server did not come up in 15 min"
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: the group started here
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def test_16_jobs_at_once_through_a_tracking_server(tmp_path, capsys):
+    from mmrepro.cli import main
+
+    with mlflow_server(tmp_path) as uri:
+        assert main(["init-tracking", "--results", str(tmp_path), "--uri", uri, "--out", str(tmp_path / "exp.json")]) == 0
+        assert json.loads((tmp_path / "exp.json").read_text())["uri"] == uri
+        run_jobs_at_once(uri, tmp_path)
+        check_nothing_lost(uri, tmp_path)
+    assert len(list((tmp_path / "art").rglob("metrics.json"))) == JOBS  # artifacts went through the server
+    assert not (tmp_path / "mlflow.db").exists()  # nobody wrote the default store
+
+
+def test_a_job_on_a_slurm_node_refuses_the_default_sqlite_store(tmp_path, monkeypatch, capsys):
+    from mmrepro.cli import main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    spec = json.dumps({**SPEC, "tracking_uri": None, "results": str(tmp_path)})
+    args = ["train", "--spec", spec, "--data", str(tmp_path / "no-store" / "manifest.json"), "--out-dir", str(tmp_path / "r")]
+    assert main(args) == 2 and "manifest.json is missing" in capsys.readouterr().err  # off a cluster: on to the data
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "config key tracking.uri: this job runs on a SLURM node" in err and "MLFLOW_TRACKING_URI" in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")  # a server named: the job goes on
+    assert main(args) == 2 and "manifest.json is missing" in capsys.readouterr().err

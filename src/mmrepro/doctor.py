@@ -151,12 +151,14 @@ def dataset(name: str, config: dict[str, Any]) -> Check:
 
 
 def run_checks(config_files: list[Path], schema: Path) -> list[Check]:
-    from mmrepro.tracking import tracking_uri
+    from mmrepro.tracking import cluster_store_problem, tracking_uri
 
     config, checked = load_config(config_files, schema)
     out = [*versions(), threads(), gpu(config), checked]
     if config is not None:
-        out.append(tracking(tracking_uri(config["results"], config["tracking"]["uri"])))
+        problem = cluster_store_problem(config["tracking"]["uri"])
+        out.append(Check("tracking", "FAIL", problem, "start an MLflow server (README 'Tracking on a cluster')")
+                   if problem else tracking(tracking_uri(config["results"], config["tracking"]["uri"])))
         used = {d for study in config["studies"].values() for d in study["datasets"]}
         out += [dataset(name, config) for name in sorted(used)]
     return out

@@ -29,7 +29,7 @@ from mmrepro.methods.transforms import count_parameters
 from mmrepro.models.multimodal import build_model
 from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
 from mmrepro.models.segmentation import check_method_support
-from mmrepro.tracking import RunTracker, tracking_uri
+from mmrepro.tracking import RunTracker, cluster_store_problem, tracking_uri
 from mmrepro.train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -115,8 +115,19 @@ def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, A
             "backbone": backbone, **extra}
 
 
+def _tracking_uri(spec: dict[str, Any]) -> str:
+    """The job's store, refused up front where it is unsafe (the default sqlite store on a cluster node)."""
+    problem = cluster_store_problem(spec["tracking_uri"])
+    if problem:
+        from mmrepro.config import ConfigError  # only here: jsonschema is no import a job needs
+
+        raise ConfigError(f"config key tracking.uri: {problem}")
+    return tracking_uri(spec["results"], spec["tracking_uri"])
+
+
 def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None) -> dict[str, Any]:
     """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test."""
+    uri = _tracking_uri(spec)
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
@@ -134,7 +145,6 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     elif spec["utilisation_probes"]:
         hook = with_utilisation(hook)
     trainable, total = count_parameters(model)
-    uri = tracking_uri(spec["results"], spec["tracking_uri"])
     with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:
         cfg = TrainConfig(**spec["train"])
         result = fit(model, train, valid, hook, cfg,
@@ -154,6 +164,7 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
 
 def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int) -> dict[str, Any]:
     """Adapt a trained model to the spec's target split with the spec's test-time adapter."""
+    uri = _tracking_uri(spec)
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
@@ -165,7 +176,6 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     device = TrainConfig(**spec["train"]).torch_device
     model.to(device)
     adapter = build(ADAPTERS, spec["plan"]["adapter"], spec["method_params"][spec["plan"]["adapter"]], model=model)
-    uri = tracking_uri(spec["results"], spec["tracking_uri"])
     history: list[dict[str, float]] = []
     with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:
         def on_batch(step: int, pred: np.ndarray, y: np.ndarray) -> None:
