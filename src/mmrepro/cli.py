@@ -214,6 +214,7 @@ def cmd_mechanisms_report(args: argparse.Namespace) -> int:
     for study in points["study"].unique():
         plot_mechanism(points, study, args.plots / study)
     print(f"wrote {args.table}.{{md,csv}} and one figure per study under {args.plots} from {len(args.points)} points")
+    return 0
 
 
 def cmd_missing_report(args: argparse.Namespace) -> int:
@@ -222,6 +223,14 @@ def cmd_missing_report(args: argparse.Namespace) -> int:
     missing_report(args.metrics, args.table, args.plot)
     print(f"wrote {args.table}.{{md,csv}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
     return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mmrepro.doctor import render, run_checks
+
+    checks = run_checks(args.configfile, args.schema)
+    print(render(checks))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -236,6 +245,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("configfile", nargs="+", help="YAML config files, later ones override earlier keys")
     s.add_argument("--schema", default="workflow/schemas/config.schema.yaml", help="JSON schema (YAML)")
     s.set_defaults(func=cmd_check_config)
+
+    doctor = ("check versions, threads, GPU, the config, the tracking store and the data; say what to fix "
+              "(exit code 1 when something is broken)")
+    s = sub.add_parser("doctor", help=doctor, description=doctor)
+    s.add_argument("--configfile", nargs="+", type=Path, default=[Path("config/config.yaml")],
+                   help="config files as given to snakemake (default: config/config.yaml)")
+    s.add_argument("--schema", type=Path, default=Path("workflow/schemas/config.schema.yaml"), help="JSON schema (YAML)")
+    s.set_defaults(func=cmd_doctor)
 
     s = sub.add_parser("init-tracking", help="create the MLflow store and one experiment per study (run once, before jobs)")
     s.add_argument("--results", required=True, help="results folder (holds mlflow.db and mlartifacts/)")
@@ -357,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError, ChecksumMismatch, DatasetIncomplete) as e:
+    except (ConfigError, DataValidationError, ChecksumMismatch, DatasetIncomplete, FileNotFoundError) as e:
         print(f"mmrepro {args.verb}: error: {e}", file=sys.stderr)
         return 2
 

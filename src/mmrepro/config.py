@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,41 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
     if errors:
         lines = [f"config key {_key(e.absolute_path)}: {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    _check_finite(config)
     _check_names(config)
     _check_mechanisms(config)
     _check_overrides(config, schema)
     from mmrepro.tune import check_tune  # tune builds on this module's run specs
 
     check_tune(config)
+    _check_heads(config)
     return config
+
+
+def _check_finite(value: Any, path: tuple = ()) -> None:
+    """NaN and infinity pass JSON-schema bounds (every comparison with NaN is false): refuse them."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, (*path, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, (*path, i))
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {_key(path)}: {value} is not a finite number")
+
+
+def _check_heads(config: dict[str, Any]) -> None:
+    """Attention splits d_model across heads: a remainder would fail only when the model is built
+    (the segmentation U-Net has no attention)."""
+    for study in config["studies"]:
+        for ds in config["studies"][study]["datasets"]:
+            if config["datasets"][ds]["loader"] in SEGMENTATION_LOADERS:
+                continue
+            model = model_config(config, study, ds)
+            if model["d_model"] % model["heads"]:
+                where = f"studies.{study}.per_dataset.{ds}" if _override(config, study, ds).get("model") else f"studies.{study}"
+                raise ConfigError(f"config key {where}.model.heads: d_model {model['d_model']} is not divisible by "
+                                  f"heads {model['heads']}")
 
 
 def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
@@ -105,13 +134,18 @@ def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
                 owner = next((reg for reg in registries if name in reg), None)
                 if owner is None:
                     raise ConfigError(f"config key {key}.methods.{name}: unknown method")
-                _check_params(owner.get(name), method_params(config, study, dataset, name), f"{key}.methods.{name}")
+                _check_params(owner.get(name), method_params(config, study, dataset, name), f"{key}.methods.{name}",
+                              build=owner is not ADAPTERS)
 
 
-def _check_params(cls, params: dict[str, Any], key: str) -> None:
+def _check_params(cls, params: dict[str, Any], key: str, build: bool = False) -> None:
+    """Parameter names fit the plug-in's signature; with ``build``, the plug-in accepts their values
+    too (its constructor checks ranges, e.g. a LoRA rank of 0). Adapters need a model: names only."""
     try:
         inspect.signature(cls).bind_partial(**params)
-    except TypeError as e:
+        if build:
+            cls(**params)
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"config key {key}: {e}") from None
 
 
@@ -147,10 +181,10 @@ def _check_names(config: dict[str, Any]) -> None:
                 raise ConfigError(f"config key studies.{study}.methods[{i}]: {e.args[0]}") from None
             for family, reg in registries.items():
                 name = getattr(plan, family)
-                _check_params(reg.get(name), config["methods"].get(name, {}), f"methods.{name}")
+                _check_params(reg.get(name), config["methods"].get(name, {}), f"methods.{name}", build=reg is not ADAPTERS)
                 if name in overrides:
                     _check_params(reg.get(name), {**config["methods"].get(name, {}), **overrides[name]},
-                                  f"method_variants.{method}.params")
+                                  f"method_variants.{method}.params", build=reg is not ADAPTERS)
         for name, setting in spec["settings"].items():
             key = f"studies.{study}.settings.{name}"
             if setting["type"] == "domain":

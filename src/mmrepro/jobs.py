@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ import torch
 
 from mmrepro import reproducibility
 from mmrepro.data.loader import SplitLoader
-from mmrepro.data.store import FeatureStore
+from mmrepro.data.schema import DataValidationError
+from mmrepro.data.store import MANIFEST, FeatureStore
 from mmrepro.evaluate import case_average, evaluate_model, metric_kind, predict, score
 from mmrepro.methods.adapters import SplitPool
 from mmrepro.methods.balance.utilisation import with_utilisation
@@ -31,7 +33,8 @@ from mmrepro.models.multimodal import build_model
 from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
 from mmrepro.models.segmentation import check_method_support
 from mmrepro.phases import Phases
-from mmrepro.tracking import DeferredRun, RunTracker, log_outcome, open_run, record, tracking_uri
+from mmrepro.tracking import (DeferredRun, RunTracker, cluster_store_problem, log_outcome, open_run, record,
+                              tracking_mode, tracking_uri)
 from mmrepro.train import TrainConfig, fit
 
 log = logging.getLogger(__name__)
@@ -49,15 +52,30 @@ class RunData:
     def __init__(self, store_path: Path, spec: dict[str, Any]):
         self.store = FeatureStore(store_path)
         self.schema = self.store.schema
-        self.task = self.schema.task(spec["task"])
+        manifest = str(self.store.root / MANIFEST)
         self.setting = build(SETTINGS, spec["data_setting"]["type"], spec["data_setting"]["params"])
-        self.modalities = self.setting.modalities(self.schema.modality_names)
+        try:  # names the config could not check before the store existed (real datasets)
+            self.task = self.schema.task(spec["task"])
+            self.modalities = self.setting.modalities(self.schema.modality_names)
+        except (KeyError, ValueError) as e:
+            raise DataValidationError(f"{e.args[0]} (dataset {spec['dataset']!r}, setting {spec['setting']!r})",
+                                      file=manifest) from None
         self.batch_size, self.seed = spec["train"]["batch_size"], spec["seed"]
+        self._checked: set[str] = set()
+
+    def check(self, *splits: str, target: bool = False) -> None:
+        """Check the values of the splits a job reads (once each), so bad data fails before compute."""
+        for split in splits:
+            name = self.setting.target_split(split) if target else self.setting.split_name(split)
+            if name not in self._checked:
+                self.store.open_split(name, validate=True)
+                self._checked.add(name)
 
     def loader(self, split: str, shuffle: bool = False, case: np.ndarray | None = None,
                target: bool = False) -> SplitLoader:
         """``split``'s loader; ``case`` (a test case's ``(N, M)`` mask) replaces the setting's own draw;
         ``target``: the data setting's target version of ``split`` (what a test-time adapter reads)."""
+        self.check(split, target=target)
         name = self.setting.target_split(split) if target else self.setting.split_name(split)
         arrays = self.store.open_split(name)
         n, m = len(arrays["ids"]), len(self.schema.modalities)
@@ -116,18 +134,40 @@ def _save_feature_stats(model: torch.nn.Module, loader: SplitLoader, path: Path,
 
 
 def _load_backbone(model: torch.nn.Module, path: Path) -> None:
-    saved = torch.load(path, map_location="cpu")["state_dict"]
+    """Load a trained model's weights; an unreadable or ill-fitting checkpoint names the file.
+
+    Dataset-specific tensors (:data:`DATASET_SPECIFIC`) whose shapes differ start fresh."""
+    try:
+        saved = torch.load(path, map_location="cpu")["state_dict"]
+    except FileNotFoundError:
+        raise DataValidationError("checkpoint file is missing", file=str(path)) from None
+    except (RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as e:
+        raise DataValidationError(f"not a model checkpoint of this run's model ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:400]})", file=str(path)) from None
     own = model.state_dict()
     differ = [k for k, v in saved.items() if k in own and own[k].shape != v.shape]
     fresh = [k for k in differ if k.startswith(DATASET_SPECIFIC)]
     if len(fresh) < len(differ):
-        raise ValueError(f"{path}: checkpoint does not fit the model (shapes differ: {sorted(set(differ) - set(fresh))})")
+        raise DataValidationError(f"checkpoint does not fit the model (shapes differ: {sorted(set(differ) - set(fresh))})",
+                                  file=str(path))
     if fresh:
         log.info("%s: %s start fresh (shapes differ from the pretraining dataset's)", path, fresh)
     missing, unexpected = model.load_state_dict({k: v for k, v in saved.items() if k not in fresh}, strict=False)
     missing = [k for k in missing if k not in fresh]
     if unexpected or missing:
-        raise ValueError(f"{path}: checkpoint does not fit the model (missing {missing}, unexpected {unexpected})")
+        raise DataValidationError(f"checkpoint does not fit the model (missing {missing}, unexpected {unexpected})",
+                                  file=str(path))
+
+
+def _check_store(spec: dict[str, Any]) -> None:
+    """Refuse up front a store that is unsafe for this job: a job that logs live to the default sqlite
+    store from a cluster node (a deferred run leaves the store to the local track job)."""
+    uri = tracking_uri(spec["results"], spec["tracking_uri"])
+    problem = cluster_store_problem(spec["tracking_uri"])
+    if problem and tracking_mode(uri, spec.get("tracking_mode", "auto")) == "live":
+        from mmrepro.config import ConfigError  # only here: jsonschema is no import a job needs
+
+        raise ConfigError(f"config key tracking.uri: {problem}")
 
 
 def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, Any]:
@@ -185,9 +225,11 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test
     (``teachers``: see :func:`prepare_training`)."""
     phases = Phases()
+    _check_store(spec)
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
+    data.check("train", "valid", "test")
     train, valid = data.loader("train", shuffle=True), data.loader("valid")
     model, hook, backbone = prepare_training(spec, data, init, teachers)
     trainable, total = count_parameters(model)
@@ -253,9 +295,11 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     validation callback of one that declares label use (then ``target_labels_used`` is true).
     """
     phases = Phases()
+    _check_store(spec)
     reproducibility.configure(spec["seed"], threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
+    data.check("test")
     model, adapter, device = prepare_adapter(spec, data, model_path, source_stats)
     history: list[dict[str, float]] = []
 

@@ -41,6 +41,21 @@ def tracking_uri(results: Path | str, configured: str | None = None) -> str:
     return f"sqlite:///{Path(results).resolve() / 'mlflow.db'}"
 
 
+def cluster_store_problem(configured: str | None) -> str | None:
+    """Why a job on a SLURM node must not use the default store, or None where it may.
+
+    SQLite locks a file with POSIX locks, which network filesystems (NFS, Lustre, GPFS) honour
+    partly or not at all: jobs on several nodes writing one ``mlflow.db`` on shared storage can
+    corrupt it. A job inside a SLURM allocation therefore needs a tracking server (one writer);
+    naming a store explicitly (``tracking.uri`` or ``MLFLOW_TRACKING_URI``) is the user's choice.
+    """
+    if os.environ.get("SLURM_JOB_ID") and not configured and not os.environ.get("MLFLOW_TRACKING_URI"):
+        return ("this job runs on a SLURM node and would share the default sqlite store with jobs on other nodes, "
+                "which SQLite's file locks on a network filesystem do not make safe; start an MLflow server and "
+                "export MLFLOW_TRACKING_URI=http://<host>:<port> (README 'Tracking on a cluster')")
+    return None
+
+
 def is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 

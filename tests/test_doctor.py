@@ -1,0 +1,89 @@
+"""``mmrepro doctor``: reports versions, threads, GPU, tracking and data, and fails on what is broken."""
+
+from __future__ import annotations
+
+import socket
+import sqlite3
+
+import pytest
+import yaml
+
+from conftest import SCHEMA, small_synth
+from mmrepro.cli import main
+from mmrepro.config import EXPERIMENTS
+from mmrepro.data import build_store
+
+
+def _config(tmp_path, **tracking) -> str:
+    config = {"results": str(tmp_path / "results"), "tracking": tracking,
+              "datasets": {"synth": small_synth(train=20, valid=10, test=10)},
+              "studies": {"balance": {"datasets": ["synth"], "methods": ["joint"],
+                                      "settings": {"complete": {"type": "complete"}}}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    return str(tmp_path / "config.yaml")
+
+
+def _initialised_store(path) -> None:
+    """The experiments table as MLflow's init rule leaves it (its columns name and lifecycle_stage;
+    a real store takes tens of seconds to create on a busy machine, test_tracking covers that)."""
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER, name TEXT, lifecycle_stage TEXT)")
+        db.executemany("INSERT INTO experiments VALUES (?, ?, 'active')", list(enumerate(["Default", *EXPERIMENTS])))
+
+
+def doctor(capsys, *args) -> tuple[int, str]:
+    code = main(["doctor", "--schema", str(SCHEMA), "--configfile", *args])
+    return code, capsys.readouterr().out
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["doctor", "--help"])
+    assert done.value.code == 0 and "exit code 1 when something is broken" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_ready_project_reports_everything_and_exits_0(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = _config(tmp_path)
+    build_store("synth", small_synth(train=20, valid=10, test=10), tmp_path / "results" / "data" / "synth")
+    _initialised_store(tmp_path / "results" / "mlflow.db")
+    code, out = doctor(capsys, config)
+    assert code == 0, out
+    for line in ("] torch: 2.", "] mlflow: 3.", "] snakemake: ", "] threads: ", "] gpu: ", "] config: ",
+                 f"] tracking: sqlite:///{tmp_path}/results/mlflow.db: experiments {', '.join(EXPERIMENTS)}",
+                 "] data synth: ", "every array matches its checksum", "ready: nothing to fix"):
+        assert line in out, (line, out)
+    assert "FAIL" not in out
+
+
+def test_what_is_broken_is_named_with_its_fix_and_exits_1(tmp_path, capsys, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    config = _config(tmp_path)
+    store = build_store("synth", small_synth(train=20, valid=10, test=10), tmp_path / "results" / "data" / "synth")
+    target = store.parent / "train" / "x" / "text.npy"
+    raw = bytearray(target.read_bytes())
+    raw[-1] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    code, out = doctor(capsys, config)
+    assert code == 1
+    assert f"[FAIL] tracking: server http://127.0.0.1:{port} does not answer" in out
+    assert "[FAIL] data synth: file=" in out and "key=x/text: checksum mismatch" in out
+    assert f"fix: remove {store.parent} and rerun snakemake" in out
+    assert "2 problem(s) to fix" in out
+
+
+def test_a_bad_config_and_a_missing_manual_dataset_fail(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"datasets": {"synth": {"loader": "synth"}}, "studies": {"balance": {}}}))
+    code, out = doctor(capsys, str(bad))
+    assert code == 1 and "[FAIL] config: invalid config" in out and "studies.balance" in out
+    config = yaml.safe_load(open(_config(tmp_path)))
+    config["datasets"]["mosi"] = {"loader": "mmsa", "path": str(tmp_path / "absent.pkl")}
+    config["studies"]["balance"]["datasets"] = ["mosi"]
+    (tmp_path / "mosi.yaml").write_text(yaml.safe_dump(config))
+    code, out = doctor(capsys, str(tmp_path / "mosi.yaml"))
+    assert code == 1 and "[FAIL] data mosi: " in out and "cannot be downloaded automatically" in out
