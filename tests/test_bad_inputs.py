@@ -285,7 +285,7 @@ CASES = [
     Case("checkpoint_truncated", "--init checkpoint cut short", "train", store(init=_checkpoint(True)),
          ("backbone.pt", "not a model checkpoint")),
     Case("checkpoint_other_model", "--init checkpoint of a model with another width", "train",
-         store(init=_checkpoint(False)), ("backbone.pt", "size mismatch")),
+         store(init=_checkpoint(False)), ("backbone.pt", "shapes differ")),
     Case("spec_not_json", "--spec that is not JSON", "train",
          lambda tmp: ["train", "--spec", "{study: balance", "--data", "x", "--out-dir", str(tmp / "out")],
          ("--spec", "not valid JSON")),
