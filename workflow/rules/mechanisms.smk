@@ -38,8 +38,8 @@ rule mechanisms_report:
             for ext in ("png", "pdf")
         ],
     params:
-        table=f"{RESULTS}/tables/mechanisms",
-        plots=f"{RESULTS}/plots/mechanisms",
+        table=lambda wildcards, output: Path(output[0]).with_suffix(""),
+        plots=lambda wildcards, output: Path(output[2]).parent,
     conda:
         CONDA_ENV
     log:

@@ -14,6 +14,11 @@ Latents
 Tokens (each modality m has ``length`` tokens of ``dim`` features)
     shortcut (m = 0): every token :math:`x_{0,t} = W_0 s + \sigma_0 e_t` (identity map, low
     noise, signal everywhere: learned first and fast, and it knows nothing of any :math:`u_m`);
+    with the imbalance dose :math:`\rho` = ``shortcut_private`` > 0 it also carries
+    :math:`V_0(\rho\, u + \sqrt{1-\rho^2}\, \nu)` (all private latents stacked, a per-sample
+    nuisance :math:`\nu` from its own random stream, so :math:`\rho = 0` draws exactly as before):
+    joint training can then fit the private parts fast through it and leaves the weak encoders
+    under-trained (``synth_imbalance``, :mod:`mmrepro.mechanisms`);
     weak (m >= 1): noise :math:`\sigma_m e_t` everywhere, plus at ``events`` positions
     :math:`\alpha\, g_m(W_m [\beta s; u_m])` with :math:`g_m(h) = A_{m2} \tanh(A_{m1} h)` a fixed
     random two-layer map and :math:`\beta` small (the weak modalities see ``s`` faintly);
@@ -28,7 +33,8 @@ Label (task ``main``; task ``pretrain`` uses other readouts and shares on the sa
     configured variance shares (default 0.4 / 0.4 / 0.2). Regression target
     :math:`y = \mathrm{clip}(\gamma f + \sigma_y \epsilon, -3, 3)` (MOSI's range). The K-class
     label is the argmax of K readouts :math:`f_j` built the same way plus noise
-    :math:`\sigma_c \epsilon_j`.
+    :math:`\sigma_c \epsilon_j`. The transfer dose :math:`\kappa` = ``interaction_transfer``
+    (:func:`task_shares`) gives ``main`` an interaction share :math:`\kappa` that ``pretrain`` lacks.
 Oracle
     the noise-free prediction from the clean latents, :math:`\mathrm{clip}(\gamma f, -3, 3)` and
     :math:`\arg\max_j f_j`. No model that sees only the tokens can beat it in expectation; its
@@ -55,6 +61,10 @@ Domains (for test-time adaptation): a target domain applies, per modality, an af
 Gaussian noise and token dropout; and/or it shifts the mean of ``s`` along the readout ``v``
 (a label-prior shift). Each domain has its own ``train@``, ``valid@`` and ``test@<domain>`` splits:
 an offline test-time adapter adapts on the target's unlabelled train split and is scored on its test split.
+A domain's ``scale`` multiplies all its magnitudes (the shift dose; 0 = the source; the same random
+draws at every scale). ``target_label`` is a control: p(y | x) is unchanged, so a source model should
+not get worse there (issue #10 measured a lower error than on the source), and an adapter that loses
+accuracy there over-adapts.
 
 Missing modalities are not baked into the arrays: the ``zero_fill`` data setting draws the
 present-masks at load time (:mod:`mmrepro.data.missing`), so every rate reuses one store.
