@@ -51,7 +51,8 @@ METHOD_FAMILIES = {"transform": TRANSFORMS, "hook": HOOKS, "adapter": ADAPTERS}
 
 def _load_plugins() -> None:
     """Import the modules that register plug-ins (kept here so the registries are never empty)."""
-    from mmrepro.methods import adapters, balance, hooks, incomplete, mplmm, peft, settings, transforms  # noqa: F401
+    from mmrepro.methods import (adapters, balance, hooks, incomplete, map_prompts, mplmm, peft,  # noqa: F401
+                                 settings, transforms)
 
 
 @dataclass(frozen=True)
