@@ -160,7 +160,7 @@ def test_sinusoids_follow_fairseq_layout_and_padding_rule():
 
 def _per_head_attention(attn: MultiheadAttention, q_in, kv_in, allowed):
     """The official arithmetic: scaled q times k, additive -inf mask, softmax, times v, per head."""
-    d, h = q_in.shape[-1], attn.heads
+    d, h = q_in.shape[-1], attn.num_heads
     w, b = attn.in_proj_weight, attn.in_proj_bias
     q = (q_in @ w[:d].T + b[:d]) * (d // h) ** -0.5
     k, v = kv_in @ w[d:2 * d].T + b[d:2 * d], kv_in @ w[2 * d:].T + b[2 * d:]
@@ -220,7 +220,7 @@ def test_dropout_sites_and_errors_name_the_config_key():
     assert layer.relu_dropout == 0.1 and layer.self_attn.dropout == 0.1  # CASP's defaults kept
     with pytest.raises(ValueError, match=r"model.dropouts: unknown site\(s\) \['emb'\]"):
         preset("casp_late", dropouts={"emb": 0.3})
-    with pytest.raises(ValueError, match=r"model.heads=3 must divide the transformer width 8"):
+    with pytest.raises(ValueError, match=r"model.heads=3 must divide the transformer width 8 of 'cggm_msa'"):
         preset("cggm_msa", heads=3)
     with pytest.raises(ValueError, match="needs at least 2 modalities"):
         build_model(TINY, REG, backbone="mplmm_mult", d_model=8, layers=1, heads=2, kernel=1, dropout=0.0,
@@ -233,3 +233,18 @@ def test_one_training_step_reaches_every_parameter(name):
     model.train()
     model(tiny_batch()).pred.pow(2).mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("model,message", [
+    ({"backbone": "casp_late", "dropouts": {"emb": 0.1}}, r"model.dropouts: unknown site\(s\) \['emb'\]"),
+    ({"backbone": "cggm_msa", "dropouts": {"attn": 1.0}}, r"model.dropouts: dropout 'attn' must be in \[0, 1\)"),
+    ({"backbone": "mplmm_mult", "d_model": 30, "heads": 4}, r"model.heads=4 must divide the transformer width 30"),
+])
+def test_preset_config_errors_stop_before_training(model, message):
+    from conftest import SCHEMA, default_config
+    from mmrepro.config import ConfigError, load_schema, validate_config
+
+    raw = default_config()
+    raw["studies"]["balance"]["per_dataset"] = {"synth": {"model": model}}
+    with pytest.raises(ConfigError, match=r"config key studies.balance \(dataset synth\): " + message):
+        validate_config(raw, load_schema(SCHEMA))

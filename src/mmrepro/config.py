@@ -17,7 +17,7 @@ import yaml
 
 from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, resolve_method
 from mmrepro.models.fusion import FUSIONS
-from mmrepro.models.presets import PRESETS
+from mmrepro.models.presets import PRESETS, check_widths, preset_dropouts
 from mmrepro.models.segmentation import check_method_support
 
 #: Loaders whose task is per-voxel segmentation (a model and method subset of their own).
@@ -158,12 +158,19 @@ def _check_names(config: dict[str, Any]) -> None:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"config key {key}: {e}") from None
         for ds in spec["datasets"]:
-            backbone = model_config(config, study, ds)["backbone"]
+            model = model_config(config, study, ds)
+            backbone = model["backbone"]
+            where = (f"studies.{study}.per_dataset.{ds}" if "backbone" in _override(config, study, ds).get("model", {})
+                     else f"studies.{study}")
             if backbone not in FUSIONS and backbone not in PRESETS:
-                where = (f"studies.{study}.per_dataset.{ds}" if "backbone" in _override(config, study, ds).get("model", {})
-                         else f"studies.{study}")
                 raise ConfigError(f"config key {where}.model.backbone: unknown backbone {backbone!r}; "
                                   f"known: {sorted([*FUSIONS, *PRESETS])}")
+            if backbone in PRESETS and config["datasets"][ds]["loader"] not in SEGMENTATION_LOADERS:
+                try:
+                    preset_dropouts(backbone, model.get("dropouts"))
+                    check_widths(backbone, model["d_model"], model["heads"])
+                except ValueError as e:
+                    raise ConfigError(f"config key studies.{study} (dataset {ds}): {e}") from None
         for run in study_grid(config, study):
             if config["datasets"][run["dataset"]]["loader"] in SEGMENTATION_LOADERS:
                 try:

@@ -98,7 +98,8 @@ class SequenceEncoder(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pad = padding_mask(lengths, x.shape[1])
         keys = key_padding(pad)
-        x = F.dropout(x, self.input_dropout, self.training)
+        if self.input_dropout:
+            x = F.dropout(x, self.input_dropout, self.training)
         if keys is not None:
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         h = F.linear(x, self.proj.weight.squeeze(-1), self.proj.bias)
@@ -197,12 +198,22 @@ def preset_params(name: str, dims: list[int], d: int, layers: int, fusion_layers
     raise ValueError(f"unknown preset {name!r}; known: {list(PRESETS)}")
 
 
-def _dropouts(name: str, overrides: Mapping[str, float | None] | None) -> Dropouts:
+def preset_dropouts(name: str, overrides: Mapping[str, float | None] | None) -> Dropouts:
+    """The preset's official dropouts with the config's sites over them; bad sites or rates raise."""
     default = asdict(PRESET_DEFAULTS[name][0])
     unknown = sorted(set(overrides or {}) - set(default))
     if unknown:
         raise ValueError(f"model.dropouts: unknown site(s) {unknown}; known: {sorted(default)}")
-    return Dropouts(**{**default, **{k: v for k, v in (overrides or {}).items() if v is not None}})
+    try:
+        return Dropouts(**{**default, **{k: v for k, v in (overrides or {}).items() if v is not None}})
+    except ValueError as e:
+        raise ValueError(f"model.dropouts: {e}") from None
+
+
+def check_widths(name: str, d_model: int, heads: int) -> None:
+    """Every transformer width of a preset (``d_model``, and MulT's ``(M-1) d_model``) splits into heads."""
+    if d_model % heads:
+        raise ValueError(f"model.heads={heads} must divide the transformer width {d_model} of {name!r}")
 
 
 def build_preset(name: str, schema: DatasetSchema, task: TaskSpec, names: list[str], *, d_model: int, layers: int,
@@ -213,14 +224,10 @@ def build_preset(name: str, schema: DatasetSchema, task: TaskSpec, names: list[s
         if schema.modality(m).dim is None:
             raise ValueError(f"model.backbone {name!r} needs token sequences; modality {m!r} of dataset "
                              f"{schema.name!r} is an array of shape {schema.modality(m).shape}")
-    widths = [d_model] + ([d_model * (len(names) - 1)] if name == "mplmm_mult" else [])
-    for w in widths:
-        if w % heads:
-            raise ValueError(f"model.heads={heads} must divide the transformer width {w} of {name!r} "
-                             f"(d_model={d_model})")
+    check_widths(name, d_model, heads)
     if name == "mplmm_mult" and len(names) < 2:
         raise ValueError(f"model.backbone 'mplmm_mult' needs at least 2 modalities, got {names}")
-    drop = _dropouts(name, dropouts)
+    drop = preset_dropouts(name, dropouts)
     causal = PRESET_DEFAULTS[name][1] if causal is None else causal
     out_dim = 1 if task.type == "regression" else task.num_classes
 

@@ -104,7 +104,7 @@ class MultiheadAttention(nn.Module):
         super().__init__()
         if d % heads:
             raise ValueError(f"model width {d} is not divisible by {heads} heads")
-        self.heads, self.dropout = heads, dropout
+        self.num_heads, self.dropout = heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d, d))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * d))
         self.out_proj = nn.Linear(d, d)
@@ -114,7 +114,7 @@ class MultiheadAttention(nn.Module):
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        return x.view(b, t, self.num_heads, d // self.num_heads).transpose(1, 2)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor | None = None, value: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
