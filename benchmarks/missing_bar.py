@@ -50,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n", type=int, nargs=3, default=None, metavar=("TRAIN", "VALID", "TEST"),
                    help="synth sizes (default: config/config.yaml's)")
     p.add_argument("--workers", type=int, default=None, help="parallel seed processes (default: one per seed)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per seed process (default 1)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/missing_bar"))
     return p.parse_args(argv)
 
@@ -68,7 +69,7 @@ def model_for(data: RunData, args: argparse.Namespace) -> torch.nn.Module:
 
 def run_seed(job: tuple[argparse.Namespace, Path, int]) -> list[str]:
     args, store, seed = job
-    reproducibility.configure(seed, 2)
+    reproducibility.configure(seed, args.threads)
     cfg = TrainConfig(epochs=args.epochs, batch_size=64, lr=1e-3, patience=args.patience, clip=0.8, device=args.device)
     pre = RunData(store, spec(args, seed, "joint", "pretrain", {"type": "complete", "params": {}}))
     backbone = model_for(pre, args)
@@ -76,7 +77,7 @@ def run_seed(job: tuple[argparse.Namespace, Path, int]) -> list[str]:
     done = []
     missing = {"type": "missing", "params": {"rate": args.rate, "test_rates": args.test_rates}}
     for method in args.methods:
-        reproducibility.configure(seed, 2)
+        reproducibility.configure(seed, args.threads)
         data = RunData(store, spec(args, seed, method, "main", missing))
         model = model_for(data, args)
         model.load_state_dict(result.best_state)

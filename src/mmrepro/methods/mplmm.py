@@ -192,13 +192,19 @@ class MPLMM(ModelTransform):
 
     def apply(self, model: nn.Module) -> nn.Module:
         dims, lengths, d = self._sizes(model)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for layer in [*(model.encoders[m].proj for m in model.names), model.head.out]:
-            layer.reset_parameters()  # dataset-specific: new input widths and outputs in the paper
-            for p in layer.parameters():
-                p.requires_grad_(True)
+        freeze_for_transfer(model)
         return MPLMMModel(model, Prompts(dims, lengths, d, self.prompt_length, self.prompts, self.prompt_init))
+
+
+def freeze_for_transfer(model: nn.Module) -> None:
+    """MPLMM's stage 2 on a MulT: everything frozen but the input projections and the output layer,
+    which are re-initialised (dataset-specific: new input widths and outputs in the paper)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in [*(model.encoders[m].proj for m in model.names), model.head.out]:
+        layer.reset_parameters()
+        for p in layer.parameters():
+            p.requires_grad_(True)
 
 
 def _ablation(letters: str) -> type[MPLMM]:

@@ -79,6 +79,16 @@ class ZeroFill(DataSetting):
         return replace(batch, x=x)
 
 
+def _named(setting: str, modalities: list[str], available: list[str] | None = None) -> list[str]:
+    """``modalities`` checked: at least one, and (given ``available``) all of the dataset's."""
+    if not modalities:
+        raise ValueError(f"{setting}.modalities must name at least one modality")
+    unknown = [m for m in modalities if available is not None and m not in available]
+    if unknown:
+        raise ValueError(f"{setting}.modalities: {unknown} not in the dataset's modalities {available}")
+    return list(modalities)
+
+
 class _Withheld(DataSetting):
     """A setting whose missing modalities' features are replaced by ``fill`` (``nan`` or ``zeros``).
 
@@ -147,14 +157,10 @@ class Available(_Withheld):
 
     def __init__(self, modalities: list[str], fill: str = "nan"):
         super().__init__(fill)
-        if not modalities:
-            raise ValueError("available.modalities must name at least one modality")
-        self.keep = list(modalities)
+        self.keep = _named("available", modalities)
 
     def modalities(self, available: list[str]) -> list[str]:
-        unknown = [m for m in self.keep if m not in available]
-        if unknown:
-            raise ValueError(f"available.modalities: {unknown} not in the dataset's modalities {available}")
+        _named("available", self.keep, available)
         self._keep_mask = np.isin(available, self.keep)  # the dataset's order; present() needs it
         return available
 
@@ -187,12 +193,8 @@ class Subset(DataSetting):
     """Build and train the model on ``modalities`` only (e.g. the unimodal baselines of a balance study)."""
 
     def __init__(self, modalities: list[str]):
-        if not modalities:
-            raise ValueError("subset.modalities must name at least one modality")
-        self.keep = list(modalities)
+        self.keep = _named("subset", modalities)
 
     def modalities(self, available: list[str]) -> list[str]:
-        unknown = [m for m in self.keep if m not in available]
-        if unknown:
-            raise ValueError(f"subset.modalities: {unknown} not in the dataset's modalities {available}")
+        _named("subset", self.keep, available)
         return [m for m in available if m in self.keep]
