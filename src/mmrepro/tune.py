@@ -28,7 +28,7 @@ from typing import Any
 
 from mmrepro.config import STUDY_KINDS, ConfigError, run_spec, study_grid
 from mmrepro.methods.registry import METHOD_FAMILIES
-from mmrepro.tracking import config_hash, flatten
+from mmrepro.tracking import config_hash, flatten, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,6 @@ def create(search: dict[str, Any]) -> dict[str, Any]:
 
 
 def _uri(search: dict[str, Any]) -> str:
-    from mmrepro.tracking import tracking_uri
-
     return tracking_uri(search["spec"]["results"], search["spec"]["tracking_uri"])
 
 
@@ -313,10 +311,14 @@ def best(search: dict[str, Any], store: Path, init: Path | None, threads: int, f
     """After all workers: finish the budget, write ``best.json`` and the plots, close the parent run."""
     import mlflow
     from mlflow.entities import Metric, Param
+    from optuna.trial import TrialState
 
     study = _open(search, search["workers"])
     _fail_stale(study, owner=None)  # every worker job has ended: nothing RUNNING is alive
     _run_trials(study, search, search["workers"], store, init, threads)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise RuntimeError(f"search {search['name']}: no trial completed ({_counts(study)}); "
+                           "raise tune.timeout or loosen tune.pruner")
     top = study.best_trial
     counts = _counts(study)
     result = {k: search[k] for k in ("study", "dataset", "method", "name", "trials")}
