@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -21,8 +22,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
 
 TAG_KEYS = ("study", "dataset", "method", "setting", "seed")
 
@@ -82,20 +81,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_tags(spec: Mapping[str, Any], threads: int) -> dict[str, str]:
+    """The tags of a job's run, fixed when the job runs (a deferred run is logged later with these)."""
+    tags = {k: str(spec[k]) for k in TAG_KEYS if k in spec}
+    tags.update(git_commit=git_commit(), config_hash=config_hash(spec),
+                torch_version=importlib.metadata.version("torch"), threads=str(threads))
+    return tags
+
+
 class RunTracker:
     """One MLflow run for one job: ``with RunTracker(...) as run: run.log_metrics(...)``.
 
-    The experiment must exist (created by the init rule); a job never creates tables. ``tags`` adds
-    to the standard ones (``mlflow.parentRunId`` nests the run under a search); setting ``status``
-    inside the block overrides the final one (``KILLED`` for a pruned trial).
+    The experiment must exist (created by the init rule); a job never creates tables. ``tags``
+    given replace the ones computed now (a search's trial adds ``mlflow.parentRunId`` to
+    :func:`run_tags`); setting ``status`` inside the block overrides the final one (``KILLED``
+    for a pruned trial).
     """
 
     def __init__(self, uri: str, experiment: str, spec: Mapping[str, Any], threads: int, run_name: str,
                  tags: Mapping[str, str] | None = None):
         self.uri, self.experiment, self.spec, self.run_name = uri, experiment, spec, run_name
-        self.tags = {k: str(spec[k]) for k in TAG_KEYS if k in spec}
-        self.tags.update(git_commit=git_commit(), config_hash=config_hash(spec), torch_version=torch.__version__,
-                         threads=str(threads), **(tags or {}))
+        self.tags = dict(tags) if tags is not None else run_tags(spec, threads)
         self.status: str | None = None
 
     def __enter__(self) -> "RunTracker":

@@ -23,6 +23,7 @@ import copy
 import inspect
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -252,12 +253,12 @@ def _run_trial(study, trial, search: dict[str, Any], store: Path, init: Path | N
     from optuna.trial import TrialState
 
     from mmrepro import reproducibility
-    from mmrepro.tracking import RunTracker
+    from mmrepro.tracking import RunTracker, run_tags
 
     spec = apply_params(search["spec"], {k: _suggest(trial, k, d) for k, d in search["space"].items()})
     reproducibility.configure(spec["seed"], threads)  # every trial starts from the same seed
-    tags = {"mlflow.parentRunId": search["parent_run"], "search": search["name"], "trial": str(trial.number),
-            "role": "trial"}
+    tags = {**run_tags(spec, threads), "mlflow.parentRunId": search["parent_run"], "search": search["name"],
+            "trial": str(trial.number), "role": "trial"}
     with RunTracker(_uri(search), spec["study"], spec, threads, run_name=f"trial{trial.number}/{search['method']}",
                     tags=tags) as run:
         try:
@@ -346,7 +347,7 @@ def plot_search(study, folder: Path, seed: int) -> None:
     import optuna
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the plots are stable here
     ax = plot_optimization_history(study)
     ax.figure.savefig(folder / "history.png", bbox_inches="tight")
     plt.close(ax.figure)
