@@ -195,6 +195,7 @@ def test_fine_tune_and_adapt_searches_write_their_best(results, tmp_path, study,
 
 # --- through Snakemake: search -> final run -> report, two workers on one study ------------------------
 
+@pytest.mark.slow
 def test_a_search_feeds_the_final_run_through_the_dag(tmp_path):
     config = copy.deepcopy(TINY)
     config["tune"]["workers"] = 2
@@ -226,3 +227,25 @@ def test_a_search_feeds_the_final_run_through_the_dag(tmp_path):
     assert len(nested) == 3 and all(r.info.status == "FINISHED" for r in nested)
     again = subprocess.run([*cmd, "-n"], capture_output=True, text=True, env=env, timeout=600)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_grid_plans_a_search_before_the_final_runs_of_each_study(tmp_path):
+    """config/grids/tune_synth.yaml (the README's command): one search per study, two workers each,
+    each feeding its method's final runs; without it the DAG has no tune job."""
+    def plan(*configs: str) -> str:
+        files = [str(REPO / "config" / "config.yaml"), *(str(REPO / c) for c in configs)]
+        done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"),
+                               "--directory", str(tmp_path), "--configfile", *files, "-n", "-p", "--cores", "1"],
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    tuned = plan("config/grids/tune_synth.yaml")
+    for rule, count in (("tune_create", 4), ("tune_worker", 8), ("tune_best", 4)):
+        assert re.search(rf"^{rule}\s+{count}$", tuned, re.M), rule
+    for study, method in (("balance", "cggm"), ("missing", "joint"), ("shift", "source_only"), ("peft", "lora")):
+        assert f"--tuned results/tune/{study}/synth/{method}/best.json" in tuned, study
+    assert "--tuned results/tune/peft/synth/full_finetune" not in tuned, "untuned methods keep the config's values"
+    untuned = plan()
+    assert "tune_" not in untuned and "--tuned" not in untuned

@@ -125,18 +125,18 @@ def run_tags(spec: Mapping[str, Any], threads: int) -> dict[str, str]:
 class RunTracker:
     """One MLflow run for one job: ``with RunTracker(...) as run: run.log_metrics(...)``.
 
-    The experiment must exist (created by the init rule); a job never creates tables. ``tags`` adds
-    to the standard ones (``mlflow.parentRunId`` nests the run under a search); ``recorded`` (a
-    deferred run, logged after its job) replaces the standard ones computed now. Setting ``status``
-    inside the block overrides the final one (``KILLED`` for a pruned trial).
+    The experiment must exist (created by the init rule); a job never creates tables. ``tags``
+    given replace the ones computed now (a search's trial adds ``mlflow.parentRunId`` to
+    :func:`run_tags`; a deferred run is logged after its job with the tags it recorded); setting ``status`` inside the block overrides the final one (``KILLED``
+    for a pruned trial).
     """
 
     run_id: str | None = None
 
     def __init__(self, uri: str, experiment: str, spec: Mapping[str, Any], threads: int, run_name: str,
-                 tags: Mapping[str, str] | None = None, recorded: Mapping[str, str] | None = None):
+                 tags: Mapping[str, str] | None = None):
         self.uri, self.experiment, self.spec, self.run_name = uri, experiment, spec, run_name
-        self.tags = {**(dict(recorded) if recorded is not None else run_tags(spec, threads)), **(tags or {})}
+        self.tags = dict(tags) if tags is not None else run_tags(spec, threads)
         self.status: str | None = None
 
     def __enter__(self) -> "RunTracker":
@@ -247,7 +247,7 @@ def ingest_runs(uri: str, run_dirs: Iterable[Path]) -> dict[str, str]:
         info = json.loads((out_dir / "tracking.json").read_text())
         if info["run_id"] is None or info["uri"] != uri:
             spec = json.loads((out_dir / "config.json").read_text())
-            with RunTracker(uri, spec["study"], spec, 0, run_name=info["run_name"], recorded=info["tags"]) as run:
+            with RunTracker(uri, spec["study"], spec, 0, run_name=info["run_name"], tags=info["tags"]) as run:
                 run.log_series(history_steps(json.loads((out_dir / "history.json").read_text())))
                 log_outcome(run, out_dir, json.loads((out_dir / "metrics.json").read_text()))
             record(run, out_dir, uri)

@@ -23,12 +23,13 @@ import copy
 import inspect
 import logging
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 from mmrepro.config import STUDY_KINDS, ConfigError, run_spec, study_grid
 from mmrepro.methods.registry import METHOD_FAMILIES
-from mmrepro.tracking import config_hash, flatten
+from mmrepro.tracking import config_hash, flatten, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,6 @@ def create(search: dict[str, Any]) -> dict[str, Any]:
 
 
 def _uri(search: dict[str, Any]) -> str:
-    from mmrepro.tracking import tracking_uri
-
     return tracking_uri(search["spec"]["results"], search["spec"]["tracking_uri"])
 
 
@@ -254,12 +253,12 @@ def _run_trial(study, trial, search: dict[str, Any], store: Path, init: Path | N
     from optuna.trial import TrialState
 
     from mmrepro import reproducibility
-    from mmrepro.tracking import RunTracker
+    from mmrepro.tracking import RunTracker, run_tags
 
     spec = apply_params(search["spec"], {k: _suggest(trial, k, d) for k, d in search["space"].items()})
     reproducibility.configure(spec["seed"], threads)  # every trial starts from the same seed
-    tags = {"mlflow.parentRunId": search["parent_run"], "search": search["name"], "trial": str(trial.number),
-            "role": "trial"}
+    tags = {**run_tags(spec, threads), "mlflow.parentRunId": search["parent_run"], "search": search["name"],
+            "trial": str(trial.number), "role": "trial"}
     with RunTracker(_uri(search), spec["study"], spec, threads, run_name=f"trial{trial.number}/{search['method']}",
                     tags=tags) as run:
         try:
@@ -313,10 +312,14 @@ def best(search: dict[str, Any], store: Path, init: Path | None, threads: int, f
     """After all workers: finish the budget, write ``best.json`` and the plots, close the parent run."""
     import mlflow
     from mlflow.entities import Metric, Param
+    from optuna.trial import TrialState
 
     study = _open(search, search["workers"])
     _fail_stale(study, owner=None)  # every worker job has ended: nothing RUNNING is alive
     _run_trials(study, search, search["workers"], store, init, threads)
+    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        raise RuntimeError(f"search {search['name']}: no trial completed ({_counts(study)}); "
+                           "raise tune.timeout or loosen tune.pruner")
     top = study.best_trial
     counts = _counts(study)
     result = {k: search[k] for k in ("study", "dataset", "method", "name", "trials")}
@@ -344,7 +347,7 @@ def plot_search(study, folder: Path, seed: int) -> None:
     import optuna
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the plots are stable here
     ax = plot_optimization_history(study)
     ax.figure.savefig(folder / "history.png", bbox_inches="tight")
     plt.close(ax.figure)
