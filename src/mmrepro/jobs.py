@@ -71,9 +71,24 @@ def _model(data: RunData, spec: dict[str, Any]) -> torch.nn.Module:
 
 
 def _save_model(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> None:
+    """The weights with what rebuilds their module tree: the model config and the transform applied to it."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "model": spec["model"], "task": spec["task"]}, tmp)
+    transform = spec["plan"]["transform"]
+    torch.save({"state_dict": model.state_dict(), "model": spec["model"], "task": spec["task"],
+                "transform": {"name": transform, "params": spec["method_params"][transform]}}, tmp)
     os.replace(tmp, path)
+
+
+def _load_trained(data: RunData, spec: dict[str, Any], path: Path) -> torch.nn.Module:
+    """A model trained by any study, rebuilt as it was trained: its own model config (not this run's)
+    and its transform's modules (a peft method's), then its weights."""
+    saved = torch.load(path, map_location="cpu")
+    model = _model(data, {**spec, "model": saved.get("model", spec["model"])})
+    transform = saved.get("transform")
+    if transform is not None:
+        model = build(TRANSFORMS, transform["name"], transform["params"]).apply(model)
+    _load_backbone(model, path)
+    return model
 
 
 def _save_feature_stats(model: torch.nn.Module, loader: SplitLoader, path: Path, device: str) -> None:
@@ -155,8 +170,7 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     data = RunData(store, spec)
     if data.task.type == "segmentation":
         raise ValueError(f"test-time adaptation is not supported for segmentation (task {data.task.name!r})")
-    model = _model(data, spec)
-    _load_backbone(model, model_path)
+    model = _load_trained(data, spec, model_path)
     device = TrainConfig(**spec["train"]).torch_device
     model.to(device)
     name = spec["plan"]["adapter"]

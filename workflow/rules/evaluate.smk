@@ -7,8 +7,7 @@ rule adapt:
     input:
         data=lambda wildcards: store(wildcards.dataset),
         tracking=rules.init_tracking.output,
-        model=lambda wildcards: backbone_model("shift", wildcards.dataset, wildcards.seed),
-        stats=lambda wildcards: backbone_stats("shift", wildcards.dataset, wildcards.seed),
+        unpack(lambda wildcards: shift_source(wildcards.dataset, wildcards.seed)),
     output:
         metrics=f"{RESULTS}/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
     params:
@@ -18,6 +17,7 @@ rule adapt:
             )
         ),
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
+        stats=lambda wildcards, input: f"--source-stats {input.stats}" if "stats" in input.keys() else "",
     conda:
         CONDA_ENV
     log:
@@ -31,4 +31,4 @@ rule adapt:
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro adapt --spec {params.spec:q} --data {input.data} --model {input.model}"
-        " --source-stats {input.stats} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
+        " {params.stats} --out-dir {params.out_dir} --threads {threads} > {log} 2>&1"
