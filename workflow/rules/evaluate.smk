@@ -5,9 +5,9 @@
 
 rule adapt:
     input:
+        unpack(lambda wildcards: shift_source(wildcards.dataset, wildcards.seed)),
         data=lambda wildcards: store(wildcards.dataset),
         tracking=rules.init_tracking.output,
-        unpack(lambda wildcards: shift_source(wildcards.dataset, wildcards.seed)),
     output:
         metrics=f"{RESULTS}/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
     params:
