@@ -137,6 +137,7 @@ def test_offline_adapt_job_records_target_error_per_epoch(converged, store_path,
     torch.save({"state_dict": state}, tmp_path / "model.pt")
     config = default_config()
     config["model"] = {**config["model"], **MODEL}
+    config["studies"]["shift"].pop("model")
     config["studies"]["shift"]["methods"] = ["casp"]
     config["methods"]["casp"] = {**SMALL, "label_use": "official_code"}
     config["results"] = str(tmp_path / "results")
@@ -161,3 +162,35 @@ def test_casp_adapts_the_layer_norms_of_the_paper_backbones(store_path, backbone
     CASP(model, **SMALL).adapt(SplitPool(SplitLoader(arrays, store.schema, "main", batch_size=24, shuffle=False, seed=0)))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and changed <= names
+
+
+def test_a_wander_adapted_model_is_reloaded_and_adapted_by_casp(converged, store_path, tmp_path):
+    """Crossing studies: a peft-trained checkpoint carries its transform, so ``adapt`` rebuilds it."""
+    from mmrepro.jobs import RunData, _load_trained, _save_model
+    from mmrepro.methods.registry import TRANSFORMS, build
+
+    store, state = converged
+    config = default_config()
+    config["model"] = {**config["model"], **MODEL}
+    config["studies"]["shift"].pop("model")
+    config["methods"]["wander"] = {"rank": 2, "drank": 2, "trank": 2}
+    config["methods"]["casp"] = SMALL
+    config["results"] = str(tmp_path / "results")
+    trained = run_spec({**config, "studies": {**config["studies"], "peft": {**config["studies"]["peft"],
+                                                                               "methods": ["wander"]}}},
+                       "peft", "synth", "wander", "complete", 0)
+    model = build(TRANSFORMS, "wander", config["methods"]["wander"]).apply(_model(store, state))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))  # as if Wander had been trained
+    _save_model(model, tmp_path / "model.pt", trained)
+    spec = run_spec(config, "shift", "synth", "casp", "target_all", 0)
+    reloaded = _load_trained(RunData(store_path, spec), spec, tmp_path / "model.pt")
+    batch = next(iter(_loader(store, "test")))
+    model.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(batch).pred, model(batch).pred)
+    init_store(tracking_uri(spec["results"], spec["tracking_uri"]), ["shift"], tmp_path / "artifacts")
+    summary = adapt_job(spec, store_path, tmp_path / "model.pt", tmp_path / "run", 1)
+    assert np.isfinite(summary["metrics"]["test"]["mae"]) and summary["trainable_params"] > 0

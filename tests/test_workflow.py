@@ -61,8 +61,7 @@ def test_every_study_ends_in_a_table_and_a_plot(pipeline):
             assert (pipeline / "tables" / f"{study}.{ext}").stat().st_size > 0
         assert (pipeline / "plots" / f"{study}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert (pipeline / "plots" / f"{study}.pdf").read_bytes()[:4] == b"%PDF"
-        if study != "shift":
-            assert (pipeline / "plots" / f"{study}_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (pipeline / "plots" / f"{study}_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (pipeline / "tables" / "missing.md").read_text()
     assert "rate0.5" in table and "±" in table and "oracle" in table
 

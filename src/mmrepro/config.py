@@ -231,6 +231,7 @@ def _check_names(config: dict[str, Any]) -> None:
                     i = spec["methods"].index(run["method"])
                     raise ConfigError(f"config key studies.{study}.methods[{i}]: on dataset {run['dataset']!r} "
                                       f"(setting {run['setting']!r}): {e}; limit the setting with methods/datasets") from None
+    _check_source_model(config)
     for name in config["methods"]:
         if not any(name in reg for reg in registries.values()):
             raise ConfigError(f"config key methods.{name}: unknown method; known: "
@@ -255,6 +256,22 @@ def _check_mechanisms(config: dict[str, Any]) -> None:
             if method not in MECHANISM_FAMILIES[study]:
                 raise ConfigError(f"config key {key}.methods[{i}]: {method!r} is not a "
                                   f"{MECHANISM_FAMILIES[study].family}; known: {MECHANISM_FAMILIES[study].names()}")
+
+
+def _check_source_model(config: dict[str, Any]) -> None:
+    """``studies.shift.source_model`` must name a run the config trains on every shift dataset."""
+    shift = config["studies"].get("shift")
+    source = shift and shift.get("source_model")
+    if not source:
+        return
+    key, study = "studies.shift.source_model", source["study"]
+    if study not in config["studies"]:
+        raise ConfigError(f"config key {key}.study: {study!r} is not a study of this config {sorted(config['studies'])}")
+    runs = {(r["dataset"], r["method"], r["setting"]) for r in study_grid(config, study)}
+    for ds in shift["datasets"]:
+        if (ds, source["method"], source["setting"]) not in runs:
+            raise ConfigError(f"config key {key}: study {study!r} has no run of method {source['method']!r}, setting "
+                              f"{source['setting']!r} on dataset {ds!r} to adapt")
 
 
 def setting_params(setting: dict[str, Any]) -> dict[str, Any]:

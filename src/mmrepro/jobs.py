@@ -113,14 +113,29 @@ def _model(data: RunData, spec: dict[str, Any]) -> torch.nn.Module:
 
 
 def _save_model(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> None:
+    """The weights with what rebuilds their module tree: the model config and the transform applied to it."""
     tmp = path.with_suffix(".tmp")
-    torch.save({"state_dict": model.state_dict(), "model": spec["model"], "task": spec["task"]}, tmp)
+    transform = spec["plan"]["transform"]
+    torch.save({"state_dict": model.state_dict(), "model": spec["model"], "task": spec["task"],
+                "transform": {"name": transform, "params": spec["method_params"][transform]}}, tmp)
     os.replace(tmp, path)
 
 
 #: Tensors that are specific to a dataset (input widths, outputs): a backbone pretrained on another
 #: dataset (``pretrain_dataset``) leaves them freshly initialised where their shapes differ.
 DATASET_SPECIFIC = ("encoders.", "head.out.")
+
+
+def _load_trained(data: RunData, spec: dict[str, Any], path: Path) -> torch.nn.Module:
+    """A model trained by any study, rebuilt as it was trained: its own model config (not this run's)
+    and its transform's modules (a peft method's), then its weights."""
+    saved = torch.load(path, map_location="cpu")
+    model = _model(data, {**spec, "model": saved.get("model", spec["model"])})
+    transform = saved.get("transform")
+    if transform is not None:
+        model = build(TRANSFORMS, transform["name"], transform["params"]).apply(model)
+    _load_backbone(model, path)
+    return model
 
 
 def _save_feature_stats(model: torch.nn.Module, loader: SplitLoader, path: Path, device: str) -> None:
@@ -263,8 +278,7 @@ def prepare_adapter(spec: dict[str, Any], data: RunData, model_path: Path,
     """The trained model, the spec's test-time adapter wrapped around it, and the device both live on."""
     if data.task.type == "segmentation":
         raise ValueError(f"test-time adaptation is not supported for segmentation (task {data.task.name!r})")
-    model = _model(data, spec)
-    _load_backbone(model, model_path)
+    model = _load_trained(data, spec, model_path)
     device = TrainConfig(**spec["train"]).torch_device
     model.to(device)
     name = spec["plan"]["adapter"]

@@ -127,7 +127,8 @@ class RunTracker:
 
     The experiment must exist (created by the init rule); a job never creates tables. ``tags``
     given replace the ones computed now (a search's trial adds ``mlflow.parentRunId`` to
-    :func:`run_tags`; a deferred run is logged after its job with the tags it recorded); setting ``status`` inside the block overrides the final one (``KILLED``
+    :func:`run_tags`; a deferred run is logged after its job with the tags it recorded); setting
+    ``status`` inside the block overrides the final one (``KILLED``
     for a pruned trial).
     """
 

@@ -96,6 +96,15 @@ def teachers(wildcards):
     return {m: f"{run_dir(**run)}/model.pt" for m, run in runs.items()}
 
 
+def shift_source(dataset, seed):
+    """What the shift study adapts: its backbone (with its source feature statistics), or the model
+    another study trained (studies.shift.source_model), which has none."""
+    source = config["studies"]["shift"]["source_model"]
+    if source is None:
+        return {"model": backbone_model("shift", dataset, seed), "stats": backbone_stats("shift", dataset, seed)}
+    return {"model": f"{run_dir(source['study'], dataset, source['method'], source['setting'], seed)}/model.pt"}
+
+
 def spec_json(wildcards):
     """The job's run spec, as JSON for the command line (changes to it re-run the job)."""
     w = wildcards

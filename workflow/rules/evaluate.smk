@@ -5,10 +5,9 @@
 
 rule adapt:
     input:
+        unpack(lambda wildcards: shift_source(wildcards.dataset, wildcards.seed)),
         data=lambda wildcards: store(wildcards.dataset),
         tracking=rules.init_tracking.output,
-        model=lambda wildcards: backbone_model("shift", wildcards.dataset, wildcards.seed),
-        stats=lambda wildcards: backbone_stats("shift", wildcards.dataset, wildcards.seed),
         tuned=tuned_best("shift"),
     output:
         metrics=f"{RESULTS}/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
@@ -20,6 +19,7 @@ rule adapt:
         ),
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
         tuned=lambda wildcards, input: f"--tuned {input.tuned}" if input.tuned else "",
+        stats=lambda wildcards, input: f"--source-stats {input.stats}" if "stats" in input.keys() else "",
     conda:
         CONDA_ENV
     log:
@@ -33,4 +33,4 @@ rule adapt:
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro adapt --spec {params.spec:q} --data {input.data} --model {input.model}"
-        " --source-stats {input.stats} --out-dir {params.out_dir} {params.tuned} --threads {threads} > {log} 2>&1"
+        " {params.stats} --out-dir {params.out_dir} {params.tuned} --threads {threads} > {log} 2>&1"

@@ -135,7 +135,8 @@ class TestTimeAdapter:
     needs_source_stats = False
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        """Every parameter frozen: an adapter updates only what it names (the counts report that)."""
+        self.model = model.requires_grad_(False)
 
     def adapt(self, pool: Pool, on_epoch: EpochCallback | None = None, validate: Validate | None = None) -> None:
         """Offline adaptation on an unlabelled pool; online adapters have nothing to do here."""
