@@ -160,10 +160,12 @@ def _check_names(config: dict[str, Any]) -> None:
                 if m not in names:
                     raise ConfigError(f"config key datasets.{name}.synth.interaction.modalities: {m!r} is not one of {names}")
     for name, variant in config.get("method_variants", {}).items():
+        try:
+            resolve_method(variant["method"])  # also loads the registries
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"config key method_variants.{name}.method: {e.args[0]}") from None
         if any(name in reg for reg in registries.values()):
             raise ConfigError(f"config key method_variants.{name}: the name is a registered plug-in already")
-        if not any(variant["method"] in reg for reg in registries.values()):
-            raise ConfigError(f"config key method_variants.{name}.method: unknown plug-in {variant['method']!r}")
     for study, spec in config["studies"].items():
         for i, ds in enumerate(spec["datasets"]):
             if ds not in config["datasets"]:

@@ -134,7 +134,7 @@ def sweeps(runs: list[dict]) -> dict[str, pd.DataFrame]:
 def _markdown(frame: pd.DataFrame) -> str:
     cols = ["", *map(str, frame.columns)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join([str(i), *map(str, row)]) + " |" for i, row in zip(frame.index, frame.to_numpy())]
+    lines += ["| " + " | ".join([str(i), *map(str, row)]) + " |" for i, row in zip(frame.index, frame.astype(object).to_numpy())]
     return "\n".join(lines)
 
 
@@ -150,7 +150,8 @@ def write_cggm_report(runs: list[dict], table: str | os.PathLike, plot: str | os
             _markdown(t5), "", "## Table 6: ablation (test split)", "", _markdown(t6), "",
             f"## Figure 5: improvement over joint training ({gain}; positive = better)", ""]
     for axis, frame in sw.items():
-        text += [f"### against {axis}", "", _markdown(frame.set_index(axis)) if len(frame) else "(no sweep runs)", ""]
+        shown = frame.assign(count=frame["count"].astype(int)).set_index(axis).round(4)
+        text += [f"### against {axis}", "", _markdown(shown) if len(frame) else "(no sweep runs)", ""]
     table_path = _with_suffix(Path(table), ".md")
     _atomic_write_text(table_path, "\n".join(text))
     fig = Figure(figsize=(10, 4), layout="constrained")
