@@ -41,7 +41,7 @@ if ! munge -n >/dev/null 2>&1; then
   munged --force --pid-file="$STATE/munged.pid" --log-file="$STATE/munged.log" --seed-file="$STATE/munge/seed"
 fi
 
-CPUS=$(nproc)
+CPUS=$(getconf _NPROCESSORS_ONLN)  # not nproc: it follows OMP_NUM_THREADS
 MEM_MB=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
 NODE=$(hostname -s)
 cat > "$CONF" <<CONF
