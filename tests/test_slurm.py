@@ -48,7 +48,7 @@ def slurm(tmp_path_factory):
     if started.returncode != 0:
         subprocess.run(["bash", str(START), "--stop", str(state)], timeout=60)
         pytest.skip(f"the SLURM services did not start: {started.stderr.strip()[-500:]}")
-    yield str(state / "slurm.conf")
+    yield "/etc/slurm/slurm.conf"
     subprocess.run(["bash", str(START), "--stop", str(state)], timeout=60)
 
 
