@@ -11,7 +11,8 @@ from conftest import REPO, SCHEMA, small_synth
 from mmrepro.cli import main, parser
 from mmrepro.data import build_store
 
-VERBS = ["check-config", "init-tracking", "fetch", "make-data", "check-data", "train", "adapt", "report", "curves"]
+VERBS = ["check-config", "init-tracking", "fetch", "make-data", "check-data", "train", "adapt", "report", "compare",
+         "curves"]
 
 
 def test_every_verb_is_listed_and_has_help(capsys):

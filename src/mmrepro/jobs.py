@@ -110,7 +110,7 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
         hook = with_utilisation(hook)
     trainable, total = count_parameters(model)
     uri = tracking_uri(spec["results"], spec["tracking_uri"])
-    with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:
+    with RunTracker(uri, spec["study"], spec, threads) as run:
         cfg = TrainConfig(**spec["train"])
         result = fit(model, train, valid, hook, cfg,
                      log_epoch=lambda epoch, values: run.log_metrics(values, step=epoch),
@@ -141,7 +141,7 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     adapter = build(ADAPTERS, spec["plan"]["adapter"], spec["method_params"][spec["plan"]["adapter"]], model=model)
     uri = tracking_uri(spec["results"], spec["tracking_uri"])
     history: list[dict[str, float]] = []
-    with RunTracker(uri, spec["study"], spec, threads, run_name=out_dir.as_posix()) as run:
+    with RunTracker(uri, spec["study"], spec, threads) as run:
         def on_batch(step: int, pred: np.ndarray, y: np.ndarray) -> None:
             values = {"stream_batch_loss": float(np.abs(pred - y).mean()) if data.task.type == "regression"
                       else float((pred.argmax(-1) != y).mean())}
@@ -163,7 +163,6 @@ def _finish(run: RunTracker, out_dir: Path, spec: dict[str, Any], summary: dict[
     write_json(out_dir / "config.json", spec)
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", summary)
-    final = {f"{split}_{k}": v for split, values in summary["metrics"].items() for k, v in values.items()}
-    run.log_metrics(final, step=summary.get("best_epoch", 0))
+    run.log_summary(summary)
     for name in ("config.json", "metrics.json", "history.json"):
         run.log_artifact(out_dir / name)

@@ -77,6 +77,6 @@ def paper_reference(study):
 def study_report(study):
     """A study's table and plot, plus per-epoch curves for the studies that train."""
     curves = ["_curves"] if STUDY_KINDS[study] != "adapt" else []
-    return [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
+    return [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex", "html")] + [
         f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ["", *curves] for ext in ("png", "pdf")
     ]

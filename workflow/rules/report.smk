@@ -7,7 +7,7 @@ rule report:
         metrics=lambda wildcards: study_metrics(wildcards.study),
         reference=lambda wildcards: paper_reference(wildcards.study),
     output:
-        multiext(f"{RESULTS}/tables/{{study}}", ".md", ".csv", ".tex"),
+        multiext(f"{RESULTS}/tables/{{study}}", ".md", ".csv", ".tex", ".html"),
         multiext(f"{RESULTS}/plots/{{study}}", ".png", ".pdf"),
     params:
         table=lambda wildcards: f"{RESULTS}/tables/{wildcards.study}",
