@@ -12,7 +12,7 @@ from mmrepro.cli import main, parser
 from mmrepro.data import build_store
 
 VERBS = ["check-config", "doctor", "init-tracking", "track", "fetch", "make-data", "check-data", "train", "adapt",
-         "tune", "report", "curves", "cggm-report", "missing-report", "mechanism", "mechanisms-report"]
+         "tune", "report", "compare", "curves", "cggm-report", "missing-report", "mechanism", "mechanisms-report"]
 
 
 def test_every_verb_is_listed_and_has_help(capsys):

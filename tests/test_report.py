@@ -77,7 +77,7 @@ def test_load_runs_long_frame(runs, run_files):
 def test_csv_means_and_stds_match_hand_computed(runs, tmp_path):
     summary = summarize(runs)
     paths = write_table(summary, tmp_path / "out" / "nested" / "table")
-    assert [p.name for p in paths] == ["table.md", "table.csv", "table.tex"]
+    assert [p.name for p in paths] == ["table.md", "table.csv", "table.tex", "table.html"]
     csv = pd.read_csv(tmp_path / "out" / "nested" / "table.csv", dtype={"setting": str})
 
     assert list(csv["method"]) == ["unimodal", "unimodal", "joint", "joint"]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import socket
 import subprocess
 import sys
@@ -12,11 +14,15 @@ import urllib.request
 import mlflow
 import pytest
 
-from mmrepro.tracking import (DeferredRun, RunTracker, flatten, history_steps, ingest_runs, init_store, log_outcome,
-                              open_run, record, tracking_mode, tracking_uri)
+from mmrepro.tracking import (COMPARE_VIEW, EXPERIMENT_KIND, SHARED_VIEW_PREFIX, DeferredRun, RunTracker, flatten,
+                              history_steps, ingest_runs, init_store, log_outcome, open_run, record, tracking_mode,
+                              tracking_uri)
 
 SPEC = {"study": "balance", "dataset": "synth", "method": "joint", "setting": "complete", "seed": 3,
         "train": {"lr": 0.001, "epochs": 2}}
+SUMMARY = {"task": "regression", "backbone": "late", "best_epoch": 2, "trainable_params": 10, "backbone_params": 40,
+           "metrics": {"test": {"mae": 0.5, "corr": float("nan")}, "valid": {"mae": 0.4}},
+           "oracle": {"test": {"mae": 0.2}}}
 
 
 def test_default_uri_is_sqlite_under_results_and_env_overrides(tmp_path, monkeypatch):
@@ -33,9 +39,10 @@ def test_flatten_params():
 
 def _log_one_run(uri, tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({"mae": 0.5}))
-    with RunTracker(uri, "balance", SPEC, threads=2, run_name="r1") as run:
+    with RunTracker(uri, "balance", SPEC, threads=2) as run:
         run.log_metrics({"train_loss": 1.0}, step=1)
         run.log_metrics({"train_loss": 0.5}, step=2)
+        run.log_summary(SUMMARY)
         run.log_artifact(tmp_path / "metrics.json")
     return run.run_id
 
@@ -50,6 +57,12 @@ def _check_run(uri, run_id):
     for key in ("git_commit", "config_hash", "torch_version"):
         assert run.data.tags[key]
     assert run.data.params["train.lr"] == "0.001"
+    assert run.info.run_name == "joint/complete/seed3"  # what differs inside a study, not a path
+    metrics = dict(run.data.metrics)
+    assert math.isnan(metrics.pop("test/corr"))  # a NaN metric is logged as NaN, as metrics.json has it
+    assert metrics == {"train_loss": 0.5, "test/mae": 0.5, "valid/mae": 0.4, "oracle/test/mae": 0.2,
+                       "params/trainable": 10, "params/backbone": 40}
+    assert (run.data.tags["task"], run.data.tags["backbone"]) == ("regression", "late")
     history = client.get_metric_history(run_id, "train_loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
     assert [a.path for a in client.list_artifacts(run_id)] == ["metrics.json"]
@@ -63,6 +76,18 @@ def test_init_then_log_a_run_to_sqlite(tmp_path):
     assert exp.artifact_location == (tmp_path / "artifacts" / "balance").resolve().as_uri()
     _check_run(uri, _log_one_run(uri, tmp_path))
     assert (tmp_path / "artifacts" / "balance").is_dir()
+
+
+def test_experiments_open_on_training_runs_with_a_comparison_view(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    client.create_experiment("shift", artifact_location=(tmp_path / "a").as_uri())  # made before: gets the tags too
+    ids = init_store(uri, ["balance", "shift"], tmp_path / "artifacts")
+    for exp_id in ids.values():
+        tags = client.get_experiment(exp_id).tags
+        assert tags[EXPERIMENT_KIND[0]] == EXPERIMENT_KIND[1] == "custom_model_development"
+        view = json.loads(tags[SHARED_VIEW_PREFIX + COMPARE_VIEW])
+        assert {"tags.`method`", "tags.`setting`", "tags.`seed`", "metrics.`test/mae`"} <= set(view["selectedColumns"])
 
 
 def test_a_failing_job_marks_its_run_failed(tmp_path):
@@ -88,29 +113,81 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _serve(args: list[str], port: int) -> subprocess.Popen:
+    """Start ``mlflow <args>`` on loopback and wait for it (slow to start on a loaded machine)."""
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+            return server
+        except OSError:
+            if server.poll() is not None:
+                pytest.fail(f"mlflow {args[0]} exited with {server.returncode}")
+            time.sleep(0.5)
+    server.terminate()
+    pytest.fail("MLflow did not come up in 5 minutes")
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # a loaded machine can take longer to shut uvicorn down
+        server.kill()
+        server.wait(timeout=60)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
+def test_mlflow_ui_shows_the_runs_as_a_comparison_table(tmp_path):
+    """A new user's view: ``mlflow ui`` over a tiny store, the runs page in headless Chromium.
+
+    MLflow 3.17's UI picks the page from its global GenAI/Model-training switch (the
+    ``workflowType`` URL parameter, else the browser's saved choice, default GenAI), so the link
+    that init-tracking prints carries ``workflowType=machine_learning`` and the comparison view.
+    """
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    exp_id = init_store(uri, ["balance"], tmp_path / "artifacts")["balance"]
+    for method in ("joint", "cggm"):
+        with RunTracker(uri, "balance", {**SPEC, "method": method}, threads=1) as run:
+            run.log_summary(SUMMARY)
+    port = _free_port()
+    server = _serve(["ui", "--backend-store-uri", uri], port)
+    url = f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey=compare"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--window-size=1600,900", "--virtual-time-budget=30000"]
+    try:
+        def browse(action: str, profile: str) -> subprocess.CompletedProcess:
+            return subprocess.run([CHROMIUM, *flags, f"--user-data-dir={tmp_path / profile}", action, url],
+                                  capture_output=True, text=True, timeout=300)
+        dom = browse("--dump-dom", "profile-dom").stdout
+        shot = tmp_path / "runs.png"
+        browse(f"--screenshot={shot}", "profile-shot")
+    finally:
+        _stop(server)
+    for text in ("joint/complete/seed3", "cggm/complete/seed3", "test/mae", "method", "setting", "seed"):
+        assert text in dom, f"{text!r} not on the runs page"
+    assert "results/balance" not in dom
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
 def test_a_tracking_server_works_too(tmp_path):
     """Start a real MLflow server on loopback and log through it, as a cluster user would."""
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = _serve(["server", "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
+                     "--artifacts-destination", str(tmp_path / "art")], port)
     uri = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("MLflow server did not come up in 60 s")
         init_store(uri, ["balance"], tmp_path / "unused")
         _check_run(uri, _log_one_run(uri, tmp_path))
         assert list((tmp_path / "art").rglob("metrics.json"))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        _stop(server)
 
 
 def test_mode_auto_is_live_for_a_server_and_deferred_for_a_local_store():
@@ -126,7 +203,7 @@ def _finished_run_folder(folder, spec, mode):
     """What a job leaves behind: its files, then tracking.json from the run it logged to."""
     folder.mkdir(parents=True)
     history = [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9}, {"epoch": 2, "train_loss": 0.5, "valid_loss": 0.7}]
-    summary = {"metrics": {"test": {"mae": 0.6}}, "best_epoch": 2}
+    summary = {"metrics": {"test": {"mae": 0.6}}, "best_epoch": 2, "task": "regression", "backbone": "late"}
     (folder / "config.json").write_text(json.dumps(spec))
     (folder / "history.json").write_text(json.dumps(history))
     with open_run(spec, threads=2, run_name=str(folder)) as run:
@@ -158,5 +235,5 @@ def test_deferred_and_live_runs_end_as_the_same_mlflow_record(tmp_path, monkeypa
     assert run.info.status == "FINISHED" and run.data.tags["threads"] == "2" and run.data.tags["seed"] == "3"
     assert run.data.params["train.lr"] == "0.001"
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "valid_loss")] == [(1, 0.9), (2, 0.7)]
-    assert run.data.metrics["test_mae"] == 0.6
+    assert run.data.metrics["test/mae"] == 0.6 and run.data.tags["backbone"] == "late"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "metrics.json", "history.json"}

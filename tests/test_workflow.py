@@ -67,6 +67,18 @@ def test_every_study_ends_in_a_table_and_a_plot(pipeline):
 
 
 @pytest.mark.slow
+def test_snakemake_report_lists_every_table_and_plot(pipeline):
+    done = snakemake(pipeline.parent, "--report", "report.html")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    html = (pipeline.parent / "report.html").read_text(encoding="utf-8", errors="replace")
+    for study in TINY["studies"]:
+        assert f"{study}.html" in html and f"{study}.png" in html
+        if study != "shift":
+            assert f"{study}_curves.png" in html
+    assert "sample standard deviation" in html  # the tables' caption
+
+
+@pytest.mark.slow
 def test_runs_write_their_files_with_honest_metrics(pipeline):
     runs = sorted(pipeline.glob("*/synth/*/*/seed*/metrics.json"))
     assert len(runs) == 4 + 4 + 4 + 2  # balance, missing, shift, peft

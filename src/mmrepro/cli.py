@@ -43,6 +43,9 @@ def cmd_init_tracking(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"uri": uri, "experiments": ids})
     print(f"MLflow store ready at {uri}: {', '.join(ids)}")
+    for name, exp_id in ids.items():  # MLflow 3.17's UI opens on GenAI pages unless asked for training runs
+        print(f"  {name}: mlflow ui, then #/experiments/{exp_id}/runs?workflowType=machine_learning"
+              "&viewStateShareKey=compare")
     return 0
 
 
@@ -179,6 +182,20 @@ def cmd_cggm_report(args: argparse.Namespace) -> int:
 
     paths = write_cggm_report(load_balance_runs(args.metrics), args.table, args.plot)
     print(f"wrote {', '.join(map(str, paths))} from {len(args.metrics)} runs")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from mmrepro.compare import load_tracked_runs
+    from mmrepro.report import plot_study, summarize, write_table
+    from mmrepro.tracking import tracking_uri
+
+    runs = load_tracked_runs(tracking_uri(args.results, args.uri), args.experiment, args.filter)
+    write_table(summarize(runs, reference=_study_reference(args.reference, args.names, runs)), args.table)
+    if args.plot:
+        plot_study(runs, args.plot)
+    print(f"wrote {args.table}.{{md,csv,tex}} from {runs['path'].nunique()} MLflow runs of {args.experiment!r}"
+          + (f" matching {args.filter!r}" if args.filter else ""))
     return 0
 
 
@@ -356,6 +373,18 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files (png, pdf)")
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the missing study's runs")
     s.set_defaults(func=cmd_missing_report)
+
+    s = sub.add_parser("compare", help="the report's table (and plot) from the MLflow store, for any filter of runs")
+    s.add_argument("--experiment", required=True, help="MLflow experiment (a study: balance, missing, shift, peft)")
+    s.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.dataset = 'synth' and "
+                                                 "tags.method != 'joint'\" (finished runs only)")
+    s.add_argument("--table", type=Path, required=True, help="output stem for the table files")
+    s.add_argument("--plot", type=Path, default=None, help="output stem for the plot files (none by default)")
+    s.add_argument("--results", default="results", help="results folder holding mlflow.db (default: results)")
+    s.add_argument("--uri", default=None, help="tracking URI (MLFLOW_TRACKING_URI overrides)")
+    s.add_argument("--reference", type=Path, default=None, help="as for report: the paper's numbers")
+    s.add_argument("--names", type=Path, default=None, help="as for report: names.yaml beside --reference")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("curves", help="plot per-epoch curves (utilisation, coefficients, validation loss) of runs")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")

@@ -249,7 +249,7 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     model, hook, backbone = prepare_training(spec, data, init, teachers)
     trainable, total = count_parameters(model)
     phases.lap("setup")
-    with open_run(spec, threads, run_name=out_dir.as_posix()) as run:
+    with open_run(spec, threads) as run:
         phases.lap("tracking")
         cfg = TrainConfig(**spec["train"])
         result = fit(model, train, valid, hook, cfg,
@@ -321,7 +321,7 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
         return float(np.abs(pred - y).mean()) if data.task.type == "regression" else float((pred.argmax(-1) != y).mean())
 
     phases.lap("setup")
-    with open_run(spec, threads, run_name=out_dir.as_posix()) as run:
+    with open_run(spec, threads) as run:
         phases.lap("tracking")
 
         def note(unit: str, step: int, value: float, suffix: str = "") -> None:

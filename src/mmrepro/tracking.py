@@ -7,8 +7,13 @@
   experiment per study with an explicit artifact location (without a server, MLflow would fix
   it relative to whatever directory the first job ran in).
 - Every run is tagged with study, dataset, method, setting, seed, git commit, config hash, torch
-  version and threads; parameters are the flattened run spec; per-epoch values are logged with
-  their ``step``; the resolved config and metrics.json are artifacts.
+  version and threads, and named by what differs inside a study (``method/setting/seedN``);
+  parameters are the flattened run spec; per-epoch values are logged with their ``step``; the
+  final metrics as ``<split>/<metric>`` (what :mod:`mmrepro.compare` reads back); the resolved
+  config and metrics.json are artifacts.
+- As a user meets it in ``mlflow ui``: every experiment is marked as model training (MLflow 3
+  otherwise opens the GenAI overview) and carries a shared view, ``?viewStateShareKey=compare``,
+  whose columns are the tags and main metrics a comparison needs.
 - When runs reach MLflow (``tracking.mode``): ``live`` logs each epoch as the job runs (what a user
   watching a tracking server wants); ``deferred`` leaves MLflow out of the job, whose files already
   hold everything, and :func:`ingest_runs` logs a study's finished runs in one process (the
@@ -30,6 +35,26 @@ from pathlib import Path
 from typing import Any
 
 TAG_KEYS = ("study", "dataset", "method", "setting", "seed")
+#: The experiment tag MLflow 3's UI reads to choose an experiment's first page (mlflow/server/js:
+#: ``"mlflow.experimentKind"``; ``custom_model_development`` opens the training-runs table).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+#: A view the UI loads from an experiment tag ``mlflow.sharedViewState.<key>`` when the page's URL
+#: has ``?viewStateShareKey=<key>`` (plain JSON is accepted).
+SHARED_VIEW_PREFIX, COMPARE_VIEW = "mlflow.sharedViewState.", "compare"
+#: Final metrics are logged as ``<split>/<metric>``; these are the views' metric columns.
+VIEW_METRICS = ("test/mae", "test/acc", "test/dice_mean")
+
+
+def default_run_name(spec: Mapping[str, Any]) -> str:
+    """What differs between runs inside a study (the dataset is a column of its own)."""
+    return f"{spec['method']}/{spec['setting']}/seed{spec['seed']}"
+
+
+def compare_view() -> str:
+    """The shared view's state: tags and main metrics as columns, newest first."""
+    columns = [f"tags.`{k}`" for k in TAG_KEYS[1:]] + [f"metrics.`{m}`" for m in VIEW_METRICS]
+    return json.dumps({"selectedColumns": ["attributes.`Duration`", *columns], "orderByKey": "attributes.start_time",
+                       "orderByAsc": False})
 
 
 def tracking_uri(results: Path | str, configured: str | None = None) -> str:
@@ -73,7 +98,8 @@ def tracking_mode(uri: str, configured: str = "auto") -> str:
 
 
 def init_store(uri: str, experiments: list[str], artifact_root: Path) -> dict[str, str]:
-    """Create the store's tables and the experiments (idempotent); return name -> experiment id."""
+    """Create the store's tables and the experiments, marked for training runs and with the
+    comparison view (idempotent, also for experiments made before); return name -> experiment id."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -85,6 +111,8 @@ def init_store(uri: str, experiments: list[str], artifact_root: Path) -> dict[st
             ids[name] = client.create_experiment(name, artifact_location=location)
         else:
             ids[name] = exp.experiment_id
+        client.set_experiment_tag(ids[name], *EXPERIMENT_KIND)
+        client.set_experiment_tag(ids[name], SHARED_VIEW_PREFIX + COMPARE_VIEW, compare_view())
     return ids
 
 
@@ -134,9 +162,10 @@ class RunTracker:
 
     run_id: str | None = None
 
-    def __init__(self, uri: str, experiment: str, spec: Mapping[str, Any], threads: int, run_name: str,
+    def __init__(self, uri: str, experiment: str, spec: Mapping[str, Any], threads: int, run_name: str | None = None,
                  tags: Mapping[str, str] | None = None):
-        self.uri, self.experiment, self.spec, self.run_name = uri, experiment, spec, run_name
+        self.uri, self.experiment, self.spec = uri, experiment, spec
+        self.run_name = run_name or default_run_name(spec)
         self.tags = dict(tags) if tags is not None else run_tags(spec, threads)
         self.status: str | None = None
 
@@ -170,6 +199,19 @@ class RunTracker:
         for i in range(0, len(metrics), 1000):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        """A run's metrics.json as what the UI shows and :mod:`mmrepro.compare` reads back: final
+        metrics ``<split>/<metric>``, oracle ``oracle/<split>/<metric>``, ``params/trainable`` and
+        ``params/backbone``, and the task and backbone as tags."""
+        values = {f"{split}/{k}": v for split, vals in summary["metrics"].items() for k, v in vals.items()}
+        values.update({f"oracle/{split}/{k}": v for split, vals in (summary.get("oracle") or {}).items()
+                       for k, v in vals.items()})
+        values.update({f"params/{k}": summary[f"{k}_params"] for k in ("trainable", "backbone")
+                       if summary.get(f"{k}_params") is not None})
+        self.log_metrics({k: v for k, v in values.items() if v is not None}, step=summary.get("best_epoch", 0))
+        for key in ("task", "backbone"):
+            self.client.set_tag(self.run_id, key, str(summary[key]))
+
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
@@ -183,8 +225,8 @@ class DeferredRun:
 
     run_id: str | None = None
 
-    def __init__(self, spec: Mapping[str, Any], threads: int, run_name: str):
-        self.run_name = run_name
+    def __init__(self, spec: Mapping[str, Any], threads: int, run_name: str | None = None):
+        self.run_name = run_name or default_run_name(spec)
         self.tags = run_tags(spec, threads)
 
     def __enter__(self) -> "DeferredRun":
@@ -193,6 +235,9 @@ class DeferredRun:
     def log_metrics(self, values: Mapping[str, float], step: int) -> None:
         """Nothing now: the values are in the job's history.json."""
 
+    def log_summary(self, summary: Mapping[str, Any]) -> None:
+        """Nothing now: the summary is the job's metrics.json."""
+
     def log_artifact(self, path: Path) -> None:
         """Nothing now: the file stays in the run folder and is logged at ingestion."""
 
@@ -200,7 +245,7 @@ class DeferredRun:
         return None
 
 
-def open_run(spec: Mapping[str, Any], threads: int, run_name: str) -> RunTracker | DeferredRun:
+def open_run(spec: Mapping[str, Any], threads: int, run_name: str | None = None) -> RunTracker | DeferredRun:
     """The run a job logs to: live in MLflow, or deferred to :func:`ingest_runs` (``tracking.mode``)."""
     uri = tracking_uri(spec["results"], spec["tracking_uri"])
     if tracking_mode(uri, spec.get("tracking_mode", "auto")) == "live":
@@ -222,9 +267,8 @@ STEP_KEYS = ("epoch", "step", "batch")
 
 
 def log_outcome(run: RunTracker | DeferredRun, out_dir: Path, summary: Mapping[str, Any]) -> None:
-    """A finished job's final metrics (``<split>_<metric>`` at its best epoch) and its files."""
-    final = {f"{split}_{k}": v for split, values in summary["metrics"].items() for k, v in values.items()}
-    run.log_metrics(final, step=summary.get("best_epoch", 0))
+    """A finished job's summary (:meth:`RunTracker.log_summary`) and its files."""
+    run.log_summary(summary)
     for name in ("config.json", "metrics.json", "history.json"):
         run.log_artifact(Path(out_dir) / name)
 

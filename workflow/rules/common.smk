@@ -135,7 +135,7 @@ def study_report(study):
     """A study's runs in MLflow, its table and plot, its curves (per epoch of training; shift: target
     error along adaptation), for a missing study with per-case settings its Table 1 layout and
     test-rate curve, and for the balance study the CGGM paper's Tables 5, 6 and Figure 5."""
-    files = [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex")] + [
+    files = [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex", "html")] + [
         f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves") for ext in ("png", "pdf")
     ]
     if study == "missing" and any(s["type"] in ("missing", "available") for s in config["studies"][study]["settings"].values()):

@@ -1,5 +1,6 @@
-# Reports: one table (md, csv, tex) and one plot (png, pdf) per study, built from metrics.json
-# files (never from MLflow), plus one target rule per study name.
+# Reports: one table (md, csv, tex, html) and one plot (png, pdf) per study, built from metrics.json
+# files (never from MLflow), plus one target rule per study name. The html table and the png plots
+# are the results of `snakemake --report report.html`, each with its caption (workflow/report/).
 
 
 rule report:
@@ -8,7 +9,11 @@ rule report:
         reference=lambda wildcards: paper_reference(wildcards.study),
     output:
         multiext(f"{RESULTS}/tables/{{study}}", ".md", ".csv", ".tex"),
-        multiext(f"{RESULTS}/plots/{{study}}", ".png", ".pdf"),
+        report(f"{RESULTS}/tables/{{study}}.html", caption="../report/table.rst", category="Tables",
+               labels={"study": "{study}"}),
+        report(f"{RESULTS}/plots/{{study}}.png", caption="../report/plot.rst", category="Plots",
+               labels={"study": "{study}", "figure": "metric per setting"}),
+        f"{RESULTS}/plots/{{study}}.pdf",
     params:
         table=lambda wildcards: f"{RESULTS}/tables/{wildcards.study}",
         plot=lambda wildcards: f"{RESULTS}/plots/{wildcards.study}",
@@ -34,7 +39,9 @@ rule curves:
     input:
         lambda wildcards: study_metrics(wildcards.study),
     output:
-        multiext(f"{RESULTS}/plots/{{study}}_curves", ".png", ".pdf"),
+        report(f"{RESULTS}/plots/{{study}}_curves.png", caption="../report/curves.rst", category="Plots",
+               labels={"study": "{study}", "figure": "per-epoch curves"}),
+        f"{RESULTS}/plots/{{study}}_curves.pdf",
     params:
         plot=lambda wildcards: f"{RESULTS}/plots/{wildcards.study}_curves",
     wildcard_constraints:

@@ -16,6 +16,7 @@ the Markdown and LaTeX tables show a metric in the paper's units (% where the pa
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import math
@@ -558,13 +559,28 @@ def _latex(summary: pd.DataFrame, digits: int) -> str:
     return "\n".join([*out, ""])
 
 
+def _html(summary: pd.DataFrame, digits: int) -> str:
+    """A standalone HTML table (the Snakemake report shows it as a result)."""
+    header, rows, _, footnotes = _display(summary, digits, " ± ")
+
+    def row(cells: list[str], tag: str) -> str:
+        return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
+    notes = [*_notes(summary), *(f"{mk} {text}" for mk, text in footnotes)]
+    return "\n".join([
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><style>',
+        "table{border-collapse:collapse;font:13px sans-serif}th,td{border:1px solid #ccc;padding:2px 6px}"
+        "td{text-align:right}td:nth-child(-n+3){text-align:left}p{font:12px sans-serif}",
+        "</style></head><body><table>", row(header, "th"), *(row(r, "td") for r in rows), "</table>",
+        *(f"<p>{html.escape(n)}</p>" for n in notes), "</body></html>", ""])
+
+
 def write_table(
     summary: pd.DataFrame,
     stem: str | os.PathLike,
     reference: Reference | pd.DataFrame | None = None,
     digits: int = 3,
 ) -> list[Path]:
-    """Write ``stem.md``, ``stem.csv`` and ``stem.tex`` from a :func:`summarize` frame.
+    """Write ``stem.md``, ``stem.csv``, ``stem.tex`` and ``stem.html`` from a :func:`summarize` frame.
 
     * ``.md``: cells ``"0.612 ± 0.010"`` (mean only when n == 1), plus
       ``"m (oracle)"`` / ``"m (ceiling)"`` / ``"m (paper)"`` / ``"m (Δ)"`` columns where any row has a
@@ -572,19 +588,21 @@ def write_table(
     * ``.csv``: the summary itself, full precision, in our units, separate ``m_mean``,
       ``m_std``, ``m_oracle``, ``m_ceiling`` (and ``m_paper``...) columns; NaN is an empty cell.
     * ``.tex``: a booktabs ``tabular`` (no float environment) to ``\\input``.
+    * ``.html``: the Markdown table's cells and notes as a page (for Snakemake's report).
 
     ``reference`` (see :func:`add_reference`) replaces any paper columns already
     present. Parent folders are created; each file is written atomically.
-    Returns the three paths written.
+    Returns the four paths written.
     """
     stem = Path(stem)
     if reference is not None:
         summary = add_reference(summary, reference)
     if summary.empty:
         raise ValueError("summary is empty; nothing to write")
-    paths = [_with_suffix(stem, ext) for ext in (".md", ".csv", ".tex")]
+    paths = [_with_suffix(stem, ext) for ext in (".md", ".csv", ".tex", ".html")]
     buf = io.StringIO()
     summary.to_csv(buf, index=False)
-    for path, text in zip(paths, (_markdown(summary, digits), buf.getvalue(), _latex(summary, digits))):
+    texts = (_markdown(summary, digits), buf.getvalue(), _latex(summary, digits), _html(summary, digits))
+    for path, text in zip(paths, texts):
         _atomic_write_text(path, text)
     return paths
