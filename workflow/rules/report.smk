@@ -65,8 +65,9 @@ rule missing_report:
         multiext(f"{RESULTS}/tables/missing_cases", ".md", ".csv"),
         multiext(f"{RESULTS}/plots/missing_rates", ".png", ".pdf"),
     params:
-        table=f"{RESULTS}/tables/missing_cases",
-        plot=f"{RESULTS}/plots/missing_rates",
+        # the output stems, derived from the outputs (a hard-coded prefix breaks without a shared filesystem)
+        table=lambda wildcards, output: str(Path(output[0]).with_suffix("")),
+        plot=lambda wildcards, output: str(Path(output[2]).with_suffix("")),
     conda:
         CONDA_ENV
     log:
@@ -86,8 +87,8 @@ rule cggm_report:
         table=f"{RESULTS}/tables/balance_cggm.md",
         plot=multiext(f"{RESULTS}/plots/balance_cggm", ".png", ".pdf"),
     params:
-        table=f"{RESULTS}/tables/balance_cggm",
-        plot=f"{RESULTS}/plots/balance_cggm",
+        table=lambda wildcards, output: str(Path(output.table).with_suffix("")),
+        plot=lambda wildcards, output: str(Path(output.plot[0]).with_suffix("")),
     conda:
         CONDA_ENV
     log:

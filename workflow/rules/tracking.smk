@@ -29,7 +29,7 @@ rule track:
     output:
         f"{RESULTS}/tracking/{{study}}.json",
     params:
-        results=RESULTS,
+        results=lambda wildcards, output: Path(output[0]).parents[1],
         uri=f"--uri {shlex.quote(config['tracking']['uri'])}" if config["tracking"]["uri"] else "",
     wildcard_constraints:
         study="balance|missing|shift|peft",
