@@ -56,8 +56,8 @@ rule cggm_report:
         table=f"{RESULTS}/tables/balance_cggm.md",
         plot=multiext(f"{RESULTS}/plots/balance_cggm", ".png", ".pdf"),
     params:
-        table=f"{RESULTS}/tables/balance_cggm",
-        plot=f"{RESULTS}/plots/balance_cggm",
+        table=lambda wildcards, output: Path(output.table).with_suffix(""),
+        plot=lambda wildcards, output: Path(output.plot[0]).with_suffix(""),
     conda:
         CONDA_ENV
     log:
