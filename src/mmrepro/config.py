@@ -249,7 +249,9 @@ def _check_mechanisms(config: dict[str, Any]) -> None:
     for study, sweep in config["mechanisms"]["studies"].items():
         key = f"mechanisms.studies.{study}"
         entry = config["datasets"].get(sweep["dataset"])
-        if entry is None or entry["loader"] != "synth":
+        if entry is None:
+            continue  # the sweep is opt-in: a config without its dataset only fails if it asks for it
+        if entry["loader"] != "synth":
             raise ConfigError(f"config key {key}.dataset: {sweep['dataset']!r} is not a synth dataset of datasets")
         if study == "shift" and sweep.get("domain") not in entry["synth"]["domains"]:
             raise ConfigError(f"config key {key}.domain: dataset {sweep['dataset']!r} has no target domain "
@@ -443,6 +445,9 @@ def mechanism_points(config: dict[str, Any]) -> list[dict[str, Any]]:
 def mechanism_spec(config: dict[str, Any], study: str, dose: float, seed: int) -> dict[str, Any]:
     """What one mechanisms point needs: its dataset entry at the sweep's sample sizes, budget and methods."""
     mech, sweep = config["mechanisms"], config["mechanisms"]["studies"][study]
+    if sweep["dataset"] not in config["datasets"]:
+        raise ConfigError(f"config key mechanisms.studies.{study}.dataset: {sweep['dataset']!r} is not a dataset "
+                          f"of this config; known: {sorted(config['datasets'])}")
     entry = dataset_spec(config, sweep["dataset"])
     entry["synth"]["n"] = dict(mech["n"])
     return {"study": study, "dataset": entry, "dose": float(dose), "seed": int(seed), "budget": dict(mech["budget"]),
