@@ -244,7 +244,8 @@ def test_the_readme_grid_plans_a_search_before_the_final_runs_of_each_study(tmp_
     tuned = plan("config/grids/tune_synth.yaml")
     for rule, count in (("tune_create", 4), ("tune_worker", 8), ("tune_best", 4)):
         assert re.search(rf"^{rule}\s+{count}$", tuned, re.M), rule
-    for study, method in (("balance", "cggm"), ("missing", "joint"), ("shift", "source_only"), ("peft", "lora")):
+    for study, method in (("balance", "cggm"), ("missing", "modality_dropout"), ("shift", "source_only"),
+                          ("peft", "lora")):
         assert f"--tuned results/tune/{study}/synth/{method}/best.json" in tuned, study
     assert "--tuned results/tune/peft/synth/full_finetune" not in tuned, "untuned methods keep the config's values"
     untuned = plan()
