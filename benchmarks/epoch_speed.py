@@ -24,8 +24,6 @@ Writes ``<out>/epoch_speed_<device>.csv`` and ``.md`` (``benchmarks/results/`` i
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import platform
 import statistics
@@ -36,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from results_table import markdown, write_results
 
 from mmrepro import reproducibility
 from mmrepro.data.loader import SplitLoader
@@ -115,14 +115,6 @@ def loader_subset(loader: SplitLoader) -> SplitLoader:
     return SplitLoader(arrays, loader.schema, loader.task.name, batch_size=loader.batch_size, shuffle=False, seed=0)
 
 
-def markdown(rows: list[dict]) -> str:
-    out = io.StringIO()
-    out.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
-    for r in rows:
-        out.write("| " + " | ".join(str(r[c]) for c in COLUMNS) + " |\n")
-    return out.getvalue()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,17 +156,10 @@ def main(argv: list[str] | None = None) -> int:
                     row = {"device": args.device, "case": case, "model": model_name, "precision": precision,
                            "pinned": pinned, "samples": n, "batch": batch, **result}
                     rows.append(row)
-                    print(markdown([row]).splitlines()[-1], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / f"epoch_speed_{args.device}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+                    print(markdown([row], COLUMNS).splitlines()[-1], flush=True)
     gpu = f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""
     machine = f"{platform.machine()}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, threads {args.threads}"
-    text = f"Epoch speed ({machine})\n\n" + markdown(rows)
-    (args.out / f"epoch_speed_{args.device}.md").write_text(text)
-    print(text)
+    print(write_results(rows, COLUMNS, args.out, f"epoch_speed_{args.device}", f"Epoch speed ({machine})"))
     return 0
 
 

@@ -15,8 +15,6 @@ the table. Example: ``python benchmarks/job_overhead.py --threads 1``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import os
 import platform
@@ -27,6 +25,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from results_table import write_results
 
 from mmrepro.config import backbone_spec, load_schema, merge_config, run_spec, study_grid, validate_config
 
@@ -99,14 +99,6 @@ def run_all(config: dict, work: Path, modes: list[str], threads: int) -> list[di
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    out = io.StringIO()
-    out.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
-    for r in rows:
-        out.write("| " + " | ".join(str(r[c]) for c in COLUMNS) + " |\n")
-    return out.getvalue()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -123,15 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     validate_config(config, load_schema(REPO / "workflow" / "schemas" / "config.schema.yaml"))
     with tempfile.TemporaryDirectory() as tmp:
         rows = run_all(config, Path(tmp), args.modes, args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "job_overhead.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
-    text = f"Job overhead ({machine}; threads per job {args.threads})\n\n" + markdown(rows)
-    (args.out / "job_overhead.md").write_text(text)
-    print(text)
+    print(write_results(rows, COLUMNS, args.out, "job_overhead", f"Job overhead ({machine}; threads per job {args.threads})"))
     return 0
 
 
