@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -27,6 +29,14 @@ def _setup(store_path, task="main", seed=0):
 
 def _cfg(**kw):
     return TrainConfig(**{"epochs": 3, "batch_size": 128, "lr": 1e-3, "patience": 5, "device": "cpu", **kw})
+
+
+def test_configure_turns_on_deterministic_kernels_without_loading_the_compiler():
+    """The flag the kernels read is on, and a job does not pay ~3 s to import TorchInductor."""
+    code = ("import sys, torch; from mmrepro import reproducibility; reproducibility.configure(0, 1); "
+            "print(torch.are_deterministic_algorithms_enabled(), 'torch._inductor' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
 
 
 @pytest.mark.parametrize("task", ["main", "main_cls"])

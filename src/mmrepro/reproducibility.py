@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import numpy as np
 import torch
@@ -21,6 +22,22 @@ def configure(seed: int, threads: int) -> None:
     torch.manual_seed(seed)
     torch.set_num_threads(max(1, threads))
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    _enable_deterministic_kernels()
     if torch.backends.cudnn.is_available():
         torch.backends.cudnn.benchmark = False
+
+
+def _enable_deterministic_kernels() -> None:
+    """Turn on PyTorch's deterministic-kernel flag without importing the compiler stack.
+
+    ``torch.use_deterministic_algorithms`` also sets TorchInductor's ``deterministic`` option, and
+    importing ``torch._inductor`` for that costs about 3 s per job on a 2-core CPU (as much as
+    importing torch itself) while no job here compiles a model. The flag the kernels read is the
+    one set below; where inductor is already loaded, or the private setter is gone in a future
+    torch, the public call is used.
+    """
+    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
+    if set_flag is None or "torch._inductor" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        set_flag(True, warn_only=True)
