@@ -18,6 +18,7 @@ from mmrepro.config import (
     teacher_runs,
     validate_config,
 )
+from mmrepro.tracking import tracking_mode, tracking_uri
 from mmrepro.tune import search_spec, tuned_methods
 
 validate_config(config, load_schema(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
@@ -31,6 +32,13 @@ TRAIN_RES = config["resources"]["train"]
 FOLDER_LOADERS = ("food101", "brats", "iemocap_h5")
 DATA_MEM_MB = {"mmsa": 16000, "mult": 16000, "food101": 16000, "brats": 8000}
 DATA_RUNTIME = {"food101": 600, "brats": 240}
+# Jobs that log live need the store and its experiments made first; deferred jobs never open the
+# store, so they do not wait for it (tracking.mode; MLFLOW_TRACKING_URI as the jobs will see it).
+JOB_TRACKING = (
+    [f"{RESULTS}/tracking/experiments.json"]
+    if tracking_mode(tracking_uri(RESULTS, config["tracking"]["uri"]), config["tracking"]["mode"]) == "live"
+    else []
+)
 
 
 wildcard_constraints:

@@ -7,7 +7,7 @@ rule adapt:
     input:
         unpack(lambda wildcards: shift_source(wildcards.dataset, wildcards.seed)),
         data=lambda wildcards: store(wildcards.dataset),
-        tracking=rules.init_tracking.output,
+        tracking=JOB_TRACKING,
         tuned=tuned_best("shift"),
     output:
         metrics=f"{RESULTS}/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",

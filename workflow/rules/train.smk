@@ -5,7 +5,7 @@
 rule backbone:
     input:
         data=lambda wildcards: store(backbone_source(config, wildcards.study, wildcards.dataset)),
-        tracking=rules.init_tracking.output,
+        tracking=JOB_TRACKING,
     output:
         metrics=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/metrics.json",
         model=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/model.pt",
@@ -36,7 +36,7 @@ rule backbone:
 rule train:
     input:
         data=lambda wildcards: store(wildcards.dataset),
-        tracking=rules.init_tracking.output,
+        tracking=JOB_TRACKING,
         init=lambda wildcards: (
             backbone_model(wildcards.study, wildcards.dataset, wildcards.seed)
             if STUDY_KINDS[wildcards.study] == "finetune"
