@@ -175,7 +175,6 @@ from mmrepro.methods.hooks import TrainingHook
 from mmrepro.methods.registry import HOOKS
 from mmrepro.metrics import DiceMeter
 from mmrepro.models.multimodal import ModelOutput
-from mmrepro.models.segmentation import Decoder
 
 DIRECTIONS = ("weights", "gradients")
 #: BraTS evaluation regions on internal labels (as ``mmrepro.data.brats.REGIONS``): ET, TC, WT.
@@ -264,30 +263,16 @@ def seg_batch_dice(logits: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> 
     return float(sum(scores) / len(scores))
 
 
-class SegmentationProbe(nn.Module):
-    """One modality's classifier: a decoder of the model's design over that modality's detached
-    level maps (finest first), a 1x1x1 ``out`` convolution to the classes, cropped to ``size``."""
-
-    def __init__(self, widths: tuple[int, ...], blocks: int, num_classes: int):
-        super().__init__()
-        self.decoder = Decoder(widths, blocks)
-        self.out = nn.Conv3d(widths[0], num_classes, 1)
-
-    def forward(self, levels: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
-        logits = self.out(self.decoder(levels))
-        return logits[..., : size[0], : size[1], : size[2]]
-
-
 class SegmentationProbes(nn.Module):
-    """One :class:`SegmentationProbe` per modality, its optimizer, and the capture of the encoders'
-    level maps: the same interface as :class:`~mmrepro.methods.balance.probes.UnimodalProbes`
+    """One classifier per modality (the model's ``new_probe()``), its optimizer, and the capture of
+    the encoders' level maps: the same interface as :class:`~mmrepro.methods.balance.probes.UnimodalProbes`
     (``step``, ``out_weight``, ``evaluate``, ``optimizer``). Call :meth:`attach` with the model."""
 
-    def __init__(self, names: list[str], widths: tuple[int, ...], blocks: int, num_classes: int, *,
-                 lr: float, optim: str = "Adam", weight_decay: float = 0.0, momentum: float = 0.0):
+    def __init__(self, names: list[str], new_probe, *, lr: float, optim: str = "Adam", weight_decay: float = 0.0,
+                 momentum: float = 0.0):
         super().__init__()
         self.names = list(names)
-        self.probes = nn.ModuleDict({m: SegmentationProbe(widths, blocks, num_classes) for m in self.names})
+        self.probes = nn.ModuleDict({m: new_probe() for m in self.names})
         self.optimizer = make_optimizer(self.parameters(), optim, lr, weight_decay, momentum)
         self._levels: dict[str, list[torch.Tensor]] = {}
         self._handles: list = []
@@ -300,8 +285,7 @@ class SegmentationProbes(nn.Module):
         if num_classes != SEG_CLASSES:
             raise ValueError(f"cggm on segmentation measures the BraTS Dice regions: the model must predict "
                              f"{SEG_CLASSES} classes, not {num_classes}")
-        blocks = len(model.decoder.blocks[0])
-        probes = cls(model.names, tuple(model.widths), blocks, num_classes, **kw)
+        probes = cls(model.names, model.new_probe, **kw)
         probes = probes.to(next(model.parameters()).device)
         probes.attach(model)
         return probes
