@@ -237,12 +237,12 @@ def test_dice_matches_the_official_brats_evaluation_package():
 
     evaluator = Panoptica_Evaluator.load_from_config(str(files("brats_evaluation") / "configs" / "config_gli.yaml"))
     rng = np.random.default_rng(0)
-    for trial in range(4):
+    for trial in range(2):
         shape = (10, 12, 8)
         truth = np.zeros(shape, np.uint8)
         truth[2:8, 3:9, 1:7] = rng.integers(0, 4, size=(6, 6, 6))
         pred = truth.copy()
-        flip = rng.random(shape) < 0.2 + 0.15 * trial
+        flip = rng.random(shape) < 0.15 + 0.3 * trial
         pred[flip] = rng.integers(0, 4, size=int(flip.sum()))
         ours = dice_per_region(pred, truth)  # 3 is read as BraTS's 4
         theirs = evaluator.evaluate(pred, truth, verbose=False)

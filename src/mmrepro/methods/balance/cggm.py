@@ -121,10 +121,15 @@ Where we differ, and why:
   coefficients, the probes' ``out`` weights and the fused weight's blocks as they were) and built
   again on resume, the same graph reaching the resumed model's fused out weight.
 
-On the segmentation model (``unet3d``, BraTS)
-~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-The same hook and the same step order; what the official BraTS code does, carried over to our 3-D
-U-Net (:class:`SegmentationProbes`):
+On the segmentation models (BraTS: ``deeplab2d`` and ``unet3d``)
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The same hook and the same step order (:class:`SegmentationProbes`). Each classifier is the
+model's ``new_probe()``, a freshly initialised decoder of the model's own design for one modality.
+On ``deeplab2d`` (:mod:`mmrepro.models.deeplab`, CGGM's own model, trained on 2-D slices) that is
+exactly the official classifier: a DeepLabv3+ decoder over modality ``m``'s detached low-level map
+and ASPP output, batch Dice per slice, cosines between the ``(K, d, 1, 1)`` final convolutions; the
+magnitude step (``seg_magnitude=True``) scales branch ``m`` (ResNet and ASPP), the parameters the
+official code's names were meant to reach. What follows describes the carry-over to our 3-D U-Net:
 
 - **Classifiers**: as the official ones are copies of the model's decoder design for one branch,
   ours are, per modality, a decoder of the model's own design (:class:`~mmrepro.models.segmentation.Decoder`
