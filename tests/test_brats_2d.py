@@ -16,7 +16,7 @@ from conftest import REPO, SCHEMA
 from test_brats import make_case
 
 from mmrepro import cli
-from mmrepro.config import dataset_spec, load_schema, merge_config, run_spec, validate_config
+from mmrepro.config import ConfigError, dataset_spec, load_schema, merge_config, run_spec, validate_config
 from mmrepro.data.loader import Batch, SliceSampling, SplitLoader
 from mmrepro.data.schema import DatasetSchema, ModalitySpec, TaskSpec
 from mmrepro.evaluate import evaluate_model
@@ -292,3 +292,15 @@ def test_paper_brats_run_through_the_cli(tmp_path):
                           lr=train["lr"], epochs=2, when=1, factor=0.1, warmup_epochs=train["warmup_epochs"],
                           warmup_lr=train["warmup_lr"], min_lr=train["min_lr"], steps_per_epoch=1)
     assert [h["lr"] for h in history] == pytest.approx([sched.step_rate(0), sched.step_rate(1)])
+
+
+def test_slices_need_the_2d_model():
+    paper = yaml.safe_load((REPO / "config" / "paper.yaml").read_text())
+    cfg = merge_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), paper)
+    cfg["studies"]["balance"]["per_dataset"]["brats2021"]["model"]["backbone"] = "unet3d"
+    with pytest.raises(ConfigError, match=r"studies.balance \(dataset brats2021\): train.slices .* 'unet3d'"):
+        validate_config(cfg, load_schema(SCHEMA))
+    cfg["studies"]["balance"]["per_dataset"]["brats2021"]["model"]["backbone"] = "deeplab2d"
+    cfg["studies"]["balance"]["per_dataset"]["brats2021"]["train"]["slices"] = {"noise_p": 2.0}
+    with pytest.raises(ConfigError, match=r"per_dataset.brats2021.train.slices.noise_p: 2.0"):
+        validate_config(cfg, load_schema(SCHEMA))
