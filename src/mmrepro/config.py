@@ -19,7 +19,7 @@ import yaml
 from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, resolve_method
 from mmrepro.models.fusion import FUSIONS
 from mmrepro.models.presets import PRESETS, check_widths, preset_dropouts
-from mmrepro.models.segmentation import check_method_support
+from mmrepro.models.segmentation import SEGMENTATION_BACKBONES, check_method_support
 
 #: Loaders whose task is per-voxel segmentation (a model and method subset of their own).
 SEGMENTATION_LOADERS = ("brats",)
@@ -211,9 +211,14 @@ def _check_names(config: dict[str, Any]) -> None:
             backbone = model["backbone"]
             where = (f"studies.{study}.per_dataset.{ds}" if "backbone" in _override(config, study, ds).get("model", {})
                      else f"studies.{study}")
-            if backbone not in FUSIONS and backbone not in PRESETS:
+            segmentation = config["datasets"][ds]["loader"] in SEGMENTATION_LOADERS
+            known = [*FUSIONS, *PRESETS, *(SEGMENTATION_BACKBONES if segmentation else ())]
+            if backbone not in known:
                 raise ConfigError(f"config key {where}.model.backbone: unknown backbone {backbone!r}; "
-                                  f"known: {sorted([*FUSIONS, *PRESETS])}")
+                                  f"known: {sorted(known)}")
+            if train_config(config, study, ds).get("slices") is not None and backbone != "deeplab2d":
+                raise ConfigError(f"config key studies.{study} (dataset {ds}): train.slices feeds 2-D slices, which "
+                                  f"only the deeplab2d model reads, not {backbone!r}")
             if backbone in PRESETS and config["datasets"][ds]["loader"] not in SEGMENTATION_LOADERS:
                 try:
                     preset_dropouts(backbone, model.get("dropouts"))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mmrepro import reproducibility
-from mmrepro.data.loader import SplitLoader
+from mmrepro.data.loader import SliceSampling, SplitLoader
 from mmrepro.data.schema import DataValidationError
 from mmrepro.data.store import MANIFEST, FeatureStore
 from mmrepro.evaluate import case_average, evaluate_model, metric_kind, predict, score
@@ -31,6 +31,7 @@ from mmrepro.methods.transforms import count_parameters
 from mmrepro.methods.tta_baselines import feature_statistics
 from mmrepro.models.multimodal import build_model
 from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
+from mmrepro.models.segmentation import SEGMENTATION_BACKBONES
 from mmrepro.models.segmentation import check_method_support
 from mmrepro.phases import Phases
 from mmrepro.tracking import (DeferredRun, RunTracker, cluster_store_problem, log_outcome, open_run, record,
@@ -61,6 +62,8 @@ class RunData:
             raise DataValidationError(f"{e.args[0]} (dataset {spec['dataset']!r}, setting {spec['setting']!r})",
                                       file=manifest) from None
         self.batch_size, self.seed = spec["train"]["batch_size"], spec["seed"]
+        slices = spec["train"].get("slices")
+        self.slices = None if slices is None else SliceSampling(**slices)
         self._checked: set[str] = set()
 
     def check(self, *splits: str, target: bool = False) -> None:
@@ -74,7 +77,9 @@ class RunData:
     def loader(self, split: str, shuffle: bool = False, case: np.ndarray | None = None,
                target: bool = False) -> SplitLoader:
         """``split``'s loader; ``case`` (a test case's ``(N, M)`` mask) replaces the setting's own draw;
-        ``target``: the data setting's target version of ``split`` (what a test-time adapter reads)."""
+        ``target``: the data setting's target version of ``split`` (what a test-time adapter reads).
+        With ``train.slices`` the shuffled (training) loader draws 2-D slices, the others give whole
+        volumes, ``volumes_per_batch`` at a time."""
         self.check(split, target=target)
         name = self.setting.target_split(split) if target else self.setting.split_name(split)
         arrays = self.store.open_split(name)
@@ -86,9 +91,11 @@ class RunData:
             present = lambda epoch: self.setting.present(name, base, epoch)  # noqa: E731
         else:
             present = self.setting.present(name, base)
-        return SplitLoader(arrays, self.schema, self.task.name, batch_size=self.batch_size, shuffle=shuffle,
+        slices = self.slices if shuffle else None
+        batch_size = self.slices.volumes_per_batch if self.slices is not None and not shuffle else self.batch_size
+        return SplitLoader(arrays, self.schema, self.task.name, batch_size=batch_size, shuffle=shuffle,
                            seed=self.seed, present=present, transform=self.setting.transform,
-                           modalities=self.modalities)
+                           modalities=self.modalities, slices=slices)
 
     def evaluate(self, model: torch.nn.Module, device: str) -> dict[str, dict[str, float]]:
         """Metrics on valid and test, on each of the setting's test cases (``test:<case>``) and, with
@@ -189,7 +196,7 @@ def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, A
     """The identifying part of metrics.json; ``task`` is the metric family, ``label`` the task's name."""
     keys = ("study", "dataset", "method", "setting", "seed")
     backbone = spec["model"]["backbone"]
-    if data.task.type == "segmentation":  # the study's backbone key names its sequence fusion, unused here
+    if data.task.type == "segmentation" and backbone not in SEGMENTATION_BACKBONES:  # a sequence fusion, unused
         backbone = SEGMENTATION_BACKBONE
     return {**{k: spec[k] for k in keys}, "task": metric_kind(data.task), "label": spec["task"],
             "backbone": backbone, **extra}

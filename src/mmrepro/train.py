@@ -48,6 +48,7 @@ class TrainConfig:
     min_lr: float = 0.0  # cosine: rate of the last epoch
     precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (losses in float32)
     pin_memory: bool = True  # CUDA: batches go to the GPU through page-locked memory, asynchronously
+    slices: dict | None = None  # 2-D slice sampling of volumes: read by the loaders (jobs.RunData), not here
 
     @property
     def torch_device(self) -> str:
@@ -152,7 +153,8 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     schedule = EpochSchedule(optimizer, cfg.scheduler, lr=cfg.lr, epochs=cfg.epochs, when=cfg.when, factor=cfg.factor,
-                             warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)
+                             warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
+                             steps_per_epoch=len(train))
     hook.setup(model, loss_fn, optimizer)
     state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": [],
              "best_state": copy.deepcopy(model.state_dict())}
@@ -172,7 +174,9 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
         epoch = state["epoch"] + 1
         model.train()
         total, n = 0.0, 0
-        for batch in tqdm(train, desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=progress_disabled()):
+        for step, batch in enumerate(tqdm(train, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
+                                          disable=progress_disabled())):
+            schedule.before_step(step)
             batch = batch.to(device, pin=cfg.pin_memory)
             with cfg.autocast():
                 out = model(batch)

@@ -65,7 +65,7 @@ What was confirmed from the official CGGM code (``zrguo/CGGM`` at ``d7890a8``; r
   turns), a random flip of one in-plane axis and, with probability 0.1, Gaussian noise. The slice
   range 0..127 suggests the prepared volumes have 128 slices, but the files are not public. To
   mimic that protocol from this store, convert with ``crop=(160, 160, 128)`` and sample
-  tumour-bearing k-slices at load time (a data-setting transform, not part of this converter).
+  tumour-bearing k-slices at load time (``train.slices``: :class:`mmrepro.data.loader.SliceSampling`).
   No 128^3 crop appears in the code.
 * Loss: equal mix (0.5/0.5) of class-weighted cross-entropy (class weights 0.2, 0.3, 0.25, 0.25)
   and one minus a soft Dice over the foreground classes 1..3 pooled together over the batch

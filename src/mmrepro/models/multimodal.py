@@ -86,14 +86,17 @@ class MultimodalModel(nn.Module):
 def build_model(schema: DatasetSchema, task: TaskSpec, *, backbone: str, d_model: int, layers: int,
                 heads: int, kernel: int, dropout: float, fusion_layers: int,
                 modalities: list[str] | None = None, dropouts: dict[str, float] | None = None,
-                causal: bool | None = None, position_padding: bool = False) -> nn.Module:
+                causal: bool | None = None, position_padding: bool = False, resnet: int = 101,
+                resnet_width: int = 64) -> nn.Module:
     """One builder for every backbone, as torchvision's model builders: plain arguments in, module out.
 
-    A ``segmentation`` task always gets the 3-D U-Net of :mod:`mmrepro.models.segmentation`
-    (``d_model`` = bottleneck width, ``layers`` = blocks per level, ``dropout``): a study's model
-    config is shared by all its datasets, so ``backbone`` may still name a sequence fusion
-    (``late``/``mult``, then ignored) or be ``unet3d``; ``heads``, ``kernel`` and
-    ``fusion_layers`` do not apply. ``unet3d`` for a sequence task is an error.
+    A ``segmentation`` task gets CGGM's 2-D DeepLabv3+ for ``backbone="deeplab2d"``
+    (:mod:`mmrepro.models.deeplab`: ``d_model`` = ASPP/decoder width, ``resnet`` depth and
+    ``resnet_width``), else the 3-D U-Net of :mod:`mmrepro.models.segmentation` (``d_model`` =
+    bottleneck width, ``layers`` = blocks per level, ``dropout``): a study's model config is shared
+    by all its datasets, so ``backbone`` may still name a sequence fusion (``late``/``mult``, then
+    ignored) or be ``unet3d``; ``heads``, ``kernel`` and ``fusion_layers`` do not apply. A
+    segmentation backbone for a sequence task is an error.
 
     The papers' backbones (``casp_late``, ``casp_early``, ``cggm_msa``, ``cggm_food``,
     ``mplmm_mult``) are built by :func:`mmrepro.models.presets.build_preset` from ``d_model``,
@@ -102,14 +105,18 @@ def build_model(schema: DatasetSchema, task: TaskSpec, *, backbone: str, d_model
     ``position_padding``; ``kernel`` and ``dropout`` do not apply to them.
     """
     from mmrepro.models.presets import PRESETS, build_preset  # they import from here
-    from mmrepro.models.segmentation import BACKBONE, unet3d
+    from mmrepro.models.deeplab import deeplab2d
+    from mmrepro.models.segmentation import SEGMENTATION_BACKBONES, unet3d
 
     if task.type == "segmentation":
-        if backbone != BACKBONE and backbone not in FUSIONS and backbone not in PRESETS:
-            raise ValueError(f"unknown backbone {backbone!r}; known: {sorted([*FUSIONS, *PRESETS, BACKBONE])}")
+        if backbone not in SEGMENTATION_BACKBONES and backbone not in FUSIONS and backbone not in PRESETS:
+            raise ValueError(f"unknown backbone {backbone!r}; known: {sorted([*FUSIONS, *PRESETS, *SEGMENTATION_BACKBONES])}")
+        if backbone == "deeplab2d":
+            return deeplab2d(schema, task, d_model=d_model, resnet=resnet, resnet_width=resnet_width,
+                             modalities=modalities)
         return unet3d(schema, task, d_model=d_model, layers=layers, dropout=dropout, modalities=modalities)
-    if backbone == BACKBONE:
-        raise ValueError(f"backbone {BACKBONE!r} is for segmentation tasks; task {task.name!r} is {task.type}")
+    if backbone in SEGMENTATION_BACKBONES:
+        raise ValueError(f"backbone {backbone!r} is for segmentation tasks; task {task.name!r} is {task.type}")
     names = modalities or schema.modality_names
     if backbone in PRESETS:
         return build_preset(backbone, schema, task, names, d_model=d_model, layers=layers, heads=heads,

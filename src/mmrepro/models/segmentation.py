@@ -60,12 +60,15 @@ from mmrepro.models.multimodal import ModelOutput
 
 #: Name of this backbone in metrics.json and accepted as ``model.backbone`` for segmentation.
 BACKBONE = "unet3d"
+#: The segmentation models a config may name: this 3-D U-Net (our own) and CGGM's 2-D DeepLabv3+
+#: (:mod:`mmrepro.models.deeplab`); any other ``model.backbone`` of a segmentation task gets the U-Net.
+SEGMENTATION_BACKBONES = ("unet3d", "deeplab2d")
 #: Narrowest level of the U-Net, whatever ``d_model`` asks for: with 4 full-resolution channels the
 #: tiny overfit problem of the tests learned the small enhancing-tumour class several times slower.
 MIN_WIDTH = 8
 DEFAULT_LEVELS = 4
 
-#: Plug-ins that work with this model, per method family, and why the others do not:
+#: Plug-ins that work with the segmentation models, per method family, and why the others do not:
 #: ``joint`` needs nothing; ``greedy`` (``speed="encoder"``) reads only ``model.encoders[m]``'s
 #: gradients (``speed="conditional"`` needs crossmodal blocks and says so at setup); ``cggm``
 #: trains per-modality segmentation probes, as CGGM's BraTS code does. ``ogm_ge`` splits a linear
@@ -89,7 +92,7 @@ def check_method_support(task: TaskSpec | str, plan: Mapping[str, str] | Any) ->
     for family, allowed in SUPPORTED_METHODS.items():
         name = plan[family] if isinstance(plan, Mapping) else getattr(plan, family)
         if name not in allowed:
-            raise ValueError(f"{family} {name!r} is not supported for segmentation (the {BACKBONE} model); "
+            raise ValueError(f"{family} {name!r} is not supported for segmentation (models {list(SEGMENTATION_BACKBONES)}); "
                              f"supported {family}s: {list(allowed)}")
 
 
@@ -161,12 +164,26 @@ class Decoder(nn.Module):
         return h
 
 
+class ModalityDecoder(nn.Module):
+    """CGGM's classifier for one modality: a :class:`Decoder` of the model's design over that
+    modality's level maps (finest first), a 1x1x1 ``out`` convolution, logits cropped to ``size``."""
+
+    def __init__(self, widths: Sequence[int], blocks: int, num_classes: int):
+        super().__init__()
+        self.decoder = Decoder(widths, blocks)
+        self.out = nn.Conv3d(widths[0], num_classes, 1)
+
+    def forward(self, levels: list[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        logits = self.out(self.decoder(levels))
+        return logits[..., : size[0], : size[1], : size[2]]
+
+
 class SegmentationModel(nn.Module):
     """Per-modality 3-D encoders, fusion at every scale, a shared decoder; per-voxel logits.
 
     Exposes what the shared loop and the hooks read: ``names``, ``encoders`` (``ModuleDict``,
     one per modality), ``fusion`` (``ModuleList``, one per level), ``decoder``, ``head`` (the
-    1x1x1 classifier conv) and ``task_type = "segmentation"``.
+    1x1x1 classifier conv), ``task_type = "segmentation"`` and :meth:`new_probe`.
     """
 
     backbone = BACKBONE
@@ -183,6 +200,11 @@ class SegmentationModel(nn.Module):
         self.head = nn.Conv3d(widths[0], num_classes, 1)
         self.task_type = "segmentation"
         self.multiple = 2 ** (len(widths) - 1)
+        self.blocks, self.num_classes = blocks, num_classes
+
+    def new_probe(self) -> ModalityDecoder:
+        """A freshly initialised decoder of this model's design for one modality (CGGM's classifier)."""
+        return ModalityDecoder(self.widths, self.blocks, self.num_classes)
 
     def inputs(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Each modality's ``(B, C, D, H, W)`` volume, zeroed where ``batch.present`` is False."""

@@ -121,10 +121,15 @@ Where we differ, and why:
   coefficients, the probes' ``out`` weights and the fused weight's blocks as they were) and built
   again on resume, the same graph reaching the resumed model's fused out weight.
 
-On the segmentation model (``unet3d``, BraTS)
-~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
-The same hook and the same step order; what the official BraTS code does, carried over to our 3-D
-U-Net (:class:`SegmentationProbes`):
+On the segmentation models (BraTS: ``deeplab2d`` and ``unet3d``)
+~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~~
+The same hook and the same step order (:class:`SegmentationProbes`). Each classifier is the
+model's ``new_probe()``, a freshly initialised decoder of the model's own design for one modality.
+On ``deeplab2d`` (:mod:`mmrepro.models.deeplab`, CGGM's own model, trained on 2-D slices) that is
+exactly the official classifier: a DeepLabv3+ decoder over modality ``m``'s detached low-level map
+and ASPP output, batch Dice per slice, cosines between the ``(K, d, 1, 1)`` final convolutions; the
+magnitude step (``seg_magnitude=True``) scales branch ``m`` (ResNet and ASPP), the parameters the
+official code's names were meant to reach. What follows describes the carry-over to our 3-D U-Net:
 
 - **Classifiers**: as the official ones are copies of the model's decoder design for one branch,
   ours are, per modality, a decoder of the model's own design (:class:`~mmrepro.models.segmentation.Decoder`
@@ -175,7 +180,6 @@ from mmrepro.methods.hooks import TrainingHook
 from mmrepro.methods.registry import HOOKS
 from mmrepro.metrics import DiceMeter
 from mmrepro.models.multimodal import ModelOutput
-from mmrepro.models.segmentation import Decoder
 
 DIRECTIONS = ("weights", "gradients")
 #: BraTS evaluation regions on internal labels (as ``mmrepro.data.brats.REGIONS``): ET, TC, WT.
@@ -264,30 +268,16 @@ def seg_batch_dice(logits: torch.Tensor, y: torch.Tensor, eps: float = 1e-3) -> 
     return float(sum(scores) / len(scores))
 
 
-class SegmentationProbe(nn.Module):
-    """One modality's classifier: a decoder of the model's design over that modality's detached
-    level maps (finest first), a 1x1x1 ``out`` convolution to the classes, cropped to ``size``."""
-
-    def __init__(self, widths: tuple[int, ...], blocks: int, num_classes: int):
-        super().__init__()
-        self.decoder = Decoder(widths, blocks)
-        self.out = nn.Conv3d(widths[0], num_classes, 1)
-
-    def forward(self, levels: list[torch.Tensor], size: tuple[int, ...]) -> torch.Tensor:
-        logits = self.out(self.decoder(levels))
-        return logits[..., : size[0], : size[1], : size[2]]
-
-
 class SegmentationProbes(nn.Module):
-    """One :class:`SegmentationProbe` per modality, its optimizer, and the capture of the encoders'
-    level maps: the same interface as :class:`~mmrepro.methods.balance.probes.UnimodalProbes`
+    """One classifier per modality (the model's ``new_probe()``), its optimizer, and the capture of
+    the encoders' level maps: the same interface as :class:`~mmrepro.methods.balance.probes.UnimodalProbes`
     (``step``, ``out_weight``, ``evaluate``, ``optimizer``). Call :meth:`attach` with the model."""
 
-    def __init__(self, names: list[str], widths: tuple[int, ...], blocks: int, num_classes: int, *,
-                 lr: float, optim: str = "Adam", weight_decay: float = 0.0, momentum: float = 0.0):
+    def __init__(self, names: list[str], new_probe, *, lr: float, optim: str = "Adam", weight_decay: float = 0.0,
+                 momentum: float = 0.0):
         super().__init__()
         self.names = list(names)
-        self.probes = nn.ModuleDict({m: SegmentationProbe(widths, blocks, num_classes) for m in self.names})
+        self.probes = nn.ModuleDict({m: new_probe() for m in self.names})
         self.optimizer = make_optimizer(self.parameters(), optim, lr, weight_decay, momentum)
         self._levels: dict[str, list[torch.Tensor]] = {}
         self._handles: list = []
@@ -300,8 +290,7 @@ class SegmentationProbes(nn.Module):
         if num_classes != SEG_CLASSES:
             raise ValueError(f"cggm on segmentation measures the BraTS Dice regions: the model must predict "
                              f"{SEG_CLASSES} classes, not {num_classes}")
-        blocks = len(model.decoder.blocks[0])
-        probes = cls(model.names, tuple(model.widths), blocks, num_classes, **kw)
+        probes = cls(model.names, model.new_probe, **kw)
         probes = probes.to(next(model.parameters()).device)
         probes.attach(model)
         return probes
