@@ -92,9 +92,9 @@ from torch import nn
 from mmrepro.methods.peft.baselines import head_count
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
-from mmrepro.models.encoders import ModalityEncoder
 from mmrepro.models.fusion import CrossmodalBlock, CrossmodalFusion
-from mmrepro.models.multimodal import MultimodalModel
+from mmrepro.models.stages import staged_encoders
+from mmrepro.models.transformer import EncoderLayer
 
 
 class UniAdapterUnit(nn.Module):
@@ -172,22 +172,26 @@ class UniAdaptedCrossmodalBlock(CrossmodalBlock):
         return h + self.ff(self.norm_ff(h)) + unit.unimodal(target, m) + unit.crossmodal(h, m)
 
 
-def check_token_encoders(model: nn.Module, method: str) -> None:
-    """The multimodal PEFT methods hook into per-modality transformer encoders (``ModalityEncoder``)."""
-    encoders = getattr(model, "encoders", {})
-    if not isinstance(model, MultimodalModel) or not all(isinstance(e, ModalityEncoder) for e in encoders.values()):
-        raise TypeError(f"{method}: needs a MultimodalModel with per-modality transformer encoders, got "
-                        f"{type(model).__name__} (e.g. the segmentation U-Net has none)")
+class UniAdaptedPresetLayer(EncoderLayer):
+    """The presets' MulT ``EncoderLayer`` (pre-norm) with the UniAdapter branch beside its feed-forward."""
+
+    def forward(self, x: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        unit, m = self._uniadapter
+        x = self.attend(x, source, mask, causal)
+        return self.feed_forward(x) + unit.unimodal(x, m)
+
+
+#: each plain encoder-layer class and its adapted class
+ENCODER_LAYERS = {nn.TransformerEncoderLayer: UniAdaptedEncoderLayer, EncoderLayer: UniAdaptedPresetLayer}
 
 
 def _encoder_layers(model: nn.Module) -> dict[str, list[nn.Module]]:
-    check_token_encoders(model, "uniadapter")
-    return {m: list(model.encoders[m].transformer.layers) for m in model.names}
+    return {m: list(enc.layers) for m, enc in staged_encoders(model, "uniadapter").items()}
 
 
 def _width(model: nn.Module) -> int:
-    check_token_encoders(model, "uniadapter")
-    widths = {model.encoders[m].norm.normalized_shape[0] for m in model.names}
+    widths = {enc.width for enc in staged_encoders(model, "uniadapter").values()}
     if len(widths) != 1:
         raise ValueError(f"uniadapter: the shared down-projection needs encoders of one width, got {sorted(widths)}")
     return widths.pop()
@@ -234,7 +238,7 @@ class UniAdapter(ModelTransform):
         layers = _encoder_layers(model)
         fl = _mult_depth(model)
         # (module, adapted class, unit key, unit index, modality index) for every adapted layer
-        plan = [(layer, UniAdaptedEncoderLayer, "encoder", l, i)
+        plan = [(layer, ENCODER_LAYERS.get(type(layer), UniAdaptedEncoderLayer), "encoder", l, i)
                 for i, m in enumerate(model.names) for l, layer in enumerate(layers[m])]
         if fl is not None:
             for key, blocks in model.fusion.cross.items():
