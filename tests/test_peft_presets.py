@@ -9,7 +9,9 @@ import math
 
 import pytest
 import torch
+from conftest import SCHEMA as SCHEMA_PATH, default_config
 
+from mmrepro.config import ConfigError, load_schema, validate_config
 from mmrepro.data.loader import Batch
 from mmrepro.data.schema import DatasetSchema, ModalitySpec, TaskSpec
 from mmrepro.methods.registry import TRANSFORMS, build
@@ -159,3 +161,26 @@ def test_staged_run_equals_the_encoders_forward(backbone):
 def test_per_modality_methods_name_what_the_joint_backbones_lack(method, params, backbone):
     with pytest.raises(ValueError, match="per-modality transformer encoders"):
         build(TRANSFORMS, method, params).apply(model(backbone))
+
+
+# --- the config names the mismatch before any job starts
+
+
+def _peft_config(backbone: str, methods: list[str], study: str = "peft") -> dict:
+    config = default_config()
+    config["studies"][study].update(methods=methods, model={**config["studies"][study].get("model", {}),
+                                                            "backbone": backbone, "d_model": 8, "heads": 2})
+    return config
+
+
+@pytest.mark.parametrize("backbone,method,study", [("casp_early", "pmf", "peft"), ("mplmm_mult", "prompt_tuning", "peft"),
+                                                   ("casp_early", "cggm", "balance"), ("mplmm_mult", "late_qmf", "balance")])
+def test_config_rejects_methods_that_need_modality_encoders_on_joint_backbones(backbone, method, study):
+    with pytest.raises(ConfigError, match=rf"studies\.{study}\.methods\[0\]: '{method}' adapts per-modality"):
+        validate_config(_peft_config(backbone, [method, "full_finetune"] if study == "peft" else [method, "joint"],
+                                     study), load_schema(SCHEMA_PATH))
+
+
+def test_config_accepts_every_peft_method_on_casp_late_and_the_layer_methods_on_casp_early():
+    validate_config(_peft_config("casp_late", list(PARAMS)), load_schema(SCHEMA_PATH))
+    validate_config(_peft_config("casp_early", [m for m in PARAMS if m not in PER_MODALITY]), load_schema(SCHEMA_PATH))

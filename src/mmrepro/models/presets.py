@@ -75,6 +75,9 @@ PRESET_DEFAULTS: dict[str, tuple[Dropouts, bool]] = {
     "mplmm_mult": (Dropouts(attn=0.1, relu=0.1, res=0.1, embed=0.25, out=0.1), True),
 }
 PRESETS = tuple(PRESET_DEFAULTS)
+#: Presets whose per-modality encoders only project their inputs (the transformer reads every modality
+#: at once): methods that adapt per-modality transformer encoders cannot run on them.
+JOINT_PRESETS = ("casp_early", "mplmm_mult")
 
 
 def key_padding(pad: torch.Tensor) -> torch.Tensor | None:

@@ -374,6 +374,8 @@ class PromptTuning(ModelTransform):
     ``param_count = sum over modality encoders of n_prompts d = M n d`` (+ ``H`` if ``train_head``).
     """
 
+    needs_modality_layers = True
+
     def __init__(self, n_prompts: int = 8, init_std: float = 0.02, train_head: bool = True):
         if int(n_prompts) != n_prompts or n_prompts < 1:
             raise ValueError(f"prompt_tuning: n_prompts must be a positive integer, got {n_prompts!r}")

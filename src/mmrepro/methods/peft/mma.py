@@ -141,6 +141,8 @@ def default_layers(depth: int) -> int:
 class MMA(ModelTransform):
     """Freeze the backbone and add MMA on the top ``layers`` of every encoder (module docstring)."""
 
+    needs_modality_layers = True
+
     def __init__(self, bottleneck: int = 32, scale: float = 0.001, layers: int | None = None,
                  grad_rescale: bool = True, train_head: bool = True):
         if int(bottleneck) != bottleneck or bottleneck < 1:

@@ -151,6 +151,8 @@ class PMFModel(MultimodalModel):
 class PMF(ModelTransform):
     """Freeze the backbone and add PMF's prompts and translators (see the module docstring)."""
 
+    needs_modality_layers = True
+
     def __init__(self, fusion_layers: int | None = None, n_qp: int = 4, n_qcp: int = 4, n_fcp: int = 4,
                  hidden: int | None = None, init_std: float = 0.02, train_head: bool = True):
         if fusion_layers is not None and (int(fusion_layers) != fusion_layers or fusion_layers < 1):

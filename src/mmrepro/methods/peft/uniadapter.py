@@ -208,6 +208,8 @@ def _mult_depth(model: nn.Module) -> int | None:
 class UniAdapter(ModelTransform):
     """Freeze the backbone and add UniAdapter units (see the module docstring for the formula)."""
 
+    needs_modality_layers = True
+
     def __init__(self, bottleneck: int = 16, scale: float = 0.1, dropout: float = 0.0, train_head: bool = True):
         if int(bottleneck) != bottleneck or bottleneck < 1:
             raise ValueError(f"uniadapter: bottleneck must be a positive integer, got {bottleneck!r}")

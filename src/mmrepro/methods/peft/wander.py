@@ -463,6 +463,7 @@ class Wander(ModelTransform):
         self.common_length, self.hidden = common_length, hidden
         self.dropout, self.append_one = float(dropout), bool(append_one)
         self.placement, self.train_head = placement, bool(train_head)
+        self.needs_modality_layers = placement == "every"
 
     def _adapter_kwargs(self, dims: Sequence[int]) -> dict:
         hidden = self.hidden
