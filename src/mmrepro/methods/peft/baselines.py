@@ -7,13 +7,16 @@ every backbone parameter and then adds or unfreezes exactly its own parameters, 
 ``param_count(model) -> int`` that predicts that budget from the backbone's shapes alone (it gives
 the same number on the backbone before and after ``apply``); the formulas are below.
 
-Notation: ``d`` model width, ``M`` modalities, ``L`` layers per modality encoder, ``F = M d``
-width of the fused representation, ``K`` outputs (1 for regression). "Transformer layers" are
-every ``nn.TransformerEncoderLayer`` in the modality encoders and in the fusion, and every
-``CrossmodalBlock`` of the ``mult`` fusion: ``M L`` for ``late``, ``M L + M (M-1) fusion_layers
-+ M`` for ``mult``. Each has an attention (packed ``d -> 3d`` input projection, ``d -> d`` output
-projection) and a feed-forward ``d -> 2d -> d``. ``H = 2 (F^2 + F) + F K + K`` is the size of
-the whole prediction head (its residual MLP and ``out``).
+Notation: ``d`` model width, ``M`` modalities, ``L`` layers per modality encoder, ``F`` width of
+the head's residual MLP (``M d`` for ``late``/``mult``, ``d`` for the presets), ``K`` outputs (1 for
+regression). "Transformer layers" are every layer of the encoders and the fusion
+(:func:`mmrepro.models.stages.transformer_blocks`): ``M L`` for ``late`` and ``casp_late``,
+``M L + M (M-1) fusion_layers + M`` for ``mult``, ``L`` for ``casp_early``. Each has an attention
+(packed ``d -> 3d`` input projection, ``d -> d`` output projection) and a feed-forward
+``d -> w d -> d`` (``w = 2`` in the light backbones, 4 in the presets' MulT layers).
+``H = 2 (F^2 + F) + F K + K`` is the size of the whole prediction head (its residual MLP and
+``out``), plus ``G F + F`` where the head first maps its ``G``-wide input to ``F`` (``casp_late``:
+``G = M d``).
 
 What each one adapts:
 
@@ -23,7 +26,8 @@ What each one adapts:
   ``target`` picks the weights of every transformer layer: ``qkv`` (the packed attention input
   projection), ``attn_out`` (attention output projection), ``ff`` (both feed-forward linears);
   default all three. Count: ``sum over targeted weights of r (d_in + d_out)``; with every target
-  that is ``r (4d + 2d + 3d + 3d) = 12 r d`` per transformer layer, plus ``H`` if ``train_head``.
+  that is ``r (4d + 2d + 2 (w + 1) d)`` per transformer layer (``12 r d`` light, ``16 r d`` presets),
+  plus ``H`` if ``train_head``.
   ``nn.MultiheadAttention`` never calls its projections as modules: it reads ``in_proj_weight``
   (q, k and v packed as one ``(3d, d)`` tensor) and ``out_proj.weight`` as tensors. Their update
   is therefore a ``torch.nn.utils.parametrize`` parametrization that returns ``W + s B A`` whenever
@@ -34,7 +38,8 @@ What each one adapts:
 - ``adapter_houlsby`` (Houlsby et al., 2019): a bottleneck ``h + up(act(down(h)))`` (``down d -> b``,
   ``up b -> d`` zero-initialised, so it starts as the identity) on the output of the attention
   sublayer and of the feed-forward sublayer of every transformer layer, after the sublayer's
-  dropout and before its residual addition (the placement of the reference BERT code). The
+  dropout and before its residual addition (the placement of the reference BERT code; in the
+  presets' MulT layers, whose residual dropout is functional, before that dropout). The
   backbone's LayerNorms stay frozen (the paper also tuned them). Count:
   ``2 (2 d b + d + b)`` per transformer layer, plus ``H`` if ``train_head``.
 - ``adapter_pfeiffer`` (Pfeiffer et al., 2021): the same bottleneck after the feed-forward
@@ -43,9 +48,12 @@ What each one adapts:
   modality are prepended to that encoder's token sequence (after its positions are added, so the
   prompts carry no position) before its transformer, and dropped after it; the key-padding mask
   gets ``n`` open positions in front, so real tokens attend to the prompts and padded positions
-  stay masked. Count: ``M n d``, plus ``H`` if ``train_head``.
+  stay masked. The encoders run stage by stage (:class:`mmrepro.models.stages.StagedEncoder`), so
+  backbones whose encoders only project (``casp_early``, ``mplmm_mult``) cannot take prompts.
+  Count: ``M n d``, plus ``H`` if ``train_head``.
 
-The backbone's modules are wrapped or parametrized in place; ``mmrepro.models`` is not edited.
+The backbone's modules are wrapped or parametrized in place, found through
+:mod:`mmrepro.models.stages` (the one place that knows each backbone's layout).
 LoRA, adapters and prompts train the whole prediction head by default (``train_head=True``), as
 PEFT classification fine-tuning does (a new task's head is never frozen). PyTorch's fused
 encoder-layer kernel (used in evaluation without gradients) reads a layer's weights as tensors and

@@ -42,7 +42,8 @@ different widths d_m (the shared projection lives in the bottleneck). The adapte
 top ``layers`` of every encoder (default: the upper two thirds, rounded up, as 8 of 12 in the
 official config; all layers of a 1-layer encoder); the j-th adapted layer of every encoder (encoders
 aligned at their top layer) shares one projection.
-Each adapted ``nn.TransformerEncoderLayer`` returns ``layer(x) + s * up_m(relu(shared(relu(down_m(
+Each adapted layer (``nn.TransformerEncoderLayer`` or the presets' MulT ``EncoderLayer``; backbones
+without per-modality encoder layers, ``casp_early`` and ``mplmm_mult``, are refused) returns ``layer(x) + s * up_m(relu(shared(relu(down_m(
 norm1(x))))))`` with its own frozen ``norm1``. The fusion module is not a branch of a two-tower model
 and stays frozen (MMA has nothing there); the prediction head trains by default (``train_head``), as
 for every PEFT baseline here, since a new task needs a new head. ``grad_rescale`` (default on)

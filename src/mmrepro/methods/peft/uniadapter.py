@@ -42,7 +42,8 @@ shared down-projection and M modality-specific up-projections; it is plugged int
 modality encoder, each modality using its own up-projection (BLIP's image/text pair is M = 2).
 The encoders must share one width d (they do in this project), since the down-projection is shared.
 
-- Encoder layers (``nn.TransformerEncoderLayer``, pre-norm here): the adapter reads ``x`` after the
+- Encoder layers (``nn.TransformerEncoderLayer``, or the presets' MulT ``EncoderLayer``; pre-norm
+  here): the adapter reads ``x`` after the
   attention sublayer and its output joins the feed-forward's residual sum,
   ``x + ff(norm2(x)) + s * up_m(drop(relu(down(LN(x)))))`` (post-norm layers: added after ``norm2``,
   as in BERT).
@@ -55,9 +56,10 @@ The encoders must share one width d (they do in this project), since the down-pr
   cross-attention output; the target modality's up-projection stands in for BLIP's textual one (the
   query side). The per-target self-attention layers after the merge get one more unit, shared by
   all targets, used like an encoder unit.
-- ``late`` fusion has no transformer layer, and the single-stream ``concat`` fusion (one transformer
-  over all modalities' tokens, no modality-specific path to plug the up-projections into) is left
-  frozen too: for both, only the encoders are adapted.
+- ``late`` fusion (and ``casp_late``'s) has no transformer layer, and the single-stream ``concat``
+  fusion (``cggm_msa``'s too: one transformer over all modalities' tokens, no modality-specific
+  path to plug the up-projections into) is left frozen: for these, only the encoders are adapted.
+  Backbones without per-modality encoder layers (``casp_early``, ``mplmm_mult``) are refused.
 - Initialisation: every up-projection (modality and cross-modal) starts at zero, so the adapted
   model starts exactly as the frozen backbone (the cross-modal LayerNorm of a zero vector is its
   zero bias). This is the evident intent of the official ``init_adapter_weights``, which zeroes the

@@ -45,7 +45,8 @@ Each of the M modalities gives a token sequence ``X_m`` (T_m x d_m) from the fro
 3. Residual block. ``placement="last"`` (default; what the official experiments use): the adapter
    reads the backbone's last-layer tokens (our encoders' outputs), mean-pools the L fused positions,
    applies dropout and an up-projection ``U`` (h -> F) and adds the result to the frozen fusion's
-   output (B, F), right before the prediction head. ``placement="every"``: one adapter after every
+   output (B, F), right before the prediction head (on ``casp_early``, whose encoders only project,
+   the tokens it reads are the projected inputs). ``placement="every"``: one adapter after every
    encoder transformer layer, run on all modalities' intermediate tokens at once; its fused sequence
    is mapped back to each modality's length by a learned ``P_m`` (T_m x L) and up-projected per
    modality (h -> d_m), and added to that modality's tokens before the next layer.
