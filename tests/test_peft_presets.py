@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import SCHEMA as SCHEMA_PATH, default_config
 
 from mmrepro.config import ConfigError, load_schema, validate_config
-from mmrepro.data.loader import Batch
+from mmrepro.data.loader import Batch, SplitLoader
 from mmrepro.data.schema import DatasetSchema, ModalitySpec, TaskSpec
-from mmrepro.methods.registry import TRANSFORMS, build
+from mmrepro.methods.registry import HOOKS, TRANSFORMS, build
 from mmrepro.models import build_model
 from mmrepro.models.stages import StagedEncoder
+from mmrepro.train import TrainConfig, fit
 
 REG = TaskSpec("score", "regression", value_range=(-3.0, 3.0))
 SCHEMA = DatasetSchema(name="tiny", modalities=(ModalitySpec("a", length=6, dim=5), ModalitySpec("b", length=4, dim=3),
                                                 ModalitySpec("c", length=5, dim=2)),
                        tasks=(REG,), splits=("train",))
+CLS = TaskSpec("label", "classification", num_classes=3)
+SCHEMA_CLS = DatasetSchema(name="tiny_cls", modalities=SCHEMA.modalities, tasks=(CLS,), splits=("train", "valid"))
 D, L, M, K, B = 8, 2, 3, 1, 4
 LENGTHS = [6, 4, 5]
 NO_DROPOUT = {k: 0.0 for k in ("attn", "relu", "res", "embed", "out")}
@@ -184,3 +188,32 @@ def test_config_rejects_methods_that_need_modality_encoders_on_joint_backbones(b
 def test_config_accepts_every_peft_method_on_casp_late_and_the_layer_methods_on_casp_early():
     validate_config(_peft_config("casp_late", list(PARAMS)), load_schema(SCHEMA_PATH))
     validate_config(_peft_config("casp_early", [m for m in PARAMS if m not in PER_MODALITY]), load_schema(SCHEMA_PATH))
+
+
+# --- the balance study's hooks on CGGM's model
+
+
+def _arrays(n: int, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    out = {"ids": np.array([f"s{i}" for i in range(n)]), "y/label": rng.integers(0, 3, size=n).astype(np.int64)}
+    for s in SCHEMA_CLS.modalities:
+        out[f"x/{s.name}"] = rng.standard_normal((n, s.length, s.dim)).astype(np.float32)
+        out[f"len/{s.name}"] = rng.integers(1, s.length + 1, size=n).astype(np.int64)
+    return out
+
+
+@pytest.mark.parametrize("method", [
+    pytest.param("ogm_ge", marks=pytest.mark.xfail(
+        raises=ValueError, strict=True, reason="OGM-GE splits the fused vector into per-modality blocks; "
+        "cggm_msa's is the fusion transformer's step 0 (d wide, no blocks)")),
+    "agm", "pmr", "mslr", "greedy", "cggm"])
+def test_balance_hooks_train_on_cggm_msa(method):
+    torch.manual_seed(0)
+    net = build_model(SCHEMA_CLS, CLS, backbone="cggm_msa", d_model=D, layers=1, heads=2, kernel=1, dropout=0.0,
+                      fusion_layers=1)
+    before = {n: p.detach().clone() for n, p in net.encoders.named_parameters()}
+    train = SplitLoader(_arrays(32, 0), SCHEMA_CLS, "label", batch_size=16, shuffle=True, seed=0)
+    valid = SplitLoader(_arrays(16, 1), SCHEMA_CLS, "label", batch_size=16, shuffle=False, seed=0)
+    result = fit(net, train, valid, build(HOOKS, method, {}), TrainConfig(epochs=1, batch_size=16, lr=1e-3, device="cpu"))
+    assert all(math.isfinite(v) for row in result.history for k, v in row.items() if isinstance(v, float))
+    assert any(not torch.equal(p, before[n]) for n, p in net.encoders.named_parameters())
