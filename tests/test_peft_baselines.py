@@ -93,7 +93,7 @@ def expected_names(method: str, base: MultimodalModel) -> set[str]:
     if method == "linear_probe":
         return {"head.out.weight", "head.out.bias"}
     if method == "prompt_tuning":
-        return head | {f"encoders.{m}.transformer.prompts" for m in base.names}
+        return head | {f"prompts.{m}" for m in base.names}
     names = set(head)
     for prefix, mod in base.named_modules():
         if not prefix.startswith(("encoders.", "fusion.")):

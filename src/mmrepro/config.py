@@ -16,9 +16,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, resolve_method
+from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build, resolve_method
 from mmrepro.models.fusion import FUSIONS
-from mmrepro.models.presets import PRESETS, check_widths, preset_dropouts
+from mmrepro.models.presets import JOINT_PRESETS, PRESETS, check_widths, preset_dropouts
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES, check_method_support
 
 #: Loaders whose task is per-voxel segmentation (a model and method subset of their own).
@@ -138,6 +138,25 @@ def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
                               build=owner is not ADAPTERS)
 
 
+def _check_modality_layers(config: dict[str, Any], study: str, run: dict[str, Any]) -> None:
+    """A method that adapts per-modality transformer encoders needs a backbone that has them."""
+    backbone = model_config(config, study, run["dataset"])["backbone"]
+    if backbone not in JOINT_PRESETS:
+        return
+    base, overrides = expand_variants(config, run["method"])
+    plan = resolve_method(base)
+    params = {**method_params(config, study, run["dataset"], plan.transform), **overrides.get(plan.transform, {})}
+    transform = build(TRANSFORMS, plan.transform, params)
+    for name, needs in ((plan.transform, transform.needs_modality_layers),
+                        (plan.hook, HOOKS.get(plan.hook).needs_modality_layers)):
+        if needs:
+            i = config["studies"][study]["methods"].index(run["method"])
+            raise ConfigError(f"config key studies.{study}.methods[{i}]: {name!r} adapts per-modality transformer "
+                              f"encoders, but backbone {backbone!r} (dataset {run['dataset']!r}) has none: its "
+                              f"transformer reads all modalities at once; use casp_late, cggm_msa or a light "
+                              f"backbone, or limit the method with per_dataset / settings")
+
+
 def _check_params(cls, params: dict[str, Any], key: str, build: bool = False) -> None:
     """Parameter names fit the plug-in's signature; with ``build``, the plug-in accepts their values
     too (its constructor checks ranges, e.g. a LoRA rank of 0). Adapters need a model: names only."""
@@ -231,6 +250,7 @@ def _check_names(config: dict[str, Any]) -> None:
                 raise ConfigError(f"config key studies.{study}.methods[{i}]: {run['method']!r} distils from unimodal "
                                   f"teachers, but the study has no one-modality 'subset' setting trained with 'joint' "
                                   f"on dataset {run['dataset']!r}")
+            _check_modality_layers(config, study, run)
             if config["datasets"][run["dataset"]]["loader"] in SEGMENTATION_LOADERS:
                 try:
                     check_method_support("segmentation", method_plan(config, run["method"]))

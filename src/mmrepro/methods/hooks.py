@@ -30,6 +30,8 @@ class TrainingHook:
     name = "base"
     #: True when the hook logs ``util_<modality>`` itself (e.g. CGGM's unimodal classifiers).
     tracks_utilisation = False
+    #: True when its per-modality parts are the modality encoders' transformers (see ModelTransform's).
+    needs_modality_layers = False
 
     def setup(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> None:
         """Called once before training, with the model, its task loss function and its optimizer."""

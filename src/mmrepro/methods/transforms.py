@@ -21,6 +21,9 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 class ModelTransform:
     name = "base"
+    #: True when it adapts per-modality transformer encoders, so a backbone whose encoders only project
+    #: (:data:`mmrepro.models.presets.JOINT_PRESETS`) cannot take it (checked with the config).
+    needs_modality_layers = False
 
     def apply(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError

@@ -41,10 +41,21 @@ class ModalityEncoder(nn.Module):
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
 
+    @property
+    def width(self) -> int:
+        return self.norm.normalized_shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.pos.shape[1]
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.transformer.layers
+
     def embed(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The input stage: ``(B, T, D)`` features -> ``(B, T, d)`` tokens before the transformer, the
-        ``(B, T)`` padding mask and the attention mask. Adapters that run the layers one by one
-        (Wander's every-layer mode, PMF) start from here.
+        ``(B, T)`` padding mask and the attention mask (a :class:`~mmrepro.models.stages.StagedEncoder`).
 
         Padded inputs are zeroed before the convolution, so padding values never leak into real tokens.
         """
@@ -53,8 +64,13 @@ class ModalityEncoder(nn.Module):
         h = self.proj(x.transpose(1, 2)).transpose(1, 2) + self.pos[:, : x.shape[1]]
         return h, pad, attention_mask(pad)
 
+    def run_layer(self, i: int, h: torch.Tensor, key_pad: torch.Tensor | None) -> torch.Tensor:
+        return self.transformer.layers[i](h, src_key_padding_mask=key_pad)
+
+    def finish(self, h: torch.Tensor, pad: torch.Tensor, key_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.norm(h).masked_fill(pad.unsqueeze(-1), 0.0), key_pad
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, T, D)`` features -> ``(B, T, d)`` tokens (padded ones zero) and the attention mask."""
         h, pad, mask = self.embed(x, lengths)
-        h = self.transformer(h, src_key_padding_mask=mask)
-        return self.norm(h).masked_fill(pad.unsqueeze(-1), 0.0), mask
+        return self.finish(self.transformer(h, src_key_padding_mask=mask), pad, mask)

@@ -75,6 +75,9 @@ PRESET_DEFAULTS: dict[str, tuple[Dropouts, bool]] = {
     "mplmm_mult": (Dropouts(attn=0.1, relu=0.1, res=0.1, embed=0.25, out=0.1), True),
 }
 PRESETS = tuple(PRESET_DEFAULTS)
+#: Presets whose per-modality encoders only project their inputs (the transformer reads every modality
+#: at once): methods that adapt per-modality transformer encoders cannot run on them.
+JOINT_PRESETS = ("casp_early", "mplmm_mult")
 
 
 def key_padding(pad: torch.Tensor) -> torch.Tensor | None:
@@ -86,16 +89,27 @@ class SequenceEncoder(nn.Module):
     """A modality's input stage: a 1x1 Conv1d to ``d`` (run as a matrix product), optionally an encoder.
 
     Returns the ``(B, T, d)`` tokens (padded steps zeroed when there are any) and the padding mask.
+    A :class:`~mmrepro.models.stages.StagedEncoder` (no layers without ``transformer``); ``max_len``
+    is the schema's sequence length.
     """
 
-    def __init__(self, in_dim: int, d: int, bias: bool, transformer: TransformerEncoder | None = None,
+    def __init__(self, in_dim: int, d: int, bias: bool, max_len: int, transformer: TransformerEncoder | None = None,
                  input_dropout: float = 0.0):
         super().__init__()
         self.proj = nn.Conv1d(in_dim, d, kernel_size=1, bias=bias)
         self.transformer = transformer
         self.input_dropout = input_dropout
+        self.max_len = max_len
 
-    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def width(self) -> int:
+        return self.proj.out_channels
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.transformer.layers if self.transformer is not None else nn.ModuleList()
+
+    def embed(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         pad = padding_mask(lengths, x.shape[1])
         keys = key_padding(pad)
         if self.input_dropout:
@@ -103,11 +117,25 @@ class SequenceEncoder(nn.Module):
         if keys is not None:
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         h = F.linear(x, self.proj.weight.squeeze(-1), self.proj.bias)
+        return (h if self.transformer is None else self.transformer.embed(h)), pad, keys
+
+    def run_layer(self, i: int, h: torch.Tensor, key_pad: torch.Tensor | None) -> torch.Tensor:
+        mask, causal = self.transformer._mask(h.shape[1], h.shape[1], key_pad, h.device)
+        return self.transformer.layers[i](h, None, mask, causal)
+
+    def finish(self, h: torch.Tensor, pad: torch.Tensor, key_pad: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.transformer is not None:
-            h = self.transformer(h, key_pad=keys)
-        if keys is not None:
+            h = self.transformer.layer_norm(h)
+        if key_pad is not None:
             h = h.masked_fill(pad.unsqueeze(-1), 0.0)
         return h, pad
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h, pad, keys = self.embed(x, lengths)
+        if self.transformer is not None:
+            h = self.transformer.encode(h, keys)
+        return (h if keys is None else h.masked_fill(pad.unsqueeze(-1), 0.0)), pad
 
 
 class FirstSteps(nn.Module):
@@ -235,18 +263,20 @@ def build_preset(name: str, schema: DatasetSchema, task: TaskSpec, names: list[s
         return TransformerEncoder(d_model, heads, n_layers, drop, causal, position_padding)
 
     dims = {m: schema.modality(m).dim for m in names}
+    lengths = {m: schema.modality(m).length for m in names}
     if name == "mplmm_mult":
-        encoders = {m: SequenceEncoder(dims[m], d_model, bias=False, input_dropout=drop.embed if i == 0 else 0.0)
-                    for i, m in enumerate(names)}
+        encoders = {m: SequenceEncoder(dims[m], d_model, bias=False, max_len=lengths[m],
+                                       input_dropout=drop.embed if i == 0 else 0.0) for i, m in enumerate(names)}
         fusion = MulTFusion(names, d_model, heads, layers, drop, causal, position_padding)
         model = MulTModel(encoders, fusion, PredictionHead(fusion.out_dim, out_dim, drop.out), task)
-        model.max_lengths = {m: schema.modality(m).length for m in names}  # prompts sized per modality need them
+        model.max_lengths = lengths  # prompts sized per modality need them
         return model
     if name == "casp_early":
-        encoders = {m: SequenceEncoder(dims[m], d_model, bias=True) for m in names}
+        encoders = {m: SequenceEncoder(dims[m], d_model, bias=True, max_len=lengths[m]) for m in names}
         fusion = TimeConcatFusion(names, encoder(layers), d_model)
         return MultimodalModel(encoders, fusion, PredictionHead(d_model, out_dim, drop.out), task)
-    encoders = {m: SequenceEncoder(dims[m], d_model, bias=True, transformer=encoder(layers)) for m in names}
+    encoders = {m: SequenceEncoder(dims[m], d_model, bias=True, max_len=lengths[m], transformer=encoder(layers))
+                for m in names}
     if name == "casp_late":
         fusion = FirstSteps(names, d_model)
         return MultimodalModel(encoders, fusion, PredictionHead(fusion.out_dim, out_dim, drop.out, hidden=d_model),

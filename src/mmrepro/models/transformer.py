@@ -152,8 +152,9 @@ class EncoderLayer(nn.Module):
         self.fc1, self.fc2 = _linear(d, 4 * d), _linear(4 * d, d)
         self.relu_dropout, self.res_dropout = dropouts.relu, dropouts.res
 
-    def forward(self, x: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor] | None = None,
-                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def attend(self, x: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor] | None = None,
+               mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        """The attention sublayer with its residual (what a method branching beside the feed-forward reads)."""
         norm = self.layer_norms[0]
         if source is None:
             h = self.self_attn(norm(x), mask=mask, causal=causal)
@@ -161,9 +162,16 @@ class EncoderLayer(nn.Module):
             k = norm(source[0])
             v = k if source[1] is source[0] else norm(source[1])
             h = self.self_attn(norm(x), k, v, mask=mask, causal=causal)
-        x = x + F.dropout(h, self.res_dropout, self.training)
+        return x + F.dropout(h, self.res_dropout, self.training)
+
+    def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The feed-forward sublayer with its residual."""
         h = F.dropout(F.relu(self.fc1(self.layer_norms[1](x))), self.relu_dropout, self.training)
         return x + F.dropout(self.fc2(h), self.res_dropout, self.training)
+
+    def forward(self, x: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        return self.feed_forward(self.attend(x, source, mask, causal))
 
 
 class TransformerEncoder(nn.Module):
@@ -201,17 +209,28 @@ class TransformerEncoder(nn.Module):
             allowed = keep if allowed is None else keep & allowed
         return allowed, False
 
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the first layer takes it: scaled, positions added, embedding dropout."""
+        return F.dropout(self._scaled(x), self.embed_dropout, self.training)
+
+    def encode(self, h: torch.Tensor, key_pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Self-attention layers and the final LayerNorm over already embedded tokens."""
+        mask, causal = self._mask(h.shape[1], h.shape[1], key_pad, h.device)
+        for layer in self.layers:
+            h = layer(h, None, mask, causal)
+        return self.layer_norm(h)
+
     def forward(self, x: torch.Tensor, source: torch.Tensor | None = None,
                 key_pad: torch.Tensor | None = None) -> torch.Tensor:
-        h = F.dropout(self._scaled(x), self.embed_dropout, self.training)
-        kv = None
-        if source is not None:
-            s = self._scaled(source)
-            if self.training and self.embed_dropout > 0:
-                kv = (F.dropout(s, self.embed_dropout, True), F.dropout(s, self.embed_dropout, True))
-            else:
-                kv = (s, s)
-        mask, causal = self._mask(x.shape[1], (x if source is None else source).shape[1], key_pad, x.device)
+        h = self.embed(x)
+        if source is None:
+            return self.encode(h, key_pad)
+        s = self._scaled(source)
+        if self.training and self.embed_dropout > 0:
+            kv = (F.dropout(s, self.embed_dropout, True), F.dropout(s, self.embed_dropout, True))
+        else:
+            kv = (s, s)
+        mask, causal = self._mask(x.shape[1], source.shape[1], key_pad, x.device)
         for layer in self.layers:
             h = layer(h, kv, mask, causal)
         return self.layer_norm(h)

@@ -389,6 +389,8 @@ class CGGM(TrainingHook):
     paper's Table 6 "direction only"; "magnitude only" is ``lam=0``).
     """
 
+    needs_modality_layers = True  # its classifiers and gradient scaling act on the encoders' transformers
+
     tracks_utilisation = True
 
     def __init__(self, rho: float = 1.3, lam: float = 0.2, cls_lr: float = 5e-4, cls_layers: int = 2,

@@ -81,6 +81,8 @@ class LateHeadsModel(MultimodalModel):
 class LateHeads(ModelTransform):
     """Replace fusion and head by per-modality linear heads combined by ``combine``."""
 
+    needs_modality_layers = True
+
     combine = "mean"
 
     def apply(self, model: nn.Module) -> nn.Module:

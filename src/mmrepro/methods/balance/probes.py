@@ -28,6 +28,7 @@ from torch import nn
 from mmrepro.data.loader import Batch
 from mmrepro.models.encoders import attention_mask, padding_mask
 from mmrepro.models.multimodal import ModelOutput
+from mmrepro.models.stages import BLOCK_TYPES, block_parts
 
 
 def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
@@ -99,10 +100,9 @@ class UnimodalProbes(nn.Module):
     def for_model(cls, model: nn.Module, *, heads: int | None = None, **kw) -> "UnimodalProbes":
         """Probes sized for a :class:`~mmrepro.models.multimodal.MultimodalModel` (width, outputs,
         modalities; ``heads=None`` takes the model encoders' head count), on the model's device."""
-        first = model.encoders[model.names[0]]
-        d_model = first.proj.out_channels
-        if heads is None:
-            heads = first.transformer.layers[0].self_attn.num_heads
+        d_model = model.encoders[model.names[0]].proj.out_channels
+        if heads is None:  # the backbone's first transformer layer, wherever it sits (encoder or fusion)
+            heads = block_parts(next(m for m in model.modules() if isinstance(m, BLOCK_TYPES))).attention.num_heads
         out_dim = model.out_dim if hasattr(model, "out_dim") else model.head.out.out_features  # late-heads models
         probes = cls(model.names, d_model, out_dim, model.task_type, heads=heads, **kw)
         return probes.to(next(model.parameters()).device)

@@ -7,13 +7,16 @@ every backbone parameter and then adds or unfreezes exactly its own parameters, 
 ``param_count(model) -> int`` that predicts that budget from the backbone's shapes alone (it gives
 the same number on the backbone before and after ``apply``); the formulas are below.
 
-Notation: ``d`` model width, ``M`` modalities, ``L`` layers per modality encoder, ``F = M d``
-width of the fused representation, ``K`` outputs (1 for regression). "Transformer layers" are
-every ``nn.TransformerEncoderLayer`` in the modality encoders and in the fusion, and every
-``CrossmodalBlock`` of the ``mult`` fusion: ``M L`` for ``late``, ``M L + M (M-1) fusion_layers
-+ M`` for ``mult``. Each has an attention (packed ``d -> 3d`` input projection, ``d -> d`` output
-projection) and a feed-forward ``d -> 2d -> d``. ``H = 2 (F^2 + F) + F K + K`` is the size of
-the whole prediction head (its residual MLP and ``out``).
+Notation: ``d`` model width, ``M`` modalities, ``L`` layers per modality encoder, ``F`` width of
+the head's residual MLP (``M d`` for ``late``/``mult``, ``d`` for the presets), ``K`` outputs (1 for
+regression). "Transformer layers" are every layer of the encoders and the fusion
+(:func:`mmrepro.models.stages.transformer_blocks`): ``M L`` for ``late`` and ``casp_late``,
+``M L + M (M-1) fusion_layers + M`` for ``mult``, ``L`` for ``casp_early``. Each has an attention
+(packed ``d -> 3d`` input projection, ``d -> d`` output projection) and a feed-forward
+``d -> w d -> d`` (``w = 2`` in the light backbones, 4 in the presets' MulT layers).
+``H = 2 (F^2 + F) + F K + K`` is the size of the whole prediction head (its residual MLP and
+``out``), plus ``G F + F`` where the head first maps its ``G``-wide input to ``F`` (``casp_late``:
+``G = M d``).
 
 What each one adapts:
 
@@ -23,7 +26,8 @@ What each one adapts:
   ``target`` picks the weights of every transformer layer: ``qkv`` (the packed attention input
   projection), ``attn_out`` (attention output projection), ``ff`` (both feed-forward linears);
   default all three. Count: ``sum over targeted weights of r (d_in + d_out)``; with every target
-  that is ``r (4d + 2d + 3d + 3d) = 12 r d`` per transformer layer, plus ``H`` if ``train_head``.
+  that is ``r (4d + 2d + 2 (w + 1) d)`` per transformer layer (``12 r d`` light, ``16 r d`` presets),
+  plus ``H`` if ``train_head``.
   ``nn.MultiheadAttention`` never calls its projections as modules: it reads ``in_proj_weight``
   (q, k and v packed as one ``(3d, d)`` tensor) and ``out_proj.weight`` as tensors. Their update
   is therefore a ``torch.nn.utils.parametrize`` parametrization that returns ``W + s B A`` whenever
@@ -34,7 +38,8 @@ What each one adapts:
 - ``adapter_houlsby`` (Houlsby et al., 2019): a bottleneck ``h + up(act(down(h)))`` (``down d -> b``,
   ``up b -> d`` zero-initialised, so it starts as the identity) on the output of the attention
   sublayer and of the feed-forward sublayer of every transformer layer, after the sublayer's
-  dropout and before its residual addition (the placement of the reference BERT code). The
+  dropout and before its residual addition (the placement of the reference BERT code; in the
+  presets' MulT layers, whose residual dropout is functional, before that dropout). The
   backbone's LayerNorms stay frozen (the paper also tuned them). Count:
   ``2 (2 d b + d + b)`` per transformer layer, plus ``H`` if ``train_head``.
 - ``adapter_pfeiffer`` (Pfeiffer et al., 2021): the same bottleneck after the feed-forward
@@ -43,9 +48,12 @@ What each one adapts:
   modality are prepended to that encoder's token sequence (after its positions are added, so the
   prompts carry no position) before its transformer, and dropped after it; the key-padding mask
   gets ``n`` open positions in front, so real tokens attend to the prompts and padded positions
-  stay masked. Count: ``M n d``, plus ``H`` if ``train_head``.
+  stay masked. The encoders run stage by stage (:class:`mmrepro.models.stages.StagedEncoder`), so
+  backbones whose encoders only project (``casp_early``, ``mplmm_mult``) cannot take prompts.
+  Count: ``M n d``, plus ``H`` if ``train_head``.
 
-The backbone's modules are wrapped or parametrized in place; ``mmrepro.models`` is not edited.
+The backbone's modules are wrapped or parametrized in place, found through
+:mod:`mmrepro.models.stages` (the one place that knows each backbone's layout).
 LoRA, adapters and prompts train the whole prediction head by default (``train_head=True``), as
 PEFT classification fine-tuning does (a new task's head is never frozen). PyTorch's fused
 encoder-layer kernel (used in evaluation without gradients) reads a layer's weights as tensors and
@@ -64,42 +72,37 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from mmrepro.data.loader import Batch
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
-from mmrepro.models.fusion import CrossmodalBlock
+from mmrepro.models.multimodal import MultimodalModel
+from mmrepro.models.stages import block_parts, open_keys, staged_encoders, transformer_blocks
 
 # ---------------------------------------------------------------------------------------------
-# Where the backbone's transformer layers and their sublayers are
+# The backbone's parts these methods reach (mmrepro.models.stages knows every backbone's layout)
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
     """Every transformer layer of the encoders and the fusion (module order), see the module docstring."""
-    return [m for part in (model.encoders, model.fusion) for m in part.modules()
-            if isinstance(m, (nn.TransformerEncoderLayer, CrossmodalBlock))]
+    return transformer_blocks(model)
 
 
-def _width(layer: nn.Module) -> int:
-    return next(m for m in layer.modules() if isinstance(m, nn.LayerNorm)).normalized_shape[0]
-
-
-def _attention(layer: nn.Module) -> nn.MultiheadAttention:
-    mha = layer.self_attn if isinstance(layer, nn.TransformerEncoderLayer) else layer.attn
-    if not isinstance(mha, nn.MultiheadAttention):
-        raise TypeError(f"expected nn.MultiheadAttention, got {type(mha).__name__} (was the model transformed before?)")
+def _attention(layer: nn.Module) -> nn.Module:
+    mha = block_parts(layer).attention
+    if not isinstance(getattr(mha, "in_proj_weight", None), torch.Tensor):
+        raise TypeError(f"expected an attention with a packed in_proj_weight, got {type(mha).__name__} "
+                        "(was the model transformed before?)")
+    if isinstance(mha, nn.MultiheadAttention) and not mha._qkv_same_embed_dim:
+        raise ValueError("lora: attention with separate q/k/v weights is not supported")
     return mha
 
 
-def _ff_linears(layer: nn.Module) -> list[tuple[nn.Module, str]]:
-    """``(parent, attribute)`` of the feed-forward linear layers, first then last."""
-    if isinstance(layer, nn.TransformerEncoderLayer):
-        return [(layer, "linear1"), (layer, "linear2")]
-    return [(layer.ff, name) for name, m in layer.ff.named_children() if isinstance(m, (nn.Linear, LoRALinear))]
-
-
 def head_count(model: nn.Module) -> int:
-    """``2 (F^2 + F) + F K + K``: the prediction head (residual MLP ``F -> F -> F`` and ``out F -> K``)."""
+    """``H``: the prediction head, ``2 (F^2 + F) + F K + K`` (residual MLP ``F -> F -> F``, ``out F -> K``),
+    plus ``G F + F`` when it first maps its ``G``-wide input to ``F`` (CASP's late-fusion head)."""
     f, k = model.head.out.in_features, model.head.out.out_features
-    return 2 * (f * f + f) + f * k + k
+    pre = getattr(model.head, "pre", None)
+    return 2 * (f * f + f) + f * k + k + (pre[0].in_features * f + f if pre is not None else 0)
 
 
 def _freeze(model: nn.Module) -> None:
@@ -213,13 +216,14 @@ class LoRA(ModelTransform):
 
     def _weights(self, layer: nn.Module) -> Iterable[tuple[int, int]]:
         """``(d_in, d_out)`` of each targeted weight of one layer."""
-        d = _width(layer)
+        parts = block_parts(layer)
+        d = parts.width
         if "qkv" in self.target:
             yield d, 3 * d
         if "attn_out" in self.target:
             yield d, d
         if "ff" in self.target:
-            for parent, name in _ff_linears(layer):
+            for parent, name in parts.feed_forward:
                 lin = getattr(parent, name)
                 yield lin.in_features, lin.out_features
 
@@ -231,14 +235,12 @@ class LoRA(ModelTransform):
         _freeze(model)
         for layer in transformer_layers(model):
             mha = _attention(layer)
-            if not mha._qkv_same_embed_dim:
-                raise ValueError("lora: attention with separate q/k/v weights is not supported")
             if "qkv" in self.target:
                 self._parametrize(mha, "in_proj_weight")
             if "attn_out" in self.target:
                 self._parametrize(mha.out_proj, "weight")
             if "ff" in self.target:
-                for parent, name in _ff_linears(layer):
+                for parent, name in block_parts(layer).feed_forward:
                     lin = getattr(parent, name)
                     if not isinstance(lin, nn.Linear):
                         raise ValueError(f"lora: {name} is already a {type(lin).__name__}")
@@ -291,17 +293,6 @@ class AdaptedOutput(nn.Module):
         return self.adapter(out)
 
 
-def _sublayer_output(layer: nn.Module, sublayer: str) -> str:
-    """The attribute whose output is the sublayer's output just before its residual addition.
-
-    ``nn.TransformerEncoderLayer`` ends its attention block with ``dropout1`` and its feed-forward
-    block with ``dropout2``; ``CrossmodalBlock`` adds ``attn``'s and ``ff``'s outputs directly.
-    """
-    if isinstance(layer, nn.TransformerEncoderLayer):
-        return {"attention": "dropout1", "ff": "dropout2"}[sublayer]
-    return {"attention": "attn", "ff": "ff"}[sublayer]
-
-
 def _eager_forward(module: nn.Module, args: tuple) -> None:
     """No-op pre-hook: a layer with a hook never takes PyTorch's fused kernel, which would skip the adapters."""
     return None
@@ -319,20 +310,22 @@ class _BottleneckAdapters(ModelTransform):
 
     def param_count(self, model: nn.Module) -> int:
         b = self.bottleneck
-        n = sum(len(self.sublayers) * (2 * d * b + d + b) for d in map(_width, transformer_layers(model)))
+        n = sum(len(self.sublayers) * (2 * d * b + d + b) for d in (block_parts(layer).width
+                                                                     for layer in transformer_layers(model)))
         return n + (head_count(model) if self.train_head else 0)
 
     def apply(self, model: nn.Module) -> nn.Module:
         _freeze(model)
         for layer in transformer_layers(model):
-            d, like = _width(layer), next(layer.parameters())
+            parts, like = block_parts(layer), next(layer.parameters())
+            sites = {"attention": parts.attention_output, "ff": parts.ff_output}
             for sublayer in self.sublayers:
-                attr = _sublayer_output(layer, sublayer)
-                module = getattr(layer, attr)
+                parent, attr = sites[sublayer]
+                module = getattr(parent, attr)
                 if isinstance(module, AdaptedOutput):
                     raise ValueError(f"{self.name}: {attr} already has an adapter")
-                adapter = BottleneckAdapter(d, self.bottleneck, self.activation, like)
-                setattr(layer, attr, AdaptedOutput(module, adapter))
+                adapter = BottleneckAdapter(parts.width, self.bottleneck, self.activation, like)
+                setattr(parent, attr, AdaptedOutput(module, adapter))
             if isinstance(layer, nn.TransformerEncoderLayer):
                 layer.register_forward_pre_hook(_eager_forward)
         if self.train_head:
@@ -364,26 +357,22 @@ class PfeifferAdapters(_BottleneckAdapters):
 # Prompt tuning
 
 
-class PromptedTransformer(nn.Module):
-    """An ``nn.TransformerEncoder`` run on ``[prompts; tokens]``, returning the tokens' outputs only."""
+class PromptedModel(MultimodalModel):
+    """A ``MultimodalModel`` whose encoders run in stages with ``self.prompts[m]`` in front of their
+    embedded tokens, dropped after the last layer (set by :meth:`PromptTuning.apply`)."""
 
-    def __init__(self, transformer: nn.TransformerEncoder, n_prompts: int, d: int, init_std: float,
-                 like: torch.Tensor):
-        super().__init__()
-        self.transformer = transformer
-        self.prompts = nn.Parameter(torch.randn(1, n_prompts, d, device=like.device, dtype=like.dtype) * init_std)
-
-    def forward(self, src: torch.Tensor, mask: torch.Tensor | None = None,
-                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool | None = None) -> torch.Tensor:
-        if mask is not None or is_causal:
-            raise NotImplementedError("prompt tuning supports key-padding masks only")
-        b, n = src.shape[0], self.prompts.shape[1]
-        h = torch.cat([self.prompts.expand(b, -1, -1).to(src.dtype), src], dim=1)
-        if src_key_padding_mask is not None:
-            # zeros mean "attend" for boolean and for additive float masks alike
-            open_ = src_key_padding_mask.new_zeros(b, n)
-            src_key_padding_mask = torch.cat([open_, src_key_padding_mask], dim=1)
-        return self.transformer(h, src_key_padding_mask=src_key_padding_mask)[:, n:]
+    def encode(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        tokens, pads = {}, {}
+        for m in self.names:
+            enc, prompts = self.encoders[m], self.prompts[m]
+            h, pad, keys = enc.embed(batch.x[m], batch.lengths[m])
+            n = prompts.shape[1]
+            h = torch.cat([prompts.expand(h.shape[0], -1, -1).to(h.dtype), h], dim=1)
+            wide = open_keys(keys, n, front=True)
+            for i in range(len(enc.layers)):
+                h = enc.run_layer(i, h, wide)
+            tokens[m], pads[m] = enc.finish(h[:, n:], pad, keys)
+        return tokens, pads
 
 
 @TRANSFORMS.register("prompt_tuning")
@@ -393,6 +382,8 @@ class PromptTuning(ModelTransform):
     ``param_count = sum over modality encoders of n_prompts d = M n d`` (+ ``H`` if ``train_head``).
     """
 
+    needs_modality_layers = True
+
     def __init__(self, n_prompts: int = 8, init_std: float = 0.02, train_head: bool = True):
         if int(n_prompts) != n_prompts or n_prompts < 1:
             raise ValueError(f"prompt_tuning: n_prompts must be a positive integer, got {n_prompts!r}")
@@ -401,16 +392,20 @@ class PromptTuning(ModelTransform):
         self.n_prompts, self.init_std, self.train_head = int(n_prompts), float(init_std), bool(train_head)
 
     def param_count(self, model: nn.Module) -> int:
-        n = sum(self.n_prompts * enc.norm.normalized_shape[0] for enc in model.encoders.values())
+        n = sum(self.n_prompts * enc.width for enc in staged_encoders(model, "prompt_tuning").values())
         return n + (head_count(model) if self.train_head else 0)
 
     def apply(self, model: nn.Module) -> nn.Module:
+        encoders = staged_encoders(model, "prompt_tuning")
+        if type(model) is not MultimodalModel:
+            raise TypeError(f"prompt_tuning: needs a plain MultimodalModel, got {type(model).__name__} "
+                            "(was the model transformed before?)")
+        like = next(model.parameters())
         _freeze(model)
-        for enc in model.encoders.values():
-            if isinstance(enc.transformer, PromptedTransformer):
-                raise ValueError("prompt_tuning: the encoder already has prompts")
-            d = enc.norm.normalized_shape[0]
-            enc.transformer = PromptedTransformer(enc.transformer, self.n_prompts, d, self.init_std, enc.pos)
+        model.__class__ = PromptedModel
+        model.prompts = nn.ParameterDict({
+            m: nn.Parameter(torch.randn(1, self.n_prompts, enc.width, device=like.device, dtype=like.dtype)
+                            * self.init_std) for m, enc in encoders.items()})
         if self.train_head:
             model.head.requires_grad_(True)
         return model

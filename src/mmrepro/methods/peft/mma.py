@@ -42,7 +42,8 @@ different widths d_m (the shared projection lives in the bottleneck). The adapte
 top ``layers`` of every encoder (default: the upper two thirds, rounded up, as 8 of 12 in the
 official config; all layers of a 1-layer encoder); the j-th adapted layer of every encoder (encoders
 aligned at their top layer) shares one projection.
-Each adapted ``nn.TransformerEncoderLayer`` returns ``layer(x) + s * up_m(relu(shared(relu(down_m(
+Each adapted layer (``nn.TransformerEncoderLayer`` or the presets' MulT ``EncoderLayer``; backbones
+without per-modality encoder layers, ``casp_early`` and ``mplmm_mult``, are refused) returns ``layer(x) + s * up_m(relu(shared(relu(down_m(
 norm1(x))))))`` with its own frozen ``norm1``. The fusion module is not a branch of a two-tower model
 and stays frozen (MMA has nothing there); the prediction head trains by default (``train_head``), as
 for every PEFT baseline here, since a new task needs a new head. ``grad_rescale`` (default on)
@@ -71,10 +72,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrepro.methods.peft.baselines import head_count
-from mmrepro.methods.peft.uniadapter import check_token_encoders
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
 from mmrepro.models.gradients import scale_grad
+from mmrepro.models.stages import block_parts, staged_encoders
+from mmrepro.models.transformer import EncoderLayer
 
 
 class MMAUnit(nn.Module):
@@ -109,15 +111,26 @@ def unit_param_count(dims: list[int], bottleneck: int) -> int:
     return sum(d * b + b + b * d + d for d in dims) + b * b + b
 
 
-class MMAEncoderLayer(nn.TransformerEncoderLayer):
-    """An ``nn.TransformerEncoderLayer`` plus the MMA branch on its input (set by a class swap);
-    ``_mma = (unit, modality index)`` refers to a unit registered once on the model (``model.mma``)."""
+class MMABranch:
+    """Mixin for a transformer layer class: its output plus the MMA branch on its input, read through
+    the layer's own input norm; ``_mma = (unit, modality index)`` refers to a unit registered once on
+    the model (``model.mma``). Set by a class swap, so the layer keeps its parameters and names."""
 
-    def forward(self, src: torch.Tensor, src_mask: torch.Tensor | None = None,
-                src_key_padding_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         unit, m = self._mma
-        out = super().forward(src, src_mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal)
-        return out + unit.branch(src, self.norm1, m)
+        return super().forward(x, *args, **kwargs) + unit.branch(x, block_parts(self).input_norm, m)
+
+
+class MMAEncoderLayer(MMABranch, nn.TransformerEncoderLayer):
+    """The light encoders' ``nn.TransformerEncoderLayer`` with the MMA branch."""
+
+
+class MMAPresetLayer(MMABranch, EncoderLayer):
+    """The presets' MulT ``EncoderLayer`` with the MMA branch."""
+
+
+#: each plain layer class and its MMA class
+MMA_LAYERS = {nn.TransformerEncoderLayer: MMAEncoderLayer, EncoderLayer: MMAPresetLayer}
 
 
 def default_layers(depth: int) -> int:
@@ -128,6 +141,8 @@ def default_layers(depth: int) -> int:
 @TRANSFORMS.register("mma")
 class MMA(ModelTransform):
     """Freeze the backbone and add MMA on the top ``layers`` of every encoder (module docstring)."""
+
+    needs_modality_layers = True
 
     def __init__(self, bottleneck: int = 32, scale: float = 0.001, layers: int | None = None,
                  grad_rescale: bool = True, train_head: bool = True):
@@ -143,12 +158,12 @@ class MMA(ModelTransform):
 
     def _plan(self, model: nn.Module) -> tuple[int, list[int]]:
         """``(k, widths)``: adapted layers per encoder and the encoders' widths."""
-        check_token_encoders(model, "mma")
-        depths = [len(model.encoders[m].transformer.layers) for m in model.names]
+        encoders = staged_encoders(model, "mma")
+        depths = [len(encoders[m].layers) for m in model.names]
         k = default_layers(min(depths)) if self.layers is None else self.layers
         if k > min(depths):
             raise ValueError(f"mma: layers={k} but the shallowest encoder has {min(depths)}")
-        return k, [model.encoders[m].norm.normalized_shape[0] for m in model.names]
+        return k, [encoders[m].width for m in model.names]
 
     def param_count(self, model: nn.Module) -> int:
         k, dims = self._plan(model)
@@ -160,18 +175,18 @@ class MMA(ModelTransform):
         k, dims = self._plan(model)
         adapted = []
         for i, m in enumerate(model.names):
-            ls = list(model.encoders[m].transformer.layers)
+            ls = list(model.encoders[m].layers)
             for j, layer in enumerate(ls[len(ls) - k:]):
-                if type(layer) is not nn.TransformerEncoderLayer:
+                if type(layer) not in MMA_LAYERS:
                     raise TypeError(f"mma: encoder {m!r} has a {type(layer).__name__}, expected a plain "
-                                    "nn.TransformerEncoderLayer (was the model transformed before?)")
+                                    f"{' or '.join(c.__name__ for c in MMA_LAYERS)} (was the model transformed before?)")
                 adapted.append((layer, j, i))
         like = next(model.parameters())
         units = nn.ModuleList(MMAUnit(dims, self.bottleneck, self.scale, self.grad_rescale) for _ in range(k))
         units.to(device=like.device, dtype=like.dtype)
         model.requires_grad_(False)
         for layer, j, i in adapted:
-            layer.__class__ = MMAEncoderLayer
+            layer.__class__ = MMA_LAYERS[type(layer)]
             layer._mma = (units[j], i)  # a tuple: the unit is not registered under the layer
         model.mma = units  # registered once; units[j]: j-th adapted layer of every encoder (aligned at the top)
         units.requires_grad_(True)

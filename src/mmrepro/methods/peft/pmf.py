@@ -70,10 +70,10 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.methods.peft.baselines import head_count
-from mmrepro.methods.peft.uniadapter import check_token_encoders
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
 from mmrepro.models.multimodal import MultimodalModel
+from mmrepro.models.stages import StagedEncoder, open_keys, staged_encoders
 
 
 def _key(s: str, t: str) -> str:
@@ -109,12 +109,13 @@ class PMFLayer(nn.Module):
         self.translate = nn.ModuleDict({_key(s, t): Translator(width[s], hidden, width[t]) for s, t in pairs})
 
 
-def _run(layer: nn.Module, tokens: torch.Tensor, mask: torch.Tensor, extra: list[torch.Tensor]) -> torch.Tensor:
-    """One frozen layer on ``[tokens; *extra]``; the extra positions are open in the key-padding mask."""
+def _run(enc: StagedEncoder, i: int, tokens: torch.Tensor, key_pad: torch.Tensor | None,
+         extra: list[torch.Tensor]) -> torch.Tensor:
+    """Layer ``i`` of a frozen encoder on ``[tokens; *extra]``; the extra positions are attended."""
     b = tokens.shape[0]
     extra = [e.expand(b, -1, -1).to(tokens.dtype) for e in extra]
     n = sum(e.shape[1] for e in extra)
-    return layer(torch.cat([tokens, *extra], dim=1), src_key_padding_mask=torch.cat([mask, mask.new_zeros(b, n)], 1))
+    return enc.run_layer(i, torch.cat([tokens, *extra], dim=1), open_keys(key_pad, n, front=False))
 
 
 class PMFModel(MultimodalModel):
@@ -122,32 +123,35 @@ class PMFModel(MultimodalModel):
     last ``len(self.pmf)`` layers (set by :meth:`PMF.apply`); everything else is unchanged."""
 
     def encode(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        h, pads, masks = {}, {}, {}
+        enc = {m: self.encoders[m] for m in self.names}
+        h, pads, keys = {}, {}, {}
         for m in self.names:
-            h[m], pads[m], masks[m] = self.encoders[m].embed(batch.x[m], batch.lengths[m])
-        depth = len(self.encoders[self.names[0]].transformer.layers)
-        first = depth - len(self.pmf)
+            h[m], pads[m], keys[m] = enc[m].embed(batch.x[m], batch.lengths[m])
+        first = len(enc[self.names[0]].layers) - len(self.pmf)
         for l in range(first):  # base feature extraction, unimodal
             for m in self.names:
-                h[m] = self.encoders[m].transformer.layers[l](h[m], src_key_padding_mask=masks[m])
+                h[m] = enc[m].run_layer(l, h[m], keys[m])
         for k, p in enumerate(self.pmf):
-            layer = {m: self.encoders[m].transformer.layers[first + k] for m in self.names}
             queries: dict[str, list[torch.Tensor]] = {t: [] for t in self.names}
             for s, t in itertools.permutations(self.names, 2):  # query stage, one per direction
                 key = _key(s, t)
                 prompts = ([p.query_context[key]] if key in p.query_context else []) + [p.query[key]]
-                out = _run(layer[s], h[s], masks[s], prompts)[:, -p.query[key].shape[1]:]
+                out = _run(enc[s], first + k, h[s], keys[s], prompts)[:, -p.query[key].shape[1]:]
                 queries[t].append(p.translate[key](out))
-            h = {t: _run(layer[t], h[t], masks[t],  # fusion stage; keep the target's own positions
+            h = {t: _run(enc[t], first + k, h[t], keys[t],  # fusion stage; keep the target's own positions
                          ([p.fusion_context[t]] if t in p.fusion_context else []) + queries[t])[:, : h[t].shape[1]]
                  for t in self.names}
-        tokens = {m: self.encoders[m].norm(h[m]).masked_fill(pads[m].unsqueeze(-1), 0.0) for m in self.names}
+        tokens, masks = {}, {}
+        for m in self.names:
+            tokens[m], masks[m] = enc[m].finish(h[m], pads[m], keys[m])
         return tokens, masks
 
 
 @TRANSFORMS.register("pmf")
 class PMF(ModelTransform):
     """Freeze the backbone and add PMF's prompts and translators (see the module docstring)."""
+
+    needs_modality_layers = True
 
     def __init__(self, fusion_layers: int | None = None, n_qp: int = 4, n_qcp: int = 4, n_fcp: int = 4,
                  hidden: int | None = None, init_std: float = 0.02, train_head: bool = True):
@@ -169,15 +173,15 @@ class PMF(ModelTransform):
 
     def _plan(self, model: nn.Module) -> tuple[int, list[int], int]:
         """``(K, widths, hidden)`` for this backbone; encoders must have one depth."""
-        check_token_encoders(model, "pmf")
-        depths = {len(model.encoders[m].transformer.layers) for m in model.names}
+        encoders = staged_encoders(model, "pmf")
+        depths = {len(encoders[m].layers) for m in model.names}
         if len(depths) != 1:
             raise ValueError(f"pmf: the encoders run in lockstep and need one depth, got {sorted(depths)}")
         depth = depths.pop()
         k = min(2, depth) if self.fusion_layers is None else self.fusion_layers
         if k > depth:
             raise ValueError(f"pmf: fusion_layers={k} but the encoders have {depth} layers")
-        dims = [model.encoders[m].norm.normalized_shape[0] for m in model.names]
+        dims = [encoders[m].width for m in model.names]
         return k, dims, self.hidden or max(1, max(dims) // 2)
 
     def param_count(self, model: nn.Module) -> int:

@@ -42,7 +42,8 @@ shared down-projection and M modality-specific up-projections; it is plugged int
 modality encoder, each modality using its own up-projection (BLIP's image/text pair is M = 2).
 The encoders must share one width d (they do in this project), since the down-projection is shared.
 
-- Encoder layers (``nn.TransformerEncoderLayer``, pre-norm here): the adapter reads ``x`` after the
+- Encoder layers (``nn.TransformerEncoderLayer``, or the presets' MulT ``EncoderLayer``; pre-norm
+  here): the adapter reads ``x`` after the
   attention sublayer and its output joins the feed-forward's residual sum,
   ``x + ff(norm2(x)) + s * up_m(drop(relu(down(LN(x)))))`` (post-norm layers: added after ``norm2``,
   as in BERT).
@@ -55,9 +56,10 @@ The encoders must share one width d (they do in this project), since the down-pr
   cross-attention output; the target modality's up-projection stands in for BLIP's textual one (the
   query side). The per-target self-attention layers after the merge get one more unit, shared by
   all targets, used like an encoder unit.
-- ``late`` fusion has no transformer layer, and the single-stream ``concat`` fusion (one transformer
-  over all modalities' tokens, no modality-specific path to plug the up-projections into) is left
-  frozen too: for both, only the encoders are adapted.
+- ``late`` fusion (and ``casp_late``'s) has no transformer layer, and the single-stream ``concat``
+  fusion (``cggm_msa``'s too: one transformer over all modalities' tokens, no modality-specific
+  path to plug the up-projections into) is left frozen: for these, only the encoders are adapted.
+  Backbones without per-modality encoder layers (``casp_early``, ``mplmm_mult``) are refused.
 - Initialisation: every up-projection (modality and cross-modal) starts at zero, so the adapted
   model starts exactly as the frozen backbone (the cross-modal LayerNorm of a zero vector is its
   zero bias). This is the evident intent of the official ``init_adapter_weights``, which zeroes the
@@ -92,9 +94,9 @@ from torch import nn
 from mmrepro.methods.peft.baselines import head_count
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
-from mmrepro.models.encoders import ModalityEncoder
 from mmrepro.models.fusion import CrossmodalBlock, CrossmodalFusion
-from mmrepro.models.multimodal import MultimodalModel
+from mmrepro.models.stages import staged_encoders
+from mmrepro.models.transformer import EncoderLayer
 
 
 class UniAdapterUnit(nn.Module):
@@ -172,22 +174,26 @@ class UniAdaptedCrossmodalBlock(CrossmodalBlock):
         return h + self.ff(self.norm_ff(h)) + unit.unimodal(target, m) + unit.crossmodal(h, m)
 
 
-def check_token_encoders(model: nn.Module, method: str) -> None:
-    """The multimodal PEFT methods hook into per-modality transformer encoders (``ModalityEncoder``)."""
-    encoders = getattr(model, "encoders", {})
-    if not isinstance(model, MultimodalModel) or not all(isinstance(e, ModalityEncoder) for e in encoders.values()):
-        raise TypeError(f"{method}: needs a MultimodalModel with per-modality transformer encoders, got "
-                        f"{type(model).__name__} (e.g. the segmentation U-Net has none)")
+class UniAdaptedPresetLayer(EncoderLayer):
+    """The presets' MulT ``EncoderLayer`` (pre-norm) with the UniAdapter branch beside its feed-forward."""
+
+    def forward(self, x: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor] | None = None,
+                mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        unit, m = self._uniadapter
+        x = self.attend(x, source, mask, causal)
+        return self.feed_forward(x) + unit.unimodal(x, m)
+
+
+#: each plain encoder-layer class and its adapted class
+ENCODER_LAYERS = {nn.TransformerEncoderLayer: UniAdaptedEncoderLayer, EncoderLayer: UniAdaptedPresetLayer}
 
 
 def _encoder_layers(model: nn.Module) -> dict[str, list[nn.Module]]:
-    check_token_encoders(model, "uniadapter")
-    return {m: list(model.encoders[m].transformer.layers) for m in model.names}
+    return {m: list(enc.layers) for m, enc in staged_encoders(model, "uniadapter").items()}
 
 
 def _width(model: nn.Module) -> int:
-    check_token_encoders(model, "uniadapter")
-    widths = {model.encoders[m].norm.normalized_shape[0] for m in model.names}
+    widths = {enc.width for enc in staged_encoders(model, "uniadapter").values()}
     if len(widths) != 1:
         raise ValueError(f"uniadapter: the shared down-projection needs encoders of one width, got {sorted(widths)}")
     return widths.pop()
@@ -203,6 +209,8 @@ def _mult_depth(model: nn.Module) -> int | None:
 @TRANSFORMS.register("uniadapter")
 class UniAdapter(ModelTransform):
     """Freeze the backbone and add UniAdapter units (see the module docstring for the formula)."""
+
+    needs_modality_layers = True
 
     def __init__(self, bottleneck: int = 16, scale: float = 0.1, dropout: float = 0.0, train_head: bool = True):
         if int(bottleneck) != bottleneck or bottleneck < 1:
@@ -234,7 +242,7 @@ class UniAdapter(ModelTransform):
         layers = _encoder_layers(model)
         fl = _mult_depth(model)
         # (module, adapted class, unit key, unit index, modality index) for every adapted layer
-        plan = [(layer, UniAdaptedEncoderLayer, "encoder", l, i)
+        plan = [(layer, ENCODER_LAYERS.get(type(layer), UniAdaptedEncoderLayer), "encoder", l, i)
                 for i, m in enumerate(model.names) for l, layer in enumerate(layers[m])]
         if fl is not None:
             for key, blocks in model.fusion.cross.items():

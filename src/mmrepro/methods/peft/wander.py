@@ -45,7 +45,8 @@ Each of the M modalities gives a token sequence ``X_m`` (T_m x d_m) from the fro
 3. Residual block. ``placement="last"`` (default; what the official experiments use): the adapter
    reads the backbone's last-layer tokens (our encoders' outputs), mean-pools the L fused positions,
    applies dropout and an up-projection ``U`` (h -> F) and adds the result to the frozen fusion's
-   output (B, F), right before the prediction head. ``placement="every"``: one adapter after every
+   output (B, F), right before the prediction head (on ``casp_early``, whose encoders only project,
+   the tokens it reads are the projected inputs). ``placement="every"``: one adapter after every
    encoder transformer layer, run on all modalities' intermediate tokens at once; its fused sequence
    is mapped back to each modality's length by a learned ``P_m`` (T_m x L) and up-projected per
    modality (h -> d_m), and added to that modality's tokens before the next layer.
@@ -138,6 +139,7 @@ from torch import nn
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
 from mmrepro.models.multimodal import MultimodalModel
+from mmrepro.models.stages import staged_encoders
 
 PLACEMENTS = ("last", "every")
 FACTOR_FORMS = ("paper", "code")
@@ -420,29 +422,25 @@ class WanderLayerwiseModel(MultimodalModel):
     every layer (``placement="every"``); ``self.wander[i]`` follows layer i. Otherwise unchanged."""
 
     def encode(self, batch):
-        h, pads, masks = {}, {}, {}
+        h, pads, keys = {}, {}, {}
         for m in self.names:
-            h[m], pads[m], masks[m] = self.encoders[m].embed(batch.x[m], batch.lengths[m])
+            h[m], pads[m], keys[m] = self.encoders[m].embed(batch.x[m], batch.lengths[m])
         for i, adapter in enumerate(self.wander):
             for m in self.names:
-                h[m] = self.encoders[m].transformer.layers[i](h[m], src_key_padding_mask=masks[m])
+                h[m] = self.encoders[m].run_layer(i, h[m], keys[m])
             delta = adapter([h[m] for m in self.names], [pads[m] for m in self.names])
             for m, dm in zip(self.names, delta):
                 h[m] = h[m] + dm
-        tokens = {m: self.encoders[m].norm(h[m]).masked_fill(pads[m].unsqueeze(-1), 0.0) for m in self.names}
+        tokens, masks = {}, {}
+        for m in self.names:
+            tokens[m], masks[m] = self.encoders[m].finish(h[m], pads[m], keys[m])
         return tokens, masks
 
 
-def _modality_sizes(model: nn.Module, names: Sequence[str]) -> tuple[list[int], list[int]]:
-    """Token width and maximum length of each modality, read from the encoders' position tables."""
-    dims, lengths = [], []
-    for m in names:
-        pos = getattr(model.encoders[m], "pos", None)
-        if pos is None:
-            raise TypeError(f"wander: encoder {m!r} has no 'pos' table to read its width and length from")
-        lengths.append(int(pos.shape[1]))
-        dims.append(int(pos.shape[2]))
-    return dims, lengths
+def _modality_sizes(model: nn.Module, names: Sequence[str], layered: bool) -> tuple[list[int], list[int]]:
+    """Token width and maximum length of each modality's encoder (``layered``: encoders must have layers)."""
+    encoders = staged_encoders(model, "wander", layered=layered)
+    return [encoders[m].width for m in names], [encoders[m].max_len for m in names]
 
 
 @TRANSFORMS.register("wander")
@@ -466,6 +464,7 @@ class Wander(ModelTransform):
         self.common_length, self.hidden = common_length, hidden
         self.dropout, self.append_one = float(dropout), bool(append_one)
         self.placement, self.train_head = placement, bool(train_head)
+        self.needs_modality_layers = placement == "every"
 
     def _adapter_kwargs(self, dims: Sequence[int]) -> dict:
         hidden = self.hidden
@@ -484,8 +483,8 @@ class Wander(ModelTransform):
     def adapter_param_count(self, model: nn.Module) -> int:
         """Wander's own parameters for this model (``wander_param_count`` on its shapes)."""
         names = list(model.names)
-        dims, lengths = _modality_sizes(model, names)
-        layers = len(model.encoders[names[0]].transformer.layers) if self.placement == "every" else 1
+        dims, lengths = _modality_sizes(model, names, layered=self.placement == "every")
+        layers = len(model.encoders[names[0]].layers) if self.placement == "every" else 1
         kw = self._adapter_kwargs(dims)
         return wander_param_count(dims, lengths, model.fusion.out_dim, rank=self.rank, drank=self.drank,
                                   trank=self.trank, common_length=self.common_length, hidden=kw["hidden"],
@@ -493,7 +492,7 @@ class Wander(ModelTransform):
 
     def apply(self, model: nn.Module) -> nn.Module:
         names = list(model.names)
-        dims, lengths = _modality_sizes(model, names)
+        dims, lengths = _modality_sizes(model, names, layered=self.placement == "every")
         ref = next(model.parameters())
         for p in model.parameters():
             p.requires_grad_(False)
@@ -504,7 +503,7 @@ class Wander(ModelTransform):
         else:
             if type(model) is not MultimodalModel:
                 raise TypeError(f"wander: placement 'every' needs a MultimodalModel, got {type(model).__name__}")
-            n_layers = {len(model.encoders[m].transformer.layers) for m in names}
+            n_layers = {len(model.encoders[m].layers) for m in names}
             if len(n_layers) != 1:
                 raise ValueError(f"wander: placement 'every' needs encoders of equal depth, got {sorted(n_layers)}")
             model.__class__ = WanderLayerwiseModel
