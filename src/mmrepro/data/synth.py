@@ -23,7 +23,11 @@ Tokens (each modality m has ``length`` tokens of ``dim`` features)
     :math:`\alpha\, g_m(W_m [\beta s; u_m])` with :math:`g_m(h) = A_{m2} \tanh(A_{m1} h)` a fixed
     random two-layer map and :math:`\beta` small (the weak modalities see ``s`` faintly);
     interaction: the K aligned events sit at positions :math:`t_{m,k} = \lfloor g_k T_m / T_{min}
-    \rfloor` of a shared grid :math:`g_k`, and add :math:`P_m z_{m,k}` to those tokens.
+    \rfloor` of a shared grid :math:`g_k`, and add :math:`P_m z_{m,k}` to those tokens;
+    transfer setting only (``interaction_transfer`` set): each interaction modality j = 1, 2 also
+    carries a per-sample latent :math:`r_j \sim N(0, I_{k_z})` (own random stream) in every token,
+    :math:`x_{m_j,t} \mathrel{+}= Q_j r_j` (:math:`Q_j` a fixed random map of the interaction
+    amplitude): each factor is easy to read per modality, their product only after fusion.
 Label (task ``main``; task ``pretrain`` uses other readouts and shares on the same latents)
     .. math::
         f = a\, v^\top s + \sum_{m \ge 1} b_m\, w_m^\top u_m
@@ -33,8 +37,19 @@ Label (task ``main``; task ``pretrain`` uses other readouts and shares on the sa
     configured variance shares (default 0.4 / 0.4 / 0.2). Regression target
     :math:`y = \mathrm{clip}(\gamma f + \sigma_y \epsilon, -3, 3)` (MOSI's range). The K-class
     label is the argmax of K readouts :math:`f_j` built the same way plus noise
-    :math:`\sigma_c \epsilon_j`. The transfer dose :math:`\kappa` = ``interaction_transfer``
-    (:func:`task_shares`) gives ``main`` an interaction share :math:`\kappa` that ``pretrain`` lacks.
+    :math:`\sigma_c \epsilon_j`.
+Transfer setting (``synth_transfer``; dose :math:`\kappa` = ``interaction_transfer``, :func:`task_shares`)
+    ``pretrain`` reads the same shared and private directions as ``main`` (:math:`v, w`), with
+    ``main``'s shared : private ratio and no cross-modal part; ``main`` adds a *pairwise* part of
+    share :math:`\kappa` and drops the token interaction (``c = 0`` in both tasks):
+
+    .. math::
+        f_{main} = \sqrt{1-\kappa}\, f_{pretrain} + \sqrt{\kappa}\, (p^\top r_1)(q^\top r_2).
+
+    A frozen backbone pretrained on ``pretrain`` has no reason to keep :math:`r` (a nuisance to it),
+    and a linear readout of its features cannot form a product; fine-tuning the encoders and the
+    fusion can. At :math:`\kappa = 0` the two tasks are the same function of the latents, so a linear
+    probe loses nothing (:mod:`mmrepro.mechanisms` measures the gap).
 Oracle
     the noise-free prediction from the clean latents, :math:`\mathrm{clip}(\gamma f, -3, 3)` and
     :math:`\arg\max_j f_j`. No model that sees only the tokens can beat it in expectation; its
@@ -72,6 +87,7 @@ present-masks at load time (:mod:`mmrepro.data.missing`), so every rate reuses o
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import itertools
@@ -116,6 +132,7 @@ class _Readout:
     w_cls: np.ndarray
     p_cls: np.ndarray
     q_cls: np.ndarray
+    e: float = 0.0  # the pairwise part's weight (transfer setting only), read with p and q
 
 
 class SynthGenerator:
@@ -152,6 +169,13 @@ class SynthGenerator:
                 })
             self.maps[-1]["P"] = rng.standard_normal((d, self.kz)) * float(cfg["interaction"]["amplitude"]) / np.sqrt(self.kz)
         self.readouts = {task: self._readout(rng, shares) for task, shares in task_shares(cfg).items()}
+        self.transfer = cfg.get("interaction_transfer") is not None
+        if self.transfer:  # pretraining reads the downstream task's own shared and private directions
+            self.readouts["pretrain"] = dataclasses.replace(self.readouts["main"], **{
+                k: getattr(self.readouts["pretrain"], k) for k in ("a", "b", "c", "e")})
+            t_rng = rng_for(self.seed, "transfer-map")
+            self.pair_maps = {i: t_rng.standard_normal((int(self.mods[i]["dim"]), self.kz))
+                              * float(cfg["interaction"]["amplitude"]) / np.sqrt(self.kz) for i in self.inter}
         self.rho = float(cfg.get("shortcut_private", 0.0))
         if not 0.0 <= self.rho <= 1.0:
             raise ValueError(f"synth.shortcut_private must lie in [0, 1], got {self.rho}")
@@ -167,7 +191,7 @@ class SynthGenerator:
             c=float(np.sqrt(shares["interaction"])),
             v=_unit(rng, self.ks), w=_unit(rng, weak, self.ku), p=_unit(rng, self.kz), q=_unit(rng, self.kz),
             v_cls=_unit(rng, K, self.ks), w_cls=_unit(rng, K, weak, self.ku),
-            p_cls=_unit(rng, K, self.kz), q_cls=_unit(rng, K, self.kz),
+            p_cls=_unit(rng, K, self.kz), q_cls=_unit(rng, K, self.kz), e=float(np.sqrt(shares.get("pairwise", 0.0))),
         )
 
     def schema(self, domains: list[str]) -> DatasetSchema:
@@ -196,6 +220,7 @@ class SynthGenerator:
         t_min = min(self.mods[i]["length"] for i in self.inter)
         grid = np.sort(np.argsort(rng.random((n, t_min)), axis=1)[:, : self.K], axis=1)  # (n, K) distinct
         xi = self._nuisance(rng_for(self.seed, "shortcut", name), n)  # own stream: rho = 0 draws as before
+        r = rng_for(self.seed, "pairwise", name).standard_normal((n, 2, self.kz)) if self.transfer else None
         arrays: dict[str, np.ndarray] = {}
         rows = np.arange(n)[:, None]
         for i, m in enumerate(self.mods):
@@ -213,21 +238,23 @@ class SynthGenerator:
             if i in self.inter:
                 j = self.inter.index(i)
                 x[rows, (grid * T) // t_min] += z[:, j] @ self.maps[i]["P"].T
+                if self.transfer:
+                    x += (r[:, j] @ self.pair_maps[i].T)[:, None, :]
             x = self._shift(x, m["name"], domain)
             arrays[f"x/{m['name']}"] = x.astype(np.float32)
             arrays[f"len/{m['name']}"] = np.full(n, T, dtype=np.int64)
         oracle: dict[str, np.ndarray] = {}
         for task, ro in self.readouts.items():
-            f = self._score(ro, s, u, z, cls=False)
+            f = self._score(ro, s, u, z, cls=False, r=r)
             y = np.clip(cfg["label_scale"] * f + cfg["label_noise"] * rng.standard_normal(n), *LABEL_RANGE)
-            f_cls = self._score(ro, s, u, z, cls=True)
+            f_cls = self._score(ro, s, u, z, cls=True, r=r)
             y_cls = np.argmax(f_cls + cfg["class_noise"] * rng.standard_normal(f_cls.shape), axis=1)
             arrays[f"y/{task}"] = y.astype(np.float32)
             arrays[f"y/{task}_cls"] = y_cls.astype(np.int64)
             oracle[task] = np.clip(cfg["label_scale"] * f, *LABEL_RANGE)
             oracle[f"{task}_cls"] = np.argmax(f_cls, axis=1)
         if not domain:
-            oracle.update(self._ceilings(name, s, u, z, xi))
+            oracle.update(self._ceilings(name, s, u, z, xi, r))
         arrays["ids"] = np.array([f"{name}_{k:06d}" for k in range(n)])
         return arrays, oracle
 
@@ -244,15 +271,20 @@ class SynthGenerator:
         h = np.concatenate([float(self.cfg["weak_shared"]) * s, u[:, i - 1]], axis=1) @ maps["W"].T
         return float(self.mods[i]["amplitude"]) * (np.tanh(h @ maps["A1"].T) @ maps["A2"].T)
 
-    def _score(self, ro: _Readout, s, u, z, cls: bool, interaction: bool = True) -> np.ndarray:
-        """``a*shared + b*private + c*interaction`` (regression ``(n,)``; class scores ``(n, K)`` with ``cls``)."""
+    def _score(self, ro: _Readout, s, u, z, cls: bool, interaction: bool = True, r=None) -> np.ndarray:
+        """``a*shared + b*private + c*interaction (+ e*pairwise)`` (regression ``(n,)``; class scores
+        ``(n, K)`` with ``cls``); without ``interaction`` neither cross-modal part."""
         if cls:
             shared, private = s @ ro.v_cls.T, np.einsum("nmk,cmk->nc", u, ro.w_cls)
             inter = np.einsum("nkz,cz->nkc", z[:, 0], ro.p_cls) * np.einsum("nkz,cz->nkc", z[:, 1], ro.q_cls)
         else:
             shared, private = s @ ro.v, np.einsum("nmk,mk->n", u, ro.w)
             inter = np.einsum("nkz,z->nk", z[:, 0], ro.p) * np.einsum("nkz,z->nk", z[:, 1], ro.q)
-        return ro.a * shared + ro.b * private + interaction * ro.c * inter.sum(1) / np.sqrt(self.K)
+        out = ro.a * shared + ro.b * private + interaction * ro.c * inter.sum(1) / np.sqrt(self.K)
+        if r is not None and interaction and ro.e:
+            p, q = (ro.p_cls.T, ro.q_cls.T) if cls else (ro.p, ro.q)
+            out = out + ro.e * (r[:, 0] @ p) * (r[:, 1] @ q)
+        return out
 
     def _observe(self, subset: tuple[int, ...], s, u, xi, rng: np.random.Generator) -> np.ndarray:
         """What an ideal reader of ``subset``'s tokens sees: each modality's clean signal plus its token
@@ -269,7 +301,7 @@ class SynthGenerator:
         """Per-sample noise the shortcut mixes with the private latents (``shortcut_private`` < 1)."""
         return rng.standard_normal((n, (len(self.mods) - 1) * self.ku)) if self.rho else None
 
-    def _ceilings(self, split: str, s, u, z, xi) -> dict[str, np.ndarray]:
+    def _ceilings(self, split: str, s, u, z, xi, r) -> dict[str, np.ndarray]:
         """Reachable ceilings per modality subset (keys ``<task>|<a+b>``), see the module docstring."""
         rng = rng_for(self.seed, "ceiling", split)
         out = {}
@@ -280,7 +312,8 @@ class SynthGenerator:
             for task, ro in self.readouts.items():
                 for cls, name in ((False, task), (True, f"{task}_cls")):
                     width = self.num_classes if cls else 1
-                    inter = (self._score(ro, s, u, z, cls) - self._score(ro, s, u, z, cls, interaction=False)) * both
+                    inter = (self._score(ro, s, u, z, cls, r=r)
+                             - self._score(ro, s, u, z, cls, interaction=False)) * both
                     pred = (stacked[:, start:start + width] if cls else stacked[:, start]) + inter
                     start += width
                     out[f"{name}|{key}"] = (np.argmax(pred, axis=1) if cls
@@ -323,22 +356,22 @@ class SynthGenerator:
 
 
 def task_shares(cfg: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """The variance shares of ``main`` and ``pretrain``; ``interaction_transfer`` (kappa) rewrites them:
-    the pretraining task loses its interaction share (renormalised over shared and private), and the
-    main task puts kappa in the interaction and ``1 - kappa`` in shared and private in its own ratio."""
+    """The variance shares of ``main`` and ``pretrain``. ``interaction_transfer`` (kappa) rewrites them
+    from ``main``'s shared : private ratio: both tasks drop the token interaction, ``pretrain`` keeps
+    shared and private only, and ``main`` puts kappa in the pairwise part and ``1 - kappa`` in the rest."""
     tasks = {t: dict(cfg["tasks"][t]) for t in ("main", "pretrain")}
     kappa = cfg.get("interaction_transfer")
     if kappa is None:
         return tasks
     if not 0.0 <= kappa <= 1.0:
         raise ValueError(f"synth.interaction_transfer must lie in [0, 1], got {kappa}")
-    for task, inter in (("pretrain", 0.0), ("main", float(kappa))):
-        rest = tasks[task]["shared"] + tasks[task]["private"]
-        if rest <= 0:
-            raise ValueError(f"synth.tasks.{task}: interaction_transfer needs a shared or private share")
-        tasks[task] = {"shared": (1 - inter) * tasks[task]["shared"] / rest,
-                       "private": (1 - inter) * tasks[task]["private"] / rest, "interaction": inter}
-    return tasks
+    main = tasks["main"]
+    rest = main["shared"] + main["private"]
+    if rest <= 0:
+        raise ValueError("synth.tasks.main: interaction_transfer needs a shared or private share")
+    return {task: {"shared": (1 - pair) * main["shared"] / rest, "private": (1 - pair) * main["private"] / rest,
+                   "interaction": 0.0, "pairwise": pair}
+            for task, pair in (("main", float(kappa)), ("pretrain", 0.0))}
 
 
 def modality_subsets(names: list[str], proper: bool = True) -> dict[str, tuple[int, ...]]:

@@ -2,7 +2,9 @@
 
 Reads the JSON points :func:`mmrepro.mechanisms.run_point` writes (one per study, dose and seed)
 and writes one figure per study (two panels: the diagnostic with its threshold, and each method's
-gain over the study's baseline; mean +/- std over seeds) and one table of the diagnostics.
+gain over the study's baseline; mean +/- std over seeds) and one table of the diagnostics. Points
+that record trainable parameters (peft) get a third panel: each method's gain at the sweep's
+largest dose against its trainable parameters.
 """
 
 from __future__ import annotations
@@ -25,16 +27,21 @@ DOSE_LABEL = {"balance": "synth.shortcut_private", "peft": "synth.interaction_tr
 
 
 def load_points(paths: list[str | os.PathLike]) -> pd.DataFrame:
-    """Long frame: study, dose, seed, key (``diagnostic`` or ``gain:<method>``), value, threshold, metric."""
+    """Long frame: study, dose, seed, key (``diagnostic``, ``baseline`` or ``gain:<method>``), value,
+    threshold, metric, trainable (the method's trainable parameters where the point records them).
+    A gain of ``None`` (no gap to close) reads as NaN and is left out of means and plots."""
     rows = []
+    nan = float("nan")
     for path in map(Path, paths):
         p = json.loads(path.read_text())
         base = {"study": p["study"], "dose": float(p["dose"]), "seed": int(p["seed"]), "metric": p["metric"]}
         rows.append({**base, "key": "diagnostic", "value": p["diagnostic"]["value"],
-                     "threshold": p["diagnostic"]["threshold"]})
-        rows.append({**base, "key": "baseline", "value": p["baseline"], "threshold": float("nan")})
-        rows += [{**base, "key": f"gain:{m}", "value": g, "threshold": float("nan")} for m, g in p["gains"].items()]
-    return pd.DataFrame(rows, columns=["study", "dose", "seed", "metric", "key", "value", "threshold"])
+                     "threshold": p["diagnostic"]["threshold"], "trainable": nan})
+        rows.append({**base, "key": "baseline", "value": p["baseline"], "threshold": nan, "trainable": nan})
+        counts = p.get("trainable", {})
+        rows += [{**base, "key": f"gain:{m}", "value": nan if g is None else g, "threshold": nan,
+                  "trainable": counts.get(m, nan)} for m, g in p["gains"].items()]
+    return pd.DataFrame(rows, columns=["study", "dose", "seed", "metric", "key", "value", "threshold", "trainable"])
 
 
 def diagnostics_table(points: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
@@ -68,13 +75,15 @@ def plot_mechanism(points: pd.DataFrame, study: str, stem: str | os.PathLike) ->
     sub = points[points["study"] == study]
     if sub.empty:
         raise ValueError(f"no mechanism points for study {study!r}")
-    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    gain_keys = sorted(k for k in sub["key"].unique() if k.startswith("gain:"))
+    by_params = sub[sub["key"].isin(gain_keys)]["trainable"].notna().any()
+    fig = Figure(figsize=(15 if by_params else 10, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_diag, ax_gain = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if by_params else 2)
+    ax_diag, ax_gain = axes[:2]
     seeds = sub["seed"].nunique()
-    for ax, keys, ylabel in ((ax_diag, ["diagnostic"], "diagnostic"),
-                             (ax_gain, sorted(k for k in sub["key"].unique() if k.startswith("gain:")),
-                              f"{GAIN_LABEL[study]} ({sub['metric'].iloc[0]})")):
+    gain_label = f"{GAIN_LABEL[study]} ({sub['metric'].iloc[0]})"
+    for ax, keys, ylabel in ((ax_diag, ["diagnostic"], "diagnostic"), (ax_gain, gain_keys, gain_label)):
         for i, key in enumerate(keys):
             g = sub[sub["key"] == key].groupby("dose")["value"]
             mean, std = g.mean(), g.std().fillna(0.0)
@@ -85,9 +94,11 @@ def plot_mechanism(points: pd.DataFrame, study: str, stem: str | os.PathLike) ->
         ax.grid(alpha=0.3)
         if not keys:
             ax.text(0.5, 0.5, "no methods in this sweep", ha="center", va="center", transform=ax.transAxes)
+    if by_params:
+        _plot_by_params(axes[2], sub, gain_keys, gain_label)
     ax_diag.axhline(sub["threshold"].dropna().iloc[0], color="0.3", linestyle="--", label="threshold")
     ax_gain.axhline(0.0, color="0.6", linewidth=0.8)
-    for ax in (ax_diag, ax_gain):
+    for ax in axes:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(f"{study} on synth: mean ± std over {seeds} seed(s)", fontsize=11)
@@ -95,6 +106,22 @@ def plot_mechanism(points: pd.DataFrame, study: str, stem: str | os.PathLike) ->
     for path, fmt in zip(paths, ("png", "pdf")):
         _atomic_write(path, lambda fh, fmt=fmt: fig.savefig(fh, format=fmt, dpi=150))
     return paths
+
+
+def _plot_by_params(ax, sub: pd.DataFrame, keys: list[str], ylabel: str) -> None:
+    """Each method's gain (mean +/- std over seeds) at the sweep's largest dose against its trainable parameters."""
+    dose = sub["dose"].max()
+    for i, key in enumerate(keys):
+        rows = sub[(sub["key"] == key) & (sub["dose"] == dose)]
+        std = rows["value"].std()
+        ax.errorbar([rows["trainable"].mean()], [rows["value"].mean()], yerr=[0.0 if pd.isna(std) else std],
+                    marker="os^vD"[i % 5], capsize=3, color=f"C{i % 10}", linestyle="none",
+                    label=key.removeprefix("gain:"))
+    ax.set_xscale("log")
+    ax.set_xlabel(f"trainable parameters (dose {dose:g})")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.axhline(0.0, color="0.6", linewidth=0.8)
 
 
 __all__ = ["load_points", "diagnostics_table", "plot_mechanism"]
