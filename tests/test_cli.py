@@ -38,7 +38,7 @@ def test_check_config_accepts_the_default_and_names_the_bad_key(tmp_path, capsys
 
 @pytest.mark.parametrize("layers", [["paper.yaml"], ["grids/balance_synth.yaml"],
                                     ["grids/balance_synth.yaml", "grids/balance_cggm_sweeps.yaml"],
-                                    ["grids/peft_synth.yaml", "grids/peft_synth_large.yaml"]])
+                                    ["grids/peft_synth.yaml", "grids/peft_synth_large.yaml"], ["grids/shift_synth_bar.yaml"]])
 def test_every_shipped_config_layers_cleanly_over_the_default(layers):
     """Files layer as Snakemake's --configfile does: mappings merge, so a grid may name synth
     without redefining it."""

@@ -259,6 +259,7 @@ def _check_names(config: dict[str, Any]) -> None:
                     raise ConfigError(f"config key studies.{study}.methods[{i}]: on dataset {run['dataset']!r} "
                                       f"(setting {run['setting']!r}): {e}; limit the setting with methods/datasets") from None
     _check_source_model(config)
+    _check_cross_dataset(config)
     for name in config["methods"]:
         if not any(name in reg for reg in registries.values()):
             raise ConfigError(f"config key methods.{name}: unknown method; known: "
@@ -303,15 +304,69 @@ def _check_source_model(config: dict[str, Any]) -> None:
                               f"{source['setting']!r} on dataset {ds!r} to adapt")
 
 
+def _check_cross_dataset(config: dict[str, Any]) -> None:
+    """A ``dataset`` setting names a dataset of the config, in a shift study, whose feature widths equal
+    each source dataset's wherever both are known before any job runs (:func:`feature_widths`)."""
+    for study, spec in config["studies"].items():
+        for name, setting in spec["settings"].items():
+            if setting["type"] != "dataset":
+                continue
+            key, target = f"studies.{study}.settings.{name}", setting.get("target")
+            if STUDY_KINDS[study] != "adapt":
+                raise ConfigError(f"config key {key}.type: a 'dataset' setting adapts a source model at test time: "
+                                  f"shift studies only, not {study!r}")
+            if target not in config["datasets"]:
+                raise ConfigError(f"config key {key}.target: unknown dataset {target!r}; defined under datasets: "
+                                  f"{sorted(config['datasets'])}")
+            theirs = feature_widths(config, target)
+            for ds in setting.get("datasets", spec["datasets"]):
+                ours = feature_widths(config, ds)
+                if ours is not None and theirs is not None and ours != theirs:
+                    raise ConfigError(f"config key {key}.target: feature widths differ between source dataset {ds!r} "
+                                      f"{ours} and target dataset {target!r} {theirs}; a source model reads only "
+                                      "features as wide as its own (give both corpora one feature set)")
+
+
+def feature_widths(config: dict[str, Any], dataset: str) -> dict[str, int] | None:
+    """Each modality's feature width, where known before any job: from the dataset's converted store, a
+    synth generator's config, a published MMSA file's known widths or an MMSA pickle on disk (read once,
+    until its store exists); None otherwise (other loaders' raw data, files not there yet)."""
+    entry = config["datasets"][dataset]
+    if entry["loader"] == "synth":
+        return {m["name"]: int(m["dim"]) for m in entry["synth"]["modalities"]}
+    manifest = Path(config["results"]) / "data" / dataset / "manifest.json"
+    if manifest.is_file():
+        from mmrepro.data.store import FeatureStore
+
+        return {m.name: m.dim for m in FeatureStore(manifest).schema.modalities}
+    if entry["loader"] == "mmsa":
+        from mmrepro.data.mmsa import PUBLISHED_WIDTHS, mmsa_widths
+
+        path = Path(dataset_path(config, dataset))
+        if path.is_file() or any(path.as_posix().endswith("/" + rel) for rel in PUBLISHED_WIDTHS):
+            return mmsa_widths(path, entry["params"].get("text", "bert"))
+    return None
+
+
+def target_dataset(config: dict[str, Any], study: str, dataset: str, setting: str) -> str:
+    """The dataset a run reads: a ``dataset`` setting's target, else the run's own."""
+    spec = config["studies"][study]["settings"][setting]
+    return spec["target"] if spec["type"] == "dataset" else dataset
+
+
 def setting_params(setting: dict[str, Any]) -> dict[str, Any]:
     """A setting's constructor arguments: its config entry without ``type``, ``methods`` and ``datasets``."""
     return {k: v for k, v in setting.items() if k not in ("type", "methods", "datasets")}
 
 
 def _check_domain(config: dict[str, Any], datasets: list[str], domain: str | None, key: str) -> None:
-    """A ``domain`` setting must name the source or a target domain every synth dataset defines."""
+    """A ``domain`` setting must name the source or a target domain every synth dataset defines (other
+    datasets have only the source)."""
     for ds in datasets:
         entry = config["datasets"][ds]
+        if entry["loader"] != "synth" and domain != "source":
+            raise ConfigError(f"config key {key}: dataset {ds!r} is no synth dataset and has no target domain "
+                              f"{domain!r} (only 'source'; another dataset is a 'dataset' setting)")
         if entry["loader"] == "synth" and domain != "source" and domain not in entry["synth"]["domains"]:
             raise ConfigError(f"config key {key}: dataset {ds!r} has no domain {domain!r}; it has "
                               f"{['source', *entry['synth']['domains']]}")

@@ -135,13 +135,14 @@ DATASET_SPECIFIC = ("encoders.", "head.out.")
 
 def _load_trained(data: RunData, spec: dict[str, Any], path: Path) -> torch.nn.Module:
     """A model trained by any study, rebuilt as it was trained: its own model config (not this run's)
-    and its transform's modules (a peft method's), then its weights."""
+    and its transform's modules (a peft method's), then its weights, every one of them (a test-time
+    adapter on another dataset must not start an input projection fresh)."""
     saved = torch.load(path, map_location="cpu")
     model = _model(data, {**spec, "model": saved.get("model", spec["model"])})
     transform = saved.get("transform")
     if transform is not None:
         model = build(TRANSFORMS, transform["name"], transform["params"]).apply(model)
-    _load_backbone(model, path)
+    _load_backbone(model, path, fresh=())
     return model
 
 
@@ -155,10 +156,11 @@ def _save_feature_stats(model: torch.nn.Module, loader: SplitLoader, path: Path,
     os.replace(tmp, path)
 
 
-def _load_backbone(model: torch.nn.Module, path: Path) -> None:
+def _load_backbone(model: torch.nn.Module, path: Path, fresh: tuple[str, ...] = DATASET_SPECIFIC) -> None:
     """Load a trained model's weights; an unreadable or ill-fitting checkpoint names the file.
 
-    Dataset-specific tensors (:data:`DATASET_SPECIFIC`) whose shapes differ start fresh."""
+    Tensors whose names start with one of ``fresh`` (by default the dataset-specific ones,
+    :data:`DATASET_SPECIFIC`) and whose shapes differ start fresh."""
     try:
         saved = torch.load(path, map_location="cpu")["state_dict"]
     except FileNotFoundError:
@@ -168,14 +170,14 @@ def _load_backbone(model: torch.nn.Module, path: Path) -> None:
                                   f"{' '.join(str(e).split())[:400]})", file=str(path)) from None
     own = model.state_dict()
     differ = [k for k, v in saved.items() if k in own and own[k].shape != v.shape]
-    fresh = [k for k in differ if k.startswith(DATASET_SPECIFIC)]
-    if len(fresh) < len(differ):
-        raise DataValidationError(f"checkpoint does not fit the model (shapes differ: {sorted(set(differ) - set(fresh))})",
+    restart = [k for k in differ if fresh and k.startswith(fresh)]
+    if len(restart) < len(differ):
+        raise DataValidationError(f"checkpoint does not fit the model (shapes differ: {sorted(set(differ) - set(restart))})",
                                   file=str(path))
-    if fresh:
-        log.info("%s: %s start fresh (shapes differ from the pretraining dataset's)", path, fresh)
-    missing, unexpected = model.load_state_dict({k: v for k, v in saved.items() if k not in fresh}, strict=False)
-    missing = [k for k in missing if k not in fresh]
+    if restart:
+        log.info("%s: %s start fresh (shapes differ from the pretraining dataset's)", path, restart)
+    missing, unexpected = model.load_state_dict({k: v for k, v in saved.items() if k not in restart}, strict=False)
+    missing = [k for k in missing if k not in restart]
     if unexpected or missing:
         raise DataValidationError(f"checkpoint does not fit the model (missing {missing}, unexpected {unexpected})",
                                   file=str(path))

@@ -15,6 +15,7 @@ from mmrepro.config import (
     mechanism_spec,
     run_spec,
     study_grid,
+    target_dataset,
     teacher_runs,
     validate_config,
 )

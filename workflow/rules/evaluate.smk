@@ -1,12 +1,13 @@
-# Evaluation under shift: a source-trained backbone meets each target domain through a
-# test-time adapter (offline: the target's train split, then its test split; online: the test
-# stream). Missing-modality settings are evaluated inside training runs.
+# Evaluation under shift: a source-trained backbone meets each target domain (or, under a
+# `dataset` setting, another dataset's store) through a test-time adapter (offline: the target's
+# train split, then its test split; online: the test stream). Missing-modality settings are
+# evaluated inside training runs.
 
 
 rule adapt:
     input:
         unpack(lambda wildcards: shift_source(wildcards.dataset, wildcards.seed)),
-        data=lambda wildcards: store(wildcards.dataset),
+        data=lambda wildcards: store(target_dataset(config, "shift", wildcards.dataset, wildcards.setting)),
         tracking=JOB_TRACKING,
         tuned=tuned_best("shift"),
     output:

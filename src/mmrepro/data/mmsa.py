@@ -109,6 +109,16 @@ PUBLISHED_SHA256 = {
     "SIMS/Processed/unaligned_39.pkl": "c9e20c13ec0454d98bb9c1e520e490c75146bfa2dfeeea78d84de047dbdd442f",
 }
 
+#: Feature widths (text, audio, vision) of the published MMSA files (MMSA's config_regression.json),
+#: so a cross-dataset pair of them is checked before they are downloaded: no two corpora share them.
+PUBLISHED_WIDTHS = {
+    "MOSI/Processed/unaligned_50.pkl": (768, 5, 20),
+    "MOSI/Processed/aligned_50.pkl": (768, 5, 20),
+    "MOSEI/Processed/unaligned_50.pkl": (768, 74, 35),
+    "MOSEI/Processed/aligned_50.pkl": (768, 74, 35),
+    "SIMS/Processed/unaligned_39.pkl": (768, 33, 709),
+}
+
 SplitItem = tuple[str, dict[str, np.ndarray], dict[str, Any]]
 Converted = tuple[DatasetSchema, Iterator[SplitItem], dict[str, Any]]
 
@@ -121,7 +131,7 @@ _CHUNK_ELEMENTS = 1 << 24  # scan features for NaN/inf in blocks of about this m
 
 def convert_mmsa(path: Path | str, *, name: str, text: str = "bert", nan_policy: str = "error",
                  label_range: tuple[float, float] = (-3.0, 3.0), aligned: bool | None = None,
-                 sha256: str | None = None) -> Converted:
+                 label_scale: float = 1.0, sha256: str | None = None) -> Converted:
     """Convert an MMSA feature pickle (MOSI/MOSEI ``*_50.pkl``, SIMS ``unaligned_39.pkl``).
 
     ``text="bert"`` stores the BERT features ``text`` ``(N, T, 768)``; ``"bert_inputs"`` stores
@@ -129,17 +139,22 @@ def convert_mmsa(path: Path | str, *, name: str, text: str = "bert", nan_policy:
     run BERT themselves. ``label_range`` is (-3, 3) for MOSI/MOSEI and (-1, 1) for SIMS.
     ``aligned`` (None: detected as "all three sequence lengths equal") makes audio and vision take
     the text-mask length, as MMSA's aligned models do; otherwise ``audio_lengths`` and
-    ``vision_lengths`` are used. ``sha256`` is enforced when given (published files: automatically).
+    ``vision_lengths`` are used. ``label_scale`` multiplies every label and ``label_range`` (CASP puts
+    SIMS on MOSI's scale for cross-dataset pairs: ``label_range: [-1, 1]``, ``label_scale: 3``).
+    ``sha256`` is enforced when given (published files: automatically).
     """
     if text not in TEXT_VIEWS:
         raise ValueError(f"text must be one of {TEXT_VIEWS}, got {text!r}")
     _check_policy(nan_policy)
-    lo, hi = (float(v) for v in label_range)
+    if not label_scale > 0:
+        raise ValueError(f"label_scale must be positive, got {label_scale}")
+    lo, hi = (float(v) * label_scale for v in label_range)
     path = Path(path)
     file = str(path)
     raw, provenance = _load(path, name=name, fmt="mmsa", sha256=sha256)
     provenance.update(converter="mmrepro.data.mmsa.convert_mmsa",
-                      params={"text": text, "nan_policy": nan_policy, "label_range": [lo, hi], "aligned": aligned})
+                      params={"text": text, "nan_policy": nan_policy, "label_range": [lo, hi], "aligned": aligned,
+                              "label_scale": label_scale})
     unimodal: list[str] = []
     converted: dict[str, dict[str, np.ndarray]] = {}
     for split in SPLITS:
@@ -154,6 +169,9 @@ def convert_mmsa(path: Path | str, *, name: str, text: str = "bert", nan_policy:
             unimodal = found
         converted[split] = _mmsa_split(d, split, file=file, text=text, nan_policy=nan_policy,
                                        unimodal=unimodal, aligned=aligned, provenance=provenance)
+        for key in converted[split]:
+            if key.startswith("y/"):
+                converted[split][key] *= np.float32(label_scale)
         del d
     provenance["ignored_top_level_keys"] = sorted(map(str, raw))
     del raw
@@ -161,6 +179,22 @@ def convert_mmsa(path: Path | str, *, name: str, text: str = "bert", nan_policy:
     tasks += [TaskSpec(f"sentiment_{MMSA_UNIMODAL[m]}", "regression", value_range=(lo, hi)) for m in unimodal]
     schema = _schema(name, converted["train"], tasks, source_format="mmsa", text_view=text)
     return schema, _hand_over(converted), provenance
+
+
+def mmsa_widths(path: Path | str, text: str = "bert") -> dict[str, int]:
+    """The feature width of each modality of an MMSA pickle, as :func:`convert_mmsa` would store them
+    (the published files' from :data:`PUBLISHED_WIDTHS`, any other file's read from its train split)."""
+    path = Path(path)
+    posix = path.as_posix()
+    known = next((w for rel, w in PUBLISHED_WIDTHS.items() if posix == rel or posix.endswith("/" + rel)), None)
+    if known is None:
+        with open(path, "rb") as f:
+            train = pickle.load(f)["train"]
+        known = (3 if text == "bert_inputs" else np.shape(train["text"])[-1],
+                 np.shape(train["audio"])[-1], np.shape(train["vision"])[-1])
+    elif text == "bert_inputs":
+        known = (3, *known[1:])
+    return dict(zip(MODALITIES, map(int, known)))
 
 
 def convert_mult(path: Path | str, *, name: str, task: str = "sentiment", nan_policy: str = "error",

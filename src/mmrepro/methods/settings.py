@@ -1,4 +1,5 @@
-"""Data settings: what the data looks like to a run (complete, modalities missing, a shifted domain).
+"""Data settings: what the data looks like to a run (complete, modalities missing, a shifted domain
+or another dataset).
 
 A setting may rename the split a run reads (``test`` -> ``test@<domain>``), restrict the
 modalities the model is built on (unimodal baselines), choose which modalities each sample has
@@ -186,6 +187,16 @@ class Domain(DataSetting):
 
     def target_split(self, split: str) -> str:
         return split if self.domain == "source" else f"{split}@{self.domain}"
+
+
+@SETTINGS.register("dataset")
+class CrossDataset(DataSetting):
+    """Adapt and evaluate on another dataset, ``target`` (CASP's cross-corpus shifts): the run's model
+    was trained on the study's dataset, and every split it reads is the target's, under its own name
+    (the workflow hands the run the target's store; feature widths must match, checked in the config)."""
+
+    def __init__(self, target: str):
+        self.target = target
 
 
 @SETTINGS.register("subset")
