@@ -88,7 +88,8 @@ def test_round_trip_shapes_padding_labels_ids_and_trn_norm(tmp_path):
     sch = fs.schema
     assert [(m.name, m.length, m.dim) for m in sch.modalities] == [
         ("text", 4, 6), ("audio", 7, 5), ("vision", 3, 4)]
-    assert [(t.name, t.type, t.num_classes) for t in sch.tasks] == [("emotion", "classification", 4)]
+    assert [(t.name, t.type, t.num_classes) for t in sch.tasks] == [
+        ("emotion", "classification", 4), *[(f"class_{k}", "classification", 2) for k in range(4)]]
     assert sch.extra["emotions"] == ["class_0", "class_1", "class_2", "class_3"]  # tiny data: order unknown
     assert sch.extra["audio_norm"] == "trn" and sch.extra["fold"] == 1
     prov = fs.manifest["provenance"]
@@ -99,6 +100,8 @@ def test_round_trip_shapes_padding_labels_ids_and_trn_norm(tmp_path):
         a = fs.open_split(split)
         assert a["ids"].tolist() == [n for n, *_ in items]
         assert a["y/emotion"].dtype == np.int64 and a["y/emotion"].tolist() == [c for _, c, *_ in items]
+        for k in range(4):  # the one-vs-rest binary tasks
+            assert a[f"y/class_{k}"].tolist() == [int(c == k) for _, c, *_ in items]
         for i, (name, _, *frames) in enumerate(items):
             for m, t in zip(("text", "audio", "vision"), frames):
                 raw = feature(name, m, t).astype(np.float64)

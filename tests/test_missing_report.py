@@ -14,9 +14,13 @@ from mmrepro.report.missing import case_table
 SETS = ["text", "audio", "vision", "text.audio", "text.vision", "audio.vision"]
 
 
-def write(tmp_path, method, setting, seed, metrics, trainable=10, total=100):
+def write(tmp_path, method, setting, seed, metrics, trainable=10, total=100, rate=0.7, params=None):
     path = tmp_path / method / setting / f"seed{seed}" / "metrics.json"
     path.parent.mkdir(parents=True)
+    transform = "full_finetune" if method == "lower_bound" else "mplmm"
+    (path.parent / "config.json").write_text(json.dumps({
+        "data_setting": {"type": "available" if method == "lower_bound" else "missing", "params": {"rate": rate}},
+        "plan": {"transform": transform}, "method_params": {transform: params or {}}}))
     path.write_text(json.dumps({"study": "missing", "dataset": "synth", "method": method, "setting": setting,
                                 "seed": seed, "task": "classification", "label": "main", "backbone": "mplmm_mult",
                                 "metrics": metrics, "trainable_params": trainable, "total_params": total}))
@@ -51,6 +55,27 @@ def test_case_table_assembles_the_lower_bound_and_averages_over_sets(tmp_path):
     assert acc.loc[("mplmm", "avg"), "std"] > 0
     assert acc.loc[("mplmm", "avg"), "trainable_share"] == pytest.approx(0.07)
     assert set(acc.index.get_level_values("case")) == {*SETS, "avg"}
+
+
+def test_training_rate_and_prompt_length_curves_read_each_runs_config(tmp_path):
+    from mmrepro.report import load_runs
+    from mmrepro.report.missing import prompt_length_points, train_rate_points
+
+    paths = runs(tmp_path)
+    for rate, length in [(0.3, 16), (0.7, 4)]:
+        paths.append(write(tmp_path, "mplmm" if length == 16 else f"mplmm_l{length}", f"rate{rate}", 0,
+                           {"test:avg": {"acc": rate, "f1_weighted": 0.1}}, rate=rate,
+                           params={} if length == 16 else {"prompt_length": length}))
+    frame = load_runs(paths)
+    train = train_rate_points(frame).query("metric == 'acc'")
+    assert sorted(set(zip(train["line"], train["x"]))) == [("mplmm", 0.3), ("mplmm", 0.7), ("mplmm_l4", 0.7)]
+    prompt = prompt_length_points(frame).query("metric == 'acc'")
+    assert sorted(set(zip(prompt["line"], prompt["x"]))) == [("mplmm (rate0.3)", 16.0), ("mplmm (rate0.7)", 4.0),
+                                                            ("mplmm (rate0.7)", 16.0)]  # 16: the class default
+    out = tmp_path / "out"
+    assert main(["missing-report", "--table", str(out / "cases"), "--plot", str(out / "rates"), "--train-rate-plot",
+                 str(out / "train"), "--prompt-length-plot", str(out / "prompt"), *map(str, paths)]) == 0
+    assert all((out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG" for stem in ("rates", "train", "prompt"))
 
 
 def test_cli_writes_table_and_rate_curve(tmp_path):

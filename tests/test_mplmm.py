@@ -61,16 +61,23 @@ def test_released_code_count_on_aligned_mosi():
     assert mplmm_param_count([300, 5, 20], [50, 50, 50], 30, 16, 1) == 88141
 
 
-def test_missing_inputs_are_never_read_and_the_output_is_finite():
-    model = build(TRANSFORMS, "mplmm").apply(backbone(SCH3)).eval()
+def assert_never_reads_missing(model) -> None:
+    """``model``'s output is finite and bit-identical whatever the missing modalities' features hold,
+    and no NaN (the missing features) reaches a gradient of its training loss (prediction plus own loss)."""
+    model.eval()
     b = batch(SCH3, PATTERNS3)
     out = model(b).pred
     assert torch.isfinite(out).all()
     x = {m: torch.where(b.present[:, i].view(-1, 1, 1), v, torch.randn_like(v) * 1e3) for i, (m, v) in enumerate(b.x.items())}
     assert torch.equal(model(replace(b, x=x)).pred, out)
     torch.manual_seed(0)
-    model.train()(b).pred.sum().backward()  # NaN never reaches a gradient either
+    train_out = model.train()(b)
+    (train_out.pred.sum() + (0.0 if train_out.aux_loss is None else train_out.aux_loss)).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_missing_inputs_are_never_read_and_the_output_is_finite():
+    assert_never_reads_missing(build(TRANSFORMS, "mplmm").apply(backbone(SCH3)))
 
 
 def test_grouping_by_pattern_equals_one_sample_at_a_time():
@@ -112,7 +119,7 @@ def test_the_generator_reads_the_available_modalities():
     assert not torch.allclose(model(b).pred, model(replace(b, x=x)).pred)
 
 
-@pytest.mark.parametrize("init,trains", [("uniform", True), ("zeros", False)])
+@pytest.mark.parametrize("init,trains", [("normal", True), ("uniform", True), ("zeros", False)])
 def test_zero_init_type_prompts_never_train(init, trains):
     """The released code's zero init: P_t and m_X each get a gradient proportional to the other: zero."""
     model = build(TRANSFORMS, "mplmm", {"prompt_init": init}).apply(backbone(SCH3)).train()
@@ -132,6 +139,20 @@ def test_zero_init_type_prompts_never_train(init, trains):
     assert all(p.grad.abs().sum() > 0 for p in model.prompts.signal)  # the signal prompts train either way
 
 
+def test_default_init_keeps_the_prediction_on_the_input():
+    """U[0, 1) type tokens swamp the read-out position (predictions hardly vary with the input);
+    the default init leaves the spread of a model whose appended tokens are zero (``zeros``)."""
+    b = batch(SCH3, [[1, 1, 1]] * 32, seed=1)
+
+    def spread(init):
+        with torch.no_grad():
+            return float(build(TRANSFORMS, "mplmm", {"prompt_init": init}).apply(backbone(SCH3)).eval()(b).pred.std())
+
+    reference = spread("zeros")
+    assert spread("normal") > 0.5 * reference
+    assert spread("uniform") < 0.1 * reference
+
+
 def test_backbone_stays_frozen_and_dataset_parts_are_reinitialised():
     base = backbone(SCH3)
     frozen = {k: v.clone() for k, v in base.state_dict().items()}
@@ -145,7 +166,7 @@ def test_backbone_stays_frozen_and_dataset_parts_are_reinitialised():
                                                      kernel=1, dropout=0.0, fusion_layers=1))
 
 
-@pytest.mark.parametrize("bad,match", [({"prompts": ["gen"]}, "gen"), ({"prompt_init": "normal"}, "prompt_init"),
+@pytest.mark.parametrize("bad,match", [({"prompts": ["gen"]}, "gen"), ({"prompt_init": "gaussian"}, "prompt_init"),
                                        ({"prompt_length": 0}, "prompt_length")])
 def test_bad_parameters_are_named(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -237,8 +237,11 @@ def cmd_mechanisms_report(args: argparse.Namespace) -> int:
 def cmd_missing_report(args: argparse.Namespace) -> int:
     from mmrepro.report.missing import missing_report
 
-    missing_report(args.metrics, args.table, args.plot)
-    print(f"wrote {args.table}.{{md,csv}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
+    plots = {name: stem for name, stem in [("test", args.plot), ("train", args.train_rate_plot),
+                                           ("prompt", args.prompt_length_plot)] if stem is not None}
+    missing_report(args.metrics, args.table, plots)
+    print(f"wrote {args.table}.{{md,csv}} and {', '.join(f'{p}.{{png,pdf}}' for p in plots.values())} "
+          f"from {len(args.metrics)} runs")
     return 0
 
 
@@ -368,9 +371,13 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_mechanisms_report)
 
     s = sub.add_parser("missing-report", help="the missing study's per-available-set table (MPLMM's Table 1 "
-                                               "layout) and its curve over the test missing rate")
+                                               "layout) and its curves over the test rate, training rate, prompt length")
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files (md, csv)")
-    s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files (png, pdf)")
+    s.add_argument("--plot", type=Path, required=True, help="output stem of the curve over the test missing rate (png, pdf)")
+    s.add_argument("--train-rate-plot", type=Path, default=None, help="output stem of the curve over the training "
+                                                                       "missing rate (none by default)")
+    s.add_argument("--prompt-length-plot", type=Path, default=None, help="output stem of the curve over the prompt "
+                                                                          "length (none by default)")
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the missing study's runs")
     s.set_defaults(func=cmd_missing_report)
 

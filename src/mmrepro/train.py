@@ -182,6 +182,8 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
                 out = model(batch)
                 task_loss = loss_fn(out.pred.float(), batch.y)
                 loss = hook.loss(model, batch, out, task_loss)
+                if out.aux_loss is not None:  # the model's own objective (e.g. a reconstruction loss)
+                    loss = loss + out.aux_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             hook.after_backward(model, batch, out)

@@ -143,13 +143,15 @@ def paper_reference(study):
 def study_report(study):
     """A study's runs in MLflow, its table and plot, its curves (per epoch of training; shift: target
     error along adaptation), for a missing study with per-case settings its Table 1 layout and
-    test-rate curve, and for the balance study the CGGM paper's Tables 5, 6 and Figure 5."""
+    curves (test rate, training rate, prompt length), and for the balance study the CGGM paper's
+    Tables 5, 6 and Figure 5."""
     files = [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex", "html")] + [
         f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves") for ext in ("png", "pdf")
     ]
     if study == "missing" and any(s["type"] in ("missing", "available") for s in config["studies"][study]["settings"].values()):
         files += [f"{RESULTS}/tables/missing_cases.{ext}" for ext in ("md", "csv")]
-        files += [f"{RESULTS}/plots/missing_rates.{ext}" for ext in ("png", "pdf")]
+        files += [f"{RESULTS}/plots/{name}.{ext}" for name in ("missing_rates", "missing_train_rates",
+                                                               "missing_prompt_lengths") for ext in ("png", "pdf")]
     if study == "balance":
         files += [f"{RESULTS}/tables/balance_cggm.md"] + [f"{RESULTS}/plots/balance_cggm.{ext}" for ext in ("png", "pdf")]
     return files

@@ -64,10 +64,14 @@ rule missing_report:
     output:
         multiext(f"{RESULTS}/tables/missing_cases", ".md", ".csv"),
         multiext(f"{RESULTS}/plots/missing_rates", ".png", ".pdf"),
+        multiext(f"{RESULTS}/plots/missing_train_rates", ".png", ".pdf"),
+        multiext(f"{RESULTS}/plots/missing_prompt_lengths", ".png", ".pdf"),
     params:
         # the output stems, derived from the outputs (a hard-coded prefix breaks without a shared filesystem)
         table=lambda wildcards, output: str(Path(output[0]).with_suffix("")),
         plot=lambda wildcards, output: str(Path(output[2]).with_suffix("")),
+        train=lambda wildcards, output: str(Path(output[4]).with_suffix("")),
+        prompt=lambda wildcards, output: str(Path(output[6]).with_suffix("")),
     conda:
         CONDA_ENV
     log:
@@ -77,7 +81,8 @@ rule missing_report:
         mem_mb=2000,
         runtime=10,
     shell:
-        "mmrepro missing-report --table {params.table} --plot {params.plot} {input} > {log} 2>&1"
+        "mmrepro missing-report --table {params.table} --plot {params.plot} --train-rate-plot {params.train}"
+        " --prompt-length-plot {params.prompt} {input} > {log} 2>&1"
 
 
 rule cggm_report:

@@ -6,7 +6,8 @@ target arrays), the layout that the official CGGM and MPLMM code read.
 ``splits`` yields ``(split, arrays, {})`` for ``train``, ``valid`` and ``test`` (from MMIN's
 ``trn``, ``val``, ``tst``). Arrays: ``x/text``, ``x/audio``, ``x/vision`` float32 ``(N, T_cap, D)``
 padded with zeros after the valid frames, ``len/<modality>`` int64 ``(N,)``, ``y/emotion`` int64
-``(N,)`` in ``[0, 4)``, ``ids`` unicode ``(N,)`` (the utterance names, e.g. ``Ses01F_impro01_F000``).
+``(N,)`` in ``[0, 4)`` and per emotion ``c`` the one-vs-rest ``y/<c>`` in ``{0, 1}`` (task ``c``),
+``ids`` unicode ``(N,)`` (the utterance names, e.g. ``Ses01F_impro01_F000``).
 
 What was read to confirm the layout (public code, read only; nothing copied)
 ----------------------------------------------------------------------------
@@ -277,12 +278,15 @@ def convert_iemocap_h5(path: Path | str, *, name: str, fold: int = 1, audio: str
     schema = DatasetSchema(
         name=name,
         modalities=tuple(ModalitySpec(m, cap[m], dims[m]) for m in MODALITIES),
-        tasks=(TaskSpec("emotion", "classification", num_classes=NUM_CLASSES),),
+        # the 4-way classifier (the official code's) and, per emotion, its one-vs-rest binary task (the
+        # MPLMM paper's four binary IEMOCAP tasks, as MulT reports them; named as in the MulT layout)
+        tasks=(TaskSpec("emotion", "classification", num_classes=NUM_CLASSES),
+               *(TaskSpec(c, "classification", num_classes=2) for c in classes)),
         splits=SPLITS,
         extra={"source_format": "mmin_h5", "emotions": list(classes), "class_names_source": source,
                "fold": int(fold), "features": dict(kinds), "audio_norm": audio_norm},
     )
-    plan = _Plan(files=files, names=names, labels=labels, seq_len=seq_len, dims=dims, cap=cap,
+    plan = _Plan(files=files, names=names, labels=labels, classes=list(classes), seq_len=seq_len, dims=dims, cap=cap,
                  audio_norm=audio_norm, stats=stats, nan_policy=nan_policy, provenance=provenance)
     return schema, _fill_splits(plan), provenance
 
@@ -339,6 +343,8 @@ def _fill(plan: _Plan, split: str) -> dict[str, np.ndarray]:
         out[f"x/{m}"] = x
         out[f"len/{m}"] = np.minimum(t_all, plan.cap[m]).astype(np.int64)
     out["y/emotion"] = plan.labels[split]
+    for k, c in enumerate(plan.classes):  # one-vs-rest: 1 where the utterance's emotion is c
+        out[f"y/{c}"] = (plan.labels[split] == k).astype(np.int64)
     out["ids"] = np.array(names, dtype=str) if n else np.array([], dtype="<U1")
     return out
 

@@ -39,6 +39,19 @@ def substitute(batch: Batch, keep: torch.Tensor) -> Batch:
     return replace(batch, x=x, present=keep)
 
 
+def dropout_keep(present: torch.Tensor, rate: float) -> torch.Tensor:
+    """``present`` less, for each sample with probability ``rate``, the modalities absent from a pattern
+    drawn uniformly among the incomplete non-empty ones; a sample is never left with none."""
+    patterns = torch.from_numpy(incomplete_patterns(present.shape[1], "any")).to(present.device)
+    if rate == 0.0 or len(patterns) == 0:  # one modality: nothing can be dropped
+        return present
+    b = present.shape[0]
+    drawn = patterns[torch.randint(len(patterns), (b,), device=present.device)]
+    dropped = torch.rand(b, device=present.device) < rate
+    keep = present & torch.where(dropped.unsqueeze(1), drawn, torch.ones_like(drawn))
+    return torch.where(keep.any(1, keepdim=True), keep, present)
+
+
 @TRANSFORMS.register("modality_substitution")
 class ModalitySubstitution(FullFinetune):
     """MS: missing inputs replaced by zeros at train and test time; every parameter trains."""
@@ -63,17 +76,7 @@ class ModalityDropout(ModalitySubstitution):
         self.rate = rate
 
     def keep(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        present = batch.present
-        if not model.training or self.rate == 0.0:
-            return present
-        patterns = torch.from_numpy(incomplete_patterns(present.shape[1], "any")).to(present.device)
-        if len(patterns) == 0:  # one modality: nothing can be dropped
-            return present
-        b = present.shape[0]
-        drawn = patterns[torch.randint(len(patterns), (b,), device=present.device)]
-        dropped = torch.rand(b, device=present.device) < self.rate
-        keep = present & torch.where(dropped.unsqueeze(1), drawn, torch.ones_like(drawn))
-        return torch.where(keep.any(1, keepdim=True), keep, present)  # never leave a sample with nothing
+        return dropout_keep(batch.present, self.rate) if model.training else batch.present
 
 
 @TRANSFORMS.register("lower_bound")

@@ -20,7 +20,7 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.methods.incomplete import substitute
-from mmrepro.methods.mplmm import MPLMM, freeze_for_transfer
+from mmrepro.methods.mplmm import MPLMM, NORMAL_STD, freeze_for_transfer
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
 from mmrepro.models.multimodal import ModelOutput
@@ -40,7 +40,7 @@ class PatternPrompted(nn.Module):
         m, w = len(backbone.names), backbone.fusion.memory_dim
         self.backbone, self.names, self.task_type = backbone, backbone.names, backbone.task_type
         # (pattern code, branch, l, W); code = sum_i present_i 2^i, code 0 (nothing present) unused
-        self.prompts = nn.Parameter(nn.init.trunc_normal_(torch.empty(2 ** m - 1, m, prompt_length, w), std=0.02))
+        self.prompts = nn.Parameter(nn.init.trunc_normal_(torch.empty(2 ** m - 1, m, prompt_length, w), std=NORMAL_STD))
 
     def forward(self, batch: Batch) -> ModelOutput:
         batch = substitute(batch, batch.present)

@@ -53,8 +53,8 @@ METHOD_FAMILIES = {"transform": TRANSFORMS, "hook": HOOKS, "adapter": ADAPTERS}
 
 def _load_plugins() -> None:
     """Import the modules that register plug-ins (kept here so the registries are never empty)."""
-    from mmrepro.methods import (adapters, balance, casp, hooks, incomplete, map_prompts, mplmm, peft,  # noqa: F401
-                                 settings, transforms, tta_baselines)
+    from mmrepro.methods import (adapters, balance, casp, hooks, imagination, incomplete, map_prompts,  # noqa: F401
+                                 mplmm, peft, settings, transforms, tta_baselines)
 
 
 @dataclass(frozen=True)

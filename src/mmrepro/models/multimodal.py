@@ -27,6 +27,9 @@ class ModelOutput:
     # (B, R) what test-time adapters compare across views (CASP's contrastive loss); a backbone
     # names its own (CASP's late fusion: the concatenated per-modality readouts), else ``fused``
     representation: torch.Tensor | None = None
+    # a model's own training objective (scalar), added to the task loss by the training loop
+    # (e.g. MCTN's and MMIN's reconstruction losses); None: none
+    aux_loss: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.representation is None:

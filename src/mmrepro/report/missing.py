@@ -1,4 +1,4 @@
-"""The missing study's own outputs: MPLMM's Table 1 layout and the curve over the test missing rate.
+"""The missing study's own outputs: MPLMM's Table 1 layout and its curves (test rate, training rate, prompt length).
 
 Why a separate report: the generic table has one column per metric on the plain test split; the
 missing study scores each run on one test case per available set (``test:available:<set>``),
@@ -12,7 +12,11 @@ the runs into ``metrics.json``. Here:
   ablation rows are the ``mplmm_<letters>`` methods.
 - :func:`write_case_table`: that frame as CSV, and as Markdown in the paper's layout (methods x
   available sets + Avg, one block per dataset and metric).
-- :func:`plot_rate_curves`: the task's main metric against the test missing rate, one line per method.
+- :func:`plot_curves`: the task's main metric against one x, from the points of :data:`CURVES`: the
+  test missing rate (each run's ``test:rate:<r>`` cases), the training missing rate (``test:avg`` of
+  runs of ``missing`` settings at different rates; MPLMM's Fig. 6) and the prompt length
+  (``test:avg`` of runs whose transform has a ``prompt_length``, e.g. ``method_variants`` of
+  ``mplmm``; Fig. 7). Training rate and prompt length are read from each run's ``config.json``.
 
 Metrics shown (:data:`CASE_METRICS`): ACC/F1 of the binary task for every dataset (regression:
 the non-zero Acc-2 and F1), plus MAE, Corr and Acc-7 for MOSI-style regression.
@@ -20,6 +24,7 @@ the non-zero Acc-2 and F1), plus MAE, Corr and Acc-7 for MOSI-style regression.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -32,7 +37,8 @@ from matplotlib.figure import Figure
 from .plots import metric_label
 from .tables import MAIN_METRIC, _atomic_write, _atomic_write_text, _with_suffix, load_runs
 
-__all__ = ["CASE_METRICS", "case_table", "write_case_table", "plot_rate_curves", "missing_report"]
+__all__ = ["CASE_METRICS", "CURVES", "case_table", "write_case_table", "plot_curves", "test_rate_points",
+           "train_rate_points", "prompt_length_points", "missing_report"]
 
 CASE_METRICS: dict[str, tuple[str, ...]] = {
     "regression": ("acc2_non0", "f1_non0", "mae", "corr", "acc7"),
@@ -94,25 +100,65 @@ def write_case_table(table: pd.DataFrame, stem: str | os.PathLike) -> list[Path]
     return [csv, md]
 
 
-def plot_rate_curves(runs: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
-    """Write ``stem.png``/``.pdf``: main metric (mean ± std over seeds) against the test missing rate."""
-    df = runs[runs["split"].str.startswith(RATE_PREFIX)].copy()
+def _spec(path: str) -> dict:
+    """The run's spec, ``config.json`` beside its ``metrics.json``."""
+    return json.loads((Path(path).parent / "config.json").read_text())
+
+
+def _prompt_length(spec: dict) -> float:
+    """The run's prompt length (its transform's ``prompt_length``, the class default if not set); NaN if none."""
+    from mmrepro.methods.registry import TRANSFORMS, plugin_class
+
+    name = spec["plan"]["transform"]
+    param = inspect.signature(plugin_class(TRANSFORMS, name)).parameters.get("prompt_length")
+    return float(spec["method_params"][name].get("prompt_length", param.default)) if param is not None else np.nan
+
+
+def test_rate_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """Curve points over the test missing rate: every run's ``test:rate:<r>`` splits, one line per method."""
+    df = runs[runs["split"].str.startswith(RATE_PREFIX)]
+    return df.assign(x=df["split"].str.removeprefix(RATE_PREFIX).astype(float), line=df["method"])
+
+
+def train_rate_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """Curve points over the training missing rate: ``test:avg`` of each ``missing``-setting run, one line
+    per method."""
+    df = runs[runs["split"] == AVG]
+    specs = {p: _spec(p) for p in pd.unique(df["path"])}
+    rate = df["path"].map(lambda p: specs[p]["data_setting"]["params"].get("rate", 0.7)
+                          if specs[p]["data_setting"]["type"] == "missing" else np.nan)
+    return df.assign(x=rate, line=df["method"]).dropna(subset=["x"])
+
+
+def prompt_length_points(runs: pd.DataFrame) -> pd.DataFrame:
+    """Curve points over the prompt length: ``test:avg`` of runs whose transform has one (MPLMM, MPMM,
+    their variants), one line per (transform, setting)."""
+    df = runs[runs["split"] == AVG]
+    specs = {p: _spec(p) for p in pd.unique(df["path"])}
+    length = df["path"].map(lambda p: _prompt_length(specs[p]))
+    line = df["path"].map(lambda p: specs[p]["plan"]["transform"]) + " (" + df["setting"] + ")"
+    return df.assign(x=length, line=line).dropna(subset=["x"])
+
+
+def plot_curves(points: pd.DataFrame, stem: str | os.PathLike, xlabel: str) -> list[Path]:
+    """Write ``stem.png``/``.pdf``: the main metric (mean ± std over seeds) against ``x``, one panel per
+    dataset, one line per ``line`` with at least two x values (a single point is no curve)."""
+    df = points[points["line"].map(points.groupby("line")["x"].nunique()) > 1] if len(points) else points
     datasets = sorted(pd.unique(df["dataset"]))
     fig = Figure(figsize=(5 * max(len(datasets), 1), 4))
     FigureCanvasAgg(fig)
     if df.empty:
         ax = fig.add_subplot(1, 1, 1)
-        ax.text(0.5, 0.5, "no test_rates in these runs", ha="center", va="center")
+        ax.text(0.5, 0.5, f"no runs at more than one {xlabel}", ha="center", va="center")
         ax.set_axis_off()
     for i, dataset in enumerate(datasets):
         ax = fig.add_subplot(1, len(datasets), i + 1)
         d = df[df["dataset"] == dataset]
         metric = MAIN_METRIC[d["task"].iloc[0]]
-        d = d[d["metric"] == metric].assign(rate=lambda f: f["split"].str.removeprefix(RATE_PREFIX).astype(float))
-        for method, g in d.groupby("method", sort=False):
-            stats = g.groupby("rate")["value"].agg(["mean", "std"]).sort_index()
-            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=method)
-        ax.set_xlabel("test missing rate")
+        for line, g in d[d["metric"] == metric].groupby("line", sort=False):
+            stats = g.groupby("x")["value"].agg(["mean", "std"]).sort_index()
+            ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0.0), marker="o", capsize=3, label=line)
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(metric_label(metric))
         ax.set_title(dataset)
         ax.legend(fontsize=8)
@@ -125,8 +171,16 @@ def plot_rate_curves(runs: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     return paths
 
 
-def missing_report(metrics: list[Path], table: Path, plot: Path) -> None:
-    """The CLI's ``missing-report``: both outputs from the runs' ``metrics.json`` files."""
+CURVES = {"test": (test_rate_points, "test missing rate"), "train": (train_rate_points, "training missing rate"),
+          "prompt": (prompt_length_points, "prompt length")}
+"""The study's curves: name -> (points of the runs, x-axis label)."""
+
+
+def missing_report(metrics: list[Path], table: Path, plots: dict[str, Path]) -> None:
+    """The CLI's ``missing-report``: the table and each curve of :data:`CURVES` named in ``plots``
+    (curve name -> output stem) from the runs' ``metrics.json`` files."""
     runs = load_runs(metrics)
     write_case_table(case_table(runs), table)
-    plot_rate_curves(runs, plot)
+    for name, stem in plots.items():
+        points, xlabel = CURVES[name]
+        plot_curves(points(runs), stem, xlabel)
