@@ -169,3 +169,17 @@ def test_transfer_is_present_at_the_settings_dose_and_absent_at_zero(tmp_path):
     assert valid.present, valid
     assert not zero.present, zero
     assert valid.value > zero.value + 0.1, (valid, zero)
+
+
+@pytest.mark.parametrize("study", ["missing", "shift"])
+def test_degradation_is_present_at_the_sweeps_top_dose_and_absent_at_zero(study, tmp_path):
+    """The missing rate and the shift scale: the reference model's error rises by more than the
+    threshold at the default sweep's largest dose, and not at dose 0 (tiny budget, one seed)."""
+    sweep = default_config()["mechanisms"]["studies"][study]
+    entry = small_synth(train=400, valid=200, test=300)
+    budget = mechanisms.Budget(epochs=4)
+    points = {dose: mechanisms.run_point(study, entry, dose, 0, budget, tmp_path / str(dose), domain=sweep.get("domain"))
+              for dose in (sweep["doses"][-1], 0.0)}
+    top, zero = points[sweep["doses"][-1]]["diagnostic"], points[0.0]["diagnostic"]
+    assert top["present"], top
+    assert not zero["present"], zero
