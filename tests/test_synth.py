@@ -93,7 +93,7 @@ class TokenProduct(nn.Module):
 
     def forward(self, batch):
         prod = self.p(batch.x["text"]) * self.q(batch.x["audio"][:, ::2])
-        return type("Out", (), {"pred": self.out(prod.sum(1)).squeeze(-1)})
+        return type("Out", (), {"pred": self.out(prod.sum(1)).squeeze(-1), "aux_loss": None})
 
 
 def test_late_fusion_misses_the_token_level_interaction(tmp_path):
