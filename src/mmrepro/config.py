@@ -190,6 +190,15 @@ def _check_names(config: dict[str, Any]) -> None:
             if ds not in config["datasets"]:
                 raise ConfigError(f"config key studies.{study}.datasets[{i}]: unknown dataset {ds!r}; "
                                   f"defined under datasets: {sorted(config['datasets'])}")
+        for group, members in spec["report_groups"].items():
+            key = f"studies.{study}.report_groups.{group}"
+            if group in spec["datasets"]:
+                raise ConfigError(f"config key {key}: the group's name is one of the study's datasets; its rows "
+                                  "would be mistaken for that dataset's")
+            for i, ds in enumerate(members):
+                if ds not in spec["datasets"]:
+                    raise ConfigError(f"config key {key}[{i}]: {ds!r} is not one of the study's datasets "
+                                      f"{spec['datasets']}")
         source = spec.get("pretrain_dataset")
         if source is not None and source not in config["datasets"]:
             raise ConfigError(f"config key studies.{study}.pretrain_dataset: unknown dataset {source!r}; "
