@@ -3,25 +3,28 @@ per-set models), trainable share, and the curve over the test missing rate."""
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 
+from conftest import REPO
 from mmrepro.cli import main
 from mmrepro.report.missing import case_table
 
 SETS = ["text", "audio", "vision", "text.audio", "text.vision", "audio.vision"]
 
 
-def write(tmp_path, method, setting, seed, metrics, trainable=10, total=100, rate=0.7, params=None):
-    path = tmp_path / method / setting / f"seed{seed}" / "metrics.json"
+def write(tmp_path, method, setting, seed, metrics, trainable=10, total=100, rate=0.7, params=None, dataset="synth"):
+    path = tmp_path / dataset / method / setting / f"seed{seed}" / "metrics.json"
     path.parent.mkdir(parents=True)
     transform = "full_finetune" if method == "lower_bound" else "mplmm"
     (path.parent / "config.json").write_text(json.dumps({
         "data_setting": {"type": "available" if method == "lower_bound" else "missing", "params": {"rate": rate}},
         "plan": {"transform": transform}, "method_params": {transform: params or {}}}))
-    path.write_text(json.dumps({"study": "missing", "dataset": "synth", "method": method, "setting": setting,
+    path.write_text(json.dumps({"study": "missing", "dataset": dataset, "method": method, "setting": setting,
                                 "seed": seed, "task": "classification", "label": "main", "backbone": "mplmm_mult",
                                 "metrics": metrics, "trainable_params": trainable, "total_params": total}))
     return path
@@ -86,3 +89,115 @@ def test_cli_writes_table_and_rate_curve(tmp_path):
     assert "| method | text | audio | vision | text.audio | text.vision | audio.vision | avg |" in md
     assert "7 (7.0%)" in md
     assert (out / "rates.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# --------------------------------------------------------------------------- report groups (IEMOCAP's four tasks)
+
+EMOTIONS = ["iemocap_mmin_neutral", "iemocap_mmin_happy", "iemocap_mmin_sad", "iemocap_mmin_angry"]
+GROUPS = {"iemocap": EMOTIONS}
+REF = REPO / "config" / "reference"
+
+
+def emotion_acc(task, case, seed):
+    """A member's accuracy: seed effects differ between tasks, so the spread of the per-seed group
+    mean differs from any mean of the members' spreads."""
+    return 0.5 + 0.05 * task + 0.01 * case + 0.02 * seed * (task - 1.5)
+
+
+def emotion_runs(tmp_path, skip=()):
+    """mplmm on the four emotion tasks, three seeds; ``skip``: (task index, seed) runs left out."""
+    paths = []
+    for j, ds in enumerate(EMOTIONS):
+        for seed in (0, 1, 2):
+            if (j, seed) in skip:
+                continue
+            cases = {f"test:available:{s}": {"acc": emotion_acc(j, i, seed), "f1_weighted": 0.4}
+                     for i, s in enumerate(SETS)}
+            paths.append(write(tmp_path, "mplmm", "rate0.7", seed, {"test": {"acc": emotion_acc(j, 9, seed),
+                                                                            "f1_weighted": 0.4}, **cases},
+                               trainable=7, total=100, dataset=ds))
+    return paths
+
+
+def paper_cell(condition, metric="ACC", method="mplmm"):
+    with open(REF / "missing.csv", newline="", encoding="utf-8") as fh:
+        return next(r for r in csv.DictReader(fh) if (r["dataset"], r["condition"], r["method"], r["metric"])
+                    == ("iemocap", condition, method, metric))
+
+
+def md_rows(md, dataset, metric):
+    """The Markdown block of one dataset and metric: {first cell: cells}, plus the header's cells."""
+    block = md.split(f"### {dataset}: {metric}")[1].split("###")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in block.splitlines() if line.startswith("|")]
+    return rows[0], {r[0]: r for r in rows[2:]}
+
+
+def test_group_row_is_the_mean_over_its_tasks_per_seed_then_over_seeds(tmp_path):
+    from mmrepro.report import load_reference, load_runs
+    from mmrepro.report.groups import add_groups, parse_groups
+
+    runs = add_groups(load_runs(emotion_runs(tmp_path)), parse_groups(GROUPS))
+    table = case_table(runs, load_reference(REF / "missing.csv", REF / "names.yaml", "missing"))
+    acc = table[(table["metric"] == "acc") & (table["n"] > 0)].set_index(["dataset", "case"])
+    per_seed = [np.mean([emotion_acc(j, 1, s) for j in range(4)]) for s in (0, 1, 2)]  # case 1: audio
+    assert acc.loc[("iemocap", "audio"), "mean"] == pytest.approx(np.mean(per_seed))
+    assert acc.loc[("iemocap", "audio"), "std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert acc.loc[("iemocap", "audio"), "n"] == 3
+    avg_seed = [np.mean([emotion_acc(j, i, s) for j in range(4) for i in range(6)]) for s in (0, 1, 2)]
+    assert acc.loc[("iemocap", "avg"), "std"] == pytest.approx(np.std(avg_seed, ddof=1))
+    assert acc.loc[("iemocap_mmin_sad", "audio"), "mean"] == pytest.approx(np.mean([emotion_acc(2, 1, s) for s in (0, 1, 2)]))
+    # the paper's IEMOCAP cell sits beside the group's, our case named for its modality set
+    at = paper_cell("available=at")
+    assert acc.loc[("iemocap", "text.audio"), "paper_printed"] == at["value"]
+    assert acc.loc[("iemocap", "text.audio"), "paper"] == pytest.approx(float(at["value"]) / 100)
+    assert pd.isna(acc.loc[("iemocap_mmin_sad", "audio"), "paper"])  # the members have no paper cell
+
+    # the study table (test split) has the group's row too
+    from mmrepro.report import summarize
+    summary = summarize(runs).set_index("dataset")
+    assert summary.loc["iemocap", "acc_mean"] == pytest.approx(np.mean([emotion_acc(j, 9, s) for j in range(4) for s in range(3)]))
+    assert summary.loc["iemocap", "acc_std"] == pytest.approx(
+        np.std([np.mean([emotion_acc(j, 9, s) for j in range(4)]) for s in range(3)], ddof=1))
+
+
+def test_missing_report_shows_the_group_beside_the_papers_iemocap_row(tmp_path):
+    out = tmp_path / "out"
+    assert main(["missing-report", "--table", str(out / "cases"), "--plot", str(out / "rates"),
+                 "--reference", str(REF / "missing.csv"), "--groups", json.dumps(GROUPS),
+                 *map(str, emotion_runs(tmp_path))]) == 0
+    md = (out / "cases.md").read_text(encoding="utf-8")
+    header, rows = md_rows(md, "iemocap", "acc (%)")
+    ours, paper = rows["mplmm"], rows["mplmm (paper)"]
+    per_seed = [np.mean([emotion_acc(j, 1, s) for j in range(4)]) for s in (0, 1, 2)]
+    assert ours[header.index("audio")] == f"{100 * np.mean(per_seed):.2f} ± {100 * np.std(per_seed, ddof=1):.2f}"
+    a, at, avg = paper_cell("available=a"), paper_cell("available=at"), paper_cell("available=avg6")
+    mark = paper[header.index("audio")].removeprefix(a["value"])
+    assert mark and paper[header.index("text.audio")] == at["value"] + mark and paper[header.index("avg")] == avg["value"] + mark
+    assert f"{mark} {a['note']}" in md  # the provenance note as footnote
+    assert "lower_bound (paper)" in rows  # a method the paper reports and we did not run: its row alone
+    assert "iemocap: report group, each cell the mean over iemocap_mmin_neutral" in md
+    _, member = md_rows(md, "iemocap_mmin_sad", "acc")
+    assert "mplmm" in member and "mplmm (paper)" not in member  # members kept, no paper cell of their own
+
+
+def test_a_seed_missing_for_one_task_makes_the_group_cell_incomplete(tmp_path):
+    paths = emotion_runs(tmp_path, skip={(2, 1)})  # iemocap_mmin_sad lacks seed 1
+    out = tmp_path / "out"
+    assert main(["missing-report", "--table", str(out / "cases"), "--plot", str(out / "rates"), "--groups",
+                 json.dumps(GROUPS), *map(str, paths)]) == 0
+    table = pd.read_csv(out / "cases.csv")
+    group = table[table["dataset"] == "iemocap"]
+    assert group["incomplete"].all() and group["mean"].isna().all()  # never a mean over three tasks
+    assert not table.loc[table["dataset"] == "iemocap_mmin_sad", "incomplete"].any()
+    _, rows = md_rows((out / "cases.md").read_text(encoding="utf-8"), "iemocap", "acc")
+    assert rows["mplmm"][1:8] == ["incomplete"] * 7  # six cases and avg
+    _, sad = md_rows((out / "cases.md").read_text(encoding="utf-8"), "iemocap_mmin_sad", "acc")
+    assert "incomplete" not in sad["mplmm"]
+
+    # the study table marks it too
+    assert main(["report", "--table", str(out / "study"), "--plot", str(out / "study_plot"), "--groups",
+                 json.dumps(GROUPS), *map(str, paths)]) == 0
+    study = (out / "study.md").read_text(encoding="utf-8")
+    row = next(line for line in study.splitlines() if line.startswith("| iemocap | mplmm |"))
+    assert "incomplete" in row
+    assert "iemocap: report group" in study

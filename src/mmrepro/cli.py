@@ -168,10 +168,12 @@ def _study_reference(path: Path | None, names: Path | None, runs) -> object:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
+    from mmrepro.report.groups import add_groups, parse_groups
 
     runs = load_runs(args.metrics)
-    write_table(add_baseline_delta(summarize(runs, reference=_study_reference(args.reference, args.names, runs)), runs),
-                args.table)
+    grouped = add_groups(runs, parse_groups(args.groups))
+    write_table(add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
+                                   grouped), args.table)
     plot_study(runs, args.plot)
     print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
     return 0
@@ -235,11 +237,14 @@ def cmd_mechanisms_report(args: argparse.Namespace) -> int:
 
 
 def cmd_missing_report(args: argparse.Namespace) -> int:
+    from mmrepro.report import load_reference
     from mmrepro.report.missing import missing_report
 
     plots = {name: stem for name, stem in [("test", args.plot), ("train", args.train_rate_plot),
                                            ("prompt", args.prompt_length_plot)] if stem is not None}
-    missing_report(args.metrics, args.table, plots)
+    reference = (None if args.reference is None else
+                 load_reference(args.reference, args.names or args.reference.with_name("names.yaml"), "missing"))
+    missing_report(args.metrics, args.table, plots, reference, args.groups)
     print(f"wrote {args.table}.{{md,csv}} and {', '.join(f'{p}.{{png,pdf}}' for p in plots.values())} "
           f"from {len(args.metrics)} runs")
     return 0
@@ -355,6 +360,8 @@ def parser() -> argparse.ArgumentParser:
                    help="CSV of the paper's numbers (config/reference/<study>.csv) for paper and difference columns")
     s.add_argument("--names", type=Path, default=None,
                    help="the mapping of the paper's names to ours (default: names.yaml beside --reference)")
+    s.add_argument("--groups", type=_json, default={},
+                   help="JSON {group: [dataset, ...]}: datasets also reported as one row (the study's report_groups)")
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)
 
@@ -378,6 +385,12 @@ def parser() -> argparse.ArgumentParser:
                                                                        "missing rate (none by default)")
     s.add_argument("--prompt-length-plot", type=Path, default=None, help="output stem of the curve over the prompt "
                                                                           "length (none by default)")
+    s.add_argument("--reference", type=Path, default=None,
+                   help="CSV of the paper's numbers (config/reference/missing.csv), shown beside ours")
+    s.add_argument("--names", type=Path, default=None,
+                   help="the mapping of the paper's names to ours (default: names.yaml beside --reference)")
+    s.add_argument("--groups", type=_json, default={},
+                   help="JSON {group: [dataset, ...]}: datasets also reported as one row (the study's report_groups)")
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the missing study's runs")
     s.set_defaults(func=cmd_missing_report)
 

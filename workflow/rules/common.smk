@@ -140,6 +140,11 @@ def paper_reference(study):
     return [str(path), str(folder / "names.yaml")] if path.is_file() else []
 
 
+def report_groups(study):
+    """The study's report groups as a shell-quoted JSON argument (mmrepro.report.groups)."""
+    return shlex.quote(json.dumps(config["studies"][study]["report_groups"]))
+
+
 def study_report(study):
     """A study's runs in MLflow, its table and plot, its curves (per epoch of training; shift: target
     error along adaptation), for a missing study with per-case settings its Table 1 layout and

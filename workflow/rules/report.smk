@@ -20,6 +20,7 @@ rule report:
         reference=lambda wildcards, input: (
             f"--reference {input.reference[0]} --names {input.reference[1]}" if input.reference else ""
         ),
+        groups=lambda wildcards: report_groups(wildcards.study),
     wildcard_constraints:
         study="balance|missing|shift|peft",
     conda:
@@ -31,8 +32,8 @@ rule report:
         mem_mb=2000,
         runtime=10,
     shell:
-        "mmrepro report --table {params.table} --plot {params.plot} {params.reference} {input.metrics}"
-        " > {log} 2>&1"
+        "mmrepro report --table {params.table} --plot {params.plot} {params.reference} --groups {params.groups}"
+        " {input.metrics} > {log} 2>&1"
 
 
 rule curves:
@@ -60,7 +61,8 @@ rule curves:
 
 rule missing_report:
     input:
-        lambda wildcards: study_metrics("missing"),
+        metrics=lambda wildcards: study_metrics("missing"),
+        reference=paper_reference("missing"),
     output:
         multiext(f"{RESULTS}/tables/missing_cases", ".md", ".csv"),
         multiext(f"{RESULTS}/plots/missing_rates", ".png", ".pdf"),
@@ -72,6 +74,10 @@ rule missing_report:
         plot=lambda wildcards, output: str(Path(output[2]).with_suffix("")),
         train=lambda wildcards, output: str(Path(output[4]).with_suffix("")),
         prompt=lambda wildcards, output: str(Path(output[6]).with_suffix("")),
+        reference=lambda wildcards, input: (
+            f"--reference {input.reference[0]} --names {input.reference[1]}" if input.reference else ""
+        ),
+        groups=lambda wildcards: report_groups("missing"),
     conda:
         CONDA_ENV
     log:
@@ -82,7 +88,8 @@ rule missing_report:
         runtime=10,
     shell:
         "mmrepro missing-report --table {params.table} --plot {params.plot} --train-rate-plot {params.train}"
-        " --prompt-length-plot {params.prompt} {input} > {log} 2>&1"
+        " --prompt-length-plot {params.prompt} {params.reference} --groups {params.groups} {input.metrics}"
+        " > {log} 2>&1"
 
 
 rule cggm_report:

@@ -32,6 +32,7 @@ from typing import IO
 import numpy as np
 import pandas as pd
 
+from .groups import INCOMPLETE
 from .reference import Reference, reference_frame
 
 __all__ = [
@@ -207,7 +208,9 @@ def summarize(
     with ``reference``, ``m_paper`` (see :func:`add_reference`). A seed lacking a
     metric (or having NaN) makes that cell's mean NaN rather than silently
     averaging fewer seeds. ``trainable_params`` and ``backbone_params`` are means over
-    seeds; ``trainable_share`` = trainable / backbone (NaN when unknown).
+    seeds; ``trainable_share`` = trainable / backbone (NaN when unknown). Rows of report groups
+    (:func:`~mmrepro.report.groups.add_groups`) are summarized like any dataset;
+    ``attrs["groups"]`` keeps the groups for the notes.
 
     Row order: datasets sorted, then methods and settings in order of first
     appearance in ``runs``. Raises ``ValueError`` when there is nothing to
@@ -282,7 +285,7 @@ def summarize(
     rows.sort(key=lambda r: (r["dataset"], method_order[r["method"]], setting_order[r["setting"]]))
     columns = [*_ID_COLUMNS] + [f"{m}_{s}" for m in chosen for s in ("mean", "std", *_BOUNDS)]
     summary = pd.DataFrame(rows, columns=columns).astype({"n": "int64"})
-    summary.attrs.update(metrics=list(chosen), split=split)
+    summary.attrs.update(metrics=list(chosen), split=split, groups=runs.attrs.get("groups", {}))
     if reference is not None:
         summary = add_reference(summary, reference)
     return summary
@@ -423,6 +426,24 @@ _MARKS = ("†", "‡", "§", "¶", "‖")
 _TEX_MARKS = {"†": r"\dag", "‡": r"\ddag", "§": r"\S", "¶": r"\P", "‖": r"\|"}
 
 
+class Footnotes:
+    """Distinct footnote texts -> marks, in order of first use."""
+
+    def __init__(self) -> None:
+        self._marks: dict[str, str] = {}
+
+    def __call__(self, text: str) -> str:
+        """The mark of ``text`` (a new one on first use); "" for no text."""
+        if text and text not in self._marks:
+            i = len(self._marks)
+            self._marks[text] = _MARKS[i % len(_MARKS)] * (i // len(_MARKS) + 1)
+        return self._marks.get(text, "")
+
+    def items(self) -> list[tuple[str, str]]:
+        """(mark, text) in order of use."""
+        return [(mk, text) for text, mk in self._marks.items()]
+
+
 def _decimals(printed: Iterable[str], default: int) -> int:
     """As many decimals as the paper prints for a metric (``default`` without a printed value)."""
     found = [len(m.group(1)) if m.group(1) else 0
@@ -444,6 +465,7 @@ def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], 
     """
     metrics = _summary_metrics(summary)
     scales = summary.attrs.get("scale", {})
+    groups = summary.attrs.get("groups", {})
     id_cols = ["dataset", "method", "setting", "n"]
     header = [*id_cols, "trainable"]
     getters: list[Callable[[pd.Series], str]] = [lambda r: "" if pd.isna(r.get("trainable_params", math.nan))
@@ -451,15 +473,10 @@ def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], 
     if "trainable_share" in summary.columns and summary["trainable_share"].notna().any():
         header.append("% of backbone")
         getters.append(lambda r: _fmt(100 * r["trainable_share"], 2))
-    footnotes: dict[str, str] = {}
+    footnotes = Footnotes()
 
     def footnote(text: str) -> str:
-        if not text:
-            return ""
-        if text not in footnotes:
-            i = len(footnotes)
-            footnotes[text] = _MARKS[i % len(_MARKS)] * (i // len(_MARKS) + 1)
-        return mark(footnotes[text])
+        return mark(footnotes(text)) if text else ""
 
     for m in metrics:
         scale = scales.get(m, 1.0)
@@ -472,7 +489,7 @@ def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], 
                 return "not run" if not pd.isna(r.get(f"{m}_paper", math.nan)) else ""
             mean, std = r[f"{m}_mean"] * scale, r[f"{m}_std"] * scale
             if pd.isna(mean):
-                return ""
+                return INCOMPLETE if r["dataset"] in groups else ""
             return _fmt(mean, dec) if pd.isna(std) else f"{_fmt(mean, dec)}{pm}{_fmt(std, dec)}"
         getters.append(cell)
         for bound in _BOUNDS:
@@ -495,7 +512,7 @@ def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], 
             getters.append(lambda r, m=m, scale=scale, dec=dec: "" if pd.isna(r[f"{m}_delta"])
                            else f"{r[f'{m}_delta'] * scale:+.{dec}f}")
     rows = [[str(r[c]) for c in id_cols] + [g(r) for g in getters] for _, r in summary.iterrows()]
-    return header, rows, len(id_cols), [(mk, text) for text, mk in footnotes.items()]
+    return header, rows, len(id_cols), footnotes.items()
 
 
 def _notes(summary: pd.DataFrame) -> list[str]:
@@ -510,7 +527,15 @@ def _notes(summary: pd.DataFrame) -> list[str]:
                      "header says so); 'not run': a cell the paper reports that this configuration does not run.")
     if summary.attrs.get("absent"):
         lines.append(summary.attrs["absent"])
+    lines += group_notes(summary.attrs.get("groups", {}))
     return lines
+
+
+def group_notes(groups: dict[str, list[str]]) -> list[str]:
+    """The note under a table for each report group: what its cells are."""
+    return [f"{name}: report group, each cell the mean over {', '.join(members)} within each seed, then mean ± "
+            f"std over seeds (the members' own rows are kept); '{INCOMPLETE}': a seed lacks a member's value"
+            for name, members in groups.items()]
 
 
 def _markdown(summary: pd.DataFrame, digits: int) -> str:
