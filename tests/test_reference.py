@@ -124,11 +124,11 @@ def test_values_from_the_paper_itself_carry_no_mark(tmp_path):
     rows = _paper_rows("missing", dataset="sims", condition="available=t", method="lower_bound")
     acc = next(r for r in rows if r["metric"] == "ACC")
     assert acc["provenance"].startswith("primary") and not acc["note"]
-    runs = _runs(tmp_path, [_doc("sims", "lower_bound", "available_t", s, {"acc2": 0.7, "f1": 0.7, "mae": 0.5},
+    runs = _runs(tmp_path, [_doc("sims", "lower_bound", "text", s, {"acc2": 0.7, "f1": 0.7, "mae": 0.5},
                                  study="missing", task="sims_regression") for s in (0, 1)])
     write_table(summarize(runs, reference=load_reference(REF / "missing.csv", NAMES, "missing")), tmp_path / "m")
     md = (tmp_path / "m.md").read_text(encoding="utf-8")
-    row = next(line for line in md.splitlines() if line.startswith("| sims | lower_bound | available_t | 2 |"))
+    row = next(line for line in md.splitlines() if line.startswith("| sims | lower_bound | text | 2 |"))
     assert f"| {acc['value']} |" in row  # printed as is, no mark
     assert "| acc2 (%) |" in md.splitlines()[0]
 

@@ -210,7 +210,8 @@ def summarize(
     averaging fewer seeds. ``trainable_params`` and ``backbone_params`` are means over
     seeds; ``trainable_share`` = trainable / backbone (NaN when unknown). Rows of report groups
     (:func:`~mmrepro.report.groups.add_groups`) are summarized like any dataset;
-    ``attrs["groups"]`` keeps the groups for the notes.
+    ``attrs["groups"]`` keeps the groups for the notes, ``attrs["incomplete"]`` the (dataset,
+    method, setting, metric) of group cells where a seed lacks a member's value.
 
     Row order: datasets sorted, then methods and settings in order of first
     appearance in ``runs``. Raises ``ValueError`` when there is nothing to
@@ -253,7 +254,8 @@ def summarize(
 
     method_order = {m: i for i, m in enumerate(pd.unique(df["method"]))}
     setting_order = {s: i for i, s in enumerate(pd.unique(df["setting"]))}
-    rows = []
+    groups = runs.attrs.get("groups", {})
+    rows, incomplete = [], []
     for (ds, meth, sett), g in df.groupby(keys, sort=False):
         tasks = pd.unique(g["task"])
         if len(tasks) > 1:
@@ -274,6 +276,8 @@ def summarize(
                 vals = gm.set_index("seed")["value"].reindex(seeds).to_numpy(dtype=float).tolist()
                 if any(math.isnan(v) for v in vals):
                     mean = std = math.nan
+                    if ds in groups:
+                        incomplete.append((ds, meth, sett, m))
                 else:  # statistics: exact-ish (fsum), so constant values give std 0.0
                     mean = statistics.fmean(vals)
                     std = statistics.stdev(vals) if n > 1 else math.nan
@@ -285,7 +289,7 @@ def summarize(
     rows.sort(key=lambda r: (r["dataset"], method_order[r["method"]], setting_order[r["setting"]]))
     columns = [*_ID_COLUMNS] + [f"{m}_{s}" for m in chosen for s in ("mean", "std", *_BOUNDS)]
     summary = pd.DataFrame(rows, columns=columns).astype({"n": "int64"})
-    summary.attrs.update(metrics=list(chosen), split=split, groups=runs.attrs.get("groups", {}))
+    summary.attrs.update(metrics=list(chosen), split=split, groups=groups, incomplete=incomplete)
     if reference is not None:
         summary = add_reference(summary, reference)
     return summary
@@ -465,7 +469,7 @@ def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], 
     """
     metrics = _summary_metrics(summary)
     scales = summary.attrs.get("scale", {})
-    groups = summary.attrs.get("groups", {})
+    incomplete = set(summary.attrs.get("incomplete", ()))
     id_cols = ["dataset", "method", "setting", "n"]
     header = [*id_cols, "trainable"]
     getters: list[Callable[[pd.Series], str]] = [lambda r: "" if pd.isna(r.get("trainable_params", math.nan))
@@ -489,7 +493,7 @@ def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], 
                 return "not run" if not pd.isna(r.get(f"{m}_paper", math.nan)) else ""
             mean, std = r[f"{m}_mean"] * scale, r[f"{m}_std"] * scale
             if pd.isna(mean):
-                return INCOMPLETE if r["dataset"] in groups else ""
+                return INCOMPLETE if (r["dataset"], r["method"], r["setting"], m) in incomplete else ""
             return _fmt(mean, dec) if pd.isna(std) else f"{_fmt(mean, dec)}{pm}{_fmt(std, dec)}"
         getters.append(cell)
         for bound in _BOUNDS:
