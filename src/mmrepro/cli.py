@@ -22,6 +22,16 @@ def _json(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
 
 
+def _report_inputs(parser: argparse.ArgumentParser) -> None:
+    """A report's options beside the runs: the paper's numbers and the study's report groups."""
+    parser.add_argument("--reference", type=Path, default=None,
+                        help="CSV of the paper's numbers (config/reference/<study>.csv), shown beside ours")
+    parser.add_argument("--names", type=Path, default=None,
+                        help="the mapping of the paper's names to ours (default: names.yaml beside --reference)")
+    parser.add_argument("--groups", type=_json, default={},
+                        help="JSON {group: [dataset, ...]}: datasets also reported as one row (the study's report_groups)")
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from mmrepro.config import load_schema, merge_config, validate_config
 
@@ -356,12 +366,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
-    s.add_argument("--reference", type=Path, default=None,
-                   help="CSV of the paper's numbers (config/reference/<study>.csv) for paper and difference columns")
-    s.add_argument("--names", type=Path, default=None,
-                   help="the mapping of the paper's names to ours (default: names.yaml beside --reference)")
-    s.add_argument("--groups", type=_json, default={},
-                   help="JSON {group: [dataset, ...]}: datasets also reported as one row (the study's report_groups)")
+    _report_inputs(s)
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)
 
@@ -385,12 +390,7 @@ def parser() -> argparse.ArgumentParser:
                                                                        "missing rate (none by default)")
     s.add_argument("--prompt-length-plot", type=Path, default=None, help="output stem of the curve over the prompt "
                                                                           "length (none by default)")
-    s.add_argument("--reference", type=Path, default=None,
-                   help="CSV of the paper's numbers (config/reference/missing.csv), shown beside ours")
-    s.add_argument("--names", type=Path, default=None,
-                   help="the mapping of the paper's names to ours (default: names.yaml beside --reference)")
-    s.add_argument("--groups", type=_json, default={},
-                   help="JSON {group: [dataset, ...]}: datasets also reported as one row (the study's report_groups)")
+    _report_inputs(s)
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the missing study's runs")
     s.set_defaults(func=cmd_missing_report)
 

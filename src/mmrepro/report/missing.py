@@ -122,11 +122,11 @@ def _with_paper(table: pd.DataFrame, reference: Reference | pd.DataFrame) -> pd.
 def _markdown(table: pd.DataFrame, digits: int = 3) -> str:
     lines = ["Mean ± sample std over seeds, per available test set and their mean (Avg); "
              "trainable parameters and their share of the model.", ""]
-    has_paper = "paper" in table.columns
+    has_paper = "paper" in table.columns and table["paper"].notna().any()
     if has_paper:
         lines += [f"(paper): {table.attrs.get('paper') or 'the paper'}, values as printed, in the paper's units "
                   "(ours shown in them too: % where the block's title says so).", ""]
-    lines += [*(f"{note}." for note in group_notes(table.attrs.get("groups", {}))), ""]
+    lines += [line for note in group_notes(table.attrs.get("groups", {})) for line in (f"{note}.", "")]
     footnotes = Footnotes()
     for (dataset, metric), g in table.groupby(["dataset", "metric"], sort=False):
         cases = [c for c in pd.unique(g["case"]) if c != "avg"] + ["avg"]
