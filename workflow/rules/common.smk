@@ -67,13 +67,11 @@ def raw_sources():
 
 def run_dir(study, dataset, method, setting, seed, backbone=None):
     """A run's folder; a run on the shift study's backbone axis has its backbone's name after the dataset."""
-    axis = f"/{backbone}" if backbone else ""
-    return f"{RESULTS}/{study}/{dataset}{axis}/{method}/{setting}/seed{seed}"
+    return Path(RESULTS, study, dataset, *([backbone] if backbone else []), method, setting, f"seed{seed}").as_posix()
 
 
 def backbone_dir(study, dataset, seed, backbone=None):
-    axis = f"/{backbone}" if backbone else ""
-    return f"{RESULTS}/backbones/{study}/{dataset}{axis}/seed{seed}"
+    return Path(RESULTS, "backbones", study, dataset, *([backbone] if backbone else []), f"seed{seed}").as_posix()
 
 
 def backbone_model(study, dataset, seed, backbone=None):
