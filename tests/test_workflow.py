@@ -80,8 +80,9 @@ def test_snakemake_report_lists_every_table_and_plot(pipeline):
 
 @pytest.mark.slow
 def test_runs_write_their_files_with_honest_metrics(pipeline):
-    runs = sorted(pipeline.glob("*/synth/*/*/seed*/metrics.json"))
-    assert len(runs) == 4 + 4 + 4 + 2  # balance, missing, shift, peft
+    runs = sorted([*pipeline.glob("*/synth/*/*/seed*/metrics.json"), *pipeline.glob("shift/synth/*/*/*/seed*/metrics.json")])
+    assert len(runs) == 4 + 4 + 4 + 2  # balance, missing, shift (under its one backbone, late), peft
+    assert len(list(pipeline.glob("shift/synth/late/source_only/*/seed*/metrics.json"))) == 4
     for path in runs:
         m = json.loads(path.read_text())
         assert m["seed"] in (0, 1) and m["label"] == "main" and m["task"] == "regression"

@@ -24,8 +24,7 @@ _PREFIXES = ("oracle/", "params/")
 
 def _rows(run) -> list[dict]:
     tags, metrics = run.data.tags, run.data.metrics
-    base = {k: tags[k] for k in TAG_KEYS} | {"seed": int(tags["seed"]), "task": tags["task"],
-                                             "backbone": tags["backbone"]}
+    base = {k: tags[k] for k in TAG_KEYS} | {"seed": int(tags["seed"]), "task": tags["task"]}
     counts = {k: metrics.get(f"params/{k}", math.nan) for k in ("trainable", "backbone")}
     rows = []
     for key, value in metrics.items():
@@ -54,7 +53,7 @@ def load_tracked_runs(uri: str, experiment: str, filter_string: str = "") -> pd.
     query = " and ".join(f for f in ("attributes.status = 'FINISHED'", filter_string) if f)
     runs = [r for r in client.search_runs([exp.experiment_id], query, order_by=["attributes.start_time DESC"],
                                           max_results=50000)
-            if {*TAG_KEYS, "task", "backbone"} <= set(r.data.tags)]
+            if {*TAG_KEYS, "task"} <= set(r.data.tags)]
     seen: set[tuple] = set()
     latest = []
     for run in runs:

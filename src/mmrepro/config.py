@@ -16,7 +16,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build, resolve_method
+from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build, plugin_class, resolve_method
 from mmrepro.models.fusion import FUSIONS
 from mmrepro.models.presets import JOINT_PRESETS, PRESETS, check_widths, preset_dropouts
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES, check_method_support
@@ -80,6 +80,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
         lines = [f"config key {_key(e.absolute_path)}: {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     _check_finite(config)
+    _check_backbones(config, schema)
     _check_names(config)
     _check_mechanisms(config)
     _check_overrides(config, schema)
@@ -109,11 +110,11 @@ def _check_heads(config: dict[str, Any]) -> None:
         for ds in config["studies"][study]["datasets"]:
             if config["datasets"][ds]["loader"] in SEGMENTATION_LOADERS:
                 continue
-            model = model_config(config, study, ds)
-            if model["d_model"] % model["heads"]:
-                where = f"studies.{study}.per_dataset.{ds}" if _override(config, study, ds).get("model") else f"studies.{study}"
-                raise ConfigError(f"config key {where}.model.heads: d_model {model['d_model']} is not divisible by "
-                                  f"heads {model['heads']}")
+            for name in study_backbones(config, study) or [None]:
+                model = model_config(config, study, ds, name)
+                if model["d_model"] % model["heads"]:
+                    raise ConfigError(f"config key {_model_key(config, study, ds, name, 'heads')}: d_model "
+                                      f"{model['d_model']} is not divisible by heads {model['heads']}")
 
 
 def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
@@ -126,10 +127,7 @@ def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
                 raise ConfigError(f"config key {key}: {dataset!r} is not one of the study's datasets {spec['datasets']}")
             for section, merged in (("model", model_config(config, study, dataset)),
                                     ("train", train_config(config, study, dataset))):
-                sub = {**schema["definitions"][section], "definitions": schema["definitions"]}
-                for e in jsonschema.Draft202012Validator(sub).iter_errors(merged):
-                    raise ConfigError(f"config key {key}.{section}{'.' + _key(e.absolute_path) if e.absolute_path else ''}: "
-                                      f"{e.message}")
+                _check_section(schema, section, merged, f"{key}.{section}")
             for name, params in override.get("methods", {}).items():
                 owner = next((reg for reg in registries if name in reg), None)
                 if owner is None:
@@ -138,9 +136,96 @@ def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
                               build=owner is not ADAPTERS)
 
 
+def _check_section(schema: dict[str, Any], section: str, merged: dict[str, Any], key: str) -> None:
+    """A merged ``model`` or ``train`` section valid as if written whole (its defaults filled already)."""
+    sub = {**schema["definitions"][section], "definitions": schema["definitions"]}
+    for e in jsonschema.Draft202012Validator(sub).iter_errors(merged):
+        raise ConfigError(f"config key {key}{'.' + _key(e.absolute_path) if e.absolute_path else ''}: {e.message}")
+
+
+def study_backbones(config: dict[str, Any], study: str) -> dict[str, dict[str, Any]]:
+    """An adapting study's backbone axis, name -> model keys over the study's model: its ``backbones``,
+    else one backbone named after the study's ``model.backbone`` or, with ``source_model``, after the
+    run it adapts (``<study>-<method>-<setting>``); ``{}`` for the studies that have no axis."""
+    spec = config["studies"][study]
+    if STUDY_KINDS[study] != "adapt":
+        return {}
+    if spec.get("backbones"):
+        return spec["backbones"]
+    source = spec.get("source_model")
+    if source:
+        return {"-".join(source[k] for k in ("study", "method", "setting")): {}}
+    return {model_config(config, study)["backbone"]: {}}
+
+
+def _check_backbones(config: dict[str, Any], schema: dict[str, Any]) -> None:
+    """``backbones``: an adapting study's, not combined with ``source_model`` (that study trains no
+    backbone), each entry a valid model once merged; the names it picks are checked with every
+    study's model (:func:`_check_backbone`)."""
+    for study, spec in config["studies"].items():
+        if not spec.get("backbones"):
+            continue
+        key = f"studies.{study}.backbones"
+        if STUDY_KINDS[study] != "adapt":
+            raise ConfigError(f"config key {key}: a backbone axis varies the source model a study adapts at test "
+                              f"time (shift); {study!r} trains its own models")
+        if spec.get("source_model"):
+            raise ConfigError(f"config key {key}: studies.{study}.source_model adapts a model another study "
+                              f"trained, so there is no backbone to vary; set one of the two")
+        for name in spec["backbones"]:
+            for ds in spec["datasets"]:
+                _check_section(schema, "model", model_config(config, study, ds, name), f"{key}.{name}")
+
+
+def _model_key(config: dict[str, Any], study: str, dataset: str, backbone: str | None, field: str) -> str:
+    """The config key that sets a study's model ``field`` on ``dataset``: the most specific one holding it."""
+    if field in ((config["studies"][study].get("backbones") or {}).get(backbone) or {}):
+        return f"studies.{study}.backbones.{backbone}.{field}"
+    if field in _override(config, study, dataset).get("model", {}):
+        return f"studies.{study}.per_dataset.{dataset}.model.{field}"
+    return f"studies.{study}.model.{field}"
+
+
+def _check_backbone(config: dict[str, Any], study: str, ds: str, name: str | None) -> None:
+    """One model of a study on one dataset (``name``: of its backbone axis): a known backbone for the
+    dataset's task, the 2-D one where slices are fed, a preset's dropouts and widths."""
+    model = model_config(config, study, ds, name)
+    backbone = model["backbone"]
+    segmentation = config["datasets"][ds]["loader"] in SEGMENTATION_LOADERS
+    known = [*FUSIONS, *PRESETS, *(SEGMENTATION_BACKBONES if segmentation else ())]
+    if backbone not in known:
+        raise ConfigError(f"config key {_model_key(config, study, ds, name, 'backbone')}: unknown backbone "
+                          f"{backbone!r}; known: {sorted(known)}")
+    if train_config(config, study, ds).get("slices") is not None and backbone != "deeplab2d":
+        raise ConfigError(f"config key studies.{study} (dataset {ds}): train.slices feeds 2-D slices, which "
+                          f"only the deeplab2d model reads, not {backbone!r}")
+    if backbone in PRESETS and not segmentation:
+        where = f"studies.{study}.backbones.{name}" if name in (config["studies"][study].get("backbones") or {}) \
+            else f"studies.{study}"
+        try:
+            preset_dropouts(backbone, model.get("dropouts"))
+            check_widths(backbone, model["d_model"], model["heads"])
+        except ValueError as e:
+            raise ConfigError(f"config key {where} (dataset {ds}): {e}") from None
+
+
+def _check_adapters(config: dict[str, Any]) -> None:
+    """An adapter that reads the source feature statistics a backbone job saves (SSA) cannot adapt a
+    model another study trained (``source_model``): that run saved none."""
+    for study, spec in config["studies"].items():
+        source = spec.get("source_model") if STUDY_KINDS[study] == "adapt" else None
+        for i, method in enumerate(spec["methods"] if source else []):
+            adapter = method_plan(config, method).adapter
+            if plugin_class(ADAPTERS, adapter).needs_source_stats:
+                raise ConfigError(f"config key studies.{study}.methods[{i}]: {adapter!r} needs the source feature "
+                                  f"statistics a {study} backbone saves (feature_stats.pt), but studies.{study}."
+                                  f"source_model adapts the {source['study']} study's {source['method']!r} runs, "
+                                  f"which have none")
+
+
 def _check_modality_layers(config: dict[str, Any], study: str, run: dict[str, Any]) -> None:
     """A method that adapts per-modality transformer encoders needs a backbone that has them."""
-    backbone = model_config(config, study, run["dataset"])["backbone"]
+    backbone = model_config(config, study, run["dataset"], run.get("backbone"))["backbone"]
     if backbone not in JOINT_PRESETS:
         return
     base, overrides = expand_variants(config, run["method"])
@@ -235,24 +320,8 @@ def _check_names(config: dict[str, Any]) -> None:
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"config key {key}: {e}") from None
         for ds in spec["datasets"]:
-            model = model_config(config, study, ds)
-            backbone = model["backbone"]
-            where = (f"studies.{study}.per_dataset.{ds}" if "backbone" in _override(config, study, ds).get("model", {})
-                     else f"studies.{study}")
-            segmentation = config["datasets"][ds]["loader"] in SEGMENTATION_LOADERS
-            known = [*FUSIONS, *PRESETS, *(SEGMENTATION_BACKBONES if segmentation else ())]
-            if backbone not in known:
-                raise ConfigError(f"config key {where}.model.backbone: unknown backbone {backbone!r}; "
-                                  f"known: {sorted(known)}")
-            if train_config(config, study, ds).get("slices") is not None and backbone != "deeplab2d":
-                raise ConfigError(f"config key studies.{study} (dataset {ds}): train.slices feeds 2-D slices, which "
-                                  f"only the deeplab2d model reads, not {backbone!r}")
-            if backbone in PRESETS and config["datasets"][ds]["loader"] not in SEGMENTATION_LOADERS:
-                try:
-                    preset_dropouts(backbone, model.get("dropouts"))
-                    check_widths(backbone, model["d_model"], model["heads"])
-                except ValueError as e:
-                    raise ConfigError(f"config key studies.{study} (dataset {ds}): {e}") from None
+            for name in study_backbones(config, study) or [None]:
+                _check_backbone(config, study, ds, name)
         for run in study_grid(config, study):
             if needs_teachers(config, run["method"]) and not teacher_runs(config, study, run["dataset"], run["method"], run["seed"]):
                 i = spec["methods"].index(run["method"])
@@ -269,6 +338,7 @@ def _check_names(config: dict[str, Any]) -> None:
                                       f"(setting {run['setting']!r}): {e}; limit the setting with methods/datasets") from None
     _check_source_model(config)
     _check_cross_dataset(config)
+    _check_adapters(config)
     for name in config["methods"]:
         if not any(name in reg for reg in registries.values()):
             raise ConfigError(f"config key methods.{name}: unknown method; known: "
@@ -402,10 +472,13 @@ def _override(config: dict[str, Any], study: str, dataset: str | None) -> dict[s
     return config["studies"][study].get("per_dataset", {}).get(dataset, {}) if dataset else {}
 
 
-def model_config(config: dict[str, Any], study: str, dataset: str | None = None) -> dict[str, Any]:
-    """The model keys of one study (on one dataset): top level < study < study's per-dataset override."""
+def model_config(config: dict[str, Any], study: str, dataset: str | None = None,
+                 backbone: str | None = None) -> dict[str, Any]:
+    """The model keys of one study (on one dataset, for one of its ``backbones``): top level < study <
+    study's per-dataset override < the backbone's entry (the axis varies the architecture)."""
     return {**config["model"], **config["studies"][study].get("model", {}),
-            **_override(config, study, dataset).get("model", {})}
+            **_override(config, study, dataset).get("model", {}),
+            **((config["studies"][study].get("backbones") or {}).get(backbone) or {})}
 
 
 def train_config(config: dict[str, Any], study: str, dataset: str | None = None) -> dict[str, Any]:
@@ -442,27 +515,44 @@ def method_plan(config: dict[str, Any], method: str):
     return resolve_method(expand_variants(config, method)[0])
 
 
+def _axis(config: dict[str, Any], study: str, backbone: str | None) -> dict[str, str]:
+    """``{"backbone": name}`` for a study with a backbone axis (None: its only backbone), else ``{}``."""
+    names = list(study_backbones(config, study))
+    if not names:
+        return {}
+    if backbone is None and len(names) == 1:
+        backbone = names[0]
+    if backbone not in names:
+        raise ConfigError(f"config key studies.{study}.backbones: no backbone {backbone!r}; the study has {names}")
+    return {"backbone": backbone}
+
+
 def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str,
-          setting_cfg: dict[str, Any], seed: int, task: str) -> dict[str, Any]:
+          setting_cfg: dict[str, Any], seed: int, task: str, backbone: str | None = None) -> dict[str, Any]:
     base, overrides = expand_variants(config, method)
     plan = resolve_method(base)
+    axis = _axis(config, study, backbone)
     return {
-        "study": study, "dataset": dataset, "method": method, "setting": setting, "seed": int(seed), "task": task,
+        "study": study, "dataset": dataset, **axis, "method": method, "setting": setting, "seed": int(seed),
+        "task": task,
         "plan": {"transform": plan.transform, "hook": plan.hook, "adapter": plan.adapter},
         "method_params": {name: {**method_params(config, study, dataset, name), **overrides.get(name, {})}
                           for name in (plan.transform, plan.hook, plan.adapter)},
         "data_setting": {"type": setting_cfg["type"], "params": setting_params(setting_cfg)},
-        "model": model_config(config, study, dataset), "train": train_config(config, study, dataset),
+        "model": model_config(config, study, dataset, axis.get("backbone")),
+        "train": train_config(config, study, dataset),
         "utilisation_probes": config["studies"][study]["utilisation_probes"], "feature_stats": False,
         "tracking_uri": config["tracking"]["uri"], "tracking_mode": config["tracking"]["mode"],
         "results": config["results"],
     }
 
 
-def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str, seed: int) -> dict[str, Any]:
-    """Everything one training or adaptation job needs, resolved (the job's config artifact)."""
+def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str, seed: int,
+             backbone: str | None = None) -> dict[str, Any]:
+    """Everything one training or adaptation job needs, resolved (the job's config artifact); ``backbone``
+    names one of an adapting study's backbones (None: its only one)."""
     spec = _spec(config, study, dataset, method, setting, config["studies"][study]["settings"][setting], seed,
-                 study_task(config, study, dataset))
+                 study_task(config, study, dataset), backbone)
     teachers = teacher_runs(config, study, dataset, method, seed)
     if teachers:
         spec["teachers"] = {m: run["setting"] for m, run in teachers.items()}
@@ -490,18 +580,19 @@ def teacher_runs(config: dict[str, Any], study: str, dataset: str, method: str, 
     return runs
 
 
-def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int) -> dict[str, Any]:
+def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int,
+                  backbone: str | None = None) -> dict[str, Any]:
     """The model a study starts from: plain joint training on complete source data.
 
     ``shift`` adapts a model of the dataset's own task; ``peft`` and ``missing`` fine-tune one
     pretrained on complete data of the dataset's pretraining task (MPLMM's stage 1: its prompts
     train on a frozen backbone; the baselines fine-tune all of it). Backbones are tracked in their
-    own experiment.
+    own experiment; a shift backbone carries its name on the study's axis (``backbone``).
     """
     finetune = STUDY_KINDS[study] == "finetune"
     source = backbone_source(config, study, dataset)
     task = config["datasets"][source]["pretrain_task"] if finetune else study_task(config, study, dataset)
-    spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task)
+    spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task, backbone)
     return {**spec, "dataset": source, "study": "backbones", "setting": f"for-{study}", "feature_stats": True}
 
 
@@ -512,16 +603,30 @@ def backbone_source(config: dict[str, Any], study: str, dataset: str) -> str:
 
 
 def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:
-    """All (dataset, method, setting, seed) runs of a study, in config order.
+    """All (dataset, method, setting, seed) runs of a study, in config order; an adapting study's runs
+    also name their ``backbone`` (:func:`study_backbones`), each adapted by every method.
 
     A setting that lists ``methods`` or ``datasets`` runs only those (e.g. unimodal baselines with
     plain joint training, on the datasets that have that modality).
     """
     spec = config["studies"][study]
-    return [{"study": study, "dataset": d, "method": m, "setting": s, "seed": seed}
-            for d in spec["datasets"] for s, setting in spec["settings"].items() for m in spec["methods"]
+    axes = [{"backbone": b} for b in study_backbones(config, study)] or [{}]
+    return [{"study": study, "dataset": d, **axis, "method": m, "setting": s, "seed": seed}
+            for d in spec["datasets"] for axis in axes for s, setting in spec["settings"].items()
+            for m in spec["methods"]
             if m in setting.get("methods", spec["methods"]) and d in setting.get("datasets", spec["datasets"])
             for seed in config["seeds"]]
+
+
+def backbone_runs(config: dict[str, Any], study: str) -> list[dict[str, Any]]:
+    """The backbone jobs a study's runs start from, ``{study, dataset, seed[, backbone]}`` each: none for
+    a study that trains from scratch or adapts another study's runs (``source_model``)."""
+    kind = STUDY_KINDS[study]
+    if kind == "train" or (kind == "adapt" and config["studies"][study].get("source_model")):
+        return []
+    keys = ("study", "dataset", "seed", "backbone")
+    starts = {tuple((k, run[k]) for k in keys if k in run) for run in study_grid(config, study)}
+    return [dict(start) for start in sorted(starts)]
 
 
 def mechanism_points(config: dict[str, Any]) -> list[dict[str, Any]]:

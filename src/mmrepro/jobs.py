@@ -195,9 +195,10 @@ def _check_store(spec: dict[str, Any]) -> None:
 
 
 def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, Any]:
-    """The identifying part of metrics.json; ``task`` is the metric family, ``label`` the task's name."""
+    """The identifying part of metrics.json; ``task`` is the metric family, ``label`` the task's name,
+    ``backbone`` the run's name on its study's backbone axis (shift) or else its model's backbone."""
     keys = ("study", "dataset", "method", "setting", "seed")
-    backbone = spec["model"]["backbone"]
+    backbone = spec.get("backbone", spec["model"]["backbone"])
     if data.task.type == "segmentation" and backbone not in SEGMENTATION_BACKBONES:  # a sequence fusion, unused
         backbone = SEGMENTATION_BACKBONE
     return {**{k: spec[k] for k in keys}, "task": metric_kind(data.task), "label": spec["task"],

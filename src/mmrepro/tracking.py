@@ -6,8 +6,9 @@
   local rule calls :func:`init_store` once before any parallel job; it also creates one
   experiment per study with an explicit artifact location (without a server, MLflow would fix
   it relative to whatever directory the first job ran in).
-- Every run is tagged with study, dataset, method, setting, seed, git commit, config hash, torch
-  version and threads, and named by what differs inside a study (``method/setting/seedN``);
+- Every run is tagged with study, dataset, method, setting, seed (and, on the shift study's backbone
+  axis, backbone), git commit, config hash, torch version and threads, and named by what differs
+  inside a study (``[backbone/]method/setting/seedN``);
   parameters are the flattened run spec; per-epoch values are logged with their ``step``; the
   final metrics as ``<split>/<metric>`` (what :mod:`mmrepro.compare` reads back); the resolved
   config and metrics.json are artifacts.
@@ -34,7 +35,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-TAG_KEYS = ("study", "dataset", "method", "setting", "seed")
+TAG_KEYS = ("study", "dataset", "backbone", "method", "setting", "seed")
 #: The experiment tag MLflow 3's UI reads to choose an experiment's first page (mlflow/server/js:
 #: ``"mlflow.experimentKind"``; ``custom_model_development`` opens the training-runs table).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
@@ -47,7 +48,8 @@ VIEW_METRICS = ("test/mae", "test/acc", "test/dice_mean")
 
 def default_run_name(spec: Mapping[str, Any]) -> str:
     """What differs between runs inside a study (the dataset is a column of its own)."""
-    return f"{spec['method']}/{spec['setting']}/seed{spec['seed']}"
+    axis = f"{spec['backbone']}/" if "backbone" in spec else ""
+    return f"{axis}{spec['method']}/{spec['setting']}/seed{spec['seed']}"
 
 
 def compare_view() -> str:

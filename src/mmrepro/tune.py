@@ -1,7 +1,9 @@
 """Hyperparameter search with Optuna: one study per (study, dataset, method), feeding the final runs.
 
-A search trains the method (or adapts, for test-time adapters) on the first setting and seed
-that run it and scores a trial by its best validation loss; the test split is never read here.
+A search trains the method (or adapts, for test-time adapters) on the first setting, seed (and, on
+the shift study's backbone axis, backbone) that run it (:func:`search_run`; a cross-dataset setting's
+trials read its target's store) and scores a trial by its best validation loss; the test split is
+never read here. Its best parameters serve every run of that (study, dataset, method).
 The config's values are the first trial, so a search never ends worse than the published point.
 Three steps, one CLI verb each, so that several Snakemake jobs can share one study:
 
@@ -86,14 +88,20 @@ def _check_point(dist: dict[str, Any], value: Any, key: str) -> None:
                           f"[{dist['low']}, {dist['high']}]")
 
 
+def search_run(config: dict[str, Any], study: str, dataset: str, method: str) -> dict[str, Any]:
+    """The run a search's trials stand for: the study's first run of ``method`` on ``dataset`` (its
+    setting, seed and backbone say which store the trials read and which model they start from)."""
+    return next(r for r in study_grid(config, study) if r["dataset"] == dataset and r["method"] == method)
+
+
 def search_spec(config: dict[str, Any], study: str, dataset: str, method: str) -> dict[str, Any]:
     """Everything one search needs, resolved: the trials' run spec, space, default point, budget, storage."""
-    runs = [r for r in study_grid(config, study) if r["dataset"] == dataset and r["method"] == method]
+    run = search_run(config, study, dataset, method)
     space = config["tune"]["space"].get(method)
     if not space:
         raise ConfigError(f"config key tune.space.{method}: studies.{study}.tune searches {method!r}, "
                           "but it has no search space")
-    spec = run_spec(config, study, dataset, method, runs[0]["setting"], config["seeds"][0])
+    spec = run_spec(config, study, dataset, method, run["setting"], run["seed"], run.get("backbone"))
     default = {}
     for key, dist in space.items():
         try:

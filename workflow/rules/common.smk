@@ -6,6 +6,7 @@ from pathlib import Path
 
 from mmrepro.config import (
     STUDY_KINDS,
+    backbone_runs,
     backbone_source,
     backbone_spec,
     dataset_path,
@@ -20,7 +21,7 @@ from mmrepro.config import (
     validate_config,
 )
 from mmrepro.tracking import tracking_mode, tracking_uri
-from mmrepro.tune import search_spec, tuned_methods
+from mmrepro.tune import search_run, search_spec, tuned_methods
 
 validate_config(config, load_schema(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
 
@@ -47,6 +48,7 @@ wildcard_constraints:
     dataset=r"[A-Za-z0-9_-]+",
     method=r"[A-Za-z0-9_+]+",
     setting=r"[A-Za-z0-9_.-]+",
+    backbone=r"[A-Za-z0-9_.+-]+",
 
 
 def store(dataset):
@@ -63,27 +65,33 @@ def raw_sources():
     return sources
 
 
-def run_dir(study, dataset, method, setting, seed):
-    return f"{RESULTS}/{study}/{dataset}/{method}/{setting}/seed{seed}"
+def run_dir(study, dataset, method, setting, seed, backbone=None):
+    """A run's folder; a run on the shift study's backbone axis has its backbone's name after the dataset."""
+    return Path(RESULTS, study, dataset, *([backbone] if backbone else []), method, setting, f"seed{seed}").as_posix()
 
 
-def backbone_model(study, dataset, seed):
-    return f"{RESULTS}/backbones/{study}/{dataset}/seed{seed}/model.pt"
+def backbone_dir(study, dataset, seed, backbone=None):
+    return Path(RESULTS, "backbones", study, dataset, *([backbone] if backbone else []), f"seed{seed}").as_posix()
 
 
-def backbone_stats(study, dataset, seed):
-    return f"{RESULTS}/backbones/{study}/{dataset}/seed{seed}/feature_stats.pt"
+def backbone_model(study, dataset, seed, backbone=None):
+    return f"{backbone_dir(study, dataset, seed, backbone)}/model.pt"
 
 
 def tune_inputs(wildcards):
-    """A search's study file, data and the model its trials start from (fine-tuning) or adapt."""
+    """A search's study file, the data its trials read (a cross-dataset setting's target) and the model
+    they start from (fine-tuning) or adapt (the search's backbone, or the source_model run)."""
     w = wildcards
-    kind, seed = STUDY_KINDS[w.study], config["seeds"][0]
-    init = {"finetune": backbone_model(w.study, w.dataset, seed), "adapt": backbone_model("shift", w.dataset, seed)}
+    run, kind = search_run(config, w.study, w.dataset, w.method), STUDY_KINDS[w.study]
+    init = []
+    if kind == "finetune":
+        init = backbone_model(w.study, w.dataset, run["seed"])
+    elif kind == "adapt":
+        init = shift_source(w.dataset, run["backbone"], run["seed"])["model"]
     return {
         "search": f"{TUNE}/{w.study}/{w.dataset}/{w.method}/search.json",
-        "data": store(w.dataset),
-        "init": init.get(kind, []),
+        "data": store(target_dataset(config, w.study, w.dataset, run["setting"])),
+        "init": init,
     }
 
 
@@ -105,12 +113,13 @@ def teachers(wildcards):
     return {m: f"{run_dir(**run)}/model.pt" for m, run in runs.items()}
 
 
-def shift_source(dataset, seed):
-    """What the shift study adapts: its backbone (with its source feature statistics), or the model
-    another study trained (studies.shift.source_model), which has none."""
+def shift_source(dataset, backbone, seed):
+    """What the shift study adapts: one of its backbones (with its source feature statistics), or the
+    model another study trained (studies.shift.source_model), which has none."""
     source = config["studies"]["shift"]["source_model"]
     if source is None:
-        return {"model": backbone_model("shift", dataset, seed), "stats": backbone_stats("shift", dataset, seed)}
+        folder = backbone_dir("shift", dataset, seed, backbone)
+        return {"model": f"{folder}/model.pt", "stats": f"{folder}/feature_stats.pt"}
     return {"model": f"{run_dir(source['study'], dataset, source['method'], source['setting'], seed)}/model.pt"}
 
 
@@ -125,11 +134,9 @@ def study_metrics(study):
 
 
 def study_backbone_metrics(study):
-    """The metrics.json of the backbones a study's runs start from (none for studies that train from scratch)."""
-    if STUDY_KINDS[study] == "train":
-        return []
-    starts = sorted({(run["dataset"], run["seed"]) for run in study_grid(config, study)})
-    return [str(Path(backbone_model(study, dataset, seed)).with_name("metrics.json")) for dataset, seed in starts]
+    """The metrics.json of the backbones a study's runs start from (none for studies that train from
+    scratch or adapt another study's runs)."""
+    return [f"{backbone_dir(**start)}/metrics.json" for start in backbone_runs(config, study)]
 
 
 def paper_reference(study):

@@ -1,21 +1,27 @@
-# Evaluation under shift: a source-trained backbone meets each target domain (or, under a
-# `dataset` setting, another dataset's store) through a test-time adapter (offline: the target's
-# train split, then its test split; online: the test stream). Missing-modality settings are
-# evaluated inside training runs.
+# Evaluation under shift: each source-trained backbone of the study's axis meets each target domain
+# (or, under a `dataset` setting, another dataset's store) through a test-time adapter (offline: the
+# target's train split, then its test split; online: the test stream). Missing-modality settings
+# are evaluated inside training runs.
 
 
 rule adapt:
     input:
-        unpack(lambda wildcards: shift_source(wildcards.dataset, wildcards.seed)),
+        unpack(lambda wildcards: shift_source(wildcards.dataset, wildcards.backbone, wildcards.seed)),
         data=lambda wildcards: store(target_dataset(config, "shift", wildcards.dataset, wildcards.setting)),
         tracking=JOB_TRACKING,
         tuned=tuned_best("shift"),
     output:
-        metrics=f"{RESULTS}/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
+        metrics=f"{RESULTS}/shift/{{dataset}}/{{backbone}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
     params:
         spec=lambda wildcards: json.dumps(
             run_spec(
-                config, "shift", wildcards.dataset, wildcards.method, wildcards.setting, int(wildcards.seed)
+                config,
+                "shift",
+                wildcards.dataset,
+                wildcards.method,
+                wildcards.setting,
+                int(wildcards.seed),
+                wildcards.backbone,
             )
         ),
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
@@ -24,9 +30,9 @@ rule adapt:
     conda:
         CONDA_ENV
     log:
-        f"{RESULTS}/logs/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}.log",
+        f"{RESULTS}/logs/shift/{{dataset}}/{{backbone}}/{{method}}/{{setting}}/seed{{seed}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/shift/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}.tsv"
+        f"{RESULTS}/benchmarks/shift/{{dataset}}/{{backbone}}/{{method}}/{{setting}}/seed{{seed}}.tsv"
     threads: TRAIN_RES["threads"]
     resources:
         mem_mb=TRAIN_RES["mem_mb"],

@@ -1,5 +1,6 @@
 # Training: one job per (study, dataset, method, setting, seed), and the backbones that the shift,
-# peft and missing studies start from. Every job waits for the MLflow store (rules/tracking.smk).
+# peft and missing studies start from (shift: one per name on its backbone axis, in a folder of that
+# name). Every job waits for the MLflow store (rules/tracking.smk).
 
 
 rule backbone:
@@ -12,11 +13,11 @@ rule backbone:
         stats=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/feature_stats.pt",
     params:
         spec=lambda wildcards: json.dumps(
-            backbone_spec(config, wildcards.study, wildcards.dataset, int(wildcards.seed))
+            backbone_spec(config, wildcards.study, wildcards.dataset, int(wildcards.seed), wildcards.get("backbone"))
         ),
         out_dir=lambda wildcards, output: Path(output.model).parent,
     wildcard_constraints:
-        study="shift|peft|missing",
+        study="peft|missing",
     conda:
         CONDA_ENV
     log:
@@ -31,6 +32,19 @@ rule backbone:
     shell:
         "mmrepro train --spec {params.spec:q} --data {input.data} --out-dir {params.out_dir}"
         " --threads {threads} > {log} 2>&1"
+
+
+use rule backbone as shift_backbone with:
+    output:
+        metrics=f"{RESULTS}/backbones/{{study}}/{{dataset}}/{{backbone}}/seed{{seed}}/metrics.json",
+        model=f"{RESULTS}/backbones/{{study}}/{{dataset}}/{{backbone}}/seed{{seed}}/model.pt",
+        stats=f"{RESULTS}/backbones/{{study}}/{{dataset}}/{{backbone}}/seed{{seed}}/feature_stats.pt",
+    wildcard_constraints:
+        study="shift",
+    log:
+        f"{RESULTS}/logs/backbones/{{study}}/{{dataset}}/{{backbone}}/seed{{seed}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/backbones/{{study}}/{{dataset}}/{{backbone}}/seed{{seed}}.tsv"
 
 
 rule train:

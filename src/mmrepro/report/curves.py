@@ -22,7 +22,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .tables import _atomic_write, _with_suffix
+from .tables import _atomic_write, _with_suffix, backbone_labels
 
 FAMILIES = {"util_": "unimodal probe accuracy (validation)", "coeff_median_": "median coefficient (symlog)",
             "coeff_extreme_share": "share of steps with exploded / clamped coefficient",
@@ -39,8 +39,8 @@ def family_of(key: str) -> str | None:
 
 
 def load_histories(metrics_paths: list[str | os.PathLike]) -> pd.DataFrame:
-    """Long frame (method, setting, seed, epoch, key, value) from the history.json beside each metrics.json;
-    ``epoch`` holds the entry's step (its ``epoch``, else its ``batch``)."""
+    """Long frame (backbone, method, setting, seed, epoch, key, value) from the history.json beside each
+    metrics.json; ``epoch`` holds the entry's step (its ``epoch``, else its ``batch``)."""
     rows = []
     for path in map(Path, metrics_paths):
         meta = json.loads(path.read_text())
@@ -55,9 +55,10 @@ def load_histories(metrics_paths: list[str | os.PathLike]) -> pd.DataFrame:
                 continue
             for key, value in entry.items():
                 if key not in STEPS:
-                    rows.append({"method": meta["method"], "setting": str(meta["setting"]), "seed": meta["seed"],
-                                 "epoch": step, "key": key, "value": float(value)})
-    return pd.DataFrame(rows, columns=["method", "setting", "seed", "epoch", "key", "value"])
+                    rows.append({"backbone": meta.get("backbone", ""), "method": meta["method"],
+                                 "setting": str(meta["setting"]), "seed": meta["seed"], "epoch": step, "key": key,
+                                 "value": float(value)})
+    return pd.DataFrame(rows, columns=["backbone", "method", "setting", "seed", "epoch", "key", "value"])
 
 
 def panels(histories: pd.DataFrame) -> list[str]:
@@ -71,7 +72,9 @@ def panels(histories: pd.DataFrame) -> list[str]:
 
 
 def plot_curves(histories: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
-    """Write ``stem.png`` and ``stem.pdf``: one panel per curve family present."""
+    """Write ``stem.png`` and ``stem.pdf``: one panel per curve family present, one line per method
+    and setting (``<backbone>/<method>`` where the runs mix backbones)."""
+    histories = backbone_labels(histories)
     families = panels(histories)
     fig = Figure(figsize=(5.5 * len(families), 6.0), layout="constrained")
     FigureCanvasAgg(fig)

@@ -15,7 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from .tables import LOWER_IS_BETTER, MAIN_METRIC, _atomic_write, _with_suffix, summarize
+from .tables import LOWER_IS_BETTER, MAIN_METRIC, _atomic_write, _with_suffix, backbone_labels, summarize
 
 __all__ = ["plot_study", "metric_label"]
 
@@ -41,14 +41,15 @@ def plot_study(
     """Write ``stem.png`` and ``stem.pdf``: mean ± std over seeds of one metric.
 
     One panel per dataset (sorted); settings on the x axis as categories (order
-    of first appearance), methods as dodged points with std error bars (no bar
+    of first appearance), methods (``<backbone>/<method>`` where the runs mix
+    backbones) as dodged points with std error bars (no bar
     when a group has a single seed), the oracle as a dashed line labelled
     "oracle" where the runs carry one. ``metric`` defaults per dataset to the
     task's main metric (regression: mae, classification: acc). Returns the two
     paths written (atomically, parent folders created).
     """
     stem = Path(stem)
-    df = runs[runs["split"] == split]
+    df = backbone_labels(runs[runs["split"] == split])
     if df.empty:
         raise ValueError(f"no runs for split {split!r}")
     datasets = sorted(pd.unique(df["dataset"]))

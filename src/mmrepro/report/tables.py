@@ -4,14 +4,15 @@ Only the JSON files the pipeline writes are read, so a table can be rebuilt
 offline from a results folder alone.
 
 Summary frame layout (what :func:`summarize` returns and :func:`write_table`
-expects): identifier columns ``dataset, method, setting, task, n`` and the
+expects): identifier columns ``dataset, backbone, method, setting, task, n`` and the
 parameter counts ``trainable_params, backbone_params, trainable_share``, then,
 per metric ``m`` in order, ``m_mean``, ``m_std``, ``m_oracle`` (the noise-free
 latent optimum), ``m_ceiling`` (the best score reachable from the modalities the run
 reads, see :mod:`mmrepro.data.synth`) and, for a metric the paper reports (see
 :func:`add_reference`), ``m_paper``, ``m_paper_printed``, ``m_paper_note`` and
-``m_diff``; a shift study adds ``m_delta`` (vs source only). The CSV keeps our units;
-the Markdown and LaTeX tables show a metric in the paper's units (% where the paper prints %).
+``m_diff``; a shift study adds ``m_delta`` (vs source only on the same backbone). The CSV keeps
+our units; the Markdown and LaTeX tables show a metric in the paper's units (% where the paper
+prints %), and the backbone where the table holds several (the shift study's backbone axis).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ RUN_COLUMNS: tuple[str, ...] = (
 )
 #: Per-split score blocks a metrics.json may carry beside its metrics, one table column each.
 _BOUNDS = ("oracle", "ceiling")
-_ID_COLUMNS = ("dataset", "method", "setting", "task", "n", "trainable_params", "backbone_params", "trainable_share")
+_ID_COLUMNS = ("dataset", "backbone", "method", "setting", "task", "n", "trainable_params", "backbone_params",
+               "trainable_share")
 _STR_KEYS = ("study", "dataset", "method", "task", "backbone")
 _REQUIRED_KEYS = (*_STR_KEYS, "setting", "seed", "metrics", "trainable_params")
 
@@ -198,11 +200,11 @@ def summarize(
     metrics: Sequence[str] | None = None,
     reference: Reference | pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """One row per (dataset, method, setting): mean/std over seeds, seed count, oracle, parameters.
+    """One row per (dataset, backbone, method, setting): mean/std over seeds, seed count, oracle, parameters.
 
     ``runs`` is the frame of :func:`load_runs`. ``metrics`` defaults to
     :data:`DEFAULT_METRICS` of the task(s) present (those found in the data).
-    Columns: ``dataset, method, setting, task, n`` then per metric ``m``:
+    Columns: ``dataset, backbone, method, setting, task, n`` then per metric ``m``:
     ``m_mean``, ``m_std`` (sample std, ddof=1; NaN when n == 1 -- a single seed
     has no spread, and 0.0 would be misleading), ``m_oracle`` and ``m_ceiling`` (NaN when none) and,
     with ``reference``, ``m_paper`` (see :func:`add_reference`). A seed lacking a
@@ -211,12 +213,12 @@ def summarize(
     seeds; ``trainable_share`` = trainable / backbone (NaN when unknown). Rows of report groups
     (:func:`~mmrepro.report.groups.add_groups`) are summarized like any dataset;
     ``attrs["groups"]`` keeps the groups for the notes, ``attrs["incomplete"]`` the (dataset,
-    method, setting, metric) of group cells where a seed lacks a member's value.
+    backbone, method, setting, metric) of group cells where a seed lacks a member's value.
 
-    Row order: datasets sorted, then methods and settings in order of first
-    appearance in ``runs``. Raises ``ValueError`` when there is nothing to
-    summarize, a requested metric is absent, a (dataset, method, setting, seed)
-    appears twice (e.g. several studies/backbones mixed -- filter first), or seeds
+    Row order: datasets sorted, then backbones, methods and settings in order of
+    first appearance in ``runs``. Raises ``ValueError`` when there is nothing to
+    summarize, a requested metric is absent, a (dataset, backbone, method, setting,
+    seed) appears twice (e.g. several studies mixed -- filter first), or seeds
     disagree on the oracle.
     """
     missing_cols = set(RUN_COLUMNS) - {"path", "trainable_params", "backbone_params"} - set(runs.columns)
@@ -244,19 +246,18 @@ def summarize(
                              f"(present: {sorted(present_metrics)})")
     df = df[df["metric"].isin(chosen)]
 
-    keys = ["dataset", "method", "setting"]
+    keys = ["dataset", "backbone", "method", "setting"]
     dup = df.duplicated([*keys, "seed", "metric"], keep=False)
     if dup.any():
         d = df[dup].iloc[0]
         raise ValueError(
-            f"run {d['dataset']}/{d['method']}/{d['setting']}/seed {d['seed']} appears more than "
-            "once (several studies or backbones mixed?); filter runs before summarizing")
+            f"run {d['dataset']}/{d['backbone']}/{d['method']}/{d['setting']}/seed {d['seed']} appears more than "
+            "once (several studies mixed?); filter runs before summarizing")
 
-    method_order = {m: i for i, m in enumerate(pd.unique(df["method"]))}
-    setting_order = {s: i for i, s in enumerate(pd.unique(df["setting"]))}
+    order = {k: {v: i for i, v in enumerate(pd.unique(df[k]))} for k in keys[1:]}
     groups = runs.attrs.get("groups", {})
     rows, incomplete = [], []
-    for (ds, meth, sett), g in df.groupby(keys, sort=False):
+    for (ds, bb, meth, sett), g in df.groupby(keys, sort=False):
         tasks = pd.unique(g["task"])
         if len(tasks) > 1:
             raise ValueError(f"{ds}/{meth}/{sett}: runs disagree on task {list(tasks)}")
@@ -264,7 +265,7 @@ def summarize(
         n = len(seeds)
         trainable = g["trainable_params"].mean() if "trainable_params" in g else math.nan
         backbone = g["backbone_params"].mean() if "backbone_params" in g else math.nan
-        row: dict[str, object] = {"dataset": ds, "method": meth, "setting": sett, "task": tasks[0], "n": n,
+        row: dict[str, object] = {"dataset": ds, "backbone": bb, "method": meth, "setting": sett, "task": tasks[0], "n": n,
                                   "trainable_params": trainable, "backbone_params": backbone,
                                   "trainable_share": trainable / backbone if backbone > 0 else math.nan}
         by_metric = dict(tuple(g.groupby("metric", sort=False)))
@@ -277,7 +278,7 @@ def summarize(
                 if any(math.isnan(v) for v in vals):
                     mean = std = math.nan
                     if ds in groups:
-                        incomplete.append((ds, meth, sett, m))
+                        incomplete.append((ds, bb, meth, sett, m))
                 else:  # statistics: exact-ish (fsum), so constant values give std 0.0
                     mean = statistics.fmean(vals)
                     std = statistics.stdev(vals) if n > 1 else math.nan
@@ -286,7 +287,7 @@ def summarize(
             row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_oracle"], row[f"{m}_ceiling"] = mean, std, ora, ceil
         rows.append(row)
 
-    rows.sort(key=lambda r: (r["dataset"], method_order[r["method"]], setting_order[r["setting"]]))
+    rows.sort(key=lambda r: (r["dataset"], *(order[k][r[k]] for k in keys[1:])))
     columns = [*_ID_COLUMNS] + [f"{m}_{s}" for m in chosen for s in ("mean", "std", *_BOUNDS)]
     summary = pd.DataFrame(rows, columns=columns).astype({"n": "int64"})
     summary.attrs.update(metrics=list(chosen), split=split, groups=groups, incomplete=incomplete)
@@ -332,7 +333,7 @@ def add_reference(summary: pd.DataFrame, reference: Reference | pd.DataFrame) ->
         if (key not in ran if r.setting else (r.dataset, r.method) not in ran_any) and key not in missing:
             missing.append(key)
     if missing:
-        blank = {"task": "", "n": 0, "trainable_params": math.nan, "backbone_params": math.nan,
+        blank = {"backbone": "", "task": "", "n": 0, "trainable_params": math.nan, "backbone_params": math.nan,
                  "trainable_share": math.nan}
         rows = pd.DataFrame([{"dataset": d, "method": me, "setting": se, **blank} for d, me, se in missing])
         out = pd.concat([out, rows], ignore_index=True).sort_values("dataset", kind="stable", ignore_index=True)
@@ -369,24 +370,33 @@ _METRIC_FIELDS = ("mean", "std", *_BOUNDS, "paper", "paper_printed", "paper_note
 
 def add_baseline_delta(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str = "source_only") -> pd.DataFrame:
     """A copy of ``summary`` with ``m_delta`` after each metric's other columns: the mean over seeds of
-    the run's value minus ``baseline``'s on the same dataset, setting and seed (NaN where that run is
-    missing). Returned unchanged when no ``baseline`` run exists (studies without one)."""
+    the run's value minus ``baseline``'s on the same dataset, backbone, setting and seed (NaN where that
+    run is missing). Returned unchanged when no ``baseline`` run exists (studies without one)."""
     split = summary.attrs.get("split", "test")
     df = runs[runs["split"] == split]
     if not (df["method"] == baseline).any():
         return summary
-    ref = df[df["method"] == baseline].set_index(["dataset", "setting", "seed", "metric"])["value"]
+    ref = df[df["method"] == baseline].set_index(["dataset", "backbone", "setting", "seed", "metric"])["value"]
     out = summary.copy()
     for m in _summary_metrics(summary):
         deltas = []
-        for ds, meth, sett in zip(out["dataset"], out["method"], out["setting"]):
-            g = df[(df["dataset"] == ds) & (df["method"] == meth) & (df["setting"] == sett) & (df["metric"] == m)]
-            diff = [v - ref.get((ds, sett, s, m), math.nan) for s, v in zip(g["seed"], g["value"])]
+        for ds, bb, meth, sett in zip(out["dataset"], out["backbone"], out["method"], out["setting"]):
+            g = df[(df["dataset"] == ds) & (df["backbone"] == bb) & (df["method"] == meth) & (df["setting"] == sett)
+                   & (df["metric"] == m)]
+            diff = [v - ref.get((ds, bb, sett, s, m), math.nan) for s, v in zip(g["seed"], g["value"])]
             deltas.append(statistics.fmean(diff) if diff else math.nan)
         last = max(i for i, c in enumerate(out.columns) if c.startswith(f"{m}_"))
         out.insert(last + 1, f"{m}_delta", deltas)
     out.attrs.update(summary.attrs)
     return out
+
+
+def backbone_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with each method named ``<backbone>/<method>`` where it mixes several backbones (the
+    shift study's axis), so that a plot keeps them apart; the frame itself otherwise."""
+    if frame["backbone"].nunique() < 2:
+        return frame
+    return frame.assign(method=frame["backbone"] + "/" + frame["method"])
 
 
 # --------------------------------------------------------------------------- writing
@@ -470,7 +480,8 @@ def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], 
     metrics = _summary_metrics(summary)
     scales = summary.attrs.get("scale", {})
     incomplete = set(summary.attrs.get("incomplete", ()))
-    id_cols = ["dataset", "method", "setting", "n"]
+    axis = ["backbone"] if summary["backbone"].replace("", np.nan).nunique() > 1 else []
+    id_cols = ["dataset", *axis, "method", "setting", "n"]
     header = [*id_cols, "trainable"]
     getters: list[Callable[[pd.Series], str]] = [lambda r: "" if pd.isna(r.get("trainable_params", math.nan))
                                                  else f"{r['trainable_params']:,.0f}"]
@@ -493,7 +504,7 @@ def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], 
                 return "not run" if not pd.isna(r.get(f"{m}_paper", math.nan)) else ""
             mean, std = r[f"{m}_mean"] * scale, r[f"{m}_std"] * scale
             if pd.isna(mean):
-                return INCOMPLETE if (r["dataset"], r["method"], r["setting"], m) in incomplete else ""
+                return INCOMPLETE if (r["dataset"], r["backbone"], r["method"], r["setting"], m) in incomplete else ""
             return _fmt(mean, dec) if pd.isna(std) else f"{_fmt(mean, dec)}{pm}{_fmt(std, dec)}"
         getters.append(cell)
         for bound in _BOUNDS:
