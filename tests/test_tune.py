@@ -139,7 +139,8 @@ def test_a_killed_worker_resumes_to_exactly_the_budget(results, tmp_path):
     study = _study(search)
     try:
         deadline = time.monotonic() + 600
-        while "RUNNING" not in _states(study) and time.monotonic() < deadline:
+        # Kill once the running trial has its parameters (see the next test for a kill before that).
+        while not any(t.params for t in study.get_trials(states=(TrialState.RUNNING,))) and time.monotonic() < deadline:
             assert proc.poll() is None, "the worker ended before any trial ran"
             time.sleep(0.2)
     finally:
@@ -159,6 +160,16 @@ def test_a_killed_worker_resumes_to_exactly_the_budget(results, tmp_path):
     assert trials[0].params == search["default"], "the config's values are the first trial"
     again = tune.work(search, 0, results / "data" / "synth" / "manifest.json", None, threads=1)
     assert again["ran"] == 0 and again["states"] == summary["states"], "a finished budget runs nothing more"
+
+
+def test_a_trial_killed_before_suggesting_is_retried_at_its_enqueued_point(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    study.enqueue_trial({"train.lr": 0.003})
+    study.ask()  # claimed by a job that died before its objective suggested anything
+    assert tune._fail_stale(study, None) == [0]
+    retry = study.ask()
+    assert retry.params == {} and retry.suggest_float("train.lr", 1e-4, 1e-2) == 0.003
+    assert retry.user_attrs["retry_of"] == 0
 
 
 def test_pruning_stops_a_bad_trial_from_the_loops_validation_loss(results, tmp_path):

@@ -212,7 +212,10 @@ def _fail_stale(study, owner: int | None) -> list[int]:
     stale = candidates()
     for t in stale:
         study.tell(t.number, state=TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number, **{k: v for k, v in t.user_attrs.items()
+        # A job killed before its objective suggested anything leaves ``params`` empty; an enqueued
+        # point (the config's defaults) then lives only in Optuna's ``fixed_params``.
+        params = t.params or t.system_attrs.get("fixed_params", {})
+        study.enqueue_trial(params, user_attrs={"retry_of": t.number, **{k: v for k, v in t.user_attrs.items()
                                                                          if k == "point"}})
         log.warning("trial %d was left RUNNING by a stopped job: failed, its parameters enqueued again", t.number)
     return [t.number for t in stale]
