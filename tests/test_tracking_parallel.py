@@ -82,7 +82,9 @@ def mlflow_server(tmp_path):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no background job runners: tracking only
+        # as README: no background job runners (tracking only); a fresh sqlite connection per request
+        # (the default pool of 15 timed out under 16 jobs: 400 "QueuePool limit ... reached")
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"})
     uri = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 900  # seconds when idle; minutes on a machine shared by many
