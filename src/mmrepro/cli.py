@@ -164,16 +164,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_reference(path: Path | None, names: Path | None, runs) -> object:
-    """The paper's numbers for the runs' study, in our names (None without a CSV)."""
+def _paper(path: Path | None, names: Path | None, study: str) -> object:
+    """A study's paper numbers in our names (``names`` defaults to names.yaml beside the CSV); None without a CSV."""
     from mmrepro.report import load_reference
 
+    return None if path is None else load_reference(path, names or path.with_name("names.yaml"), study)
+
+
+def _study_reference(path: Path | None, names: Path | None, runs) -> object:
+    """The paper's numbers for the runs' study, in our names (None without a CSV)."""
     if path is None:
         return None
     studies = sorted(set(runs["study"]))
     if len(studies) != 1:
         raise SystemExit(f"--reference needs runs of one study, got {studies}")
-    return load_reference(path, names or path.with_name("names.yaml"), studies[0])
+    return _paper(path, names, studies[0])
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -247,14 +252,11 @@ def cmd_mechanisms_report(args: argparse.Namespace) -> int:
 
 
 def cmd_missing_report(args: argparse.Namespace) -> int:
-    from mmrepro.report import load_reference
     from mmrepro.report.missing import missing_report
 
     plots = {name: stem for name, stem in [("test", args.plot), ("train", args.train_rate_plot),
                                            ("prompt", args.prompt_length_plot)] if stem is not None}
-    reference = (None if args.reference is None else
-                 load_reference(args.reference, args.names or args.reference.with_name("names.yaml"), "missing"))
-    missing_report(args.metrics, args.table, plots, reference, args.groups)
+    missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"), args.groups)
     print(f"wrote {args.table}.{{md,csv}} and {', '.join(f'{p}.{{png,pdf}}' for p in plots.values())} "
           f"from {len(args.metrics)} runs")
     return 0

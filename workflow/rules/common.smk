@@ -147,6 +147,11 @@ def paper_reference(study):
     return [str(path), str(folder / "names.yaml")] if path.is_file() else []
 
 
+def reference_args(wildcards, input):
+    """The report CLIs' options for the paper's numbers (input.reference from paper_reference), or ""."""
+    return f"--reference {input.reference[0]} --names {input.reference[1]}" if input.reference else ""
+
+
 def report_groups(study):
     """The study's report groups as a shell-quoted JSON argument (mmrepro.report.groups)."""
     return shlex.quote(json.dumps(config["studies"][study]["report_groups"]))

@@ -17,9 +17,7 @@ rule report:
     params:
         table=lambda wildcards: f"{RESULTS}/tables/{wildcards.study}",
         plot=lambda wildcards: f"{RESULTS}/plots/{wildcards.study}",
-        reference=lambda wildcards, input: (
-            f"--reference {input.reference[0]} --names {input.reference[1]}" if input.reference else ""
-        ),
+        reference=reference_args,
         groups=lambda wildcards: report_groups(wildcards.study),
     wildcard_constraints:
         study="balance|missing|shift|peft",
@@ -74,9 +72,7 @@ rule missing_report:
         plot=lambda wildcards, output: str(Path(output[2]).with_suffix("")),
         train=lambda wildcards, output: str(Path(output[4]).with_suffix("")),
         prompt=lambda wildcards, output: str(Path(output[6]).with_suffix("")),
-        reference=lambda wildcards, input: (
-            f"--reference {input.reference[0]} --names {input.reference[1]}" if input.reference else ""
-        ),
+        reference=reference_args,
         groups=lambda wildcards: report_groups("missing"),
     conda:
         CONDA_ENV
