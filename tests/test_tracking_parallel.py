@@ -76,13 +76,13 @@ def test_16_jobs_at_once_on_the_default_sqlite_store(tmp_path):
 
 @contextlib.contextmanager
 def mlflow_server(tmp_path):
-    """An MLflow server on loopback, the single writer of its sqlite file (README 'Tracking on a cluster')."""
+    """An MLflow server on loopback, the single writer of its sqlite file (docs/cluster.md 'Tracking on a cluster')."""
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        # as README: no background job runners (tracking only); a fresh sqlite connection per request
+        # as docs/cluster.md: no background job runners (tracking only); a fresh sqlite connection per request
         # (the default pool of 15 timed out under 16 jobs: 400 "QueuePool limit ... reached")
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"})
     uri = f"http://127.0.0.1:{port}"

@@ -242,7 +242,7 @@ def test_a_search_feeds_the_final_run_through_the_dag(tmp_path):
 
 @pytest.mark.slow
 def test_the_readme_grid_plans_a_search_before_the_final_runs_of_each_study(tmp_path):
-    """config/grids/tune_synth.yaml (the README's command): one search per study, two workers each,
+    """config/grids/tune_synth.yaml (docs/tuning.md's command): one search per study, two workers each,
     each feeding its method's final runs; without it the DAG has no tune job."""
     def plan(*configs: str) -> str:
         files = [str(REPO / "config" / "config.yaml"), *(str(REPO / c) for c in configs)]

@@ -103,7 +103,7 @@ def tracking(uri: str) -> Check:
             return Check("tracking", "ok", f"server {uri} answers")
         except OSError as e:
             return Check("tracking", "FAIL", f"server {uri} does not answer ({e})",
-                         "start it (mlflow server ..., see README 'Tracking on a cluster') or unset MLFLOW_TRACKING_URI")
+                         "start it (mlflow server ..., see docs/cluster.md 'Tracking on a cluster') or unset MLFLOW_TRACKING_URI")
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():
@@ -147,7 +147,7 @@ def dataset(name: str, config: dict[str, Any]) -> Check:
     if source.get("url") and not source.get("gated"):
         return Check(f"data {name}", "warn", f"{raw} absent", f"snakemake downloads it (fetch_{name})")
     return Check(f"data {name}", "FAIL", f"{raw} absent and cannot be downloaded automatically",
-                 f"mmrepro fetch prints the manual steps (snakemake fetch_{name}), see README 'Data'")
+                 f"mmrepro fetch prints the manual steps (snakemake fetch_{name}), see docs/datasets.md")
 
 
 def run_checks(config_files: list[Path], schema: Path) -> list[Check]:
@@ -157,7 +157,7 @@ def run_checks(config_files: list[Path], schema: Path) -> list[Check]:
     out = [*versions(), threads(), gpu(config), checked]
     if config is not None:
         problem = cluster_store_problem(config["tracking"]["uri"])
-        out.append(Check("tracking", "FAIL", problem, "start an MLflow server (README 'Tracking on a cluster')")
+        out.append(Check("tracking", "FAIL", problem, "start an MLflow server (docs/cluster.md 'Tracking on a cluster')")
                    if problem else tracking(tracking_uri(config["results"], config["tracking"]["uri"])))
         used = {d for study in config["studies"].values() for d in study["datasets"]}
         out += [dataset(name, config) for name in sorted(used)]

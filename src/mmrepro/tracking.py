@@ -79,7 +79,7 @@ def cluster_store_problem(configured: str | None) -> str | None:
     if os.environ.get("SLURM_JOB_ID") and not configured and not os.environ.get("MLFLOW_TRACKING_URI"):
         return ("this job runs on a SLURM node and would share the default sqlite store with jobs on other nodes, "
                 "which SQLite's file locks on a network filesystem do not make safe; start an MLflow server and "
-                "export MLFLOW_TRACKING_URI=http://<host>:<port> (README 'Tracking on a cluster')")
+                "export MLFLOW_TRACKING_URI=http://<host>:<port> (docs/cluster.md 'Tracking on a cluster')")
     return None
 
 

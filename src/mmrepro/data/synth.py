@@ -81,7 +81,7 @@ draws at every scale). The default domains mix and add noise but set no ``offset
 along a random direction moves a source model's predictions by however its weights happen to extrapolate
 along a direction the source data never varied, so the shifted error depended on the model seed
 (``target_all`` with offset 1.5, source model MAE over seeds 0-2: 1.54 +/- 0.93 in issue #10); without
-it the error is stable across seeds and still well above the source's (the numbers are in the README). ``target_label`` is a control: p(y | x) is unchanged, so a source model should
+it the error is stable across seeds and still well above the source's (the numbers are in docs/synth.md). ``target_label`` is a control: p(y | x) is unchanged, so a source model should
 not get worse there (issue #10 measured a lower error than on the source), and an adapter that loses
 accuracy there over-adapts.
 
