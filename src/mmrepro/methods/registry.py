@@ -10,8 +10,9 @@ late-fusion heads, for example): naming the hook then picks that transform.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+from mmrepro.spec import MethodPlan
 
 T = TypeVar("T")
 
@@ -55,15 +56,6 @@ def _load_plugins() -> None:
     """Import the modules that register plug-ins (kept here so the registries are never empty)."""
     from mmrepro.methods import (adapters, balance, casp, hooks, imagination, incomplete, map_prompts,  # noqa: F401
                                  mplmm, peft, settings, transforms, tta_baselines)
-
-
-@dataclass(frozen=True)
-class MethodPlan:
-    """Which plug-in of each family a run uses."""
-
-    transform: str
-    hook: str
-    adapter: str
 
 
 def resolve_method(method: str) -> MethodPlan:
