@@ -17,8 +17,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from mmrepro.methods.registry import (ADAPTERS, HOOKS, METHOD_FAMILIES, SETTINGS, TRANSFORMS, build, plugin_class,
-                                      resolve_method)
+from mmrepro.methods.registry import ADAPTERS, HOOKS, METHOD_FAMILIES, SETTINGS, TRANSFORMS, build, resolve_method
 from mmrepro.models.fusion import FUSIONS
 from mmrepro.models.presets import JOINT_PRESETS, PRESETS, check_widths, preset_dropouts
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES, check_method_support
@@ -219,7 +218,7 @@ def _check_adapters(config: dict[str, Any]) -> None:
         source = study_cfg.get("source_model") if STUDY_KINDS[study] == "adapt" else None
         for i, method in enumerate(study_cfg["methods"] if source else []):
             adapter = method_plan(config, method).adapter
-            if plugin_class(ADAPTERS, adapter).needs_source_stats:
+            if ADAPTERS.get(adapter).needs_source_stats:
                 raise ConfigError(f"config key studies.{study}.methods[{i}]: {adapter!r} needs the source feature "
                                   f"statistics a {study} backbone saves (feature_stats.pt), but studies.{study}."
                                   f"source_model adapts the {source['study']} study's {source['method']!r} runs, "

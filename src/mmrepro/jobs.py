@@ -27,10 +27,10 @@ from mmrepro.data.store import MANIFEST, FeatureStore
 from mmrepro.evaluate import case_average, evaluate_model, metric_kind, predict, score
 from mmrepro.methods.adapters import SplitPool
 from mmrepro.methods.balance.utilisation import with_utilisation
-from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build, plugin_class
+from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build
 from mmrepro.methods.transforms import count_parameters
 from mmrepro.methods.tta_baselines import feature_statistics
-from mmrepro.models.multimodal import build_model
+from mmrepro.models.build import build_model
 from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES
 from mmrepro.models.segmentation import check_method_support
@@ -297,7 +297,7 @@ def prepare_adapter(spec: RunSpec, data: RunData, model_path: Path,
     model.to(device)
     name = spec.plan.adapter
     context: dict[str, Any] = {"model": model}
-    if plugin_class(ADAPTERS, name).needs_source_stats:
+    if ADAPTERS.get(name).needs_source_stats:
         if source_stats is None or not Path(source_stats).is_file():
             raise ValueError(f"adapter {name!r} needs the source feature statistics the backbone job saves "
                              f"(feature_stats.pt); got {source_stats}")

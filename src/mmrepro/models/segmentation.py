@@ -28,7 +28,7 @@ converter crop works. A modality absent for a sample (``batch.present`` False) h
 volume multiplied by zero before its encoder, as the ``zero_fill`` setting does for sequences
 (so a model trained with missing modalities sees exactly zeros, whatever the setting did).
 
-The forward returns the shared :class:`~mmrepro.models.multimodal.ModelOutput`: ``pred`` the
+The forward returns the shared :class:`~mmrepro.models.output.ModelOutput`: ``pred`` the
 logits ``(B, K, D, H, W)``; ``features[m]`` modality ``m``'s bottleneck averaged over space
 ``(B, d)``; ``tokens[m]`` that bottleneck flattened to ``(B, T, d)`` (``T`` = bottleneck voxels);
 ``fused`` the fused bottleneck averaged over space ``(B, d)``; ``d = w_{L-1}``.
@@ -55,7 +55,7 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.data.schema import DatasetSchema, TaskSpec
-from mmrepro.models.multimodal import ModelOutput
+from mmrepro.models.output import ModelOutput
 from mmrepro.spec import MethodPlan
 
 #: Name of this backbone in metrics.json and accepted as ``model.backbone`` for segmentation.

@@ -172,10 +172,10 @@ def _spec(path: str) -> RunSpec:
 
 def _prompt_length(spec: RunSpec) -> float:
     """The run's prompt length (its transform's ``prompt_length``, the class default if not set); NaN if none."""
-    from mmrepro.methods.registry import TRANSFORMS, plugin_class
+    from mmrepro.methods.registry import TRANSFORMS
 
     name = spec.plan.transform
-    param = inspect.signature(plugin_class(TRANSFORMS, name)).parameters.get("prompt_length")
+    param = inspect.signature(TRANSFORMS.get(name)).parameters.get("prompt_length")
     return float(spec.method_params[name].get("prompt_length", param.default)) if param is not None else np.nan
 
 
