@@ -116,10 +116,6 @@ class TrackingSpec:
     mode: str = "auto"
 
 
-#: A space key's section of the run spec: ``train.<field>``, ``model.<field>``, ``methods.<plug-in>.<param>``.
-SPACE_SECTIONS = ("train", "model", "methods")
-
-
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """Everything one training or adaptation job needs (see :func:`mmrepro.config.run_spec`).
@@ -175,8 +171,7 @@ class RunSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSpec:
         """A spec from its JSON object; unknown or missing keys and wrong types raise :class:`SpecError`."""
-        if not isinstance(data, dict):
-            raise SpecError(f"a run spec is a JSON object, got {type(data).__name__}")
+        _check_object(data, "")
         data = dict(data)
         tracking = {k: data.pop(f"tracking_{k}") for k in ("uri", "mode") if f"tracking_{k}" in data}
         if "uri" not in tracking:
@@ -186,10 +181,7 @@ class RunSpec:
 
     @classmethod
     def from_json(cls, text: str) -> RunSpec:
-        try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise SpecError(f"not valid JSON: {e}") from None
+        return cls.from_dict(_parse(text))
 
     # --- what a search varies -------------------------------------------------------------------
 
@@ -243,13 +235,7 @@ class MechanismSpec:
 
     @classmethod
     def from_json(cls, text: str) -> MechanismSpec:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"not valid JSON: {e}") from None
-        if not isinstance(data, dict):
-            raise SpecError(f"a mechanisms spec is a JSON object, got {type(data).__name__}")
-        return _build(cls, data, "")
+        return _build(cls, _parse(text), "")
 
 
 # --- construction and checks ------------------------------------------------------------------------
@@ -262,8 +248,21 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _parse(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"not valid JSON: {e}") from None
+
+
+def _check_object(data: Any, prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise SpecError(f"spec key {prefix.rstrip('.') or '<top level>'}: expected a JSON object, got {data!r}")
+
+
 def _build(cls, data: dict[str, Any], prefix: str):
     """``cls`` from a JSON object, its dataclass fields built from their sub-objects."""
+    _check_object(data, prefix)
     names = _field_names(cls)
     unknown = [k for k in data if k not in names]
     if unknown:
@@ -276,8 +275,6 @@ def _build(cls, data: dict[str, Any], prefix: str):
             continue
         value, hint = data[f.name], _hints(cls)[f.name]
         if dataclasses.is_dataclass(hint):
-            if not isinstance(value, dict):
-                raise SpecError(f"spec key {prefix}{f.name}: expected an object, got {value!r}")
             value = _build(hint, value, f"{prefix}{f.name}.")
         kwargs[f.name] = value
     return cls(**kwargs)
