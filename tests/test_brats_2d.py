@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -270,13 +271,13 @@ def test_paper_brats_run_through_the_cli(tmp_path):
     setting = next(s for s, v in cfg["studies"]["balance"]["settings"].items()
                    if "brats2021" in v.get("datasets", []))
     spec = run_spec(cfg, "balance", "brats2021", "cggm", setting, 0)
-    assert spec["model"]["backbone"] == "deeplab2d" and spec["train"]["slices"] is not None
-    assert (spec["train"]["optimizer"], spec["train"]["scheduler"]) == ("sgd", "cosine_step")
-    spec["model"].update(d_model=8, resnet=18, resnet_width=4)
-    spec["train"].update(epochs=2, batch_size=3, patience=2, device="cpu")  # batch norm needs 2+ slices a batch
-    spec.update(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    init_store(spec["tracking_uri"], ["balance"], tmp_path / "artifacts")
-    assert cli.main(["train", "--spec", json.dumps(spec), "--data", str(tmp_path / "store" / "manifest.json"),
+    assert spec.model.backbone == "deeplab2d" and spec.train.slices is not None
+    assert (spec.train.optimizer, spec.train.scheduler) == ("sgd", "cosine_step")
+    spec = replace(spec, model=replace(spec.model, d_model=8, resnet=18, resnet_width=4),
+                   train=replace(spec.train, epochs=2, batch_size=3, patience=2, device="cpu"),  # batch norm: 2+ slices
+                   tracking=replace(spec.tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    init_store(spec.tracking.uri, ["balance"], tmp_path / "artifacts")
+    assert cli.main(["train", "--spec", spec.to_json(), "--data", str(tmp_path / "store" / "manifest.json"),
                      "--out-dir", str(tmp_path / "run")]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["backbone"] == "deeplab2d" and metrics["task"] == "segmentation"
@@ -287,10 +288,10 @@ def test_paper_brats_run_through_the_cli(tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
     assert all(0.0 <= h[f"util_{m}"] <= 1.0 for h in history for m in NAMES)
     # 3 training cases in batches of 3: 1 step an epoch; the logged rate is the epoch's last step's
-    train = spec["train"]
+    train = spec.train
     sched = EpochSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), "cosine_step",
-                          lr=train["lr"], epochs=2, when=1, factor=0.1, warmup_epochs=train["warmup_epochs"],
-                          warmup_lr=train["warmup_lr"], min_lr=train["min_lr"], steps_per_epoch=1)
+                          lr=train.lr, epochs=2, when=1, factor=0.1, warmup_epochs=train.warmup_epochs,
+                          warmup_lr=train.warmup_lr, min_lr=train.min_lr, steps_per_epoch=1)
     assert [h["lr"] for h in history] == pytest.approx([sched.step_rate(0), sched.step_rate(1)])
 
 

@@ -142,7 +142,7 @@ def test_offline_adapt_job_records_target_error_per_epoch(converged, store_path,
     config["methods"]["casp"] = {**SMALL, "label_use": "official_code"}
     config["results"] = str(tmp_path / "results")
     spec = run_spec(config, "shift", "synth", "casp", "target_all", 0)
-    init_store(tracking_uri(spec["results"], spec["tracking_uri"]), ["shift"], tmp_path / "artifacts")
+    init_store(tracking_uri(spec.results, spec.tracking.uri), ["shift"], tmp_path / "artifacts")
     summary = adapt_job(spec, store_path, tmp_path / "model.pt", tmp_path / "run", 1)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # before, 2 contrastive epochs, 1 pseudo-label epoch
@@ -191,6 +191,6 @@ def test_a_wander_adapted_model_is_reloaded_and_adapted_by_casp(converged, store
     model.eval(), reloaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(batch).pred, model(batch).pred)
-    init_store(tracking_uri(spec["results"], spec["tracking_uri"]), ["shift"], tmp_path / "artifacts")
+    init_store(tracking_uri(spec.results, spec.tracking.uri), ["shift"], tmp_path / "artifacts")
     summary = adapt_job(spec, store_path, tmp_path / "model.pt", tmp_path / "run", 1)
     assert np.isfinite(summary["metrics"]["test"]["mae"]) and summary["trainable_params"] > 0

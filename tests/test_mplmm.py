@@ -206,7 +206,7 @@ def test_backbone_spec_trains_on_the_pretrain_dataset():
     config["datasets"]["source"] = config["datasets"]["synth"]
     config["studies"]["missing"]["pretrain_dataset"] = "source"
     spec = backbone_spec(validate_config(config, load_schema(CONFIG_SCHEMA)), "missing", "synth", 0)
-    assert spec["dataset"] == "source" and spec["task"] == "pretrain" and spec["study"] == "backbones"
+    assert spec.dataset == "source" and spec.task == "pretrain" and spec.study == "backbones"
     config["studies"]["missing"]["pretrain_dataset"] = "nowhere"
     with pytest.raises(ConfigError, match="studies.missing.pretrain_dataset"):
         validate_config(config, load_schema(CONFIG_SCHEMA))

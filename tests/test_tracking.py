@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 import shutil
 import socket
 import subprocess
@@ -14,12 +15,13 @@ import urllib.request
 import mlflow
 import pytest
 
+from conftest import balance_spec
+from mmrepro.spec import TrackingSpec
 from mmrepro.tracking import (COMPARE_VIEW, EXPERIMENT_KIND, SHARED_VIEW_PREFIX, DeferredRun, RunTracker, flatten,
                               history_steps, ingest_runs, init_store, log_outcome, open_run, record, tracking_mode,
                               tracking_uri)
 
-SPEC = {"study": "balance", "dataset": "synth", "method": "joint", "setting": "complete", "seed": 3,
-        "train": {"lr": 0.001, "epochs": 2}}
+SPEC = balance_spec(seed=3)
 SUMMARY = {"task": "regression", "backbone": "late", "best_epoch": 2, "trainable_params": 10, "backbone_params": 40,
            "metrics": {"test": {"mae": 0.5, "corr": float("nan")}, "valid": {"mae": 0.4}},
            "oracle": {"test": {"mae": 0.2}}}
@@ -153,7 +155,7 @@ def test_mlflow_ui_shows_the_runs_as_a_comparison_table(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     exp_id = init_store(uri, ["balance"], tmp_path / "artifacts")["balance"]
     for method in ("joint", "cggm"):
-        with RunTracker(uri, "balance", {**SPEC, "method": method}, threads=1) as run:
+        with RunTracker(uri, "balance", replace(SPEC, method=method), threads=1) as run:
             run.log_summary(SUMMARY)
     port = _free_port()
     server = _serve(["ui", "--backend-store-uri", uri], port)
@@ -204,7 +206,7 @@ def _finished_run_folder(folder, spec, mode):
     folder.mkdir(parents=True)
     history = [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9}, {"epoch": 2, "train_loss": 0.5, "valid_loss": 0.7}]
     summary = {"metrics": {"test": {"mae": 0.6}}, "best_epoch": 2, "task": "regression", "backbone": "late"}
-    (folder / "config.json").write_text(json.dumps(spec))
+    (folder / "config.json").write_text(spec.to_json())
     (folder / "history.json").write_text(json.dumps(history))
     with open_run(spec, threads=2, run_name=str(folder)) as run:
         assert isinstance(run, DeferredRun if mode == "deferred" else RunTracker)
@@ -212,7 +214,7 @@ def _finished_run_folder(folder, spec, mode):
             run.log_metrics(values, step)
         (folder / "metrics.json").write_text(json.dumps(summary))
         log_outcome(run, folder, summary)
-        record(run, folder, tracking_uri(spec["results"], spec["tracking_uri"]))
+        record(run, folder, tracking_uri(spec.results, spec.tracking.uri))
 
 
 @pytest.mark.parametrize("mode", ["deferred", "live"])
@@ -220,7 +222,7 @@ def test_deferred_and_live_runs_end_as_the_same_mlflow_record(tmp_path, monkeypa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking_uri(tmp_path)
     init_store(uri, ["balance"], tmp_path / "artifacts")
-    spec = {**SPEC, "results": str(tmp_path), "tracking_uri": None, "tracking_mode": mode}
+    spec = replace(SPEC, results=str(tmp_path), tracking=TrackingSpec(uri=None, mode=mode))
     folder = tmp_path / "balance" / "run"
     _finished_run_folder(folder, spec, mode)
     client = mlflow.MlflowClient(tracking_uri=uri)

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 
 import mlflow
 import pytest
@@ -32,7 +33,7 @@ def _job(uri: str, i: int, barrier, folder) -> None:
     path.parent.mkdir()
     path.write_text(json.dumps({"job": i}))
     barrier.wait(timeout=300)
-    with RunTracker(uri, "balance", {**SPEC, "seed": i}, threads=1, run_name=f"job{i}") as run:
+    with RunTracker(uri, "balance", replace(SPEC, seed=i), threads=1, run_name=f"job{i}") as run:
         for epoch in range(1, EPOCHS + 1):
             run.log_metrics({"train_loss": i + epoch / 10, "valid_loss": i - epoch / 10}, step=epoch)
         run.log_metrics({"test_mae": float(i)}, step=EPOCHS)
@@ -122,7 +123,7 @@ def test_a_job_on_a_slurm_node_refuses_the_default_sqlite_store(tmp_path, monkey
     from mmrepro.cli import main
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    spec = json.dumps({**SPEC, "tracking_uri": None, "tracking_mode": "live", "results": str(tmp_path)})
+    spec = json.dumps({**SPEC.to_dict(), "tracking_uri": None, "tracking_mode": "live", "results": str(tmp_path)})
     args = ["train", "--spec", spec, "--data", str(tmp_path / "no-store" / "manifest.json"), "--out-dir", str(tmp_path / "r")]
     assert main(args) == 2 and "manifest.json is missing" in capsys.readouterr().err  # off a cluster: on to the data
     monkeypatch.setenv("SLURM_JOB_ID", "42")

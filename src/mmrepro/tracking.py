@@ -35,6 +35,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mmrepro.spec import RunSpec
+
 TAG_KEYS = ("study", "dataset", "backbone", "method", "setting", "seed")
 #: The experiment tag MLflow 3's UI reads to choose an experiment's first page (mlflow/server/js:
 #: ``"mlflow.experimentKind"``; ``custom_model_development`` opens the training-runs table).
@@ -46,10 +48,10 @@ SHARED_VIEW_PREFIX, COMPARE_VIEW = "mlflow.sharedViewState.", "compare"
 VIEW_METRICS = ("test/mae", "test/acc", "test/dice_mean")
 
 
-def default_run_name(spec: Mapping[str, Any]) -> str:
+def default_run_name(spec: RunSpec) -> str:
     """What differs between runs inside a study (the dataset is a column of its own)."""
-    axis = f"{spec['backbone']}/" if "backbone" in spec else ""
-    return f"{axis}{spec['method']}/{spec['setting']}/seed{spec['seed']}"
+    axis = f"{spec.backbone}/" if spec.backbone is not None else ""
+    return f"{axis}{spec.method}/{spec.setting}/seed{spec.seed}"
 
 
 def compare_view() -> str:
@@ -130,8 +132,8 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def config_hash(spec: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def config_hash(doc: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def git_commit() -> str:
@@ -144,10 +146,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_tags(spec: Mapping[str, Any], threads: int) -> dict[str, str]:
+def run_tags(spec: RunSpec, threads: int) -> dict[str, str]:
     """The tags of a job's run, fixed when the job runs (a deferred run is logged later with these)."""
-    tags = {k: str(spec[k]) for k in TAG_KEYS if k in spec}
-    tags.update(git_commit=git_commit(), config_hash=config_hash(spec),
+    tags = {k: str(getattr(spec, k)) for k in TAG_KEYS if getattr(spec, k) is not None}
+    tags.update(git_commit=git_commit(), config_hash=config_hash(spec.to_dict()),
                 torch_version=importlib.metadata.version("torch"), threads=str(threads))
     return tags
 
@@ -164,7 +166,7 @@ class RunTracker:
 
     run_id: str | None = None
 
-    def __init__(self, uri: str, experiment: str, spec: Mapping[str, Any], threads: int, run_name: str | None = None,
+    def __init__(self, uri: str, experiment: str, spec: RunSpec, threads: int, run_name: str | None = None,
                  tags: Mapping[str, str] | None = None):
         self.uri, self.experiment, self.spec = uri, experiment, spec
         self.run_name = run_name or default_run_name(spec)
@@ -181,7 +183,7 @@ class RunTracker:
                                "run the init_tracking rule (snakemake does this first)")
         run = self.client.create_run(exp.experiment_id, run_name=self.run_name, tags=self.tags)
         self.run_id = run.info.run_id
-        params = flatten(self.spec)
+        params = flatten(self.spec.to_dict())
         from mlflow.entities import Param
 
         items = [Param(k[:250], v[:6000]) for k, v in params.items()]
@@ -227,7 +229,7 @@ class DeferredRun:
 
     run_id: str | None = None
 
-    def __init__(self, spec: Mapping[str, Any], threads: int, run_name: str | None = None):
+    def __init__(self, spec: RunSpec, threads: int, run_name: str | None = None):
         self.run_name = run_name or default_run_name(spec)
         self.tags = run_tags(spec, threads)
 
@@ -247,11 +249,11 @@ class DeferredRun:
         return None
 
 
-def open_run(spec: Mapping[str, Any], threads: int, run_name: str | None = None) -> RunTracker | DeferredRun:
+def open_run(spec: RunSpec, threads: int, run_name: str | None = None) -> RunTracker | DeferredRun:
     """The run a job logs to: live in MLflow, or deferred to :func:`ingest_runs` (``tracking.mode``)."""
-    uri = tracking_uri(spec["results"], spec["tracking_uri"])
-    if tracking_mode(uri, spec.get("tracking_mode", "auto")) == "live":
-        return RunTracker(uri, spec["study"], spec, threads, run_name=run_name)
+    uri = tracking_uri(spec.results, spec.tracking.uri)
+    if tracking_mode(uri, spec.tracking.mode) == "live":
+        return RunTracker(uri, spec.study, spec, threads, run_name=run_name)
     return DeferredRun(spec, threads, run_name)
 
 
@@ -293,8 +295,8 @@ def ingest_runs(uri: str, run_dirs: Iterable[Path]) -> dict[str, str]:
     for out_dir in map(Path, run_dirs):
         info = json.loads((out_dir / "tracking.json").read_text())
         if info["run_id"] is None or info["uri"] != uri:
-            spec = json.loads((out_dir / "config.json").read_text())
-            with RunTracker(uri, spec["study"], spec, 0, run_name=info["run_name"], tags=info["tags"]) as run:
+            spec = RunSpec.from_json((out_dir / "config.json").read_text())
+            with RunTracker(uri, spec.study, spec, 0, run_name=info["run_name"], tags=info["tags"]) as run:
                 run.log_series(history_steps(json.loads((out_dir / "history.json").read_text())))
                 log_outcome(run, out_dir, json.loads((out_dir / "metrics.json").read_text()))
             record(run, out_dir, uri)

@@ -62,7 +62,8 @@ from torch import nn
 from mmrepro.data.loader import Batch
 from mmrepro.data.schema import DatasetSchema, TaskSpec
 from mmrepro.models.encoders import attention_mask, padding_mask
-from mmrepro.models.multimodal import ModelOutput, MultimodalModel, PredictionHead
+from mmrepro.models.multimodal import MultimodalModel, PredictionHead
+from mmrepro.models.output import ModelOutput
 from mmrepro.models.transformer import Dropouts, TransformerEncoder, encoder_params
 
 #: Official run-script dropouts per preset (CASP: its training script; CGGM: run/mosi_run.py and
