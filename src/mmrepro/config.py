@@ -225,15 +225,33 @@ def _check_adapters(config: dict[str, Any]) -> None:
                                   f"which have none")
 
 
+def _run_transform(config: dict[str, Any], study: str, run: dict[str, Any]):
+    """A run's method plan and its transform, built with the run's parameters (variant overrides included)."""
+    base, overrides = expand_variants(config, run["method"])
+    plan = resolve_method(base)
+    params = {**method_params(config, study, run["dataset"], plan.transform), **overrides.get(plan.transform, {})}
+    return plan, build(TRANSFORMS, plan.transform, params)
+
+
+def _check_model_requirements(config: dict[str, Any], study: str, run: dict[str, Any]) -> None:
+    """A transform's ``requires_model`` keys have the values it needs in the run's model (e.g. MPLMM's
+    zero prompts need ``position_padding: true``)."""
+    plan, transform = _run_transform(config, study, run)
+    model = model_config(config, study, run["dataset"], run.get("backbone"))
+    for field, (value, why) in transform.requires_model.items():
+        if model.get(field) != value:
+            i = config["studies"][study]["methods"].index(run["method"])
+            key = _model_key(config, study, run["dataset"], run.get("backbone"), field)
+            raise ConfigError(f"config key {key}: must be {value} for {plan.transform!r} (studies.{study}.methods[{i}], "
+                              f"dataset {run['dataset']!r}), got {model.get(field)}: {why}")
+
+
 def _check_modality_layers(config: dict[str, Any], study: str, run: dict[str, Any]) -> None:
     """A method that adapts per-modality transformer encoders needs a backbone that has them."""
     backbone = model_config(config, study, run["dataset"], run.get("backbone"))["backbone"]
     if backbone not in JOINT_PRESETS:
         return
-    base, overrides = expand_variants(config, run["method"])
-    plan = resolve_method(base)
-    params = {**method_params(config, study, run["dataset"], plan.transform), **overrides.get(plan.transform, {})}
-    transform = build(TRANSFORMS, plan.transform, params)
+    plan, transform = _run_transform(config, study, run)
     for name, needs in ((plan.transform, transform.needs_modality_layers),
                         (plan.hook, HOOKS.get(plan.hook).needs_modality_layers)):
         if needs:
@@ -332,6 +350,7 @@ def _check_names(config: dict[str, Any]) -> None:
                                   f"teachers, but the study has no one-modality 'subset' setting trained with 'joint' "
                                   f"on dataset {run['dataset']!r}")
             _check_modality_layers(config, study, run)
+            _check_model_requirements(config, study, run)
             if config["datasets"][run["dataset"]]["loader"] in SEGMENTATION_LOADERS:
                 try:
                     check_method_support("segmentation", method_plan(config, run["method"]))

@@ -24,7 +24,7 @@ from mmrepro import reproducibility
 from mmrepro.data.loader import SliceSampling, SplitLoader
 from mmrepro.data.schema import DataValidationError
 from mmrepro.data.store import MANIFEST, FeatureStore
-from mmrepro.evaluate import case_average, evaluate_model, metric_kind, predict, score
+from mmrepro.evaluate import case_average, evaluate_model, metric_kind, model_predictions, predict, score
 from mmrepro.methods.adapters import SplitPool
 from mmrepro.methods.balance.utilisation import with_utilisation
 from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build
@@ -348,7 +348,7 @@ def adapt_job(spec: RunSpec, store: Path, model_path: Path, out_dir: Path, threa
 
             validate = None
             if adapter.uses_target_labels:
-                validate = lambda: evaluate_model(model, data.loader("valid", target=True), data.task, device)  # noqa: E731
+                validate = lambda: model_predictions(model, data.loader("valid", target=True), device)  # noqa: E731
             on_epoch(0)
             adapter.adapt(SplitPool(data.loader("train", target=True), device), on_epoch=on_epoch, validate=validate)
             pred, y = predict(adapter.predict, data.loader("test"), device)
