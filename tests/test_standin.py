@@ -91,7 +91,7 @@ def test_mmsa_padding_is_consistent_with_the_lengths(stand_in, tmp_path):
         assert not x[past].any() and np.abs(x[~past]).sum(axis=-1).all()
 
 
-def test_overlay_keeps_the_real_checksums_out_and_the_manifest_says_what_was_written(stand_in):
+def test_overlay_enforces_each_files_own_checksum_and_the_manifest_records_counts(stand_in):
     overlay = yaml.safe_load((stand_in["out"] / OVERLAY).read_text())["datasets"]
     assert set(overlay) == set(REAL)
     manifest = json.loads((stand_in["out"] / MANIFEST).read_text())

@@ -76,7 +76,8 @@ def brats_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> dict[st
     a, b, c = _axes(shape, centre, np.asarray(BRAIN, np.float32) * sides)
     brain = (a + b + c) <= 1.0
     t_centre = centre + rng.uniform(-0.12, 0.12, 3) * np.asarray(BRAIN) * sides
-    t_radius = rng.uniform(0.08, 0.14) * min(shape) * rng.uniform(0.85, 1.15, 3)
+    # at least 5 voxels, so the core (inner 0.3 of the radius) holds voxels in a small tiny-scale volume too
+    t_radius = np.maximum(rng.uniform(0.08, 0.14) * min(shape) * rng.uniform(0.85, 1.15, 3), 5.0)
     a, b, c = _axes(shape, t_centre, t_radius.astype(np.float32))
     r2 = a + b + c
     del a, b, c
@@ -85,19 +86,25 @@ def brats_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> dict[st
     seg[r2 <= 0.5 ** 2] = 4
     seg[r2 <= 0.3 ** 2] = 1
     seg[~brain] = 0
+    del r2
+    tumour = {label: np.nonzero(seg == label) for label in (1, 2, 4)}   # a few percent of the voxels
     out: dict[str, np.ndarray] = {}
     for m in MODALITIES:
-        field = np.float32(BASE_INTENSITY[m])
+        waves = []
         for axis in range(3):   # smooth variation: a low-frequency cosine along each axis
             view = [1, 1, 1]
             view[axis] = shape[axis]
             k = rng.uniform(1.0, 3.0) * 2 * np.pi / shape[axis]
-            wave = rng.uniform(20, 80) * np.cos(k * np.arange(shape[axis], dtype=np.float32) + rng.uniform(0, 2 * np.pi))
-            field = field + wave.astype(np.float32).reshape(view)
-        field = field + np.where(seg == 2, 150 if m in ("flair", "t2") else -60, 0).astype(np.float32)
-        field = field + np.where(seg == 4, 300 if m == "t1ce" else 80, 0).astype(np.float32)
-        field = field + np.where(seg == 1, -120, 0).astype(np.float32)
-        out[m] = np.where(brain, np.maximum(np.rint(field), 1), 0).astype(np.int16)
+            wave = rng.uniform(20, 80) * np.cos(k * np.arange(shape[axis]) + rng.uniform(0, 2 * np.pi))
+            waves.append(wave.astype(np.float32).reshape(view))
+        field = (waves[0] + waves[1]) + (waves[2] + np.float32(BASE_INTENSITY[m]))
+        field[tumour[2]] += 150 if m in ("flair", "t2") else -60
+        field[tumour[4]] += 300 if m == "t1ce" else 80
+        field[tumour[1]] -= 120
+        np.rint(field, out=field)
+        np.maximum(field, 1, out=field)
+        field *= brain
+        out[m] = field.astype(np.int16)
     out[SEG_KEY] = seg
     return out
 
