@@ -131,6 +131,8 @@ def test_cli_writes_a_subset_and_refuses_a_folder_of_other_files(tmp_path, capsy
     run = ["stand-in", "--scale", "tiny", "--configfile", str(REPO / "config" / "paper.yaml")]
     assert main([*run, "--out", str(tmp_path / "s"), "--datasets", "mosi_mult", "iemocap"]) == 0
     assert sorted(yaml.safe_load((tmp_path / "s" / OVERLAY).read_text())["datasets"]) == ["iemocap", "mosi_mult"]
+    assert main([*run, "--out", str(tmp_path / "s"), "--datasets", "sims"]) == 0   # a second run adds to the first
+    assert sorted(yaml.safe_load((tmp_path / "s" / OVERLAY).read_text())["datasets"]) == ["iemocap", "mosi_mult", "sims"]
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "mosi_data.pkl").write_bytes(b"precious")
     assert main([*run, "--out", str(tmp_path / "real")]) == 2

@@ -123,9 +123,10 @@ def cmd_stand_in(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"mmrepro stand-in: error: {e}", file=sys.stderr)
         return 2
-    for rel, w in manifest["paths"].items():
+    for rel in manifest["written"]:
+        w = manifest["paths"][rel]
         counts = ", ".join(f"{k} {v}" for k, v in w["counts"]["written"].items())
-        cut = f"  [{w['counts']['cut']}]" if w["counts"]["cut"] and args.scale == "full" else ""
+        cut = f"  [{w['counts']['cut']}]" if w["counts"]["cut"] and w["scale"] == "full" else ""
         print(f"{w['bytes'] / 1e6:10.1f} MB {w['seconds']:7.1f} s  {rel}  ({counts}){cut}")
     print(f"wrote {manifest['bytes'] / 1e6:.1f} MB in {manifest['seconds']:.0f} s under {manifest['root']}; "
           f"config overlay {Path(manifest['root']) / OVERLAY}, manifest {Path(manifest['root']) / MANIFEST}")

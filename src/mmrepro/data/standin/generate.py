@@ -80,12 +80,14 @@ def generate(datasets: Mapping[str, Mapping[str, Any]], out: Path, scale: Scale,
     """Write the stand-ins of ``names`` (config entries of ``datasets``) under ``out``; return the manifest.
 
     Each path's random draws depend only on ``seed`` and the path, so a subset writes the same files.
+    Entries an earlier run wrote into ``out`` and this one does not rewrite stay in the manifest and
+    the overlay (each path records its own scale).
     """
     out = Path(out).resolve()
     by_path = select(datasets, names)
     _prepare(out)
     began = time.perf_counter()
-    written: dict[str, Written] = {}
+    records: dict[str, dict[str, Any]] = {}
     for rel, members in by_path.items():
         entries = [datasets[n] for n in members]
         loader = entries[0]["loader"]
@@ -93,44 +95,46 @@ def generate(datasets: Mapping[str, Mapping[str, Any]], out: Path, scale: Scale,
             raise ValueError(f"datasets {members} read {rel!r} with different loaders")
         _clear(out / rel)
         rng = np.random.default_rng([seed, zlib.crc32(rel.encode())])
-        written[rel] = FAMILIES[loader](rel, entries, out, scale, rng)
-    digests = {rel: sha256_file(out / rel) for rel, members in by_path.items()
-               if datasets[members[0]]["loader"] in FILE_LOADERS}
+        written = FAMILIES[loader](rel, entries, out, scale, rng)
+        digest = sha256_file(out / rel) if loader in FILE_LOADERS else None
+        records[rel] = {**asdict(written), "scale": scale.name, "seed": seed, "sha256": digest}
+    earlier = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {"datasets": {}, "paths": {}}
+    paths = {**{rel: r for rel, r in earlier["paths"].items() if rel not in records}, **records}
+    new = {n: rel for rel, members in by_path.items() for n in members}
     manifest = {
-        "scale": scale.name, "seed": seed, "root": str(out), "configs": list(configs),
-        "max_bytes_per_entry": scale.max_bytes, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seconds": round(time.perf_counter() - began, 2),
-        "bytes": sum(w.bytes for w in written.values()),
-        "datasets": {n: rel for rel, members in by_path.items() for n in members},
-        "paths": {rel: {**asdict(w), "sha256": digests.get(rel)} for rel, w in written.items()},
+        "root": str(out), "configs": list(configs), "max_bytes_per_entry": scale.max_bytes,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "written": list(records), "seconds": round(time.perf_counter() - began, 2),
+        "bytes": sum(r["bytes"] for r in records.values()),   # of the paths this run wrote
+        "datasets": {**{n: rel for n, rel in earlier["datasets"].items() if n not in new and rel in paths}, **new},
+        "paths": paths,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    (out / OVERLAY).write_text(overlay_text(datasets, by_path, written, digests, out, scale, configs))
+    (out / OVERLAY).write_text(overlay_text(overlay(manifest), out, configs))
     return manifest
 
 
-def overlay(datasets: Mapping[str, Mapping[str, Any]], by_path: Mapping[str, list[str]],
-            written: Mapping[str, Written], digests: Mapping[str, str], out: Path, scale: Scale) -> dict[str, Any]:
+def overlay(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The config fragment pointing each entry at its stand-in (see the module docstring)."""
+    root = Path(manifest["root"])
     entries: dict[str, Any] = {}
-    for rel, members in by_path.items():
-        for name in members:
-            entry: dict[str, Any] = {"stand_in": scale.name, "path": str(out / rel)}
-            if rel in digests:
-                entry["source"] = {"sha256": digests[rel]}
-                entry["params"] = {"sha256": digests[rel]}
-            for param, folder in written[rel].extra_paths.items():
-                entry.setdefault("params", {})[param] = str(out / folder)
-            entries[name] = entry
+    for name, rel in manifest["datasets"].items():
+        record = manifest["paths"][rel]
+        entry: dict[str, Any] = {"stand_in": record["scale"], "path": str(root / rel)}
+        if record["sha256"]:
+            entry["source"] = {"sha256": record["sha256"]}
+            entry["params"] = {"sha256": record["sha256"]}
+        for param, folder in record["extra_paths"].items():
+            entry.setdefault("params", {})[param] = str(root / folder)
+        entries[name] = entry
     return {"datasets": entries}
 
 
-def overlay_text(datasets, by_path, written, digests, out: Path, scale: Scale, configs: Sequence[str]) -> str:
+def overlay_text(fragment: Mapping[str, Any], out: Path, configs: Sequence[str]) -> str:
+    """The overlay file: a header saying what the data is and how to use it, then ``fragment``."""
     made_from = " ".join(configs) or "the config"
-    header = (f"# STAND-IN DATA: random values in each dataset's real on-disk format ({scale.name} scale), written by\n"
-              f"#   mmrepro stand-in --scale {scale.name} --out {out}\n"
-              f"# from {made_from}. Nothing trained on it is a result. Layer this file last, e.g.\n"
+    header = (f"# STAND-IN DATA: random values in each dataset's real on-disk format, written by `mmrepro stand-in`\n"
+              f"# under {out} from {made_from}. Nothing trained on it is a result. Layer this file last, e.g.\n"
               f"#   snakemake -n --configfile {made_from} {out / OVERLAY}\n"
-              f"# What each file holds (counts, shapes, cuts, assumptions): {out / MANIFEST}\n")
-    body = yaml.safe_dump(overlay(datasets, by_path, written, digests, out, scale), sort_keys=False, width=120)
-    return header + body
+              f"# What each file holds (scale, counts, shapes, cuts, assumptions): {out / MANIFEST}\n")
+    return header + yaml.safe_dump(dict(fragment), sort_keys=False, width=120)
