@@ -360,7 +360,7 @@ def parser() -> argparse.ArgumentParser:
                    help="config files naming the entries, later ones override (default: config/paper.yaml)")
     s.add_argument("--max-gb", type=float, default=2.0,
                    help="full scale: GB per entry; a corpus larger than this is cut to fit, in proportion in "
-                        "every split, and the manifest says so (0: no cut; default 2: about 20 GB for paper.yaml)")
+                        "every split, and the manifest says so (0: no cut; default 2: about 17 GB for all of paper.yaml)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random values (default 0)")
     s.set_defaults(func=cmd_stand_in)
 
