@@ -5,9 +5,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+import yaml
 
-from conftest import SCHEMA, default_config
-from mmrepro.config import ConfigError, dataset_spec, load_schema, run_spec, study_grid, validate_config
+from conftest import REPO, SCHEMA, default_config
+from mmrepro.config import (ConfigError, dataset_spec, load_schema, merge_config, run_spec, study_grid,
+                            validate_config)
 from mmrepro.spec import DataSetting, MethodPlan
 
 
@@ -172,3 +174,20 @@ def test_segmentation_datasets_accept_only_the_methods_their_model_supports():
     validate_config(config, load_schema(SCHEMA))
     assert {(r["dataset"], r["method"]) for r in study_grid(config, "balance")} == {
         ("synth", "joint"), ("synth", "ogm_ge"), ("brats", "joint")}
+
+
+def test_paper_balance_grid_has_every_row_of_cggm_tables():
+    """CGGM's Sec. 4.3 baselines (cggm.md) and CGGM on each sequence dataset of the paper, the unimodal
+    rows on every modality, and Table 6's ablation on IEMOCAP; none dropped for a backbone it lacks."""
+    config = merge_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()),
+                          yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
+    grid = study_grid(validate_config(config, load_schema(SCHEMA)), "balance")
+    complete = {(r["dataset"], r["method"]) for r in grid if r["setting"] == "complete"}
+    baselines = ["joint", "mrd", "mslr", "gblending", "greedy", "ogm_ge", "agm", "pmr", "umt", "ume", "qmf",
+                 "reconboost"]
+    for dataset, modalities in (("mosi_mult", 3), ("iemocap_mmin", 3), ("food101", 2)):
+        assert {(dataset, m) for m in [*baselines, "cggm"]} <= complete, dataset
+        unimodal = {r["setting"] for r in grid if r["dataset"] == dataset and r["setting"].startswith("only_")}
+        assert len(unimodal) == modalities, dataset
+    ablation = {r["method"] for r in grid if r["dataset"] == "iemocap_mmin" and r["setting"] == "ablation"}
+    assert ablation == {"cggm_magnitude", "cggm_direction"}

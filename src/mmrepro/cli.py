@@ -129,6 +129,30 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stand_in(args: argparse.Namespace) -> int:
+    from mmrepro.config import merge_config
+    from mmrepro.data.standin import MANIFEST, OVERLAY, Scale, generate
+
+    config: dict = {}
+    for path in args.configfile:
+        merge_config(config, yaml.safe_load(Path(path).read_text()) or {})
+    max_bytes = None if args.scale == "tiny" or args.max_gb <= 0 else int(args.max_gb * 1e9)
+    try:
+        manifest = generate(config.get("datasets", {}), args.out, Scale(args.scale, max_bytes), args.datasets,
+                            seed=args.seed, configs=[str(p) for p in args.configfile])
+    except ValueError as e:
+        print(f"mmrepro stand-in: error: {e}", file=sys.stderr)
+        return 2
+    for rel in manifest["written"]:
+        w = manifest["paths"][rel]
+        counts = ", ".join(f"{k} {v}" for k, v in w["counts"]["written"].items())
+        cut = f"  [{w['counts']['cut']}]" if w["counts"]["cut"] and w["scale"] == "full" else ""
+        print(f"{w['bytes'] / 1e6:10.1f} MB {w['seconds']:7.1f} s  {rel}  ({counts}){cut}")
+    print(f"wrote {manifest['bytes'] / 1e6:.1f} MB in {manifest['seconds']:.0f} s under {manifest['root']}; "
+          f"config overlay {Path(manifest['root']) / OVERLAY}, manifest {Path(manifest['root']) / MANIFEST}")
+    return 0
+
+
 def _tuned(args: argparse.Namespace):
     """The run spec, with a search's best parameters when ``--tuned`` names its best.json."""
     spec = args.spec
@@ -337,6 +361,28 @@ def parser() -> argparse.ArgumentParser:
                    help="JSON registry of SHA-256 recorded on first download, for sources without a published "
                         "one (default: the spec's 'checksums', which the workflow sets to <data_root>/checksums.json)")
     s.set_defaults(func=cmd_fetch)
+
+    stand_in = ("write random stand-in files in exactly the on-disk format each real dataset entry's loader reads "
+                "(MMSA / MulT pickles, IEMOCAP's HDF5 folder, Food-101 images + titles + local encoder folders, "
+                "BraTS NIfTI cases), plus OUT/stand_in.yaml, a config overlay pointing the entries at them, and "
+                "OUT/stand_in.json, what was written")
+    s = sub.add_parser("stand-in", help="write random stand-ins of the real datasets, to rehearse the paper grid",
+                       description=stand_in + ". OUT/<path> mirrors each entry's path under data_root. Layer the "
+                       "overlay last: snakemake -n --configfile config/paper.yaml OUT/stand_in.yaml. Values are "
+                       "random: nothing trained on them is a result.")
+    s.add_argument("--scale", choices=["tiny", "full"], required=True,
+                   help="tiny: a handful of samples per split (every rehearsal job runs in seconds); full: the real "
+                        "sample counts, sequence lengths, widths and volume sizes (cut in proportion past --max-gb)")
+    s.add_argument("--out", type=Path, required=True, help="folder to write (new, empty, or an earlier stand-in folder)")
+    s.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                   help="dataset entries to write (default: every entry with raw files)")
+    s.add_argument("--configfile", nargs="+", type=Path, default=[Path("config/paper.yaml")],
+                   help="config files naming the entries, later ones override (default: config/paper.yaml)")
+    s.add_argument("--max-gb", type=float, default=2.0,
+                   help="full scale: GB per entry; a corpus larger than this is cut to fit, in proportion in "
+                        "every split, and the manifest says so (0: no cut; default 2: about 17 GB for all of paper.yaml)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random values (default 0)")
+    s.set_defaults(func=cmd_stand_in)
 
     s = sub.add_parser("check-data", help="verify a feature store's arrays against its manifest checksums")
     s.add_argument("manifest", type=Path)

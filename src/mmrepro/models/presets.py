@@ -143,6 +143,8 @@ class SequenceEncoder(nn.Module):
 class FirstSteps(nn.Module):
     """CASP's late fusion: every modality's encoder output at step 0, concatenated."""
 
+    modality_blocks = True
+
     def __init__(self, names: list[str], d: int):
         super().__init__()
         self.names, self.out_dim = names, d * len(names)
@@ -153,6 +155,8 @@ class FirstSteps(nn.Module):
 
 class TimeConcatFusion(nn.Module):
     """The modalities' sequences concatenated along time, one encoder, its output at step 0."""
+
+    modality_blocks = False
 
     def __init__(self, names: list[str], transformer: TransformerEncoder, d: int):
         super().__init__()
@@ -166,6 +170,8 @@ class TimeConcatFusion(nn.Module):
 
 class MulTFusion(nn.Module):
     """MulT's crossmodal transformers (every ordered pair) and memory transformers (per target)."""
+
+    modality_blocks = True   # one memory readout per target modality
 
     def __init__(self, names: list[str], d: int, heads: int, layers: int, dropouts: Dropouts, causal: bool,
                  position_padding: bool):
