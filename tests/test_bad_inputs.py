@@ -29,6 +29,7 @@ STAGES = {
     "check-config": "config check (Snakefile parse, `mmrepro check-config`): no job starts",
     "make-data": "`mmrepro make-data` (the data rule), before the store is written",
     "train": "`mmrepro train` (train/backbone rules), before training or a tracking run starts",
+    "adapt": "`mmrepro adapt` (adapt rule), before adaptation or a tracking run starts",
 }
 
 
@@ -79,23 +80,27 @@ def _tiny_store(tmp_path_factory):
                                  tmp_path_factory.mktemp("tiny") / "synth").parent
 
 
-def spec(tmp: Path, **changes) -> dict:
-    """A run spec's JSON (what a rule passes), keys changed as given."""
+def spec(tmp: Path, study: str = "balance", **changes) -> dict:
+    """A run spec's JSON (what a rule passes) of a balance, peft (fine-tuning) or shift (adapting)
+    run, keys changed as given."""
     from mmrepro.config import run_spec
     cfg = default_config()
     cfg["model"].update(d_model=8, heads=2)
+    cfg["studies"]["shift"]["model"].update(d_model=8, heads=2, layers=1)
     cfg["train"].update(epochs=1, batch_size=16)
-    s = run_spec(cfg, "balance", "synth", "joint", "complete", 0)
+    method, setting = {"balance": ("joint", "complete"), "peft": ("full_finetune", "complete"),
+                       "shift": ("source_only", "target_all")}[study]
+    s = run_spec(cfg, study, "synth", method, setting, 0)
     return {**s.to_dict(), "results": str(tmp / "out"), **changes}
 
 
 def store(corrupt: Callable[[Path], None] = lambda root: None, *, init: Callable[[Path], Path] | None = None,
-          **spec_changes) -> Callable[[Path], list[str]]:
+          study: str = "balance", **spec_changes) -> Callable[[Path], list[str]]:
     def make(tmp: Path) -> list[str]:
         root = tmp / "store"
         shutil.copytree(_STORE["root"], root)
         corrupt(root)
-        args = ["train", "--spec", json.dumps(spec(tmp, **spec_changes)), "--data", str(root / "manifest.json"),
+        args = ["train", "--spec", json.dumps(spec(tmp, study, **spec_changes)), "--data", str(root / "manifest.json"),
                 "--out-dir", str(tmp / "out" / "run")]
         return args + (["--init", str(init(tmp))] if init else [])
     return make
@@ -131,6 +136,41 @@ def _header(root: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[:6] = b"XXXXXX"
     path.write_bytes(bytes(raw))
+
+
+def _saved(study: str = "shift", file: Callable[[Path], None] = lambda p: None, *, weights: bool = False,
+           **model) -> Callable[[Path], Path]:
+    """A model.pt as a training job writes it: the model the ``study``'s run starts from (its run
+    spec's ``checkpoint``), model keys changed as given, then ``file`` applied to it. The check
+    reads the recorded keys before any weight: the weights are left empty unless ``weights``."""
+    def init(tmp: Path) -> Path:
+        from mmrepro.data.store import FeatureStore
+        from mmrepro.models.build import build_model
+        start = spec(tmp, study)["checkpoint"]
+        keys, path = {**start["model"], **model}, tmp / "model.pt"
+        schema = FeatureStore(tmp / "store").schema
+        state = build_model(schema, schema.task(start["task"]), **keys).state_dict() if weights else {}
+        torch.save({"state_dict": state, "model": keys, "task": start["task"],
+                    "transform": {"name": start["transform"], "params": {}}}, path)
+        file(path)
+        return path
+    return init
+
+
+def _task(task: str) -> Callable[[Path], None]:
+    def change(path: Path) -> None:
+        torch.save({**torch.load(path), "task": task}, path)
+    return change
+
+
+def adapt(model: Callable[[Path], Path] = _saved(weights=True)) -> Callable[[Path], list[str]]:
+    """An adapt job on the tiny store (shift's source_only on target_all), given ``model``."""
+    def make(tmp: Path) -> list[str]:
+        root = tmp / "store"
+        shutil.copytree(_STORE["root"], root)
+        return ["adapt", "--spec", json.dumps(spec(tmp, "shift")), "--data", str(root / "manifest.json"),
+                "--model", str(model(tmp)), "--out-dir", str(tmp / "out" / "run")]
+    return make
 
 
 def _checkpoint(truncate: bool) -> Callable[[Path], Path]:
@@ -287,6 +327,23 @@ CASES = [
          ("backbone.pt", "not a model checkpoint")),
     Case("checkpoint_other_model", "--init checkpoint of a model with another width", "train",
          store(init=_checkpoint(False)), ("backbone.pt", "shapes differ")),
+    Case("init_checkpoint_of_another_task", "--init backbone trained on task `main`, not the pretraining task",
+         "train", store(init=_saved("peft", _task("main")), study="peft"),
+         ("model.pt", "the backbone to fine-tune", "task 'main' (expected 'pretrain')")),
+    Case("adapt_model_of_another_size", "--model a `late` d_model 32 model, the spec's is `casp_late` d_model 8",
+         "adapt", adapt(_saved(backbone="late", d_model=32)),
+         ("model.pt", "the model to adapt", "backbone 'late' (expected 'casp_late')", "d_model 32 (expected 8)")),
+    Case("adapt_model_of_another_study", "--model an `mplmm_mult` model (the missing study's)", "adapt",
+         adapt(_saved(backbone="mplmm_mult")), ("model.pt", "backbone 'mplmm_mult' (expected 'casp_late')")),
+    Case("adapt_model_of_another_task", "--model trained on task `pretrain`", "adapt",
+         adapt(_saved(file=_task("pretrain"))), ("model.pt", "task 'pretrain' (expected 'main')")),
+    Case("adapt_model_is_json", "--model a JSON file (metrics.json)", "adapt",
+         adapt(lambda tmp: (tmp / "metrics.json", (tmp / "metrics.json").write_text('{"mae": 1}'))[0]),
+         ("metrics.json", "not a model checkpoint")),
+    Case("adapt_model_truncated", "--model cut short", "adapt", adapt(_saved(file=_halve)),
+         ("model.pt", "not a model checkpoint")),
+    Case("adapt_model_missing", "--model a path with no file", "adapt", adapt(lambda tmp: tmp / "nothing" / "model.pt"),
+         ("nothing/model.pt", "checkpoint file is missing")),
     Case("spec_not_json", "--spec that is not JSON", "train",
          lambda tmp: ["train", "--spec", "{study: balance", "--data", "x", "--out-dir", str(tmp / "out")],
          ("--spec", "not valid JSON")),
@@ -299,6 +356,7 @@ def no_compute(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("compute started before the bad input was rejected")
     monkeypatch.setattr("mmrepro.jobs.fit", reached)
+    monkeypatch.setattr("mmrepro.jobs.open_run", reached)
     monkeypatch.setattr("mmrepro.jobs.RunTracker", reached)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
@@ -324,13 +382,15 @@ def test_bad_input_is_rejected_before_compute_naming_what_and_where(case, tmp_pa
 
 
 @pytest.mark.parametrize("verb, make", [("check-config", config(lambda c: None)), ("make-data", raw()),
-                                        ("train", store()), ("train", store(init=lambda tmp: _untouched_init(tmp)))],
-                         ids=["config", "raw", "store", "init"])
+                                        ("train", store()), ("train", store(init=lambda tmp: _untouched_init(tmp))),
+                                        ("train", store(init=_saved("peft", weights=True), study="peft")),
+                                        ("adapt", adapt())],
+                         ids=["config", "raw", "store", "init", "finetune", "adapt"])
 def test_the_untouched_inputs_pass_every_check(verb, make, tmp_path, capsys, no_compute):
     """Control: the inputs the cases break are valid as built (config passes; raw data converts; a
     train job reaches compute), so each case fails because of its one change."""
     args = make(tmp_path)
-    if verb == "train":
+    if verb in ("train", "adapt"):
         with pytest.raises(AssertionError, match="compute started"):
             run_verb(args, capsys)
     else:

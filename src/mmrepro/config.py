@@ -21,7 +21,7 @@ from mmrepro.methods.registry import ADAPTERS, HOOKS, METHOD_FAMILIES, SETTINGS,
 from mmrepro.models.fusion import FUSIONS
 from mmrepro.models.presets import JOINT_PRESETS, PRESETS, check_widths, preset_dropouts
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES, check_method_support
-from mmrepro.spec import DataSetting, MechanismSpec, ModelSpec, RunSpec, TrackingSpec, TrainConfig
+from mmrepro.spec import CheckpointSpec, DataSetting, MechanismSpec, ModelSpec, RunSpec, TrackingSpec, TrainConfig
 from mmrepro.tracking import config_hash
 
 #: Loaders whose task is per-voxel segmentation (a model and method subset of their own).
@@ -576,7 +576,22 @@ def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, sett
     teachers = teacher_runs(config, study, dataset, method, seed)
     if teachers:
         spec = dataclasses.replace(spec, teachers={m: run["setting"] for m, run in teachers.items()})
-    return spec
+    return dataclasses.replace(spec, checkpoint=start_checkpoint(config, study, dataset, seed, spec.backbone))
+
+
+def start_checkpoint(config: dict[str, Any], study: str, dataset: str, seed: int,
+                     backbone: str | None = None) -> CheckpointSpec | None:
+    """What the model a study's run starts from must be (its ``model.pt`` is checked against it):
+    fine-tuning, the study's backbone; adapting, the backbone of ``backbone`` on the study's axis or
+    the ``source_model`` run; None for a study that trains from scratch."""
+    kind, source = STUDY_KINDS[study], config["studies"][study].get("source_model")
+    if kind == "train":
+        return None
+    if kind == "adapt" and source:
+        start = run_spec(config, source["study"], dataset, source["method"], source["setting"], seed)
+    else:
+        start = backbone_spec(config, study, dataset, seed, backbone)
+    return CheckpointSpec(model=start.model, task=start.task, transform=start.plan.transform)
 
 
 def needs_teachers(config: dict[str, Any], method: str) -> bool:

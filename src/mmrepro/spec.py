@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
+
+from mmrepro.annotations import describe, fits
 
 
 class SpecError(ValueError):
@@ -60,6 +61,12 @@ class ModelSpec:
     position_padding: bool
     resnet: int
     resnet_width: int
+
+
+    def architecture(self) -> dict[str, Any]:
+        """The keys that shape the module tree and its forward pass (all but the dropout rates):
+        what a checkpoint of this model must have been built with."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dropout", "dropouts")}
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -116,6 +123,17 @@ class TrackingSpec:
     mode: str = "auto"
 
 
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """The model a job starts from, as its ``model.pt`` must record it: the model keys it was built
+    with, the task it was trained on and the model transform applied to it (a fine-tuning run's
+    backbone; an adapting run's trained model, a backbone or another study's run)."""
+
+    model: ModelSpec
+    task: str
+    transform: str
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """Everything one training or adaptation job needs (see :func:`mmrepro.config.run_spec`).
@@ -123,7 +141,8 @@ class RunSpec:
     ``backbone``: the run's name on an adapting study's backbone axis (None off the axis);
     ``teachers``: modality -> setting of the unimodal run a distilling hook learns from;
     ``feature_stats``: save the source feature statistics (a backbone job, for SSA);
-    ``method_params``: plug-in name -> the parameters its constructor receives.
+    ``method_params``: plug-in name -> the parameters its constructor receives;
+    ``checkpoint``: the model the job loads and starts from (None: it trains from scratch).
     """
 
     study: str
@@ -143,6 +162,7 @@ class RunSpec:
     tracking: TrackingSpec
     results: str
     teachers: dict[str, str] | None = None
+    checkpoint: CheckpointSpec | None = None
 
     def __post_init__(self) -> None:
         _check_types(self, "")
@@ -159,8 +179,8 @@ class RunSpec:
             value = getattr(self, f.name)
             if f.name == "tracking":
                 out.update(tracking_uri=value.uri, tracking_mode=value.mode)
-            elif f.name in ("backbone", "teachers") and value is None:
-                continue  # absent off the backbone axis / for a hook without teachers, as before
+            elif f.name in ("backbone", "teachers", "checkpoint") and value is None:
+                continue  # absent off the backbone axis / without teachers / for a run from scratch
             else:
                 out[f.name] = _plain(value)
         return out
@@ -274,8 +294,9 @@ def _build(cls, data: dict[str, Any], prefix: str):
                 raise SpecError(f"spec key {prefix}{f.name}: missing")
             continue
         value, hint = data[f.name], _hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, f"{prefix}{f.name}.")
+        nested = next((arm for arm in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(arm)), None)
+        if nested is not None and value is not None:
+            value = _build(nested, value, f"{prefix}{f.name}.")
         kwargs[f.name] = value
     return cls(**kwargs)
 
@@ -285,37 +306,10 @@ def _check_types(obj, prefix: str) -> None:
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if not _fits(value, hints[f.name]):
-            raise SpecError(f"spec key {key}: expected {_describe(hints[f.name])}, got {value!r}")
+        if not fits(value, hints[f.name]):
+            raise SpecError(f"spec key {key}: expected {describe(hints[f.name])}, got {value!r}")
         if dataclasses.is_dataclass(value):
             _check_types(value, key + ".")
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # JSON and YAML write 1.0 as 1
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is dict:
-        key_hint, value_hint = typing.get_args(hint)
-        return isinstance(value, dict) and all(_fits(k, key_hint) and _fits(v, value_hint) for k, v in value.items())
-    if origin is list:
-        (item_hint,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_fits(v, item_hint) for v in value)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _plain(value: Any) -> Any:
