@@ -122,6 +122,12 @@ def _quoted_number(value: Any, hint: Any) -> str:
     return ""
 
 
+def numeric_kind(hint: Any) -> str | None:
+    """``"int"`` or ``"float"`` for a numeric annotation (an optional or ranged one too), else None."""
+    arms = [_constraints(arm)[0] for arm in _arms(_constraints(hint)[0])]
+    return "int" if int in arms else ("float" if float in arms else None)
+
+
 def _arms(hint: Any) -> tuple:
     return typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
 
@@ -129,6 +135,8 @@ def _arms(hint: Any) -> tuple:
 def describe(hint: Any) -> str:
     """An annotation in words: ``float > 0``, ``int >= 1 or null``, ``list of str``."""
     base, constraints = _constraints(hint)
+    if any(isinstance(c, OneOf) for c in constraints):
+        return " ".join(map(str, constraints))
     if constraints:
         return " ".join([describe(base), *map(str, constraints)])
     origin = typing.get_origin(hint)
