@@ -46,10 +46,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 def cmd_init_tracking(args: argparse.Namespace) -> int:
     from mmrepro.config import EXPERIMENTS
     from mmrepro.jobs import write_json
-    from mmrepro.tracking import init_store, tracking_uri
+    from mmrepro.tracking import artifact_root, init_store, tracking_uri
 
     uri = tracking_uri(args.results, args.uri)
-    ids = init_store(uri, EXPERIMENTS, Path(args.results) / "mlartifacts")
+    ids = init_store(uri, EXPERIMENTS, artifact_root(args.results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"uri": uri, "experiments": ids})
     print(f"MLflow store ready at {uri}: {', '.join(ids)}")
@@ -61,9 +61,12 @@ def cmd_init_tracking(args: argparse.Namespace) -> int:
 
 def cmd_track(args: argparse.Namespace) -> int:
     from mmrepro.jobs import write_json
-    from mmrepro.tracking import ingest_runs, tracking_uri
+    from mmrepro.tracking import artifact_root, ingest_runs, relocate_artifacts, tracking_uri
 
     uri = tracking_uri(args.results, args.uri)
+    moved = relocate_artifacts(uri, artifact_root(args.results))  # a results folder moved since init-tracking
+    if moved:
+        print(f"artifact locations of {', '.join(moved)} now under {artifact_root(args.results).resolve()}")
     ids = ingest_runs(uri, [m.parent for m in args.metrics])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"uri": uri, "runs": ids})
