@@ -53,9 +53,10 @@ def cmd_init_tracking(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"uri": uri, "experiments": ids})
     print(f"MLflow store ready at {uri}: {', '.join(ids)}")
-    for name, exp_id in ids.items():  # MLflow 3.17's UI opens on GenAI pages unless asked for training runs
-        print(f"  {name}: mlflow ui, then #/experiments/{exp_id}/runs?workflowType=machine_learning"
-              "&viewStateShareKey=compare")
+    print(f"look at the runs: mlflow ui --app-name mmrepro --backend-store-uri {uri}; each study's columns "
+          "(open once, then 'Override saved view'):")
+    for name, exp_id in ids.items():  # workflowType: the training runs under a plain `mlflow ui` too
+        print(f"  {name}: #/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey=compare")
     return 0
 
 
