@@ -260,6 +260,8 @@ def test_a_moved_results_folder_stays_one_set_of_runs(tmp_path, monkeypatch):
              "results/balance/seed0/metrics.json", "results/balance/seed1/metrics.json"]
     assert main(track) == 0
     before = json.loads(Path("results/tracking/balance.json").read_text())["runs"]
+    own = (tmp_path / "own" / "mine").as_uri()  # a user's experiment elsewhere: not the pipeline's to move
+    mlflow.MlflowClient(tracking_uri=tracking_uri(old / "results")).create_experiment("mine", artifact_location=own)
 
     shutil.copytree(old, new)
     shutil.rmtree(old)
@@ -273,6 +275,7 @@ def test_a_moved_results_folder_stays_one_set_of_runs(tmp_path, monkeypatch):
     client = mlflow.MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("balance")
     assert exp.artifact_location == (new / "results" / "mlartifacts" / "balance").resolve().as_uri()
+    assert client.get_experiment_by_name("mine").artifact_location == own
     runs = client.search_runs([exp.experiment_id])
     assert sorted(r.info.run_id for r in runs) == sorted(after.values())  # 3 runs for 3 jobs
     for run in runs:

@@ -149,7 +149,7 @@ def relocate_artifacts(uri: str, artifact_root: Path) -> list[str]:
     store copied or moved with its results folder would read, and write, the old folder's
     artifacts. An experiment :func:`init_store` made lives at ``<artifact_root>/<name>``; one found
     at ``<elsewhere>/<artifact_root's name>/<name>`` is moved there, with its runs' artifact URIs.
-    Other stores and experiments are left alone.
+    Other stores (and a store not made yet) and other experiments are left alone.
     """
     if not uri.startswith("sqlite:"):
         return []
@@ -159,13 +159,18 @@ def relocate_artifacts(uri: str, artifact_root: Path) -> list[str]:
 
     from sqlalchemy.engine import make_url
 
+    database = make_url(uri).database
+    if not database or not Path(database).is_file():
+        return []
     root = Path(artifact_root).resolve()
     moved = []
-    with closing(sqlite3.connect(make_url(uri).database, timeout=60)) as db, db:
+    with closing(sqlite3.connect(database, timeout=60)) as db, db:
         for exp_id, name, location in db.execute("SELECT experiment_id, name, artifact_location FROM experiments"):
             new = (root / name).as_uri()
-            path = Path(unquote(urlparse(location or "").path))
-            if location == new or not location.startswith("file:") or (path.parent.name, path.name) != (root.name, name):
+            if not (location or "").startswith("file:") or location == new:
+                continue
+            path = Path(unquote(urlparse(location).path))
+            if (path.parent.name, path.name) != (root.name, name):
                 continue
             db.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
                        "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
