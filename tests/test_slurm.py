@@ -30,7 +30,7 @@ from test_tracking_parallel import mlflow_server
 pytestmark = pytest.mark.slow
 START = REPO / "tests" / "cluster" / "start_slurm.sh"
 ACCOUNT, PARTITION = "mmrepro_test", "mmrepro"  # any account (no accounting database); the script's partition
-RESOURCES = {"threads": 2, "mem_mb": 1234, "runtime": 7}  # what sbatch must receive for a train job
+RESOURCES = {"threads": 2, "mem_mb": 1234, "runtime": 7, "gpu": 1}  # what sbatch must receive for a train job
 CONFIG = {
     "seeds": [0],
     "resources": {"train": RESOURCES},
@@ -132,6 +132,7 @@ def test_the_readme_slurm_section_runs_balance_to_its_table(slurm, project):
     assert train["MinMemoryNode"] == f"{RESOURCES['mem_mb']}M"
     assert train["TimeLimit"] == f"00:{RESOURCES['runtime']:02d}:00"
     assert train["NumCPUs"] == str(RESOURCES["threads"])
+    assert train["TresPerJob"] == f"gres:gpu:{RESOURCES['gpu']}"  # the cluster's stand-in GPU; training ran on CPU
     [data] = _of_rule(submitted, "make_data")
     assert data["MinMemoryNode"] == "4000M"  # the data rule's own resources
 
