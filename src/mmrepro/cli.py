@@ -64,11 +64,15 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_init_tracking(args: argparse.Namespace) -> int:
-    from mmrepro.config import EXPERIMENTS
+    from mmrepro.config import EXPERIMENTS, ConfigError
     from mmrepro.jobs import write_json
-    from mmrepro.tracking import init_store, tracking_uri
+    from mmrepro.tracking import init_store, server_problem, tracking_uri
 
     uri = tracking_uri(args.results, args.uri)
+    # before any job is submitted: a server that refuses the jobs fails here, once, on the login node
+    problem = server_problem(uri) if uri.startswith(("http://", "https://")) else None
+    if problem:
+        raise ConfigError(f"tracking.uri (or MLFLOW_TRACKING_URI): {problem}")
     ids = init_store(uri, EXPERIMENTS, Path(args.results) / "mlartifacts")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"uri": uri, "experiments": ids})

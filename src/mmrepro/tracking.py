@@ -85,6 +85,42 @@ def cluster_store_problem(configured: str | None) -> str | None:
     return None
 
 
+def server_problem(uri: str, timeout: float = 10) -> str | None:
+    """Why a job could not log to the tracking server at ``uri`` (http or https), or None where it can.
+
+    Asks the tracking API itself (a search for one experiment), with the Host header and credentials
+    (``MLFLOW_TRACKING_TOKEN`` or ``_USERNAME``/``_PASSWORD``) the MLflow client in a job sends:
+    ``/health`` answers even where MLflow 3.17 refuses every API call with 403 because the Host
+    header the jobs use is not in the server's ``--allowed-hosts``. One request, no retries.
+    """
+    import base64  # here: a job that never asks a server does not pay for urllib's imports
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            reply.read()
+        return None
+    except urllib.error.HTTPError as e:
+        body = " ".join(e.read().decode(errors="replace").split())[:300]
+        problem = f"tracking server {uri} refuses the tracking API: {e.code} {body or e.reason}"
+        if e.code == 403 and "Host" in body:
+            url = urllib.parse.urlsplit(uri)
+            hosts = f"{url.hostname},{url.hostname}:{url.port}" if url.port else url.hostname
+            problem += (f"; start the server with --allowed-hosts '{hosts}' (the name the jobs use in "
+                        "MLFLOW_TRACKING_URI; docs/cluster.md 'Tracking on a cluster')")
+        return problem
+    except OSError as e:
+        return f"tracking server {uri} does not answer ({e})"
+
+
 def is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
