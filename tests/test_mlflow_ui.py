@@ -9,6 +9,7 @@ import json
 import re
 import time
 import tomllib
+from dataclasses import replace
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import pytest
 
 from chromium import CHROMIUM, Page
 from mmrepro.mlflow_ui import DEFAULT_SWITCH, create_app, index_page
+from mmrepro.spec import TrackingSpec
 from mmrepro.tracking import ingest_runs, init_store, tracking_uri
 from test_tracking import SPEC, _finished_run_folder, _free_port, _serve, _stop
 
@@ -61,8 +63,8 @@ def test_a_new_user_meets_the_training_runs(tmp_path, monkeypatch):
     folders = []
     for method in ("joint", "cggm"):
         folder = tmp_path / "balance" / method
-        _finished_run_folder(folder, {**SPEC, "method": method, "results": str(tmp_path), "tracking_uri": None,
-                                      "tracking_mode": "deferred"}, "deferred")
+        _finished_run_folder(folder, replace(SPEC, method=method, results=str(tmp_path),
+                                             tracking=TrackingSpec(uri=None, mode="deferred")), "deferred")
         (folder / "timings.json").write_text(json.dumps({"train": 85.0, "total": 90.0, "start": job_start,
                                                          "end": job_start + 90}))
         folders.append(folder)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 import shutil
 import socket
 import subprocess
@@ -15,14 +16,15 @@ from pathlib import Path
 import mlflow
 import pytest
 
+from conftest import balance_spec
 from mmrepro.cli import main
 from mmrepro.phases import Phases
+from mmrepro.spec import TrackingSpec
 from mmrepro.tracking import (COMPARE_VIEW, EXPERIMENT_KIND, SHARED_VIEW_PREFIX, DeferredRun, RunTracker, flatten,
                               history_steps, ingest_runs, init_store, log_outcome, open_run, record, tracking_mode,
                               tracking_uri)
 
-SPEC = {"study": "balance", "dataset": "synth", "method": "joint", "setting": "complete", "seed": 3,
-        "train": {"lr": 0.001, "epochs": 2}}
+SPEC = balance_spec(seed=3)
 SUMMARY = {"task": "regression", "backbone": "late", "best_epoch": 2, "trainable_params": 10, "backbone_params": 40,
            "metrics": {"test": {"mae": 0.5, "corr": float("nan")}, "valid": {"mae": 0.4}},
            "oracle": {"test": {"mae": 0.2}}}
@@ -170,7 +172,7 @@ def _finished_run_folder(folder, spec, mode):
     history = [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9}, {"epoch": 2, "train_loss": 0.5, "valid_loss": 0.7}]
     summary = {"metrics": {"test": {"mae": 0.6}}, "oracle": {"test": {"mae": 0.2}}, "best_epoch": 2, "task": "regression",
                "backbone": "late"}
-    (folder / "config.json").write_text(json.dumps(spec))
+    (folder / "config.json").write_text(spec.to_json())
     (folder / "history.json").write_text(json.dumps(history))
     with open_run(spec, threads=2) as run:
         assert isinstance(run, DeferredRun if mode == "deferred" else RunTracker)
@@ -178,7 +180,7 @@ def _finished_run_folder(folder, spec, mode):
             run.log_metrics(values, step)
         (folder / "metrics.json").write_text(json.dumps(summary))
         log_outcome(run, folder, summary)
-        record(run, folder, tracking_uri(spec["results"], spec["tracking_uri"]))
+        record(run, folder, tracking_uri(spec.results, spec.tracking.uri))
 
 
 @pytest.mark.parametrize("mode", ["deferred", "live"])
@@ -186,7 +188,7 @@ def test_deferred_and_live_runs_end_as_the_same_mlflow_record(tmp_path, monkeypa
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = tracking_uri(tmp_path)
     init_store(uri, ["balance"], tmp_path / "artifacts")
-    spec = {**SPEC, "results": str(tmp_path), "tracking_uri": None, "tracking_mode": mode}
+    spec = replace(SPEC, results=str(tmp_path), tracking=TrackingSpec(uri=None, mode=mode))
     folder = tmp_path / "balance" / "run"
     _finished_run_folder(folder, spec, mode)
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -234,7 +236,7 @@ def test_a_deferred_run_lasts_as_long_as_its_job(tmp_path, monkeypatch):
     init_store(uri, ["balance"], tmp_path / "artifacts")
     folder = tmp_path / "balance" / "run"
     phases = Phases()
-    _finished_run_folder(folder, {**SPEC, "results": str(tmp_path), "tracking_uri": None, "tracking_mode": "deferred"},
+    _finished_run_folder(folder, replace(SPEC, results=str(tmp_path), tracking=TrackingSpec(uri=None, mode="deferred")),
                          "deferred")
     phases.lap("train")
     timings = phases.summary()
@@ -253,9 +255,9 @@ def test_a_moved_results_folder_stays_one_set_of_runs(tmp_path, monkeypatch):
     old.mkdir()
     monkeypatch.chdir(old)  # as Snakemake runs the rules: paths relative to the working directory
     assert main(["init-tracking", "--results", "results", "--out", "results/tracking/experiments.json"]) == 0
-    spec = {**SPEC, "results": "results", "tracking_uri": None, "tracking_mode": "deferred"}
+    spec = replace(SPEC, results="results", tracking=TrackingSpec(uri=None, mode="deferred"))
     for seed in (0, 1):
-        _finished_run_folder(Path(f"results/balance/seed{seed}"), {**spec, "seed": seed}, "deferred")
+        _finished_run_folder(Path(f"results/balance/seed{seed}"), replace(spec, seed=seed), "deferred")
     track = ["track", "--results", "results", "--out", "results/tracking/balance.json",
              "results/balance/seed0/metrics.json", "results/balance/seed1/metrics.json"]
     assert main(track) == 0
@@ -266,7 +268,7 @@ def test_a_moved_results_folder_stays_one_set_of_runs(tmp_path, monkeypatch):
     shutil.copytree(old, new)
     shutil.rmtree(old)
     monkeypatch.chdir(new)
-    _finished_run_folder(Path("results/balance/seed2"), {**spec, "seed": 2}, "deferred")
+    _finished_run_folder(Path("results/balance/seed2"), replace(spec, seed=2), "deferred")
     assert main([*track, "results/balance/seed2/metrics.json"]) == 0
     after = json.loads(Path("results/tracking/balance.json").read_text())["runs"]
     assert {k: after[k] for k in before} == before, "runs of the moved folder were logged again"

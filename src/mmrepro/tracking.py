@@ -40,6 +40,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mmrepro.spec import RunSpec
+
 TAG_KEYS = ("study", "dataset", "backbone", "method", "setting", "seed")
 #: MLflow's own mark of an experiment's kind. MLflow 3.17's UI does not read it (its GenAI / Model
 #: training switch decides every experiment's first page: :mod:`mmrepro.mlflow_ui`); other MLflow
@@ -62,10 +64,10 @@ def series_key(name: str) -> str:
     return (LOSS_SERIES if "loss" in name else MONITOR_SERIES) + name
 
 
-def default_run_name(spec: Mapping[str, Any]) -> str:
+def default_run_name(spec: RunSpec) -> str:
     """What differs between runs inside a study (the dataset is a column of its own)."""
-    axis = f"{spec['backbone']}/" if "backbone" in spec else ""
-    return f"{axis}{spec['method']}/{spec['setting']}/seed{spec['seed']}"
+    axis = f"{spec.backbone}/" if spec.backbone is not None else ""
+    return f"{axis}{spec.method}/{spec.setting}/seed{spec.seed}"
 
 
 def compare_view() -> str:
@@ -102,6 +104,42 @@ def cluster_store_problem(configured: str | None) -> str | None:
                 "which SQLite's file locks on a network filesystem do not make safe; start an MLflow server and "
                 "export MLFLOW_TRACKING_URI=http://<host>:<port> (docs/cluster.md 'Tracking on a cluster')")
     return None
+
+
+def server_problem(uri: str, timeout: float = 10) -> str | None:
+    """Why a job could not log to the tracking server at ``uri`` (http or https), or None where it can.
+
+    Asks the tracking API itself (a search for one experiment), with the Host header and credentials
+    (``MLFLOW_TRACKING_TOKEN`` or ``_USERNAME``/``_PASSWORD``) the MLflow client in a job sends:
+    ``/health`` answers even where MLflow 3.17 refuses every API call with 403 because the Host
+    header the jobs use is not in the server's ``--allowed-hosts``. One request, no retries.
+    """
+    import base64  # here: a job that never asks a server does not pay for urllib's imports
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            reply.read()
+        return None
+    except urllib.error.HTTPError as e:
+        body = " ".join(e.read().decode(errors="replace").split())[:300]
+        problem = f"tracking server {uri} refuses the tracking API: {e.code} {body or e.reason}"
+        if e.code == 403 and "Host" in body:
+            url = urllib.parse.urlsplit(uri)
+            hosts = f"{url.hostname},{url.hostname}:{url.port}" if url.port else url.hostname
+            problem += (f"; start the server with --allowed-hosts '{hosts}' (the name the jobs use in "
+                        "MLFLOW_TRACKING_URI; docs/cluster.md 'Tracking on a cluster')")
+        return problem
+    except OSError as e:
+        return f"tracking server {uri} does not answer ({e})"
 
 
 def is_local(uri: str) -> bool:
@@ -192,8 +230,8 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def config_hash(spec: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:12]
+def config_hash(doc: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def git_commit() -> str:
@@ -206,10 +244,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_tags(spec: Mapping[str, Any], threads: int) -> dict[str, str]:
+def run_tags(spec: RunSpec, threads: int) -> dict[str, str]:
     """The tags of a job's run, fixed when the job runs (a deferred run is logged later with these)."""
-    tags = {k: str(spec[k]) for k in TAG_KEYS if k in spec}
-    tags.update(git_commit=git_commit(), config_hash=config_hash(spec),
+    tags = {k: str(getattr(spec, k)) for k in TAG_KEYS if getattr(spec, k) is not None}
+    tags.update(git_commit=git_commit(), config_hash=config_hash(spec.to_dict()),
                 torch_version=importlib.metadata.version("torch"), threads=str(threads))
     return tags
 
@@ -227,7 +265,7 @@ class RunTracker:
 
     run_id: str | None = None
 
-    def __init__(self, uri: str, experiment: str, spec: Mapping[str, Any], threads: int, run_name: str | None = None,
+    def __init__(self, uri: str, experiment: str, spec: RunSpec, threads: int, run_name: str | None = None,
                  tags: Mapping[str, str] | None = None, start: float | None = None, end: float | None = None):
         self.uri, self.experiment, self.spec = uri, experiment, spec
         self.run_name = run_name or default_run_name(spec)
@@ -246,7 +284,7 @@ class RunTracker:
         run = self.client.create_run(exp.experiment_id, run_name=self.run_name, tags=self.tags,
                                      start_time=_ms(self.start))
         self.run_id = run.info.run_id
-        params = flatten(self.spec)
+        params = flatten(self.spec.to_dict())
         from mlflow.entities import Param
 
         items = [Param(k[:250], v[:6000]) for k, v in params.items()]
@@ -305,7 +343,7 @@ class DeferredRun:
 
     run_id: str | None = None
 
-    def __init__(self, spec: Mapping[str, Any], threads: int, run_name: str | None = None):
+    def __init__(self, spec: RunSpec, threads: int, run_name: str | None = None):
         self.run_name = run_name or default_run_name(spec)
         self.tags = run_tags(spec, threads)
 
@@ -325,11 +363,11 @@ class DeferredRun:
         return None
 
 
-def open_run(spec: Mapping[str, Any], threads: int, run_name: str | None = None) -> RunTracker | DeferredRun:
+def open_run(spec: RunSpec, threads: int, run_name: str | None = None) -> RunTracker | DeferredRun:
     """The run a job logs to: live in MLflow, or deferred to :func:`ingest_runs` (``tracking.mode``)."""
-    uri = tracking_uri(spec["results"], spec["tracking_uri"])
-    if tracking_mode(uri, spec.get("tracking_mode", "auto")) == "live":
-        return RunTracker(uri, spec["study"], spec, threads, run_name=run_name)
+    uri = tracking_uri(spec.results, spec.tracking.uri)
+    if tracking_mode(uri, spec.tracking.mode) == "live":
+        return RunTracker(uri, spec.study, spec, threads, run_name=run_name)
     return DeferredRun(spec, threads, run_name)
 
 
@@ -403,8 +441,8 @@ def ingest_runs(uri: str, run_dirs: Iterable[Path]) -> dict[str, str]:
     for out_dir in map(Path, run_dirs):
         info = json.loads((out_dir / "tracking.json").read_text())
         if not _in_store(client, info["run_id"]):
-            spec = json.loads((out_dir / "config.json").read_text())
-            with RunTracker(uri, spec["study"], spec, 0, run_name=info["run_name"], tags=info["tags"],
+            spec = RunSpec.from_json((out_dir / "config.json").read_text())
+            with RunTracker(uri, spec.study, spec, 0, run_name=info["run_name"], tags=info["tags"],
                             **job_span(out_dir)) as run:
                 run.log_series(history_steps(json.loads((out_dir / "history.json").read_text())))
                 log_outcome(run, out_dir, json.loads((out_dir / "metrics.json").read_text()))

@@ -29,6 +29,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mmrepro.spec import RunSpec
+
 from .tables import _atomic_write, _atomic_write_text, _with_suffix
 
 CGGM_DEFAULTS = {"rho": 1.3, "lam": 0.2, "magnitude": True}
@@ -39,16 +41,17 @@ def load_balance_runs(metrics_paths: list[str | os.PathLike]) -> list[dict]:
     runs = []
     for path in map(Path, metrics_paths):
         run = json.loads(path.read_text())
-        run["spec"] = json.loads(path.with_name("config.json").read_text())
+        run["spec"] = RunSpec.from_json(path.with_name("config.json").read_text())
         run["history"] = json.loads(path.with_name("history.json").read_text())
         runs.append(run)
     return runs
 
 
 def _cggm_params(run: dict) -> dict | None:
-    if run["spec"]["plan"]["hook"] != "cggm" or run["spec"]["plan"]["transform"] != "full_finetune":
+    plan = run["spec"].plan
+    if plan.hook != "cggm" or plan.transform != "full_finetune":
         return None
-    return {**CGGM_DEFAULTS, **run["spec"]["method_params"].get("cggm", {})}
+    return {**CGGM_DEFAULTS, **run["spec"].method_params.get("cggm", {})}
 
 
 def _cell(values: list[float]) -> str:
@@ -66,14 +69,14 @@ def _at_best_epoch(run: dict, key: str) -> float | None:
 
 def table5(runs: list[dict]) -> pd.DataFrame:
     """Rows unimodal / joint / joint + CGGM, one column per modality (validation accuracy)."""
-    complete = [r for r in runs if r["spec"]["data_setting"]["type"] == "complete"]
+    complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     names = sorted({k[len("util_"):] for r in complete for h in r["history"] for k in h if k.startswith("util_")}
-                   | {m for r in runs if r["spec"]["data_setting"]["type"] == "subset"
-                      for m in r["spec"]["data_setting"]["params"].get("modalities", [])})
+                   | {m for r in runs if r["spec"].data_setting.type == "subset"
+                      for m in r["spec"].data_setting.params.get("modalities", [])})
     rows = {"unimodal": {}, "joint": {}, "joint + CGGM": {}}
     for m in names:
-        uni = [r for r in runs if r["spec"]["data_setting"]["type"] == "subset" and r["method"] == "joint"
-               and r["spec"]["data_setting"]["params"].get("modalities") == [m]]
+        uni = [r for r in runs if r["spec"].data_setting.type == "subset" and r["method"] == "joint"
+               and r["spec"].data_setting.params.get("modalities") == [m]]
         acc = "acc2_has0" if any("acc2_has0" in r["metrics"]["valid"] for r in uni) else "acc"
         rows["unimodal"][m] = _cell([r["metrics"]["valid"].get(acc) for r in uni])
         rows["joint"][m] = _cell([_at_best_epoch(r, f"util_{m}") for r in complete if r["method"] == "joint"])
@@ -89,7 +92,7 @@ def _reference(runs: list[dict]) -> dict:
 
 def table6(runs: list[dict]) -> pd.DataFrame:
     """Rows joint / magnitude only / direction only / both; columns: the test metrics."""
-    complete = [r for r in runs if r["spec"]["data_setting"]["type"] == "complete"]
+    complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     groups = {"joint": [r for r in complete if r["method"] == "joint"],
               "magnitude only (lambda 0)": [], "direction only (no magnitude)": [],
               "both (CGGM)": [r for r in complete if r["method"] == "cggm"]}
@@ -114,7 +117,7 @@ def _main_metric(runs: list[dict]) -> tuple[str, float]:
 
 def sweeps(runs: list[dict]) -> dict[str, pd.DataFrame]:
     """Improvement over joint (mean, std, n over seeds) against rho and against lambda."""
-    complete = [r for r in runs if r["spec"]["data_setting"]["type"] == "complete"]
+    complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     metric, sign = _main_metric(complete)
     joint = {r["seed"]: r["metrics"]["test"][metric] for r in complete if r["method"] == "joint"}
     ref = _reference(runs)
@@ -141,7 +144,7 @@ def _markdown(frame: pd.DataFrame) -> str:
 def write_cggm_report(runs: list[dict], table: str | os.PathLike, plot: str | os.PathLike) -> list[Path]:
     """``table.md`` (Tables 5 and 6, and the sweep numbers) and ``plot.{png,pdf}`` (Figure 5)."""
     t5, t6, sw = table5(runs), table6(runs), sweeps(runs)
-    metric, sign = _main_metric([r for r in runs if r["spec"]["data_setting"]["type"] == "complete"])
+    metric, sign = _main_metric([r for r in runs if r["spec"].data_setting.type == "complete"])
     gain = f"{'joint - CGGM' if sign < 0 else 'CGGM - joint'} test {metric}"
     text = ["# CGGM paper tables from the balance runs", "",
             "## Table 5: accuracy of each modality's unimodal classifier (validation split)", "",

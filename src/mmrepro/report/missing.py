@@ -39,6 +39,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mmrepro.spec import RunSpec
+
 from .groups import INCOMPLETE, add_groups, parse_groups
 from .plots import metric_label
 from .reference import Reference, reference_frame
@@ -163,18 +165,18 @@ def write_case_table(table: pd.DataFrame, stem: str | os.PathLike) -> list[Path]
     return [csv, md]
 
 
-def _spec(path: str) -> dict:
+def _spec(path: str) -> RunSpec:
     """The run's spec, ``config.json`` beside its ``metrics.json``."""
-    return json.loads((Path(path).parent / "config.json").read_text())
+    return RunSpec.from_json((Path(path).parent / "config.json").read_text())
 
 
-def _prompt_length(spec: dict) -> float:
+def _prompt_length(spec: RunSpec) -> float:
     """The run's prompt length (its transform's ``prompt_length``, the class default if not set); NaN if none."""
-    from mmrepro.methods.registry import TRANSFORMS, plugin_class
+    from mmrepro.methods.registry import TRANSFORMS
 
-    name = spec["plan"]["transform"]
-    param = inspect.signature(plugin_class(TRANSFORMS, name)).parameters.get("prompt_length")
-    return float(spec["method_params"][name].get("prompt_length", param.default)) if param is not None else np.nan
+    name = spec.plan.transform
+    param = inspect.signature(TRANSFORMS.get(name)).parameters.get("prompt_length")
+    return float(spec.method_params[name].get("prompt_length", param.default)) if param is not None else np.nan
 
 
 def test_rate_points(runs: pd.DataFrame) -> pd.DataFrame:
@@ -188,8 +190,8 @@ def train_rate_points(runs: pd.DataFrame) -> pd.DataFrame:
     per method."""
     df = runs[runs["split"] == AVG]
     specs = {p: _spec(p) for p in pd.unique(df["path"])}
-    rate = df["path"].map(lambda p: specs[p]["data_setting"]["params"].get("rate", 0.7)
-                          if specs[p]["data_setting"]["type"] == "missing" else np.nan)
+    rate = df["path"].map(lambda p: specs[p].data_setting.params.get("rate", 0.7)
+                          if specs[p].data_setting.type == "missing" else np.nan)
     return df.assign(x=rate, line=df["method"]).dropna(subset=["x"])
 
 
@@ -199,7 +201,7 @@ def prompt_length_points(runs: pd.DataFrame) -> pd.DataFrame:
     df = runs[runs["split"] == AVG]
     specs = {p: _spec(p) for p in pd.unique(df["path"])}
     length = df["path"].map(lambda p: _prompt_length(specs[p]))
-    line = df["path"].map(lambda p: specs[p]["plan"]["transform"]) + " (" + df["setting"] + ")"
+    line = df["path"].map(lambda p: specs[p].plan.transform) + " (" + df["setting"] + ")"
     return df.assign(x=length, line=line).dropna(subset=["x"])
 
 
