@@ -18,7 +18,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mmrepro.tracking import RunTracker, init_store, server_problem
+from mmrepro.tracking import RunTracker, init_store, series_key, server_problem
 from test_tracking import SPEC, _free_port
 
 JOBS, EPOCHS = 16, 5
@@ -36,7 +36,7 @@ def _job(uri: str, i: int, barrier, folder) -> None:
     with RunTracker(uri, "balance", replace(SPEC, seed=i), threads=1, run_name=f"job{i}") as run:
         for epoch in range(1, EPOCHS + 1):
             run.log_metrics({"train_loss": i + epoch / 10, "valid_loss": i - epoch / 10}, step=epoch)
-        run.log_metrics({"test_mae": float(i)}, step=EPOCHS)
+        run.log_values({"test_mae": float(i)}, step=EPOCHS)
         run.log_artifact(path)
 
 
@@ -60,7 +60,7 @@ def check_nothing_lost(uri: str, tmp_path) -> None:
         i = int(run.data.tags["seed"])
         assert run.info.status == "FINISHED" and run.data.params["train.lr"] == "0.001"
         for name, sign in (("train_loss", 1), ("valid_loss", -1)):
-            history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+            history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, series_key(name)))
             assert history == [(e, pytest.approx(i + sign * e / 10)) for e in range(1, EPOCHS + 1)], (i, name)
         assert run.data.metrics["test_mae"] == i
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["metrics.json"]
