@@ -16,13 +16,12 @@ import os
 import platform
 import shutil
 import sqlite3
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from mmrepro.config import EXPERIMENTS
+from mmrepro.tracking import server_problem
 
 DEFAULT_CONFIG = Path("config/config.yaml")  # the Snakefile loads it; other files go after --configfile
 PACKAGES = ("mmrepro", "torch", "numpy", "mlflow", "snakemake", "optuna", "snakemake-executor-plugin-slurm")
@@ -138,16 +137,14 @@ def writable(config: dict[str, Any]) -> list[Check]:
 
 
 def tracking(uri: str, init: str = "snakemake --cores 1 init_tracking") -> Check:
-    """A server answers /health; a sqlite file exists with its experiments (the init rule made them).
-    ``init``: the command that creates the store."""
+    """A server answers its tracking API as it will answer the jobs; a sqlite file exists with its
+    experiments (the init rule made them). ``init``: the command that creates the store."""
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as reply:
-                reply.read()
-            return Check("tracking", "ok", f"server {uri} answers")
-        except OSError as e:
-            return Check("tracking", "FAIL", f"server {uri} does not answer ({e})",
+        problem = server_problem(uri)
+        if problem:
+            return Check("tracking", "FAIL", problem,
                          "start it (mlflow server ..., see docs/cluster.md 'Tracking on a cluster') or unset MLFLOW_TRACKING_URI")
+        return Check("tracking", "ok", f"server {uri} answers its tracking API")
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():
