@@ -1,8 +1,8 @@
 """The run spec: everything one job needs, resolved from the config once, as typed frozen dataclasses.
 
 :mod:`mmrepro.config` builds a :class:`RunSpec` per training or adaptation job (and a
-:class:`MechanismSpec` per mechanisms point); the rules pass it to ``mmrepro`` as JSON and the job
-writes it beside its results (``config.json``). :meth:`RunSpec.from_dict` reads that JSON back
+:class:`MechanismSpec` per mechanisms point); the rules pass it to ``mmrepro`` as a JSON file
+(:func:`mmrepro.config.spec_file`) and the job writes it beside its results (``config.json``). :meth:`RunSpec.from_dict` reads that JSON back
 and checks every key's type on construction, so a misspelt or mistyped key fails with its name
 before any work, not as a ``KeyError`` inside a job. The JSON has the shape it had when the spec
 was a dict: ``config.json`` files of finished runs still load.
