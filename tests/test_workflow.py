@@ -52,7 +52,15 @@ def pipeline(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("pipeline")
     done = snakemake(workdir)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (workdir / "terminal.txt").write_text(done.stdout + done.stderr)  # what the user saw
     return workdir / "out"
+
+
+@pytest.mark.slow
+def test_the_terminal_shows_where_to_look_at_the_runs_and_no_spec_json(pipeline):
+    terminal = (pipeline.parent / "terminal.txt").read_text()
+    assert "look at the runs: mlflow ui" in terminal and "#/experiments/" in terminal  # init_tracking's lines
+    assert '"method_params"' not in terminal, "a job's spec JSON on the terminal"
 
 
 @pytest.mark.slow
