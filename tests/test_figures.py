@@ -109,3 +109,13 @@ def test_figure5_is_planned_only_beside_joint_training():
     assert planned_figure5([spec("joint", "joint"), spec("cggm", "cggm")])
     assert not planned_figure5([spec("cggm", "cggm")])
     assert not planned_figure5([spec("joint", "joint"), spec("cggm_direction", "cggm", {"magnitude": False})])
+
+
+def test_a_missing_curve_fits_its_canvas(tmp_path):
+    points = pd.DataFrame([{"dataset": "synth", "task": "regression", "metric": "mae", "seed": s, "x": x,
+                            "line": line, "value": 1.0 + x / 10 + s / 100}
+                           for line in ("mplmm", "modality_dropout", "modality_substitution")
+                           for x in (0.0, 0.3, 0.5, 0.7, 0.9) for s in (0, 1)])
+    fig = curve_figure(points, CURVES["test"][1])
+    save(fig, tmp_path / "rates")
+    assert outside(fig) == [] and overlapping_ticks(fig) == []

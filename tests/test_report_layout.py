@@ -9,6 +9,7 @@ a row; one trainable share and one headline in every output.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -98,6 +99,13 @@ def test_the_best_per_column_is_bold_lower_mae_higher_accuracy_and_no_bold_on_ti
     tex = (tmp_path / "t.tex").read_text()
     assert r"\textbf{0.705$\pm$" in tex and tex.count(r"\toprule") == 1 and r"\cmidrule(lr)" in tex
     assert "multicolumn" in tex and r"MAE $\downarrow$" in tex
+    spec = tex.split(r"\begin{tabular}{")[1].split("}")[0]
+    body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0]
+    rows = [line for line in body.splitlines() if line.endswith(r"\\")]
+    assert rows and all(line.count(" & ") + 1 == len(spec) for line in rows)  # every row fills the columns
+    groups = tex.split(r"\toprule")[1].splitlines()[1]
+    assert sum(int(w) for w in re.findall(r"\\multicolumn\{(\d+)\}", groups)) + groups.count(" & ") + 1 \
+        - len(re.findall(r"\\multicolumn", groups)) == len(spec)
 
 
 def test_a_higher_is_better_column_marks_the_highest(tmp_path):

@@ -204,7 +204,8 @@ def write_cggm_report(runs: list[dict], table: str | os.PathLike, plot: str | os
             "## Table 5: accuracy of each modality's unimodal classifier (validation split)", "",
             wrap("unimodal: the run on that modality alone; joint and joint + CGGM: the unimodal classifier on the "
                  "model's encoder at the best epoch (utilisation probe / CGGM's classifier). Columns: modalities."), "",
-            markdown(t5_table), "## Table 6: ablation (test split)", "", markdown(as_table(t6, "", {m: m for m in t6.columns})),
+            markdown(t5_table), "## Table 6: ablation (test split)", "",
+            markdown(as_table(t6, "", {m: m for m in t6.columns})),
             f"## Figure 5: improvement over joint training ({gain}; positive = better)", ""]
     for axis, frame in sw.items():
         shown = frame.assign(count=frame["count"].astype(int)).set_index(axis).round(4)

@@ -53,8 +53,8 @@ from .render import (SHARE_NOTE, Cell, Footnotes, Row, Table, Unit, group_notes,
                      mark_best, markdown, params_text, unit_of, wrap)
 from .tables import CASES_MEAN, MAIN_METRIC, _atomic_write_text, _with_suffix, load_runs
 
-__all__ = ["CASE_METRICS", "CURVES", "case_table", "case_tables", "write_case_table", "curve_figure", "planned_curves", "test_rate_points",
-           "train_rate_points", "prompt_length_points", "missing_report"]
+__all__ = ["CASE_METRICS", "CURVES", "case_table", "case_tables", "write_case_table", "curve_figure", "planned_curves",
+           "test_rate_points", "train_rate_points", "prompt_length_points", "missing_report"]
 
 CASE_METRICS: dict[str, tuple[str, ...]] = {
     "regression": ("acc2_non0", "f1_non0", "mae", "corr", "acc7"),
@@ -132,8 +132,9 @@ def case_tables(table: pd.DataFrame) -> list[Table]:
     out = []
     for dataset, d in table.groupby("dataset", sort=False):
         ran = d[d["n"] > 0].drop_duplicates("method")
-        out.append(Table(f"{dataset}: trainable parameters", ("method",), ((dataset, 1),), ("params",),
-                         (tuple(Row((r.method,), (Cell(params_text(r.trainable_params, r.trainable_share)),)) for r in ran.itertuples()),)))
+        params = tuple(Row((r.method,), (Cell(params_text(r.trainable_params, r.trainable_share)),))
+                       for r in ran.itertuples())
+        out.append(Table(f"{dataset}: trainable parameters", ("method",), ((dataset, 1),), ("params",), (params,)))
         for metric, g in d.groupby("metric", sort=False):
             cases = [c for c in pd.unique(g["case"]) if c != "avg"] + ["avg"]
             unit = Unit.of(metric, g["paper_printed"].dropna() if has_paper else ())
@@ -209,7 +210,8 @@ def _train_rate(spec: dict) -> float:
     setting = spec["data_setting"]
     if setting["type"] != "missing":
         return np.nan
-    return float(setting["params"].get("rate", inspect.signature(plugin_class(SETTINGS, "missing")).parameters["rate"].default))
+    default = inspect.signature(plugin_class(SETTINGS, "missing")).parameters["rate"].default
+    return float(setting["params"].get("rate", default))
 
 
 def _prompt_line(transform: str, setting: str) -> str:

@@ -27,7 +27,8 @@ def axis_label(metric: str) -> str:
     return f"{header_of(metric, direction=False)} ({direction} is better)"
 
 
-def plot_study(runs: pd.DataFrame, stem: str | os.PathLike, split: str = HEADLINE, metric: str | None = None) -> list[Path]:
+def plot_study(runs: pd.DataFrame, stem: str | os.PathLike, split: str = HEADLINE,
+               metric: str | None = None) -> list[Path]:
     """Write ``stem.png`` and ``stem.pdf`` of :func:`study_figure` (fitted to its canvas); returns the two paths."""
     return save(study_figure(runs, split, metric), stem)
 
@@ -111,6 +112,7 @@ def study_figure(runs: pd.DataFrame, split: str = HEADLINE, metric: str | None =
     studies = ", ".join(map(str, pd.unique(df["study"])))
     n_txt = f"n = {min(ns)}" if len(ns) == 1 else f"n = {min(ns)}-{max(ns)}"
     cases = split == HEADLINE and (df["split"] == CASES_MEAN).any()
-    what = "headline (mean over the available-set test cases)" if cases else f"{'test' if split == HEADLINE else split} split"
+    plain = f"{'test' if split == HEADLINE else split} split"
+    what = "headline (mean over the available-set test cases)" if cases else plain
     fig.suptitle(f"{studies}: {what}, mean ± std over seeds ({n_txt})", fontsize=10)
     return fig

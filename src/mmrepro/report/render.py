@@ -353,7 +353,9 @@ def study_table(summary: pd.DataFrame, metrics: Sequence[str], title: str = "", 
         blocks.append(tuple(rows))
 
     n_text = f"n = {n_mode} seeds" if n_mode > 1 else "n = 1 seed, no std"
-    lead = (f"Mean±std over seeds ({n_text}{'; (n=k) marks a cell with another count' if (runs['n'] != n_mode).any() else ''}). "
+    if (runs["n"] != n_mode).any():
+        n_text += "; (n=k) marks a cell with another count"
+    lead = (f"Mean±std over seeds ({n_text}). "
             f"Bold: the best method of its column{' within its block' if block_keys else ''} (↓ lower is better, "
             "↑ higher); Acc, F1 and Dice in %.")
     all_notes = [lead, *notes]

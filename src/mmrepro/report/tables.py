@@ -501,7 +501,8 @@ def table_notes(summary: pd.DataFrame, paper_table: str = "") -> list[str]:
                      "from the modalities a run reads (docs/synth.md). Nothing may beat them.")
     if any(c.endswith("_paper") for c in summary.columns):
         paper = summary.attrs.get("paper") or "the paper"
-        where = f" The paper's cells without a run of ours: {paper_table}." if paper_table and (summary["n"] == 0).any() else ""
+        others = paper_table and (summary["n"] == 0).any()
+        where = f" The paper's cells without a run of ours: {paper_table}." if others else ""
         lines.append(f"paper: {paper}, values as printed; Δ paper = ours − paper, in the column's unit.{where}")
     if summary.attrs.get("absent"):
         lines.append(summary.attrs["absent"])
