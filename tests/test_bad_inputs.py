@@ -80,12 +80,13 @@ def _tiny_store(tmp_path_factory):
 
 
 def spec(tmp: Path, **changes) -> dict:
+    """A run spec's JSON (what a rule passes), keys changed as given."""
     from mmrepro.config import run_spec
     cfg = default_config()
     cfg["model"].update(d_model=8, heads=2)
     cfg["train"].update(epochs=1, batch_size=16)
     s = run_spec(cfg, "balance", "synth", "joint", "complete", 0)
-    return {**s, "results": str(tmp / "out"), **changes}
+    return {**s.to_dict(), "results": str(tmp / "out"), **changes}
 
 
 def store(corrupt: Callable[[Path], None] = lambda root: None, *, init: Callable[[Path], Path] | None = None,
@@ -136,7 +137,7 @@ def _checkpoint(truncate: bool) -> Callable[[Path], Path]:
     """A checkpoint of another model (d_model 16, not 8), or a truncated one."""
     def init(tmp: Path) -> Path:
         from mmrepro.data.store import FeatureStore
-        from mmrepro.models.multimodal import build_model
+        from mmrepro.models.build import build_model
         fs = FeatureStore(tmp / "store")
         model = build_model(fs.schema, fs.schema.task("main"), **{**spec(tmp)["model"], "d_model": 16})
         path = tmp / "backbone.pt"
@@ -339,7 +340,7 @@ def test_the_untouched_inputs_pass_every_check(verb, make, tmp_path, capsys, no_
 
 def _untouched_init(tmp: Path) -> Path:
     from mmrepro.data.store import FeatureStore
-    from mmrepro.models.multimodal import build_model
+    from mmrepro.models.build import build_model
     fs = FeatureStore(tmp / "store")
     path = tmp / "backbone.pt"
     torch.save({"state_dict": build_model(fs.schema, fs.schema.task("main"), **spec(tmp)["model"]).state_dict()}, path)

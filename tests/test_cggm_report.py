@@ -6,8 +6,10 @@ import json
 
 import pytest
 
+from conftest import balance_spec
 from mmrepro.cli import main
 from mmrepro.report.cggm import as_table, load_balance_runs, sweeps, table5, table6
+from mmrepro.spec import DataSetting, MethodPlan
 
 
 def _run(root, method, seed, *, setting="complete", params=None, modalities=None, mae=0.8, util=None, best=2,
@@ -15,15 +17,15 @@ def _run(root, method, seed, *, setting="complete", params=None, modalities=None
     d = root / method / setting / f"seed{seed}"
     d.mkdir(parents=True)
     hook = "cggm" if method.startswith("cggm") else "joint"
-    spec = {"plan": {"transform": "full_finetune", "hook": hook, "adapter": "source_only"},
-            "method_params": {hook: params or {}},
-            "data_setting": {"type": "subset" if modalities else "complete",
-                             "params": {"modalities": modalities} if modalities else {}}}
+    spec = balance_spec(plan=MethodPlan(transform="full_finetune", hook=hook, adapter="source_only"),
+                        method_params={"full_finetune": {}, hook: params or {}, "source_only": {}},
+                        data_setting=DataSetting(type="subset" if modalities else "complete",
+                                                 params={"modalities": modalities} if modalities else {}))
     history = [{"epoch": e, "valid_loss": 1.0, **{f"util_{m}": v + (0.0 if e == best else 0.3) for m, v in
                                                   (util or {}).items()}} for e in (1, 2, 3)]
     metrics = {"method": method, "setting": setting, "seed": seed, "best_epoch": best,
                "metrics": {"valid": {"mae": mae, "acc2_has0": valid_acc}, "test": {"mae": mae, "corr": 0.5}}}
-    (d / "config.json").write_text(json.dumps(spec))
+    (d / "config.json").write_text(spec.to_json())
     (d / "history.json").write_text(json.dumps(history))
     (d / "metrics.json").write_text(json.dumps(metrics))
     return d / "metrics.json"

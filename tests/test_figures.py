@@ -7,12 +7,14 @@ import json
 
 import pandas as pd
 
+from conftest import balance_spec
 from mmrepro.report import load_runs
 from mmrepro.report.cggm import figure5, planned_figure5
 from mmrepro.report.curves import curves_figure, panels
 from mmrepro.report.figures import outside, overlapping_ticks, save
 from mmrepro.report.missing import CURVES, curve_figure, missing_report, planned_curves
 from mmrepro.report.plots import study_figure
+from mmrepro.spec import DataSetting, MethodPlan
 
 
 def _legend_labels(fig) -> list[str]:
@@ -73,9 +75,10 @@ def test_curve_legends_name_each_run_and_each_modality_once(tmp_path):
 
 
 def _spec(method="mplmm", setting="rate0.7", rate=0.7, test_rates=(0.0, 0.5), transform="mplmm", params=None):
-    return {"dataset": "synth", "method": method, "setting": setting, "seed": 0,
-            "data_setting": {"type": "missing", "params": {"rate": rate, "test_rates": list(test_rates)}},
-            "plan": {"transform": transform, "hook": "joint"}, "method_params": {transform: params or {}}}
+    return balance_spec(method=method, setting=setting,
+                        data_setting=DataSetting(type="missing", params={"rate": rate, "test_rates": list(test_rates)}),
+                        plan=MethodPlan(transform=transform, hook="joint", adapter="source_only"),
+                        method_params={transform: params or {}, "joint": {}, "source_only": {}})
 
 
 def test_only_curves_with_a_line_are_planned():
@@ -95,7 +98,7 @@ def test_a_curve_without_a_line_is_not_written(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.json").write_text(json.dumps(doc))
-    (run / "config.json").write_text(json.dumps(_spec(test_rates=(0.5,))))
+    (run / "config.json").write_text(_spec(test_rates=(0.5,)).to_json())
     points, xlabel = CURVES["test"]
     assert curve_figure(points(load_runs([run / "metrics.json"])), xlabel) is None
     written = missing_report([run / "metrics.json"], tmp_path / "cases", {"test": tmp_path / "rates"})
@@ -104,8 +107,9 @@ def test_a_curve_without_a_line_is_not_written(tmp_path):
 
 def test_figure5_is_planned_only_beside_joint_training():
     def spec(method, hook, params=None, seed=0):
-        return {"method": method, "seed": seed, "plan": {"transform": "full_finetune", "hook": hook},
-                "method_params": {hook: params or {}}, "data_setting": {"type": "complete", "params": {}}}
+        return balance_spec(method=method, seed=seed,
+                            plan=MethodPlan(transform="full_finetune", hook=hook, adapter="source_only"),
+                            method_params={"full_finetune": {}, hook: params or {}, "source_only": {}})
     assert planned_figure5([spec("joint", "joint"), spec("cggm", "cggm")])
     assert not planned_figure5([spec("cggm", "cggm")])
     assert not planned_figure5([spec("joint", "joint"), spec("cggm_direction", "cggm", {"magnitude": False})])

@@ -10,9 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, balance_spec
 from mmrepro.cli import main
 from mmrepro.report.missing import case_table
+from mmrepro.spec import DataSetting, MethodPlan
 
 SETS = ["text", "audio", "vision", "text.audio", "text.vision", "audio.vision"]
 
@@ -21,9 +22,10 @@ def write(tmp_path, method, setting, seed, metrics, trainable=10, total=100, rat
     path = tmp_path / dataset / method / setting / f"seed{seed}" / "metrics.json"
     path.parent.mkdir(parents=True)
     transform = "full_finetune" if method == "lower_bound" else "mplmm"
-    (path.parent / "config.json").write_text(json.dumps({
-        "data_setting": {"type": "available" if method == "lower_bound" else "missing", "params": {"rate": rate}},
-        "plan": {"transform": transform}, "method_params": {transform: params or {}}}))
+    (path.parent / "config.json").write_text(balance_spec(
+        data_setting=DataSetting(type="available" if method == "lower_bound" else "missing", params={"rate": rate}),
+        plan=MethodPlan(transform=transform, hook="joint", adapter="source_only"),
+        method_params={transform: params or {}, "joint": {}, "source_only": {}}).to_json())
     path.write_text(json.dumps({"study": "missing", "dataset": dataset, "method": method, "setting": setting,
                                 "seed": seed, "task": "classification", "label": "main", "backbone": "mplmm_mult",
                                 "metrics": metrics, "trainable_params": trainable, "backbone_params": total,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -270,19 +271,17 @@ def brats_store(tmp_path_factory):
 
 def brats_spec(tmp_path, hook="joint"):
     spec = run_spec(default_config(), "balance", "synth", "joint", "complete", 0)
-    spec.update(dataset="brats2021", task="seg", results=str(tmp_path / "results"),
-                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", utilisation_probes=True,
-                model={**MODEL, "backbone": "late"},
-                train={"epochs": 2, "batch_size": 2, "lr": 1e-3, "weight_decay": 0.0, "patience": 4, "clip": 1.0,
-                       "device": "cpu"})
-    spec["plan"] = {**spec["plan"], "hook": hook}
-    spec["method_params"] = {**spec["method_params"], hook: {}}
-    return spec
+    return replace(spec, dataset="brats2021", task="seg", results=str(tmp_path / "results"),
+                   tracking=replace(spec.tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), utilisation_probes=True,
+                   model=replace(spec.model, **{**MODEL, "backbone": "late"}),
+                   train=TrainConfig(epochs=2, batch_size=2, lr=1e-3, weight_decay=0.0, patience=4, clip=1.0,
+                                     device="cpu"),
+                   plan=replace(spec.plan, hook=hook), method_params={**spec.method_params, hook: {}})
 
 
 def test_train_job_on_a_tiny_brats_store(brats_store, tmp_path, caplog):
     spec = brats_spec(tmp_path)
-    init_store(spec["tracking_uri"], ["balance"], tmp_path / "artifacts")
+    init_store(spec.tracking.uri, ["balance"], tmp_path / "artifacts")
     with caplog.at_level(logging.WARNING, logger="mmrepro.jobs"):
         summary = train_job(spec, brats_store, tmp_path / "run", threads=1)
     assert "utilisation probes" in caplog.text  # skipped for segmentation, and said so

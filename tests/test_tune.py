@@ -21,9 +21,10 @@ from optuna.trial import TrialState
 
 from conftest import REPO, SCHEMA
 from mmrepro import tune
-from mmrepro.config import EXPERIMENTS, ConfigError, load_schema, validate_config
+from mmrepro.config import EXPERIMENTS, ConfigError, load_schema, search_spec, tuned_methods, validate_config
 from mmrepro.data import build_store
 from mmrepro.jobs import train_job
+from mmrepro.spec import RunSpec
 from mmrepro.tracking import init_store
 
 TINY = {
@@ -70,7 +71,7 @@ def _states(study: optuna.Study) -> list[str]:
 
 def test_default_config_tunes_nothing():
     config = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), load_schema(SCHEMA))
-    assert all(tune.tuned_methods(config, study) == [] for study in config["studies"])
+    assert all(tuned_methods(config, study) == [] for study in config["studies"])
 
 
 @pytest.mark.parametrize("mutate, key", [
@@ -89,12 +90,15 @@ def test_bad_tune_config_names_the_key(mutate, key):
 
 
 def test_default_point_is_the_configs_values_else_the_plugins():
-    search = tune.search_spec(tiny_config(), "balance", "synth", "cggm")
+    search = search_spec(tiny_config(), "balance", "synth", "cggm")
     assert search["default"] == {"train.lr": 0.003, "methods.cggm.rho": 1.3}  # rho: CGGM's own default
     assert search["spec"]["setting"] == "complete" and search["spec"]["seed"] == 0
-    tuned = tune.apply_params(search["spec"], {"train.lr": 0.01, "methods.cggm.rho": 0.7})
-    assert tuned["train"]["lr"] == 0.01 and tuned["method_params"]["cggm"]["rho"] == 0.7
-    assert search["spec"]["train"]["lr"] == 0.003, "the search's own spec is not modified"
+    spec = RunSpec.from_dict(search["spec"])
+    tuned = spec.with_params({"train.lr": 0.01, "methods.cggm.rho": 0.7})
+    assert tuned.train.lr == 0.01 and tuned.method_params["cggm"]["rho"] == 0.7
+    assert spec.train.lr == 0.003 and "rho" not in spec.method_params["cggm"], "the searched spec is not modified"
+    with pytest.raises(KeyError, match="train.lrr"):
+        spec.with_params({"train.lrr": 0.1})
 
 
 # --- searches in process and in worker processes ---------------------------------------------------
@@ -115,7 +119,7 @@ def results(tmp_path_factory) -> Path:
 
 
 def _create(results: Path, study: str, method: str, **tune_keys) -> dict:
-    search = tune.search_spec(tiny_config(results, **tune_keys), study, "synth", method)
+    search = search_spec(tiny_config(results, **tune_keys), study, "synth", method)
     Path(search["storage"]).unlink(missing_ok=True)  # a fresh study per test
     return tune.create(search)
 

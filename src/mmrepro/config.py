@@ -8,6 +8,7 @@ small, fully resolved slice of the config one job needs (built here, never in ru
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 from pathlib import Path
@@ -16,10 +17,12 @@ from typing import Any
 import jsonschema
 import yaml
 
-from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build, plugin_class, resolve_method
+from mmrepro.methods.registry import ADAPTERS, HOOKS, METHOD_FAMILIES, SETTINGS, TRANSFORMS, build, resolve_method
 from mmrepro.models.fusion import FUSIONS
 from mmrepro.models.presets import JOINT_PRESETS, PRESETS, check_widths, preset_dropouts
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES, check_method_support
+from mmrepro.spec import DataSetting, MechanismSpec, ModelSpec, RunSpec, TrackingSpec, TrainConfig
+from mmrepro.tracking import config_hash
 
 #: Loaders whose task is per-voxel segmentation (a model and method subset of their own).
 SEGMENTATION_LOADERS = ("brats",)
@@ -84,9 +87,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
     _check_names(config)
     _check_mechanisms(config)
     _check_overrides(config, schema)
-    from mmrepro.tune import check_tune  # tune builds on this module's run specs
-
-    check_tune(config)
+    _check_tune(config)
     _check_heads(config)
     return config
 
@@ -120,11 +121,12 @@ def _check_heads(config: dict[str, Any]) -> None:
 def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
     """Per-dataset overrides: known datasets, and the merged model/train/method keys valid as if written whole."""
     registries = (TRANSFORMS, HOOKS, ADAPTERS)
-    for study, spec in config["studies"].items():
-        for dataset, override in spec["per_dataset"].items():
+    for study, study_cfg in config["studies"].items():
+        for dataset, override in study_cfg["per_dataset"].items():
             key = f"studies.{study}.per_dataset.{dataset}"
-            if dataset not in spec["datasets"]:
-                raise ConfigError(f"config key {key}: {dataset!r} is not one of the study's datasets {spec['datasets']}")
+            if dataset not in study_cfg["datasets"]:
+                raise ConfigError(f"config key {key}: {dataset!r} is not one of the study's datasets "
+                                  f"{study_cfg['datasets']}")
             for section, merged in (("model", model_config(config, study, dataset)),
                                     ("train", train_config(config, study, dataset))):
                 _check_section(schema, section, merged, f"{key}.{section}")
@@ -147,12 +149,12 @@ def study_backbones(config: dict[str, Any], study: str) -> dict[str, dict[str, A
     """An adapting study's backbone axis, name -> model keys over the study's model: its ``backbones``,
     else one backbone named after the study's ``model.backbone`` or, with ``source_model``, after the
     run it adapts (``<study>-<method>-<setting>``); ``{}`` for the studies that have no axis."""
-    spec = config["studies"][study]
+    study_cfg = config["studies"][study]
     if STUDY_KINDS[study] != "adapt":
         return {}
-    if spec.get("backbones"):
-        return spec["backbones"]
-    source = spec.get("source_model")
+    if study_cfg.get("backbones"):
+        return study_cfg["backbones"]
+    source = study_cfg.get("source_model")
     if source:
         return {"-".join(source[k] for k in ("study", "method", "setting")): {}}
     return {model_config(config, study)["backbone"]: {}}
@@ -162,18 +164,18 @@ def _check_backbones(config: dict[str, Any], schema: dict[str, Any]) -> None:
     """``backbones``: an adapting study's, not combined with ``source_model`` (that study trains no
     backbone), each entry a valid model once merged; the names it picks are checked with every
     study's model (:func:`_check_backbone`)."""
-    for study, spec in config["studies"].items():
-        if not spec.get("backbones"):
+    for study, study_cfg in config["studies"].items():
+        if not study_cfg.get("backbones"):
             continue
         key = f"studies.{study}.backbones"
         if STUDY_KINDS[study] != "adapt":
             raise ConfigError(f"config key {key}: a backbone axis varies the source model a study adapts at test "
                               f"time (shift); {study!r} trains its own models")
-        if spec.get("source_model"):
+        if study_cfg.get("source_model"):
             raise ConfigError(f"config key {key}: studies.{study}.source_model adapts a model another study "
                               f"trained, so there is no backbone to vary; set one of the two")
-        for name in spec["backbones"]:
-            for ds in spec["datasets"]:
+        for name in study_cfg["backbones"]:
+            for ds in study_cfg["datasets"]:
                 _check_section(schema, "model", model_config(config, study, ds, name), f"{key}.{name}")
 
 
@@ -212,15 +214,36 @@ def _check_backbone(config: dict[str, Any], study: str, ds: str, name: str | Non
 def _check_adapters(config: dict[str, Any]) -> None:
     """An adapter that reads the source feature statistics a backbone job saves (SSA) cannot adapt a
     model another study trained (``source_model``): that run saved none."""
-    for study, spec in config["studies"].items():
-        source = spec.get("source_model") if STUDY_KINDS[study] == "adapt" else None
-        for i, method in enumerate(spec["methods"] if source else []):
+    for study, study_cfg in config["studies"].items():
+        source = study_cfg.get("source_model") if STUDY_KINDS[study] == "adapt" else None
+        for i, method in enumerate(study_cfg["methods"] if source else []):
             adapter = method_plan(config, method).adapter
-            if plugin_class(ADAPTERS, adapter).needs_source_stats:
+            if ADAPTERS.get(adapter).needs_source_stats:
                 raise ConfigError(f"config key studies.{study}.methods[{i}]: {adapter!r} needs the source feature "
                                   f"statistics a {study} backbone saves (feature_stats.pt), but studies.{study}."
                                   f"source_model adapts the {source['study']} study's {source['method']!r} runs, "
                                   f"which have none")
+
+
+def _run_transform(config: dict[str, Any], study: str, run: dict[str, Any]):
+    """A run's method plan and its transform, built with the run's parameters (variant overrides included)."""
+    base, overrides = expand_variants(config, run["method"])
+    plan = resolve_method(base)
+    params = {**method_params(config, study, run["dataset"], plan.transform), **overrides.get(plan.transform, {})}
+    return plan, build(TRANSFORMS, plan.transform, params)
+
+
+def _check_model_requirements(config: dict[str, Any], study: str, run: dict[str, Any]) -> None:
+    """A transform's ``requires_model`` keys have the values it needs in the run's model (e.g. MPLMM's
+    zero prompts need ``position_padding: true``)."""
+    plan, transform = _run_transform(config, study, run)
+    model = model_config(config, study, run["dataset"], run.get("backbone"))
+    for field, (value, why) in transform.requires_model.items():
+        if model.get(field) != value:
+            i = config["studies"][study]["methods"].index(run["method"])
+            key = _model_key(config, study, run["dataset"], run.get("backbone"), field)
+            raise ConfigError(f"config key {key}: must be {value} for {plan.transform!r} (studies.{study}.methods[{i}], "
+                              f"dataset {run['dataset']!r}), got {model.get(field)}: {why}")
 
 
 def _check_modality_layers(config: dict[str, Any], study: str, run: dict[str, Any]) -> None:
@@ -228,10 +251,7 @@ def _check_modality_layers(config: dict[str, Any], study: str, run: dict[str, An
     backbone = model_config(config, study, run["dataset"], run.get("backbone"))["backbone"]
     if backbone not in JOINT_PRESETS:
         return
-    base, overrides = expand_variants(config, run["method"])
-    plan = resolve_method(base)
-    params = {**method_params(config, study, run["dataset"], plan.transform), **overrides.get(plan.transform, {})}
-    transform = build(TRANSFORMS, plan.transform, params)
+    plan, transform = _run_transform(config, study, run)
     for name, needs in ((plan.transform, transform.needs_modality_layers),
                         (plan.hook, HOOKS.get(plan.hook).needs_modality_layers)):
         if needs:
@@ -270,25 +290,25 @@ def _check_names(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key method_variants.{name}.method: {e.args[0]}") from None
         if any(name in reg for reg in registries.values()):
             raise ConfigError(f"config key method_variants.{name}: the name is a registered plug-in already")
-    for study, spec in config["studies"].items():
-        for i, ds in enumerate(spec["datasets"]):
+    for study, study_cfg in config["studies"].items():
+        for i, ds in enumerate(study_cfg["datasets"]):
             if ds not in config["datasets"]:
                 raise ConfigError(f"config key studies.{study}.datasets[{i}]: unknown dataset {ds!r}; "
                                   f"defined under datasets: {sorted(config['datasets'])}")
-        for group, members in spec["report_groups"].items():
+        for group, members in study_cfg["report_groups"].items():
             key = f"studies.{study}.report_groups.{group}"
-            if group in spec["datasets"]:
+            if group in study_cfg["datasets"]:
                 raise ConfigError(f"config key {key}: the group's name is one of the study's datasets; its rows "
                                   "would be mistaken for that dataset's")
             for i, ds in enumerate(members):
-                if ds not in spec["datasets"]:
+                if ds not in study_cfg["datasets"]:
                     raise ConfigError(f"config key {key}[{i}]: {ds!r} is not one of the study's datasets "
-                                      f"{spec['datasets']}")
-        source = spec.get("pretrain_dataset")
+                                      f"{study_cfg['datasets']}")
+        source = study_cfg.get("pretrain_dataset")
         if source is not None and source not in config["datasets"]:
             raise ConfigError(f"config key studies.{study}.pretrain_dataset: unknown dataset {source!r}; "
                               f"defined under datasets: {sorted(config['datasets'])}")
-        for i, method in enumerate(spec["methods"]):
+        for i, method in enumerate(study_cfg["methods"]):
             try:
                 base, overrides = expand_variants(config, method)
                 plan = resolve_method(base)
@@ -300,40 +320,42 @@ def _check_names(config: dict[str, Any]) -> None:
                 if name in overrides:
                     _check_params(reg.get(name), {**config["methods"].get(name, {}), **overrides[name]},
                                   f"method_variants.{method}.params", build=reg is not ADAPTERS)
-        for name, setting in spec["settings"].items():
+        for name, setting in study_cfg["settings"].items():
             key = f"studies.{study}.settings.{name}"
             if setting["type"] == "domain":
-                _check_domain(config, setting.get("datasets", spec["datasets"]), setting.get("domain"), f"{key}.domain")
+                _check_domain(config, setting.get("datasets", study_cfg["datasets"]), setting.get("domain"),
+                              f"{key}.domain")
             for field in ("methods", "datasets"):
                 for i, item in enumerate(setting.get(field, [])):
-                    if item not in spec[field]:
+                    if item not in study_cfg[field]:
                         raise ConfigError(f"config key {key}.{field}[{i}]: {item!r} is not one of the study's "
-                                          f"{field} {spec[field]}")
+                                          f"{field} {study_cfg[field]}")
             params = setting_params(setting)
             try:
                 built = SETTINGS.get(setting["type"])(**params)
-                for ds in setting.get("datasets", spec["datasets"]):
+                for ds in setting.get("datasets", study_cfg["datasets"]):
                     if config["datasets"][ds]["loader"] == "synth":
                         built.modalities([m["name"] for m in config["datasets"][ds]["synth"]["modalities"]])
             except KeyError as e:
                 raise ConfigError(f"config key {key}.type: {e.args[0]}") from None
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"config key {key}: {e}") from None
-        for ds in spec["datasets"]:
+        for ds in study_cfg["datasets"]:
             for name in study_backbones(config, study) or [None]:
                 _check_backbone(config, study, ds, name)
         for run in study_grid(config, study):
             if needs_teachers(config, run["method"]) and not teacher_runs(config, study, run["dataset"], run["method"], run["seed"]):
-                i = spec["methods"].index(run["method"])
+                i = study_cfg["methods"].index(run["method"])
                 raise ConfigError(f"config key studies.{study}.methods[{i}]: {run['method']!r} distils from unimodal "
                                   f"teachers, but the study has no one-modality 'subset' setting trained with 'joint' "
                                   f"on dataset {run['dataset']!r}")
             _check_modality_layers(config, study, run)
+            _check_model_requirements(config, study, run)
             if config["datasets"][run["dataset"]]["loader"] in SEGMENTATION_LOADERS:
                 try:
                     check_method_support("segmentation", method_plan(config, run["method"]))
                 except ValueError as e:
-                    i = spec["methods"].index(run["method"])
+                    i = study_cfg["methods"].index(run["method"])
                     raise ConfigError(f"config key studies.{study}.methods[{i}]: on dataset {run['dataset']!r} "
                                       f"(setting {run['setting']!r}): {e}; limit the setting with methods/datasets") from None
     _check_source_model(config)
@@ -386,8 +408,8 @@ def _check_source_model(config: dict[str, Any]) -> None:
 def _check_cross_dataset(config: dict[str, Any]) -> None:
     """A ``dataset`` setting names a dataset of the config, in a shift study, whose feature widths equal
     each source dataset's wherever both are known before any job runs (:func:`feature_widths`)."""
-    for study, spec in config["studies"].items():
-        for name, setting in spec["settings"].items():
+    for study, study_cfg in config["studies"].items():
+        for name, setting in study_cfg["settings"].items():
             if setting["type"] != "dataset":
                 continue
             key, target = f"studies.{study}.settings.{name}", setting.get("target")
@@ -398,7 +420,7 @@ def _check_cross_dataset(config: dict[str, Any]) -> None:
                 raise ConfigError(f"config key {key}.target: unknown dataset {target!r}; defined under datasets: "
                                   f"{sorted(config['datasets'])}")
             theirs = feature_widths(config, target)
-            for ds in setting.get("datasets", spec["datasets"]):
+            for ds in setting.get("datasets", study_cfg["datasets"]):
                 ours = feature_widths(config, ds)
                 if ours is not None and theirs is not None and ours != theirs:
                     raise ConfigError(f"config key {key}.target: feature widths differ between source dataset {ds!r} "
@@ -429,8 +451,8 @@ def feature_widths(config: dict[str, Any], dataset: str) -> dict[str, int] | Non
 
 def target_dataset(config: dict[str, Any], study: str, dataset: str, setting: str) -> str:
     """The dataset a run reads: a ``dataset`` setting's target, else the run's own."""
-    spec = config["studies"][study]["settings"][setting]
-    return spec["target"] if spec["type"] == "dataset" else dataset
+    setting_cfg = config["studies"][study]["settings"][setting]
+    return setting_cfg["target"] if setting_cfg["type"] == "dataset" else dataset
 
 
 def setting_params(setting: dict[str, Any]) -> dict[str, Any]:
@@ -528,34 +550,32 @@ def _axis(config: dict[str, Any], study: str, backbone: str | None) -> dict[str,
 
 
 def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str,
-          setting_cfg: dict[str, Any], seed: int, task: str, backbone: str | None = None) -> dict[str, Any]:
+          setting_cfg: dict[str, Any], seed: int, task: str, backbone: str | None = None) -> RunSpec:
     base, overrides = expand_variants(config, method)
     plan = resolve_method(base)
-    axis = _axis(config, study, backbone)
-    return {
-        "study": study, "dataset": dataset, **axis, "method": method, "setting": setting, "seed": int(seed),
-        "task": task,
-        "plan": {"transform": plan.transform, "hook": plan.hook, "adapter": plan.adapter},
-        "method_params": {name: {**method_params(config, study, dataset, name), **overrides.get(name, {})}
-                          for name in (plan.transform, plan.hook, plan.adapter)},
-        "data_setting": {"type": setting_cfg["type"], "params": setting_params(setting_cfg)},
-        "model": model_config(config, study, dataset, axis.get("backbone")),
-        "train": train_config(config, study, dataset),
-        "utilisation_probes": config["studies"][study]["utilisation_probes"], "feature_stats": False,
-        "tracking_uri": config["tracking"]["uri"], "tracking_mode": config["tracking"]["mode"],
-        "results": config["results"],
-    }
+    backbone = _axis(config, study, backbone).get("backbone")
+    return RunSpec(
+        study=study, dataset=dataset, backbone=backbone, method=method,
+        setting=setting, seed=int(seed), task=task, plan=plan,
+        method_params={name: {**method_params(config, study, dataset, name), **overrides.get(name, {})}
+                       for name in plan.families().values()},
+        data_setting=DataSetting(type=setting_cfg["type"], params=setting_params(setting_cfg)),
+        model=ModelSpec(**model_config(config, study, dataset, backbone)),
+        train=TrainConfig(**train_config(config, study, dataset)),
+        utilisation_probes=config["studies"][study]["utilisation_probes"], feature_stats=False,
+        tracking=TrackingSpec(uri=config["tracking"]["uri"], mode=config["tracking"]["mode"]),
+        results=config["results"])
 
 
 def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str, seed: int,
-             backbone: str | None = None) -> dict[str, Any]:
+             backbone: str | None = None) -> RunSpec:
     """Everything one training or adaptation job needs, resolved (the job's config artifact); ``backbone``
     names one of an adapting study's backbones (None: its only one)."""
     spec = _spec(config, study, dataset, method, setting, config["studies"][study]["settings"][setting], seed,
                  study_task(config, study, dataset), backbone)
     teachers = teacher_runs(config, study, dataset, method, seed)
     if teachers:
-        spec["teachers"] = {m: run["setting"] for m, run in teachers.items()}
+        spec = dataclasses.replace(spec, teachers={m: run["setting"] for m, run in teachers.items()})
     return spec
 
 
@@ -569,19 +589,19 @@ def teacher_runs(config: dict[str, Any], study: str, dataset: str, method: str, 
     alone (a one-modality ``subset`` setting with ``joint``) on the same dataset and seed; else ``{}``."""
     if not needs_teachers(config, method):
         return {}
-    spec = config["studies"][study]
+    study_cfg = config["studies"][study]
     runs = {}
-    for name, setting in spec["settings"].items():
+    for name, setting in study_cfg["settings"].items():
         mods = setting.get("modalities", [])
-        if (setting["type"] == "subset" and len(mods) == 1 and "joint" in setting.get("methods", spec["methods"])
-                and dataset in setting.get("datasets", spec["datasets"])):
+        if (setting["type"] == "subset" and len(mods) == 1 and "joint" in setting.get("methods", study_cfg["methods"])
+                and dataset in setting.get("datasets", study_cfg["datasets"])):
             runs.setdefault(mods[0], {"study": study, "dataset": dataset, "method": "joint", "setting": name,
                                       "seed": int(seed)})
     return runs
 
 
 def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int,
-                  backbone: str | None = None) -> dict[str, Any]:
+                  backbone: str | None = None) -> RunSpec:
     """The model a study starts from: plain joint training on complete source data.
 
     ``shift`` adapts a model of the dataset's own task; ``peft`` and ``missing`` fine-tune one
@@ -593,7 +613,7 @@ def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int,
     source = backbone_source(config, study, dataset)
     task = config["datasets"][source]["pretrain_task"] if finetune else study_task(config, study, dataset)
     spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task, backbone)
-    return {**spec, "dataset": source, "study": "backbones", "setting": f"for-{study}", "feature_stats": True}
+    return dataclasses.replace(spec, dataset=source, study="backbones", setting=f"for-{study}", feature_stats=True)
 
 
 def backbone_source(config: dict[str, Any], study: str, dataset: str) -> str:
@@ -609,12 +629,12 @@ def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:
     A setting that lists ``methods`` or ``datasets`` runs only those (e.g. unimodal baselines with
     plain joint training, on the datasets that have that modality).
     """
-    spec = config["studies"][study]
+    study_cfg = config["studies"][study]
     axes = [{"backbone": b} for b in study_backbones(config, study)] or [{}]
     return [{"study": study, "dataset": d, **axis, "method": m, "setting": s, "seed": seed}
-            for d in spec["datasets"] for axis in axes for s, setting in spec["settings"].items()
-            for m in spec["methods"]
-            if m in setting.get("methods", spec["methods"]) and d in setting.get("datasets", spec["datasets"])
+            for d in study_cfg["datasets"] for axis in axes for s, setting in study_cfg["settings"].items()
+            for m in study_cfg["methods"]
+            if m in setting.get("methods", study_cfg["methods"]) and d in setting.get("datasets", study_cfg["datasets"])
             for seed in config["seeds"]]
 
 
@@ -636,7 +656,7 @@ def mechanism_points(config: dict[str, Any]) -> list[dict[str, Any]]:
             for study, sweep in mech["studies"].items() for dose in sweep["doses"] for seed in mech["seeds"]]
 
 
-def mechanism_spec(config: dict[str, Any], study: str, dose: float, seed: int) -> dict[str, Any]:
+def mechanism_spec(config: dict[str, Any], study: str, dose: float, seed: int) -> MechanismSpec:
     """What one mechanisms point needs: its dataset entry at the sweep's sample sizes, budget and methods."""
     mech, sweep = config["mechanisms"], config["mechanisms"]["studies"][study]
     if sweep["dataset"] not in config["datasets"]:
@@ -644,6 +664,84 @@ def mechanism_spec(config: dict[str, Any], study: str, dose: float, seed: int) -
                           f"of this config; known: {sorted(config['datasets'])}")
     entry = dataset_spec(config, sweep["dataset"])
     entry["synth"]["n"] = dict(mech["n"])
-    return {"study": study, "dataset": entry, "dose": float(dose), "seed": int(seed), "budget": dict(mech["budget"]),
-            "methods": list(sweep["methods"]), "params": {m: config["methods"].get(m, {}) for m in sweep["methods"]},
-            "domain": sweep.get("domain")}
+    return MechanismSpec(study=study, dataset=entry, dose=float(dose), seed=int(seed), budget=dict(mech["budget"]),
+                         methods=list(sweep["methods"]),
+                         params={m: config["methods"].get(m, {}) for m in sweep["methods"]}, domain=sweep.get("domain"))
+
+
+# --- hyperparameter searches --------------------------------------------------------------------
+
+def tuned_methods(config: dict[str, Any], study: str) -> list[str]:
+    """The study's methods that are searched: ``tune: true`` means all of them, a list names some."""
+    tune = config["studies"][study]["tune"]
+    return list(config["studies"][study]["methods"]) if tune is True else list(tune or [])
+
+
+def _current(spec: RunSpec, key: str) -> Any:
+    """The value a run uses today for a space key: the config's, else the plug-in's own default."""
+    section, field, plugin = spec.space_field(key)
+    if plugin is None:
+        return getattr(getattr(spec, section), field)
+    if field in spec.method_params[plugin]:
+        return spec.method_params[plugin][field]
+    family = next(f for f, name in spec.plan.families().items() if name == plugin)
+    param = inspect.signature(METHOD_FAMILIES[family].get(plugin)).parameters.get(field)
+    if param is None or param.default is inspect.Parameter.empty:
+        raise KeyError(f"{plugin} has no parameter {field!r} with a default")
+    return param.default
+
+
+def _check_point(dist: dict[str, Any], value: Any, key: str) -> None:
+    if "choices" in dist:
+        if value not in dist["choices"]:
+            raise ConfigError(f"config key {key}: the default point {value!r} is not one of {dist['choices']}")
+        return
+    if not dist["low"] < dist["high"]:
+        raise ConfigError(f"config key {key}: low {dist['low']} must be below high {dist['high']}")
+    if dist.get("log") and dist["low"] <= 0:
+        raise ConfigError(f"config key {key}: a log range needs low > 0")
+    if not dist["low"] <= value <= dist["high"]:
+        raise ConfigError(f"config key {key}: the default point {value!r} (the config's value) is outside "
+                          f"[{dist['low']}, {dist['high']}]")
+
+
+def search_run(config: dict[str, Any], study: str, dataset: str, method: str) -> dict[str, Any]:
+    """The run a search's trials stand for: the study's first run of ``method`` on ``dataset`` (its
+    setting, seed and backbone say which store the trials read and which model they start from)."""
+    return next(r for r in study_grid(config, study) if r["dataset"] == dataset and r["method"] == method)
+
+
+def search_spec(config: dict[str, Any], study: str, dataset: str, method: str) -> dict[str, Any]:
+    """Everything one search (:mod:`mmrepro.tune`) needs, resolved: the trials' run spec (as JSON),
+    space, default point, budget, storage."""
+    run = search_run(config, study, dataset, method)
+    space = config["tune"]["space"].get(method)
+    if not space:
+        raise ConfigError(f"config key tune.space.{method}: studies.{study}.tune searches {method!r}, "
+                          "but it has no search space")
+    spec = run_spec(config, study, dataset, method, run["setting"], run["seed"], run.get("backbone"))
+    default = {}
+    for key, dist in space.items():
+        try:
+            default[key] = _current(spec, key)
+        except KeyError as e:
+            raise ConfigError(f"config key tune.space.{method}.{key}: {e.args[0]}") from None
+        _check_point(dist, default[key], f"tune.space.{method}.{key}")
+    tune = config["tune"]
+    body = {"study": study, "dataset": dataset, "method": method, "kind": STUDY_KINDS[study], "spec": spec.to_dict(),
+            "space": space, "default": default, "trials": tune["trials"], "seed": tune["seed"],
+            "sampler": tune["sampler"], "pruner": tune["pruner"]}
+    folder = f"{config['results']}/tune/{study}/{dataset}/{method}"
+    return {**body, "name": f"{study}.{dataset}.{method}.{config_hash(body)}", "workers": tune["workers"],
+            "timeout": tune["timeout"], "storage": tune["storage"] or f"{folder}/journal.log"}
+
+
+def _check_tune(config: dict[str, Any]) -> None:
+    """Every searched method is one of its study's and has a valid space."""
+    for study, study_cfg in config["studies"].items():
+        for i, method in enumerate(tuned_methods(config, study)):
+            if method not in study_cfg["methods"]:
+                raise ConfigError(f"config key studies.{study}.tune[{i}]: {method!r} is not one of the study's "
+                                  f"methods {study_cfg['methods']}")
+            for dataset in study_cfg["datasets"]:
+                search_spec(config, study, dataset, method)

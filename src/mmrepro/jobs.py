@@ -9,6 +9,7 @@ or later (:func:`mmrepro.tracking.open_run`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,20 +24,21 @@ from mmrepro import reproducibility
 from mmrepro.data.loader import SliceSampling, SplitLoader
 from mmrepro.data.schema import DataValidationError
 from mmrepro.data.store import MANIFEST, FeatureStore
-from mmrepro.evaluate import case_average, evaluate_model, metric_kind, predict, score
+from mmrepro.evaluate import case_average, evaluate_model, metric_kind, model_predictions, predict, score
 from mmrepro.methods.adapters import SplitPool
 from mmrepro.methods.balance.utilisation import with_utilisation
-from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build, plugin_class
+from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build
 from mmrepro.methods.transforms import count_parameters
 from mmrepro.methods.tta_baselines import feature_statistics
-from mmrepro.models.multimodal import build_model
+from mmrepro.models.build import build_model
 from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES
 from mmrepro.models.segmentation import check_method_support
 from mmrepro.phases import Phases
+from mmrepro.spec import RunSpec
 from mmrepro.tracking import (DeferredRun, RunTracker, cluster_store_problem, log_outcome, open_run, record,
                               tracking_mode, tracking_uri)
-from mmrepro.train import TrainConfig, fit
+from mmrepro.train import fit
 
 log = logging.getLogger(__name__)
 
@@ -50,19 +52,19 @@ def write_json(path: Path, obj: Any) -> None:
 class RunData:
     """A store opened for one run: its task, data setting and loaders for any split."""
 
-    def __init__(self, store_path: Path, spec: dict[str, Any]):
+    def __init__(self, store_path: Path, spec: RunSpec):
         self.store = FeatureStore(store_path)
         self.schema = self.store.schema
         manifest = str(self.store.root / MANIFEST)
-        self.setting = build(SETTINGS, spec["data_setting"]["type"], spec["data_setting"]["params"])
+        self.setting = build(SETTINGS, spec.data_setting.type, spec.data_setting.params)
         try:  # names the config could not check before the store existed (real datasets)
-            self.task = self.schema.task(spec["task"])
+            self.task = self.schema.task(spec.task)
             self.modalities = self.setting.modalities(self.schema.modality_names)
         except (KeyError, ValueError) as e:
-            raise DataValidationError(f"{e.args[0]} (dataset {spec['dataset']!r}, setting {spec['setting']!r})",
+            raise DataValidationError(f"{e.args[0]} (dataset {spec.dataset!r}, setting {spec.setting!r})",
                                       file=manifest) from None
-        self.batch_size, self.seed = spec["train"]["batch_size"], spec["seed"]
-        slices = spec["train"].get("slices")
+        self.batch_size, self.seed = spec.train.batch_size, spec.seed
+        slices = spec.train.slices
         self.slices = None if slices is None else SliceSampling(**slices)
         self._checked: set[str] = set()
 
@@ -115,16 +117,17 @@ class RunData:
         return self.store.ceiling(self.setting.split_name(split), self.task.name, self.modalities)
 
 
-def _model(data: RunData, spec: dict[str, Any]) -> torch.nn.Module:
-    return build_model(data.schema, data.task, modalities=data.modalities, **spec["model"])
+def _model(data: RunData, model: dict[str, Any]) -> torch.nn.Module:
+    """The model ``model`` (a run spec's model keys, as a dict) describes, for the run's data."""
+    return build_model(data.schema, data.task, modalities=data.modalities, **model)
 
 
-def _save_model(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> None:
+def _save_model(model: torch.nn.Module, path: Path, spec: RunSpec) -> None:
     """The weights with what rebuilds their module tree: the model config and the transform applied to it."""
     tmp = path.with_suffix(".tmp")
-    transform = spec["plan"]["transform"]
-    torch.save({"state_dict": model.state_dict(), "model": spec["model"], "task": spec["task"],
-                "transform": {"name": transform, "params": spec["method_params"][transform]}}, tmp)
+    transform = spec.plan.transform
+    torch.save({"state_dict": model.state_dict(), "model": dataclasses.asdict(spec.model), "task": spec.task,
+                "transform": {"name": transform, "params": spec.method_params[transform]}}, tmp)
     os.replace(tmp, path)
 
 
@@ -133,12 +136,12 @@ def _save_model(model: torch.nn.Module, path: Path, spec: dict[str, Any]) -> Non
 DATASET_SPECIFIC = ("encoders.", "head.out.")
 
 
-def _load_trained(data: RunData, spec: dict[str, Any], path: Path) -> torch.nn.Module:
+def _load_trained(data: RunData, spec: RunSpec, path: Path) -> torch.nn.Module:
     """A model trained by any study, rebuilt as it was trained: its own model config (not this run's)
     and its transform's modules (a peft method's), then its weights, every one of them (a test-time
     adapter on another dataset must not start an input projection fresh)."""
     saved = torch.load(path, map_location="cpu")
-    model = _model(data, {**spec, "model": saved.get("model", spec["model"])})
+    model = _model(data, saved.get("model", dataclasses.asdict(spec.model)))
     transform = saved.get("transform")
     if transform is not None:
         model = build(TRANSFORMS, transform["name"], transform["params"]).apply(model)
@@ -183,75 +186,76 @@ def _load_backbone(model: torch.nn.Module, path: Path, fresh: tuple[str, ...] = 
                                   file=str(path))
 
 
-def _check_store(spec: dict[str, Any]) -> None:
+def _check_store(spec: RunSpec) -> None:
     """Refuse up front a store that is unsafe for this job: a job that logs live to the default sqlite
     store from a cluster node (a deferred run leaves the store to the local track job)."""
-    uri = tracking_uri(spec["results"], spec["tracking_uri"])
-    problem = cluster_store_problem(spec["tracking_uri"])
-    if problem and tracking_mode(uri, spec.get("tracking_mode", "auto")) == "live":
+    uri = tracking_uri(spec.results, spec.tracking.uri)
+    problem = cluster_store_problem(spec.tracking.uri)
+    if problem and tracking_mode(uri, spec.tracking.mode) == "live":
         from mmrepro.config import ConfigError  # only here: jsonschema is no import a job needs
 
         raise ConfigError(f"config key tracking.uri: {problem}")
 
 
-def _summary(spec: dict[str, Any], data: "RunData", **extra: Any) -> dict[str, Any]:
+def _summary(spec: RunSpec, data: "RunData", **extra: Any) -> dict[str, Any]:
     """The identifying part of metrics.json; ``task`` is the metric family, ``label`` the task's name,
     ``backbone`` the run's name on its study's backbone axis (shift) or else its model's backbone."""
     keys = ("study", "dataset", "method", "setting", "seed")
-    backbone = spec.get("backbone", spec["model"]["backbone"])
+    backbone = spec.backbone if spec.backbone is not None else spec.model.backbone
     if data.task.type == "segmentation" and backbone not in SEGMENTATION_BACKBONES:  # a sequence fusion, unused
         backbone = SEGMENTATION_BACKBONE
-    return {**{k: spec[k] for k in keys}, "task": metric_kind(data.task), "label": spec["task"],
+    return {**{k: getattr(spec, k) for k in keys}, "task": metric_kind(data.task), "label": spec.task,
             "backbone": backbone, **extra}
 
 
-def _load_teachers(data: RunData, spec: dict[str, Any], paths: dict[str, Path]) -> dict[str, torch.nn.Module]:
+def _load_teachers(data: RunData, spec: RunSpec, paths: dict[str, Path]) -> dict[str, torch.nn.Module]:
     """The unimodal runs' models (modality -> model), frozen, for hooks that distil from teachers."""
     teachers = {}
     for m, path in paths.items():
         saved = torch.load(path, map_location="cpu")
-        if saved["task"] != spec["task"]:
-            raise ValueError(f"teacher {path} was trained on task {saved['task']!r}, this run on {spec['task']!r}")
+        if saved["task"] != spec.task:
+            raise ValueError(f"teacher {path} was trained on task {saved['task']!r}, this run on {spec.task!r}")
         model = build_model(data.schema, data.task, modalities=[m], **saved["model"])
         model.load_state_dict(saved["state_dict"])
         teachers[m] = model.eval().requires_grad_(False)
     return teachers
 
 
-def prepare_training(spec: dict[str, Any], data: RunData, init: Path | None = None,
+def prepare_training(spec: RunSpec, data: RunData, init: Path | None = None,
                      teachers: dict[str, Path] | None = None) -> tuple[torch.nn.Module, Any, int]:
     """The model (``init`` loaded, the spec's transform applied), the training hook a run trains with,
     and the model's parameter count before the transform (the denominator of a method's share).
 
     ``teachers`` (modality -> unimodal run's ``model.pt``) go to a hook that ``needs_teachers`` (UMT).
     """
-    check_method_support(data.task, spec["plan"])  # before anything is built: a clear error, not a traceback
-    model = _model(data, spec)
+    check_method_support(data.task, spec.plan)  # before anything is built: a clear error, not a traceback
+    model = _model(data, dataclasses.asdict(spec.model))
     if init is not None:
         _load_backbone(model, init)
     backbone = count_parameters(model)[1]
-    model = build(TRANSFORMS, spec["plan"]["transform"], spec["method_params"][spec["plan"]["transform"]]).apply(model)
+    plan = spec.plan
+    model = build(TRANSFORMS, plan.transform, spec.method_params[plan.transform]).apply(model)
     context = {}
-    if getattr(HOOKS.get(spec["plan"]["hook"]), "needs_teachers", False):
+    if getattr(HOOKS.get(plan.hook), "needs_teachers", False):
         context["teachers"] = _load_teachers(data, spec, teachers or {})
     elif teachers:
-        raise ValueError(f"hook {spec['plan']['hook']!r} takes no teachers")
-    hook = build(HOOKS, spec["plan"]["hook"], spec["method_params"][spec["plan"]["hook"]], **context)
-    if spec["utilisation_probes"] and data.task.type == "segmentation":
+        raise ValueError(f"hook {plan.hook!r} takes no teachers")
+    hook = build(HOOKS, plan.hook, spec.method_params[plan.hook], **context)
+    if spec.utilisation_probes and data.task.type == "segmentation":
         log.warning("utilisation probes predict one label per sample; skipped for the segmentation task %r",
                     data.task.name)
-    elif spec["utilisation_probes"]:
+    elif spec.utilisation_probes:
         hook = with_utilisation(hook)
     return model, hook, backbone
 
 
-def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, init: Path | None = None,
+def train_job(spec: RunSpec, store: Path, out_dir: Path, threads: int, init: Path | None = None,
               teachers: dict[str, Path] | None = None) -> dict[str, Any]:
     """Train (or fine-tune from ``init``) with the spec's transform and hook; evaluate valid and test
     (``teachers``: see :func:`prepare_training`)."""
     phases = Phases()
     _check_store(spec)
-    reproducibility.configure(spec["seed"], threads)
+    reproducibility.configure(spec.seed, threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
     data.check("train", "valid", "test")
@@ -261,10 +265,10 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
     phases.lap("setup")
     with open_run(spec, threads) as run:
         phases.lap("tracking")
-        cfg = TrainConfig(**spec["train"])
+        cfg = spec.train
         result = fit(model, train, valid, hook, cfg,
                      log_epoch=lambda epoch, values: run.log_metrics(values, step=epoch),
-                     checkpoint=out_dir / "last.ckpt", checkpoint_key=json.dumps(spec, sort_keys=True))
+                     checkpoint=out_dir / "last.ckpt", checkpoint_key=json.dumps(spec.to_dict(), sort_keys=True))
         model.load_state_dict(result.best_state)
         phases.lap("train")
         metrics = data.evaluate(model, cfg.torch_device)
@@ -276,29 +280,29 @@ def train_job(spec: dict[str, Any], store: Path, out_dir: Path, threads: int, in
         if hook.run_summary():
             summary["hook"] = hook.run_summary()
         _save_model(model, out_dir / "model.pt", spec)
-        if spec.get("feature_stats"):
+        if spec.feature_stats:
             _save_feature_stats(model, data.loader("train"), out_dir / "feature_stats.pt", cfg.torch_device)
         _finish(run, out_dir, spec, summary, result.history, phases)
     (out_dir / "last.ckpt").unlink(missing_ok=True)
     return summary
 
 
-def prepare_adapter(spec: dict[str, Any], data: RunData, model_path: Path,
+def prepare_adapter(spec: RunSpec, data: RunData, model_path: Path,
                     source_stats: Path | None = None) -> tuple[torch.nn.Module, Any, str]:
     """The trained model, the spec's test-time adapter wrapped around it, and the device both live on."""
     if data.task.type == "segmentation":
         raise ValueError(f"test-time adaptation is not supported for segmentation (task {data.task.name!r})")
     model = _load_trained(data, spec, model_path)
-    device = TrainConfig(**spec["train"]).torch_device
+    device = spec.train.torch_device
     model.to(device)
-    name = spec["plan"]["adapter"]
+    name = spec.plan.adapter
     context: dict[str, Any] = {"model": model}
-    if plugin_class(ADAPTERS, name).needs_source_stats:
+    if ADAPTERS.get(name).needs_source_stats:
         if source_stats is None or not Path(source_stats).is_file():
             raise ValueError(f"adapter {name!r} needs the source feature statistics the backbone job saves "
                              f"(feature_stats.pt); got {source_stats}")
         context["source_stats"] = source_stats
-    return model, build(ADAPTERS, name, spec["method_params"][name], **context), device
+    return model, build(ADAPTERS, name, spec.method_params[name], **context), device
 
 
 def adapted_predictions(adapter: Any, data: RunData, device: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -309,7 +313,7 @@ def adapted_predictions(adapter: Any, data: RunData, device: str, split: str) ->
     return predict(adapter.predict, data.loader(split), device)
 
 
-def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path, threads: int,
+def adapt_job(spec: RunSpec, store: Path, model_path: Path, out_dir: Path, threads: int,
               source_stats: Path | None = None) -> dict[str, Any]:
     """Adapt a trained model to the spec's target with the spec's test-time adapter; score the target test split.
 
@@ -320,7 +324,7 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     """
     phases = Phases()
     _check_store(spec)
-    reproducibility.configure(spec["seed"], threads)
+    reproducibility.configure(spec.seed, threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
     data.check("test")
@@ -344,7 +348,7 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
 
             validate = None
             if adapter.uses_target_labels:
-                validate = lambda: evaluate_model(model, data.loader("valid", target=True), data.task, device)  # noqa: E731
+                validate = lambda: model_predictions(model, data.loader("valid", target=True), device)  # noqa: E731
             on_epoch(0)
             adapter.adapt(SplitPool(data.loader("train", target=True), device), on_epoch=on_epoch, validate=validate)
             pred, y = predict(adapter.predict, data.loader("test"), device)
@@ -363,16 +367,16 @@ def adapt_job(spec: dict[str, Any], store: Path, model_path: Path, out_dir: Path
     return summary
 
 
-def _finish(run: RunTracker | DeferredRun, out_dir: Path, spec: dict[str, Any], summary: dict[str, Any],
+def _finish(run: RunTracker | DeferredRun, out_dir: Path, spec: RunSpec, summary: dict[str, Any],
             history: list[dict[str, float]], phases: Phases) -> None:
     """Write the run's files, log the final metrics and the files, and record where the run went.
 
     ``metrics.json`` is written last among the files Snakemake waits for, after what it summarises.
     """
-    write_json(out_dir / "config.json", spec)
+    write_json(out_dir / "config.json", spec.to_dict())
     write_json(out_dir / "history.json", history)
     write_json(out_dir / "metrics.json", summary)
     log_outcome(run, out_dir, summary)
     phases.lap("finish")
     write_json(out_dir / "timings.json", phases.summary())
-    record(run, out_dir, tracking_uri(spec["results"], spec["tracking_uri"]))
+    record(run, out_dir, tracking_uri(spec.results, spec.tracking.uri))

@@ -45,7 +45,7 @@ from mmrepro.jobs import RunData
 from mmrepro.methods.registry import ADAPTERS, HOOKS, TRANSFORMS, build
 from mmrepro.methods.transforms import count_parameters
 from mmrepro.report.tables import LOWER_IS_BETTER, MAIN_METRIC
-from mmrepro.models.multimodal import build_model
+from mmrepro.models.build import build_model
 from mmrepro.train import TrainConfig, fit
 
 #: Smallest encoder-probe gap (unimodal - joint; corr or accuracy) of every weak modality for imbalance to count.

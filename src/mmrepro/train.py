@@ -24,47 +24,9 @@ from mmrepro.data.loader import SplitLoader
 from mmrepro.methods.hooks import TrainingHook
 from mmrepro.optim import EpochSchedule, build_optimizer
 from mmrepro.progress import progress_disabled
+from mmrepro.spec import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float = 0.0
-    patience: int = 5
-    min_delta: float = 0.0  # a validation loss must fall by more than this to count as an improvement
-    clip: float | None = 1.0
-    device: str = "auto"
-    optimizer: str = "adam"
-    momentum: float = 0.9  # sgd only
-    scheduler: str = "none"
-    when: int = 10  # plateau: epochs without improvement before the rate drops
-    factor: float = 0.1  # plateau: the drop
-    warmup_epochs: int = 0  # cosine
-    warmup_lr: float = 0.0  # cosine: rate of the first warm-up epoch
-    min_lr: float = 0.0  # cosine: rate of the last epoch
-    precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (losses in float32)
-    pin_memory: bool = True  # CUDA: batches go to the GPU through page-locked memory, asynchronously
-    slices: dict | None = None  # 2-D slice sampling of volumes: read by the loaders (jobs.RunData), not here
-
-    @property
-    def torch_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
-    def autocast(self) -> torch.autocast:
-        """The forward pass's precision context (a no-op at fp32)."""
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        return torch.autocast(torch.device(self.torch_device).type, dtype=torch.bfloat16,
-                              enabled=self.precision == "bf16")
-
-
-PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass

@@ -16,15 +16,17 @@ from mmrepro.config import (
     mechanism_points,
     mechanism_spec,
     run_spec,
+    search_run,
+    search_spec,
     study_grid,
     target_dataset,
     teacher_runs,
+    tuned_methods,
     validate_config,
 )
 from mmrepro.report.cggm import planned_figure5
 from mmrepro.report.missing import planned_curves
 from mmrepro.tracking import tracking_mode, tracking_uri
-from mmrepro.tune import search_run, search_spec, tuned_methods
 
 validate_config(config, load_schema(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
 
@@ -129,7 +131,7 @@ def shift_source(dataset, backbone, seed):
 def spec_json(wildcards):
     """The job's run spec, as JSON for the command line (changes to it re-run the job)."""
     w = wildcards
-    return json.dumps(run_spec(config, w.study, w.dataset, w.method, w.setting, int(w.seed)))
+    return run_spec(config, w.study, w.dataset, w.method, w.setting, int(w.seed)).to_json()
 
 
 def study_metrics(study):

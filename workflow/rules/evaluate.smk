@@ -13,17 +13,15 @@ rule adapt:
     output:
         metrics=f"{RESULTS}/shift/{{dataset}}/{{backbone}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
     params:
-        spec=lambda wildcards: json.dumps(
-            run_spec(
-                config,
-                "shift",
-                wildcards.dataset,
-                wildcards.method,
-                wildcards.setting,
-                int(wildcards.seed),
-                wildcards.backbone,
-            )
-        ),
+        spec=lambda wildcards: run_spec(
+            config,
+            "shift",
+            wildcards.dataset,
+            wildcards.method,
+            wildcards.setting,
+            int(wildcards.seed),
+            wildcards.backbone,
+        ).to_json(),
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
         tuned=lambda wildcards, input: f"--tuned {input.tuned}" if input.tuned else "",
         stats=lambda wildcards, input: f"--source-stats {input.stats}" if "stats" in input.keys() else "",

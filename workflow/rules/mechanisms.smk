@@ -7,9 +7,9 @@ rule mechanism:
     output:
         f"{RESULTS}/mechanisms/{{study}}/dose{{dose}}/seed{{seed}}.json",
     params:
-        spec=lambda wildcards: json.dumps(
-            mechanism_spec(config, wildcards.study, float(wildcards.dose), int(wildcards.seed))
-        ),
+        spec=lambda wildcards: mechanism_spec(
+            config, wildcards.study, float(wildcards.dose), int(wildcards.seed)
+        ).to_json(),
     wildcard_constraints:
         study="balance|missing|shift|peft",
         dose=r"[0-9.]+",

@@ -12,9 +12,9 @@ rule backbone:
         model=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/model.pt",
         stats=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/feature_stats.pt",
     params:
-        spec=lambda wildcards: json.dumps(
-            backbone_spec(config, wildcards.study, wildcards.dataset, int(wildcards.seed), wildcards.get("backbone"))
-        ),
+        spec=lambda wildcards: backbone_spec(
+            config, wildcards.study, wildcards.dataset, int(wildcards.seed), wildcards.get("backbone")
+        ).to_json(),
         out_dir=lambda wildcards, output: Path(output.model).parent,
     wildcard_constraints:
         study="peft|missing",

@@ -343,17 +343,17 @@ class SynthGenerator:
         The domain's ``scale`` (default 1) is its dose: it multiplies ``mix``, ``offset``, ``noise``,
         ``dropout`` and ``gain - 1`` (and the label shift), so 0 is the source and 1 the shift as written.
         """
-        spec = domain.get("modalities", {}).get(modality)
-        if not spec:
+        shift = domain.get("modalities", {}).get(modality)
+        if not shift:
             return x
         k = float(domain.get("scale", 1.0))
         rng = rng_for(self.seed, "domain", domain["name"], modality)
         D = x.shape[-1]
-        gain = 1.0 + k * (float(spec.get("gain", 1.0)) - 1.0)
-        A = gain * (np.eye(D) + k * float(spec.get("mix", 0.0)) * rng.standard_normal((D, D)) / np.sqrt(D))
-        b = k * float(spec.get("offset", 0.0)) * rng.standard_normal(D)
-        x = x @ A.T + b + k * float(spec.get("noise", 0.0)) * rng.standard_normal(x.shape)
-        drop = min(k * float(spec.get("dropout", 0.0)), 0.95)
+        gain = 1.0 + k * (float(shift.get("gain", 1.0)) - 1.0)
+        A = gain * (np.eye(D) + k * float(shift.get("mix", 0.0)) * rng.standard_normal((D, D)) / np.sqrt(D))
+        b = k * float(shift.get("offset", 0.0)) * rng.standard_normal(D)
+        x = x @ A.T + b + k * float(shift.get("noise", 0.0)) * rng.standard_normal(x.shape)
+        drop = min(k * float(shift.get("dropout", 0.0)), 0.95)
         if drop:
             x = x * (rng.random(x.shape[:2]) >= drop)[..., None]
         return x

@@ -29,8 +29,9 @@ PROTOCOLS = ("offline", "online")
 
 #: ``on_epoch(epoch)`` after each adaptation epoch (0: before any), so the job can record target error.
 EpochCallback = Callable[[int], None]
-#: Target validation metrics of the current model; only adapters that declare label use get one.
-Validate = Callable[[], dict[str, float]]
+#: The current model's predictions on the target validation split (eval mode, in the split's order) and
+#: the split's labels; only adapters that declare label use get one.
+Validate = Callable[[], tuple[np.ndarray, np.ndarray]]
 
 
 class Pool(Protocol):

@@ -30,6 +30,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mmrepro.spec import RunSpec
+
 from .figures import save
 from .render import Cell, Row, Table, Unit, header_of, mark_best, markdown, wrap
 from .tables import DEFAULT_METRICS, _atomic_write_text, _with_suffix
@@ -42,16 +44,17 @@ def load_balance_runs(metrics_paths: list[str | os.PathLike]) -> list[dict]:
     runs = []
     for path in map(Path, metrics_paths):
         run = json.loads(path.read_text())
-        run["spec"] = json.loads(path.with_name("config.json").read_text())
+        run["spec"] = RunSpec.from_json(path.with_name("config.json").read_text())
         run["history"] = json.loads(path.with_name("history.json").read_text())
         runs.append(run)
     return runs
 
 
 def _cggm_params(run: dict) -> dict | None:
-    if run["spec"]["plan"]["hook"] != "cggm" or run["spec"]["plan"]["transform"] != "full_finetune":
+    plan = run["spec"].plan
+    if plan.hook != "cggm" or plan.transform != "full_finetune":
         return None
-    return {**CGGM_DEFAULTS, **run["spec"]["method_params"].get("cggm", {})}
+    return {**CGGM_DEFAULTS, **run["spec"].method_params.get("cggm", {})}
 
 
 def _values(values: list[float | None]) -> list[float]:
@@ -67,14 +70,14 @@ def _at_best_epoch(run: dict, key: str) -> float | None:
 def table5(runs: list[dict]) -> pd.DataFrame:
     """Rows unimodal / joint / joint + CGGM, one column per modality: each cell the validation
     accuracies of its runs (one per seed)."""
-    complete = [r for r in runs if r["spec"]["data_setting"]["type"] == "complete"]
+    complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     names = sorted({k[len("util_"):] for r in complete for h in r["history"] for k in h if k.startswith("util_")}
-                   | {m for r in runs if r["spec"]["data_setting"]["type"] == "subset"
-                      for m in r["spec"]["data_setting"]["params"].get("modalities", [])})
+                   | {m for r in runs if r["spec"].data_setting.type == "subset"
+                      for m in r["spec"].data_setting.params.get("modalities", [])})
     rows = {"unimodal": {}, "joint": {}, "joint + CGGM": {}}
     for m in names:
-        uni = [r for r in runs if r["spec"]["data_setting"]["type"] == "subset" and r["method"] == "joint"
-               and r["spec"]["data_setting"]["params"].get("modalities") == [m]]
+        uni = [r for r in runs if r["spec"].data_setting.type == "subset" and r["method"] == "joint"
+               and r["spec"].data_setting.params.get("modalities") == [m]]
         acc = "acc2_has0" if any("acc2_has0" in r["metrics"]["valid"] for r in uni) else "acc"
         rows["unimodal"][m] = _values([r["metrics"]["valid"].get(acc) for r in uni])
         rows["joint"][m] = _values([_at_best_epoch(r, f"util_{m}") for r in complete if r["method"] == "joint"])
@@ -91,7 +94,7 @@ def _reference(runs: list[dict]) -> dict:
 def table6(runs: list[dict]) -> pd.DataFrame:
     """Rows joint / magnitude only / direction only / both; columns: the task's test metrics (the
     study table's, in its order), each cell the values of its runs (one per seed)."""
-    complete = [r for r in runs if r["spec"]["data_setting"]["type"] == "complete"]
+    complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     groups = {"joint": [r for r in complete if r["method"] == "joint"],
               "magnitude only (lambda 0)": [], "direction only (no magnitude)": [],
               "both (CGGM)": [r for r in complete if r["method"] == "cggm"]}
@@ -155,7 +158,7 @@ def _sweep_points(runs: list[dict]) -> dict[str, list[tuple[dict, float]]]:
     """Per axis (rho, lam): the complete-data CGGM runs at the reference value of the other axis
     (magnitude on) whose seed has a joint run, with their value on the axis. ``runs`` need
     ``method``, ``seed`` and ``spec`` only."""
-    complete = [r for r in runs if r["spec"]["data_setting"]["type"] == "complete"]
+    complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     joint = {r["seed"] for r in complete if r["method"] == "joint"}
     ref = _reference(runs)
     out: dict[str, list[tuple[dict, float]]] = {}
@@ -166,15 +169,15 @@ def _sweep_points(runs: list[dict]) -> dict[str, list[tuple[dict, float]]]:
     return out
 
 
-def planned_figure5(specs: list[dict]) -> bool:
-    """Whether runs of these run specs (``config.json`` of each) give Figure 5 a point: what the workflow
-    asks :func:`write_cggm_report` for (never a blank figure)."""
-    return any(_sweep_points([{"method": s["method"], "seed": s["seed"], "spec": s} for s in specs]).values())
+def planned_figure5(specs: list[RunSpec]) -> bool:
+    """Whether runs of these run specs give Figure 5 a point: what the workflow asks
+    :func:`write_cggm_report` for (never a blank figure)."""
+    return any(_sweep_points([{"method": s.method, "seed": s.seed, "spec": s} for s in specs]).values())
 
 
 def sweeps(runs: list[dict]) -> dict[str, pd.DataFrame]:
     """Improvement over joint (mean, std, n over seeds) against rho and against lambda."""
-    complete = [r for r in runs if r["spec"]["data_setting"]["type"] == "complete"]
+    complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     metric, sign = _main_metric(complete)
     joint = {r["seed"]: r["metrics"]["test"][metric] for r in complete if r["method"] == "joint"}
     out = {}
@@ -196,7 +199,7 @@ def write_cggm_report(runs: list[dict], table: str | os.PathLike, plot: str | os
     """``table.md`` (Tables 5 and 6, and the sweep numbers) and ``plot.{png,pdf}`` (Figure 5, where it
     has a point: :func:`figure5`); returns the paths written."""
     t5, t6, sw = table5(runs), table6(runs), sweeps(runs)
-    metric, sign = _main_metric([r for r in runs if r["spec"]["data_setting"]["type"] == "complete"])
+    metric, sign = _main_metric([r for r in runs if r["spec"].data_setting.type == "complete"])
     gain = f"{'joint - CGGM' if sign < 0 else 'CGGM - joint'} test {metric}"
     acc = "acc" if any(r.get("task") == "classification" for r in runs) else "acc2_has0"
     t5_table = as_table(t5, "", {m: acc for m in t5.columns})

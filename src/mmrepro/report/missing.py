@@ -34,7 +34,6 @@ the non-zero Acc-2 and F1), plus MAE, Corr and Acc-7 for MOSI-style regression.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Iterable
 from dataclasses import replace
@@ -44,6 +43,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from mmrepro.spec import RunSpec
 
 from .figures import save
 from .groups import INCOMPLETE, add_groups, parse_groups
@@ -189,29 +190,29 @@ def write_case_table(table: pd.DataFrame, stem: str | os.PathLike) -> list[Path]
     return paths
 
 
-def _spec(path: str) -> dict:
+def _spec(path: str) -> RunSpec:
     """The run's spec, ``config.json`` beside its ``metrics.json``."""
-    return json.loads((Path(path).parent / "config.json").read_text())
+    return RunSpec.from_json((Path(path).parent / "config.json").read_text())
 
 
-def _prompt_length(spec: dict) -> float:
+def _prompt_length(spec: RunSpec) -> float:
     """The run's prompt length (its transform's ``prompt_length``, the class default if not set); NaN if none."""
-    from mmrepro.methods.registry import TRANSFORMS, plugin_class
+    from mmrepro.methods.registry import TRANSFORMS
 
-    name = spec["plan"]["transform"]
-    param = inspect.signature(plugin_class(TRANSFORMS, name)).parameters.get("prompt_length")
-    return float(spec["method_params"][name].get("prompt_length", param.default)) if param is not None else np.nan
+    name = spec.plan.transform
+    param = inspect.signature(TRANSFORMS.get(name)).parameters.get("prompt_length")
+    return float(spec.method_params[name].get("prompt_length", param.default)) if param is not None else np.nan
 
 
-def _train_rate(spec: dict) -> float:
+def _train_rate(spec: RunSpec) -> float:
     """The run's training missing rate (a ``missing`` setting's ``rate``, its default if not set); NaN otherwise."""
-    from mmrepro.methods.registry import SETTINGS, plugin_class
+    from mmrepro.methods.registry import SETTINGS
 
-    setting = spec["data_setting"]
-    if setting["type"] != "missing":
+    setting = spec.data_setting
+    if setting.type != "missing":
         return np.nan
-    default = inspect.signature(plugin_class(SETTINGS, "missing")).parameters["rate"].default
-    return float(setting["params"].get("rate", default))
+    default = inspect.signature(SETTINGS.get("missing")).parameters["rate"].default
+    return float(setting.params.get("rate", default))
 
 
 def _prompt_line(transform: str, setting: str) -> str:
@@ -237,7 +238,7 @@ def prompt_length_points(runs: pd.DataFrame) -> pd.DataFrame:
     their variants), one line per (transform, setting)."""
     df = runs[runs["split"] == AVG]
     specs = {p: _spec(p) for p in pd.unique(df["path"])}
-    transform = df["path"].map(lambda p: specs[p]["plan"]["transform"])
+    transform = df["path"].map(lambda p: specs[p].plan.transform)
     return df.assign(x=df["path"].map(lambda p: _prompt_length(specs[p])),
                      line=[_prompt_line(t, s) for t, s in zip(transform, df["setting"])]).dropna(subset=["x"])
 
@@ -283,16 +284,15 @@ CURVES = {"test": (test_rate_points, "test missing rate (fresh random patterns p
 """The study's curves: name -> (points of the runs, x-axis label)."""
 
 
-def planned_curves(specs: Iterable[dict]) -> list[str]:
-    """The curves of :data:`CURVES` that runs of these run specs (``config.json`` of each run) will give
-    a line of two or more points: what the workflow asks :func:`missing_report` for (never a blank figure)."""
+def planned_curves(specs: Iterable[RunSpec]) -> list[str]:
+    """The curves of :data:`CURVES` that runs of these run specs will give a line of two or more
+    points: what the workflow asks :func:`missing_report` for (never a blank figure)."""
     xs: dict[str, dict[str, set[float]]] = {name: {} for name in CURVES}
     for spec in specs:
-        params = spec["data_setting"]["params"]
-        if spec["data_setting"]["type"] == "missing":
-            xs["test"].setdefault(spec["method"], set()).update(map(float, params.get("test_rates", ())))
-        for name, x, line in (("train", _train_rate(spec), spec["method"]),
-                              ("prompt", _prompt_length(spec), _prompt_line(spec["plan"]["transform"], spec["setting"]))):
+        if spec.data_setting.type == "missing":
+            xs["test"].setdefault(spec.method, set()).update(map(float, spec.data_setting.params.get("test_rates", ())))
+        for name, x, line in (("train", _train_rate(spec), spec.method),
+                              ("prompt", _prompt_length(spec), _prompt_line(spec.plan.transform, spec.setting))):
             if not np.isnan(x):
                 xs[name].setdefault(line, set()).add(x)
     return [name for name, lines in xs.items() if any(len(v) > 1 for v in lines.values())]

@@ -60,14 +60,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from itertools import combinations
 
 import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
-from mmrepro.methods.balance.common import EpochMeans, eval_mode, per_modality
+from mmrepro.methods.balance.common import EpochMeans, eval_mode, keep_only, per_modality
 from mmrepro.methods.hooks import TrainingHook
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.gradients import scale_grad
@@ -124,8 +123,7 @@ def contribution_outputs(model: nn.Module, batch: Batch, full: torch.Tensor, *, 
 
     def value(s: frozenset) -> torch.Tensor:
         if s not in cache:
-            x = {m: (v if m in s else torch.zeros_like(v)) for m, v in batch.x.items()}
-            cache[s] = model(replace(batch, x=x)).pred
+            cache[s] = model(keep_only(batch, s)).pred
         return cache[s]
 
     with eval_mode(model):
