@@ -235,13 +235,19 @@ def _study_reference(path: Path | None, names: Path | None, runs) -> object:
 def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
     from mmrepro.report.groups import add_groups, parse_groups
+    from mmrepro.report.tables import write_paper_table
 
     runs = load_runs(args.metrics)
     grouped = add_groups(runs, parse_groups(args.groups))
-    write_table(add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
-                                   grouped), args.table)
+    summary = add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
+                                 grouped)
+    paper = f"{args.paper_table}.md" if args.paper_table else ""
+    write_table(summary, args.table, paper_table=paper)
+    if args.paper_table:
+        write_paper_table(summary, args.paper_table)
     plot_study(runs, args.plot)
-    print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
+    print(f"wrote {args.table}.{{md,csv,tex,html}}{f' and {paper}' if paper else ''} and {args.plot}.{{png,pdf}} "
+          f"from {len(args.metrics)} runs")
     return 0
 
 
@@ -307,9 +313,8 @@ def cmd_missing_report(args: argparse.Namespace) -> int:
 
     plots = {name: stem for name, stem in [("test", args.plot), ("train", args.train_rate_plot),
                                            ("prompt", args.prompt_length_plot)] if stem is not None}
-    missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"), args.groups)
-    print(f"wrote {args.table}.{{md,csv}} and {', '.join(f'{p}.{{png,pdf}}' for p in plots.values())} "
-          f"from {len(args.metrics)} runs")
+    paths = missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"), args.groups)
+    print(f"wrote {', '.join(map(str, paths))} from {len(args.metrics)} runs")
     return 0
 
 
@@ -442,6 +447,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
+    s.add_argument("--paper-table", type=Path, default=None,
+                   help="output stem (md, html) for the paper's cells without a run of ours (none by default)")
     _report_inputs(s)
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)
@@ -460,8 +467,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("missing-report", help="the missing study's per-available-set table (MPLMM's Table 1 "
                                                "layout) and its curves over the test rate, training rate, prompt length")
-    s.add_argument("--table", type=Path, required=True, help="output stem for the table files (md, csv)")
-    s.add_argument("--plot", type=Path, required=True, help="output stem of the curve over the test missing rate (png, pdf)")
+    s.add_argument("--table", type=Path, required=True, help="output stem for the table files (md, csv, html)")
+    s.add_argument("--plot", type=Path, default=None, help="output stem of the curve over the test missing rate (png, "
+                                                             "pdf; none by default)")
     s.add_argument("--train-rate-plot", type=Path, default=None, help="output stem of the curve over the training "
                                                                        "missing rate (none by default)")
     s.add_argument("--prompt-length-plot", type=Path, default=None, help="output stem of the curve over the prompt "
