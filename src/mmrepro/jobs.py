@@ -35,7 +35,7 @@ from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES
 from mmrepro.models.segmentation import check_method_support
 from mmrepro.phases import Phases
-from mmrepro.spec import RunSpec
+from mmrepro.spec import DataSetting, RunSpec
 from mmrepro.tracking import (DeferredRun, RunTracker, cluster_store_problem, log_outcome, open_run, record,
                               tracking_mode, tracking_uri)
 from mmrepro.train import fit
@@ -53,18 +53,29 @@ class RunData:
     """A store opened for one run: its task, data setting and loaders for any split."""
 
     def __init__(self, store_path: Path, spec: RunSpec):
+        self._open(store_path, spec.task, spec.data_setting, spec.train.batch_size, spec.seed, spec.train.slices,
+                   f"dataset {spec.dataset!r}, setting {spec.setting!r}")
+
+    @classmethod
+    def for_diagnostic(cls, store_path: Path, task: str, data_setting: DataSetting, batch_size: int,
+                       seed: int) -> RunData:
+        """A store opened for a measurement that is no pipeline run (the mechanisms diagnostics)."""
+        data = cls.__new__(cls)
+        data._open(store_path, task, data_setting, batch_size, seed, None, f"setting {data_setting.type!r}")
+        return data
+
+    def _open(self, store_path: Path, task: str, data_setting: DataSetting, batch_size: int, seed: int,
+              slices: dict[str, Any] | None, where: str) -> None:
         self.store = FeatureStore(store_path)
         self.schema = self.store.schema
         manifest = str(self.store.root / MANIFEST)
-        self.setting = build(SETTINGS, spec.data_setting.type, spec.data_setting.params)
+        self.setting = build(SETTINGS, data_setting.type, data_setting.params)
         try:  # names the config could not check before the store existed (real datasets)
-            self.task = self.schema.task(spec.task)
+            self.task = self.schema.task(task)
             self.modalities = self.setting.modalities(self.schema.modality_names)
         except (KeyError, ValueError) as e:
-            raise DataValidationError(f"{e.args[0]} (dataset {spec.dataset!r}, setting {spec.setting!r})",
-                                      file=manifest) from None
-        self.batch_size, self.seed = spec.train.batch_size, spec.seed
-        slices = spec.train.slices
+            raise DataValidationError(f"{e.args[0]} ({where})", file=manifest) from None
+        self.batch_size, self.seed = batch_size, seed
         self.slices = None if slices is None else SliceSampling(**slices)
         self._checked: set[str] = set()
 
