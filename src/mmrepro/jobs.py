@@ -63,7 +63,7 @@ class RunData:
         except (KeyError, ValueError) as e:
             raise DataValidationError(f"{e.args[0]} (dataset {spec.dataset!r}, setting {spec.setting!r})",
                                       file=manifest) from None
-        self.batch_size, self.seed = spec.train.batch_size, spec.seed
+        self.batch_size, self.seed, self.shuffle = spec.train.batch_size, spec.seed, spec.train.shuffle
         slices = spec.train.slices
         self.slices = None if slices is None else SliceSampling(**slices)
         self._checked: set[str] = set()
@@ -76,12 +76,17 @@ class RunData:
                 self.store.open_split(name, validate=True)
                 self._checked.add(name)
 
+    def train_loader(self) -> SplitLoader:
+        """The loader a run trains on: the train split, shuffled per epoch unless ``train.shuffle`` is
+        false (then in stored order, as the released codes read it), 2-D slices with ``train.slices``."""
+        return self.loader("train", shuffle=self.shuffle, training=True)
+
     def loader(self, split: str, shuffle: bool = False, case: np.ndarray | None = None,
-               target: bool = False) -> SplitLoader:
+               target: bool = False, training: bool = False) -> SplitLoader:
         """``split``'s loader; ``case`` (a test case's ``(N, M)`` mask) replaces the setting's own draw;
         ``target``: the data setting's target version of ``split`` (what a test-time adapter reads).
-        With ``train.slices`` the shuffled (training) loader draws 2-D slices, the others give whole
-        volumes, ``volumes_per_batch`` at a time."""
+        With ``train.slices`` a ``training`` loader (:meth:`train_loader`) draws 2-D slices, the others
+        give whole volumes, ``volumes_per_batch`` at a time."""
         self.check(split, target=target)
         name = self.setting.target_split(split) if target else self.setting.split_name(split)
         arrays = self.store.open_split(name)
@@ -93,8 +98,8 @@ class RunData:
             present = lambda epoch: self.setting.present(name, base, epoch)  # noqa: E731
         else:
             present = self.setting.present(name, base)
-        slices = self.slices if shuffle else None
-        batch_size = self.slices.volumes_per_batch if self.slices is not None and not shuffle else self.batch_size
+        slices = self.slices if training else None
+        batch_size = self.slices.volumes_per_batch if self.slices is not None and not training else self.batch_size
         return SplitLoader(arrays, self.schema, self.task.name, batch_size=batch_size, shuffle=shuffle,
                            seed=self.seed, present=present, transform=self.setting.transform,
                            modalities=self.modalities, slices=slices)
@@ -259,7 +264,7 @@ def train_job(spec: RunSpec, store: Path, out_dir: Path, threads: int, init: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
     data.check("train", "valid", "test")
-    train, valid = data.loader("train", shuffle=True), data.loader("valid")
+    train, valid = data.train_loader(), data.loader("valid")
     model, hook, backbone = prepare_training(spec, data, init, teachers)
     trainable, total = count_parameters(model)
     phases.lap("setup")

@@ -155,7 +155,7 @@ def _objective(search: dict[str, Any], spec: RunSpec, store: Path, init: Path | 
         value = float(task_loss_fn(data.task.type)(torch.as_tensor(pred), torch.as_tensor(y)))
         run.log_metrics({"valid_loss": value}, step=0)
         return value
-    train, valid = data.loader("train", shuffle=True), data.loader("valid")
+    train, valid = data.train_loader(), data.loader("valid")
     model, hook, _ = prepare_training(spec, data, init)
 
     def on_epoch(epoch: int, values: dict[str, float]) -> None:
