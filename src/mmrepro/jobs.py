@@ -281,6 +281,7 @@ def train_job(spec: RunSpec, store: Path, out_dir: Path, threads: int, init: Pat
         summary = _summary(spec, data, metrics=metrics, oracle={s: data.oracle(s) for s in ("valid", "test") if data.oracle(s)},
                            ceiling={s: data.ceiling(s) for s in ("valid", "test") if data.ceiling(s)},
                            best_epoch=result.best_epoch, epochs_run=result.epochs_run,
+                           target_labels_used=spec.tuned_on_target_labels,
                            trainable_params=trainable, total_params=total, backbone_params=backbone)
         if hook.run_summary():
             summary["hook"] = hook.run_summary()
@@ -325,7 +326,8 @@ def adapt_job(spec: RunSpec, store: Path, model_path: Path, out_dir: Path, threa
     An offline adapter first adapts on the target's unlabelled train split; the target test error
     is recorded before and after each of its epochs. An online adapter adapts as the test stream
     passes; the error of each batch is recorded. Labels never reach the adapter, except the target
-    validation callback of one that declares label use (then ``target_labels_used`` is true).
+    validation callback of one that declares label use; ``target_labels_used`` is true then, and
+    when the run's parameters come from a search scored on target labels (``tuned_on_target_labels``).
     """
     phases = Phases()
     _check_store(spec)
@@ -366,7 +368,7 @@ def adapt_job(spec: RunSpec, store: Path, model_path: Path, out_dir: Path, threa
                            oracle={"test": data.oracle("test")} if data.oracle("test") else {},
                            ceiling={"test": data.ceiling("test")} if data.ceiling("test") else {},
                            protocol="offline" if adapter.offline else "online",
-                           target_labels_used=adapter.uses_target_labels,
+                           target_labels_used=adapter.uses_target_labels or spec.tuned_on_target_labels,
                            trainable_params=trainable, total_params=total, backbone_params=total)
         _finish(run, out_dir, spec, summary, history, phases)
     return summary
