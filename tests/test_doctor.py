@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import socket
 import sqlite3
+import threading
 
 import pytest
 import yaml
@@ -69,7 +72,7 @@ def test_what_is_broken_is_named_with_its_fix_and_exits_1(tmp_path, capsys, monk
     target.write_bytes(bytes(raw))
     code, out = doctor(capsys, config)
     assert code == 1
-    assert f"[FAIL] tracking: server http://127.0.0.1:{port} does not answer" in out
+    assert f"[FAIL] tracking: tracking server http://127.0.0.1:{port} does not answer" in out
     assert "[FAIL] data synth: file=" in out and "key=x/text: checksum mismatch" in out
     assert f"fix: remove {store.parent} and rerun snakemake" in out
     assert "2 problem(s) to fix" in out
@@ -87,3 +90,42 @@ def test_a_bad_config_and_a_missing_manual_dataset_fail(tmp_path, capsys, monkey
     (tmp_path / "mosi.yaml").write_text(yaml.safe_dump(config))
     code, out = doctor(capsys, str(tmp_path / "mosi.yaml"))
     assert code == 1 and "[FAIL] data mosi: " in out and "cannot be downloaded automatically" in out
+
+
+@contextlib.contextmanager
+def host_checking_server():
+    """What MLflow 3.17's server answers for a Host header not in --allowed-hosts: /health 200, the API 403."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            health = self.path == "/health"
+            body = b"OK" if health else b"Invalid Host header - possible DNS rebinding attack detected"
+            self.send_response(200 if health else 403)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_refusing_the_jobs_host_fails_doctor_and_init_tracking(tmp_path, capsys, monkeypatch):
+    with host_checking_server() as uri:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        code, out = doctor(capsys, _config(tmp_path))
+        assert code == 1
+        assert f"[FAIL] tracking: tracking server {uri} refuses the tracking API: 403 Invalid Host header" in out
+        host = uri.removeprefix("http://")
+        assert f"--allowed-hosts '{host.split(':')[0]},{host}'" in out
+        # the local init rule asks the same before any job is submitted, and fails with the message
+        assert main(["init-tracking", "--results", str(tmp_path), "--out", str(tmp_path / "exp.json")]) == 2
+        err = capsys.readouterr().err
+        assert f"mmrepro init-tracking: error: tracking.uri (or MLFLOW_TRACKING_URI): tracking server {uri} refuses" in err
+        assert not (tmp_path / "exp.json").exists()

@@ -116,7 +116,7 @@ def test_every_job_is_one_finished_mlflow_run_with_its_tags(pipeline):
             artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
             assert {"config.json", "metrics.json"} <= artifacts
     balance = client.search_runs([client.get_experiment_by_name("balance").experiment_id])[0]
-    assert [m.step for m in client.get_metric_history(balance.info.run_id, "valid_loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(balance.info.run_id, "loss/valid_loss")] == [1, 2]
 
 
 @pytest.mark.slow

@@ -65,26 +65,34 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_init_tracking(args: argparse.Namespace) -> int:
-    from mmrepro.config import EXPERIMENTS
+    from mmrepro.config import EXPERIMENTS, ConfigError
     from mmrepro.jobs import write_json
-    from mmrepro.tracking import init_store, tracking_uri
+    from mmrepro.tracking import artifact_root, init_store, server_problem, tracking_uri
 
     uri = tracking_uri(args.results, args.uri)
-    ids = init_store(uri, EXPERIMENTS, Path(args.results) / "mlartifacts")
+    # before any job is submitted: a server that refuses the jobs fails here, once, on the login node
+    problem = server_problem(uri) if uri.startswith(("http://", "https://")) else None
+    if problem:
+        raise ConfigError(f"tracking.uri (or MLFLOW_TRACKING_URI): {problem}")
+    ids = init_store(uri, EXPERIMENTS, artifact_root(args.results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"uri": uri, "experiments": ids})
     print(f"MLflow store ready at {uri}: {', '.join(ids)}")
-    for name, exp_id in ids.items():  # MLflow 3.17's UI opens on GenAI pages unless asked for training runs
-        print(f"  {name}: mlflow ui, then #/experiments/{exp_id}/runs?workflowType=machine_learning"
-              "&viewStateShareKey=compare")
+    print(f"look at the runs: mlflow ui --app-name mmrepro --backend-store-uri {uri}; each study's columns "
+          "(open once, then 'Override saved view'):")
+    for name, exp_id in ids.items():  # workflowType: the training runs under a plain `mlflow ui` too
+        print(f"  {name}: #/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey=compare")
     return 0
 
 
 def cmd_track(args: argparse.Namespace) -> int:
     from mmrepro.jobs import write_json
-    from mmrepro.tracking import ingest_runs, tracking_uri
+    from mmrepro.tracking import artifact_root, ingest_runs, relocate_artifacts, tracking_uri
 
     uri = tracking_uri(args.results, args.uri)
+    moved = relocate_artifacts(uri, artifact_root(args.results))  # a results folder moved since init-tracking
+    if moved:
+        print(f"artifact locations of {', '.join(moved)} now under {artifact_root(args.results).resolve()}")
     ids = ingest_runs(uri, [m.parent for m in args.metrics])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"uri": uri, "runs": ids})

@@ -14,7 +14,6 @@ import os
 import platform
 import shutil
 import sqlite3
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import yaml
 
 from mmrepro.config import EXPERIMENTS
+from mmrepro.tracking import server_problem
 
 PACKAGES = ("mmrepro", "torch", "numpy", "mlflow", "snakemake", "optuna", "snakemake-executor-plugin-slurm")
 REQUIRED = ("torch", "numpy", "mlflow", "snakemake")
@@ -95,15 +95,14 @@ def load_config(files: list[Path], schema: Path) -> tuple[dict[str, Any] | None,
 
 
 def tracking(uri: str) -> Check:
-    """A server answers /health; a sqlite file exists with its experiments (the init rule made them)."""
+    """A server answers its tracking API as it will answer the jobs; a sqlite file exists with its
+    experiments (the init rule made them)."""
     if uri.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as reply:
-                reply.read()
-            return Check("tracking", "ok", f"server {uri} answers")
-        except OSError as e:
-            return Check("tracking", "FAIL", f"server {uri} does not answer ({e})",
+        problem = server_problem(uri)
+        if problem:
+            return Check("tracking", "FAIL", problem,
                          "start it (mlflow server ..., see docs/cluster.md 'Tracking on a cluster') or unset MLFLOW_TRACKING_URI")
+        return Check("tracking", "ok", f"server {uri} answers its tracking API")
     if uri.startswith("sqlite:///"):
         path = Path(uri[len("sqlite:///"):])
         if not path.is_file():

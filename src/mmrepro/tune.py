@@ -204,7 +204,7 @@ def _run_trial(study, trial, search: dict[str, Any], store: Path, init: Path | N
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
-        run.log_metrics({"objective": value}, step=0)
+        run.log_values({"objective": value})
         study.tell(trial, value)
 
 

@@ -31,6 +31,9 @@ rule track:
     params:
         results=lambda wildcards, output: Path(output[0]).parents[1],
         uri=f"--uri {shlex.quote(config['tracking']['uri'])}" if config["tracking"]["uri"] else "",
+        # not in the command: where the store is now, so that a moved results folder (or another
+        # store) runs this job again, which points a moved store at its own artifacts
+        store=tracking_uri(RESULTS, config["tracking"]["uri"]),
     wildcard_constraints:
         study="balance|missing|shift|peft",
     localrule: True
