@@ -7,6 +7,7 @@ Each verb does one job of the DAG. Rules pass their wildcards and a JSON run spe
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -162,7 +163,8 @@ def cmd_stand_in(args: argparse.Namespace) -> int:
 
 
 def _tuned(args: argparse.Namespace):
-    """The run spec, with a search's best parameters when ``--tuned`` names its best.json."""
+    """The run spec, with a search's best parameters when ``--tuned`` names its best.json (and marked
+    when that search chose them with target labels)."""
     spec = args.spec
     if args.tuned is None:
         return spec
@@ -170,7 +172,10 @@ def _tuned(args: argparse.Namespace):
     if (best["study"], best["dataset"], best["method"]) != (spec.study, spec.dataset, spec.method):
         raise SystemExit(f"--tuned {args.tuned} is the search of {best['study']}/{best['dataset']}/{best['method']}, "
                          "not of this run")
-    return spec.with_params(best["params"])
+    if "target_labels_used" not in best:
+        raise SystemExit(f"--tuned {args.tuned}: written before searches recorded whether they scored on target "
+                         "labels; delete it and run the search's tune_best job again")
+    return dataclasses.replace(spec.with_params(best["params"]), tuned_on_target_labels=best["target_labels_used"])
 
 
 def _teacher(value: str) -> tuple[str, Path]:

@@ -138,7 +138,8 @@ def _read_one(path: Path) -> list[dict]:
     metrics = _metric_block(path, "metrics", doc["metrics"])
     bounds = {key: {} if doc.get(key) in (None, {}) else _metric_block(path, key, doc[key]) for key in _BOUNDS}
 
-    # a test-time run that read target labels (CASP's released code) is marked wherever it is shown
+    # a run that target labels chose anything in (CASP's released-code checkpoints, a search scored on a
+    # cross-dataset target: metrics.json's target_labels_used) is marked wherever it is shown
     method = doc["method"] + (" [target labels]" if doc.get("target_labels_used") else "")
     base = {
         "study": doc["study"], "dataset": doc["dataset"], "method": method,
