@@ -56,6 +56,35 @@ def pipeline(tmp_path_factory) -> Path:
     return workdir / "out"
 
 
+def test_every_table_and_plot_of_the_rules_is_marked_for_the_snakemake_report(tmp_path):
+    """Per output stem under tables/ or plots/ (md, csv, tex, html, png, pdf of one table or plot),
+    one file is marked report(...), so `snakemake --report` gathers it. The config plans every
+    optional output: the missing study's three curves and CGGM's Figure 5."""
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, Quietness, ResourceSettings, StorageSettings
+
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["method_variants"] = {"mplmm_l4": {"method": "mplmm", "params": {"prompt_length": 4}}}
+    missing = config["studies"]["missing"]
+    missing["methods"].append("mplmm_l4")
+    missing["settings"]["rate0.3"] = {"type": "missing", "rate": 0.3}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
+        workflow = api.workflow(resource_settings=ResourceSettings(cores=1), storage_settings=StorageSettings(),
+                                config_settings=ConfigSettings(configfiles=[tmp_path / "config.yaml"]),
+                                snakefile=SNAKEFILE, workdir=tmp_path)._workflow  # the parsed rules
+        stems: dict[str, bool] = {}
+        for rule in workflow.rules:
+            for f in rule.output:
+                path = Path(str(f))
+                if {"tables", "plots"} & set(path.parts):
+                    stem = str(path.with_suffix(""))
+                    stems[stem] = stems.get(stem, False) or f.flags.get("report") is not None
+    assert {"results/plots/missing_train_rates", "results/plots/missing_prompt_lengths",
+            "results/plots/balance_cggm", "results/tables/missing_cases"} <= set(stems)
+    assert [stem for stem, marked in stems.items() if not marked] == []
+
+
 @pytest.mark.slow
 def test_the_terminal_shows_where_to_look_at_the_runs_and_no_spec_json(pipeline):
     terminal = (pipeline.parent / "terminal.txt").read_text()
@@ -81,7 +110,7 @@ def test_snakemake_report_lists_every_table_and_plot(pipeline):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     html = (pipeline.parent / "report.html").read_text(encoding="utf-8", errors="replace")
     for study in TINY["studies"]:
-        assert f"{study}.html" in html and f"{study}.png" in html
+        assert f"{study}.html" in html and f"{study}.png" in html and f"tables/paper/{study}.html" in html
         if study != "shift":
             assert f"{study}_curves.png" in html
     assert "sample standard deviation" in html  # the tables' caption

@@ -8,6 +8,7 @@ run ``mmrepro <verb> --help`` for the arguments of each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -171,7 +172,8 @@ def cmd_stand_in(args: argparse.Namespace) -> int:
 
 
 def _tuned(args: argparse.Namespace):
-    """The run spec, with a search's best parameters when ``--tuned`` names its best.json."""
+    """The run spec, with a search's best parameters when ``--tuned`` names its best.json (and marked
+    when that search chose them with target labels)."""
     spec = args.spec
     if args.tuned is None:
         return spec
@@ -179,7 +181,10 @@ def _tuned(args: argparse.Namespace):
     if (best["study"], best["dataset"], best["method"]) != (spec.study, spec.dataset, spec.method):
         raise SystemExit(f"--tuned {args.tuned} is the search of {best['study']}/{best['dataset']}/{best['method']}, "
                          "not of this run")
-    return spec.with_params(best["params"])
+    if "target_labels_used" not in best:
+        raise SystemExit(f"--tuned {args.tuned}: written before searches recorded whether they scored on target "
+                         "labels; delete it and run the search's tune_best job again")
+    return dataclasses.replace(spec.with_params(best["params"]), tuned_on_target_labels=best["target_labels_used"])
 
 
 def _teacher(value: str) -> tuple[str, Path]:
@@ -244,13 +249,19 @@ def _study_reference(path: Path | None, names: Path | None, runs) -> object:
 def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
     from mmrepro.report.groups import add_groups, parse_groups
+    from mmrepro.report.tables import write_paper_table
 
     runs = load_runs(args.metrics)
     grouped = add_groups(runs, parse_groups(args.groups))
-    write_table(add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
-                                   grouped), args.table)
+    summary = add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
+                                 grouped)
+    paper = f"{args.paper_table}.md" if args.paper_table else ""
+    write_table(summary, args.table, paper_table=paper)
+    if args.paper_table:
+        write_paper_table(summary, args.paper_table)
     plot_study(runs, args.plot)
-    print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
+    print(f"wrote {args.table}.{{md,csv,tex,html}}{f' and {paper}' if paper else ''} and {args.plot}.{{png,pdf}} "
+          f"from {len(args.metrics)} runs")
     return 0
 
 
@@ -316,9 +327,8 @@ def cmd_missing_report(args: argparse.Namespace) -> int:
 
     plots = {name: stem for name, stem in [("test", args.plot), ("train", args.train_rate_plot),
                                            ("prompt", args.prompt_length_plot)] if stem is not None}
-    missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"), args.groups)
-    print(f"wrote {args.table}.{{md,csv}} and {', '.join(f'{p}.{{png,pdf}}' for p in plots.values())} "
-          f"from {len(args.metrics)} runs")
+    paths = missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"), args.groups)
+    print(f"wrote {', '.join(map(str, paths))} from {len(args.metrics)} runs")
     return 0
 
 
@@ -451,6 +461,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
+    s.add_argument("--paper-table", type=Path, default=None,
+                   help="output stem (md, html) for the paper's cells without a run of ours (none by default)")
     _report_inputs(s)
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)
@@ -470,8 +482,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("missing-report", help="the missing study's per-available-set table (MPLMM's Table 1 "
                                                "layout) and its curves over the test rate, training rate, prompt length")
-    s.add_argument("--table", type=Path, required=True, help="output stem for the table files (md, csv)")
-    s.add_argument("--plot", type=Path, required=True, help="output stem of the curve over the test missing rate (png, pdf)")
+    s.add_argument("--table", type=Path, required=True, help="output stem for the table files (md, csv, html)")
+    s.add_argument("--plot", type=Path, default=None, help="output stem of the curve over the test missing rate (png, "
+                                                             "pdf; none by default)")
     s.add_argument("--train-rate-plot", type=Path, default=None, help="output stem of the curve over the training "
                                                                        "missing rate (none by default)")
     s.add_argument("--prompt-length-plot", type=Path, default=None, help="output stem of the curve over the prompt "

@@ -131,6 +131,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
     _check_overrides(config, schema)
     _check_tune(config)
     _check_heads(config)
+    _check_selection(config)
     return config
 
 
@@ -171,6 +172,26 @@ def _check_heads(config: dict[str, Any]) -> None:
                 if model["d_model"] % model["heads"]:
                     raise ConfigError(f"config key {_model_key(config, study, ds, name, 'heads')}: d_model "
                                       f"{model['d_model']} is not divisible by heads {model['heads']}")
+
+
+def _check_selection(config: dict[str, Any]) -> None:
+    """``train.selection: valid_accuracy`` needs a label per sample: not on a segmentation dataset."""
+    for study, study_cfg in config["studies"].items():
+        for ds in study_cfg["datasets"]:
+            selection = train_config(config, study, ds)["selection"]
+            if selection == "valid_accuracy" and config["datasets"][ds]["loader"] in SEGMENTATION_LOADERS:
+                raise ConfigError(f"config key {_train_key(config, study, ds, 'selection')}: valid_accuracy keeps "
+                                  f"the epoch of the best accuracy per sample, but dataset {ds!r} of study {study!r} "
+                                  "is segmented per voxel; use valid_loss there (studies.<study>.per_dataset)")
+
+
+def _train_key(config: dict[str, Any], study: str, dataset: str, field: str) -> str:
+    """The config key that sets a study's train ``field`` on ``dataset``: the most specific one holding it."""
+    if field in _override(config, study, dataset).get("train", {}):
+        return f"studies.{study}.per_dataset.{dataset}.train.{field}"
+    if field in config["studies"][study].get("train", {}):
+        return f"studies.{study}.train.{field}"
+    return f"train.{field}"
 
 
 def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:

@@ -34,7 +34,7 @@ from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES
 from mmrepro.models.segmentation import check_method_support
 from mmrepro.phases import Phases
-from mmrepro.spec import CheckpointSpec, RunSpec
+from mmrepro.spec import CheckpointSpec, DataSetting, RunSpec
 from mmrepro.tracking import (DeferredRun, RunTracker, cluster_store_problem, log_outcome, open_run, record,
                               tracking_mode, tracking_uri)
 from mmrepro.train import fit
@@ -52,18 +52,29 @@ class RunData:
     """A store opened for one run: its task, data setting and loaders for any split."""
 
     def __init__(self, store_path: Path, spec: RunSpec):
+        self._open(store_path, spec.task, spec.data_setting, spec.train.batch_size, spec.seed, spec.train.shuffle,
+                   spec.train.slices, f"dataset {spec.dataset!r}, setting {spec.setting!r}")
+
+    @classmethod
+    def for_diagnostic(cls, store_path: Path, task: str, data_setting: DataSetting, batch_size: int,
+                       seed: int) -> RunData:
+        """A store opened for a measurement that is no pipeline run (the mechanisms diagnostics)."""
+        data = cls.__new__(cls)
+        data._open(store_path, task, data_setting, batch_size, seed, True, None, f"setting {data_setting.type!r}")
+        return data
+
+    def _open(self, store_path: Path, task: str, data_setting: DataSetting, batch_size: int, seed: int,
+              shuffle: bool, slices: dict[str, Any] | None, where: str) -> None:
         self.store = FeatureStore(store_path)
         self.schema = self.store.schema
         manifest = str(self.store.root / MANIFEST)
-        self.setting = build(SETTINGS, spec.data_setting.type, spec.data_setting.params)
+        self.setting = build(SETTINGS, data_setting.type, data_setting.params)
         try:  # names the config could not check before the store existed (real datasets)
-            self.task = self.schema.task(spec.task)
+            self.task = self.schema.task(task)
             self.modalities = self.setting.modalities(self.schema.modality_names)
         except (KeyError, ValueError) as e:
-            raise DataValidationError(f"{e.args[0]} (dataset {spec.dataset!r}, setting {spec.setting!r})",
-                                      file=manifest) from None
-        self.batch_size, self.seed = spec.train.batch_size, spec.seed
-        slices = spec.train.slices
+            raise DataValidationError(f"{e.args[0]} ({where})", file=manifest) from None
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.slices = None if slices is None else SliceSampling(**slices)
         self._checked: set[str] = set()
 
@@ -75,12 +86,17 @@ class RunData:
                 self.store.open_split(name, validate=True)
                 self._checked.add(name)
 
+    def train_loader(self) -> SplitLoader:
+        """The loader a run trains on: the train split, shuffled per epoch unless ``train.shuffle`` is
+        false (then in stored order, as the released codes read it), 2-D slices with ``train.slices``."""
+        return self.loader("train", shuffle=self.shuffle, training=True)
+
     def loader(self, split: str, shuffle: bool = False, case: np.ndarray | None = None,
-               target: bool = False) -> SplitLoader:
+               target: bool = False, training: bool = False) -> SplitLoader:
         """``split``'s loader; ``case`` (a test case's ``(N, M)`` mask) replaces the setting's own draw;
         ``target``: the data setting's target version of ``split`` (what a test-time adapter reads).
-        With ``train.slices`` the shuffled (training) loader draws 2-D slices, the others give whole
-        volumes, ``volumes_per_batch`` at a time."""
+        With ``train.slices`` a ``training`` loader (:meth:`train_loader`) draws 2-D slices, the others
+        give whole volumes, ``volumes_per_batch`` at a time."""
         self.check(split, target=target)
         name = self.setting.target_split(split) if target else self.setting.split_name(split)
         arrays = self.store.open_split(name)
@@ -92,8 +108,8 @@ class RunData:
             present = lambda epoch: self.setting.present(name, base, epoch)  # noqa: E731
         else:
             present = self.setting.present(name, base)
-        slices = self.slices if shuffle else None
-        batch_size = self.slices.volumes_per_batch if self.slices is not None and not shuffle else self.batch_size
+        slices = self.slices if training else None
+        batch_size = self.slices.volumes_per_batch if self.slices is not None and not training else self.batch_size
         return SplitLoader(arrays, self.schema, self.task.name, batch_size=batch_size, shuffle=shuffle,
                            seed=self.seed, present=present, transform=self.setting.transform,
                            modalities=self.modalities, slices=slices)
@@ -222,7 +238,7 @@ def train_job(spec: RunSpec, store: Path, out_dir: Path, threads: int, init: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     data = RunData(store, spec)
     data.check("train", "valid", "test")
-    train, valid = data.loader("train", shuffle=True), data.loader("valid")
+    train, valid = data.train_loader(), data.loader("valid")
     model, hook, backbone = prepare_training(spec, data, init, teachers)
     trainable, total = count_parameters(model)
     phases.lap("setup")
@@ -239,6 +255,7 @@ def train_job(spec: RunSpec, store: Path, out_dir: Path, threads: int, init: Pat
         summary = _summary(spec, data, metrics=metrics, oracle={s: data.oracle(s) for s in ("valid", "test") if data.oracle(s)},
                            ceiling={s: data.ceiling(s) for s in ("valid", "test") if data.ceiling(s)},
                            best_epoch=result.best_epoch, epochs_run=result.epochs_run,
+                           target_labels_used=spec.tuned_on_target_labels,
                            trainable_params=trainable, total_params=total, backbone_params=backbone)
         if hook.run_summary():
             summary["hook"] = hook.run_summary()
@@ -283,7 +300,8 @@ def adapt_job(spec: RunSpec, store: Path, model_path: Path, out_dir: Path, threa
     An offline adapter first adapts on the target's unlabelled train split; the target test error
     is recorded before and after each of its epochs. An online adapter adapts as the test stream
     passes; the error of each batch is recorded. Labels never reach the adapter, except the target
-    validation callback of one that declares label use (then ``target_labels_used`` is true).
+    validation callback of one that declares label use; ``target_labels_used`` is true then, and
+    when the run's parameters come from a search scored on target labels (``tuned_on_target_labels``).
     """
     phases = Phases()
     _check_store(spec)
@@ -324,7 +342,7 @@ def adapt_job(spec: RunSpec, store: Path, model_path: Path, out_dir: Path, threa
                            oracle={"test": data.oracle("test")} if data.oracle("test") else {},
                            ceiling={"test": data.ceiling("test")} if data.ceiling("test") else {},
                            protocol="offline" if adapter.offline else "online",
-                           target_labels_used=adapter.uses_target_labels,
+                           target_labels_used=adapter.uses_target_labels or spec.tuned_on_target_labels,
                            trainable_params=trainable, total_params=total, backbone_params=total)
         _finish(run, out_dir, spec, summary, history, phases)
     return summary

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mmrepro.annotations import describe, fits
@@ -21,6 +21,15 @@ from mmrepro.annotations import describe, fits
 
 class SpecError(ValueError):
     """A run spec that does not hold what a job reads; the message names the key."""
+
+
+#: Field metadata: the spec's JSON leaves the field out while it holds its default, so that a key
+#: added later changes neither the JSON of the runs that do not use it nor Snakemake's view of them.
+OMITTED_AT_DEFAULT = {"omit_at_default": True}
+
+
+def _omitted(f: dataclasses.Field, value: Any) -> bool:
+    return bool(f.metadata.get("omit_at_default")) and value == f.default
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,10 @@ class TrainConfig:
     patience: int = 5
     clip: float | None = 1.0
     min_delta: float = 0.0  # a validation loss must fall by more than this to count as an improvement
+    #: False: the training split in stored order every epoch (CGGM's, CASP's and MPLMM's released code)
+    shuffle: bool = field(default=True, metadata=OMITTED_AT_DEFAULT)
+    #: which epoch's weights a run keeps: mmrepro.train.SELECTIONS
+    selection: str = field(default="valid_loss", metadata=OMITTED_AT_DEFAULT)
     device: str = "auto"
     optimizer: str = "adam"
     momentum: float = 0.9  # sgd only
@@ -142,12 +155,14 @@ class RunSpec:
     ``teachers``: modality -> setting of the unimodal run a distilling hook learns from;
     ``feature_stats``: save the source feature statistics (a backbone job, for SSA);
     ``method_params``: plug-in name -> the parameters its constructor receives;
+    ``tuned_on_target_labels``: the parameters come from a search scored on a target's labelled
+    validation split (a cross-dataset setting's), so the run is marked ``target_labels_used``;
     ``checkpoint``: the model the job loads and starts from (None: it trains from scratch).
     """
 
     study: str
     dataset: str
-    backbone: str | None = None
+    backbone: str | None = field(default=None, metadata=OMITTED_AT_DEFAULT)  # absent off the backbone axis
     method: str
     setting: str
     seed: int
@@ -161,8 +176,9 @@ class RunSpec:
     feature_stats: bool = False
     tracking: TrackingSpec
     results: str
-    teachers: dict[str, str] | None = None
-    checkpoint: CheckpointSpec | None = None
+    teachers: dict[str, str] | None = field(default=None, metadata=OMITTED_AT_DEFAULT)  # absent without teachers
+    tuned_on_target_labels: bool = field(default=False, metadata=OMITTED_AT_DEFAULT)
+    checkpoint: CheckpointSpec | None = field(default=None, metadata=OMITTED_AT_DEFAULT)  # from scratch
 
     def __post_init__(self) -> None:
         _check_types(self, "")
@@ -179,9 +195,7 @@ class RunSpec:
             value = getattr(self, f.name)
             if f.name == "tracking":
                 out.update(tracking_uri=value.uri, tracking_mode=value.mode)
-            elif f.name in ("backbone", "teachers", "checkpoint") and value is None:
-                continue  # absent off the backbone axis / without teachers / for a run from scratch
-            else:
+            elif not _omitted(f, value):
                 out[f.name] = _plain(value)
         return out
 
@@ -313,9 +327,10 @@ def _check_types(obj, prefix: str) -> None:
 
 
 def _plain(value: Any) -> Any:
-    """A dataclass as a JSON object in field order (dicts and lists copied)."""
+    """A dataclass as a JSON object in field order (dicts and lists copied; see :data:`OMITTED_AT_DEFAULT`)."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not _omitted(f, getattr(value, f.name))}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):

@@ -315,7 +315,8 @@ class RunTracker:
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """A run's metrics.json as what the UI shows and :mod:`mmrepro.compare` reads back: final
         metrics ``<split>/<metric>``, oracle ``oracle/<split>/<metric>``, ``params/trainable`` and
-        ``params/backbone``, and the task and backbone as tags."""
+        ``params/backbone``, and the task, backbone and ``target_labels_used`` (``true``/``false``,
+        where metrics.json has it) as tags."""
         values = {f"{split}/{k}": v for split, vals in summary["metrics"].items() for k, v in vals.items()}
         values.update({f"oracle/{split}/{k}": v for split, vals in (summary.get("oracle") or {}).items()
                        for k, v in vals.items()})
@@ -324,6 +325,8 @@ class RunTracker:
         self.log_values({k: v for k, v in values.items() if v is not None}, step=summary.get("best_epoch", 0))
         for key in ("task", "backbone"):
             self.client.set_tag(self.run_id, key, str(summary[key]))
+        if "target_labels_used" in summary:
+            self.client.set_tag(self.run_id, "target_labels_used", str(bool(summary["target_labels_used"])).lower())
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))

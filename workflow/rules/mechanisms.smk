@@ -31,11 +31,17 @@ rule mechanisms_report:
     input:
         [f"{RESULTS}/mechanisms/{p['study']}/dose{p['dose']}/seed{p['seed']}.json" for p in mechanism_points(config)],
     output:
-        multiext(f"{RESULTS}/tables/mechanisms", ".md", ".csv"),
+        report(f"{RESULTS}/tables/mechanisms.md", caption="../report/mechanisms.rst", category="Mechanisms",
+               labels={"table": "diagnostics"}),
+        f"{RESULTS}/tables/mechanisms.csv",
         [
-            f"{RESULTS}/plots/mechanisms/{study}.{ext}"
+            f
             for study in config["mechanisms"]["studies"]
-            for ext in ("png", "pdf")
+            for f in (
+                report(f"{RESULTS}/plots/mechanisms/{study}.png", caption="../report/mechanisms.rst",
+                       category="Mechanisms", labels={"study": study, "figure": "diagnostic and gains vs dose"}),
+                f"{RESULTS}/plots/mechanisms/{study}.pdf",
+            )
         ],
     params:
         table=lambda wildcards, output: Path(output[0]).with_suffix(""),

@@ -45,6 +45,7 @@ from mmrepro.methods.adapters import (AdaptProtocol, BatchPool, EpochCallback, P
                                       clipped_step, layer_norm_parameters, only_trainable, random_drop_view)
 from mmrepro.methods.params import Count, OneOf, Positive, PositiveInt, Range
 from mmrepro.methods.registry import ADAPTERS
+from mmrepro.metrics import official_acc2
 
 STAGES = ("contrastive", "pseudo_label")
 SELECTIONS = ("stable", "official_code")
@@ -77,12 +78,6 @@ def select_stable(snapshots: np.ndarray, selection: str, keep_quantile: float) -
     else:  # the released code: strictly above the 0.95 quantile, i.e. the least stable
         keep = s > np.quantile(s, OFFICIAL_QUANTILE)
     return snapshots.mean(axis=0), keep
-
-
-def official_acc2(pred: np.ndarray, y: np.ndarray) -> float:
-    """The released code's Acc-2 for checkpoint choice: ``pred > 0`` against ``y > 0`` over every
-    sample, so a zero label counts as negative (unlike MMSA's ``acc2_has0``, where it counts positive)."""
-    return float(np.mean((np.asarray(pred) > 0) == (np.asarray(y) > 0)))
 
 
 def mean_batch_l1(pred: np.ndarray, y: np.ndarray, batch_size: int) -> float:
