@@ -36,6 +36,12 @@ def test_check_config_accepts_the_default_and_names_the_bad_key(tmp_path, capsys
     assert "config key studies.balance.methods[1]: unknown method 'magic'" in capsys.readouterr().err
 
 
+def test_check_config_outside_the_repository_says_where_the_schema_is(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # the default --schema path is relative to the repository root
+    assert main(["check-config", str(REPO / "config" / "config.yaml")]) == 2
+    assert "config schema workflow/schemas/config.schema.yaml not found" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("layers", [["paper.yaml"], ["grids/balance_synth.yaml"],
                                     ["grids/balance_synth.yaml", "grids/balance_cggm_sweeps.yaml"],
                                     ["grids/peft_synth.yaml", "grids/peft_synth_large.yaml"], ["grids/shift_synth_bar.yaml"]])

@@ -113,6 +113,10 @@ def read_config_files(paths: list[Path] | list[str]) -> dict[str, Any]:
 
 
 def load_schema(path: Path | str) -> dict[str, Any]:
+    """The config schema; its default path is relative to the repository root, where the verbs run."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config schema {path} not found (from {Path.cwd()}): run from the repository root "
+                          "or pass --schema <repository>/workflow/schemas/config.schema.yaml")
     return yaml.safe_load(Path(path).read_text())
 
 
