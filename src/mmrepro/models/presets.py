@@ -61,6 +61,7 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.data.schema import DatasetSchema, TaskSpec
+from mmrepro.models.dropout import dropout
 from mmrepro.models.encoders import attention_mask, padding_mask
 from mmrepro.models.multimodal import ModelOutput, MultimodalModel, PredictionHead
 from mmrepro.models.transformer import Dropouts, TransformerEncoder, encoder_params
@@ -113,7 +114,7 @@ class SequenceEncoder(nn.Module):
         pad = padding_mask(lengths, x.shape[1])
         keys = key_padding(pad)
         if self.input_dropout:
-            x = F.dropout(x, self.input_dropout, self.training)
+            x = dropout(x, self.input_dropout, self.training)
         if keys is not None:
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         h = F.linear(x, self.proj.weight.squeeze(-1), self.proj.bias)
