@@ -259,3 +259,20 @@ def test_presets_train_on_the_cpu_paths():
             todo += [nxt for nxt, _ in fn.next_functions]
     assert {"_DropoutAttentionBackward", "_DropoutBackward"} <= names
     assert Dropouts().attn == 0.0  # the default: no dropout unless a preset or config asks
+
+
+def test_an_encoder_builds_its_additive_mask_once_for_all_layers(monkeypatch):
+    from mmrepro.models.transformer import TransformerEncoder
+
+    builds = []
+    real = cpu_dropout.additive_mask
+
+    def counting(mask, *args):
+        if mask is None or not mask.is_floating_point():
+            builds.append(1)
+        return real(mask, *args)
+    monkeypatch.setattr(cpu_dropout, "additive_mask", counting)
+    enc = TransformerEncoder(8, 2, 3, Dropouts(attn=0.1), causal=True).train()
+    x, source = torch.randn(2, 5, 8), torch.randn(2, 7, 8)
+    enc(x), enc(x, source)  # causal self-attention (T_q = T_k), MulT's crossmodal future mask
+    assert len(builds) == 2

@@ -28,7 +28,8 @@ from ``bernoulli_``'s, so a seeded run is not the same run as before these paths
 An attention mask must leave every query at least one key (the presets' masks always open key 0):
 a fully masked row would give NaN, where the math path's "safe softmax" gives zeros; it is checked
 once per call on the small boolean mask, not on the scores. Other devices and dtypes (CUDA, where
-the fused kernels do have dropout; bfloat16 under autocast) take PyTorch's own functions.
+the fused kernels do have dropout; bfloat16 under autocast), and code traced by ``torch.compile``
+(whose generated kernels draw and fuse dropout themselves), take PyTorch's own functions.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ def _masked(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None
 
 
 def _fast_path(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    """CPU float tensors, eagerly: under ``torch.compile`` the compiler fuses PyTorch's own dropout."""
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling()
 
 
 class _Dropout(torch.autograd.Function):
@@ -189,17 +191,29 @@ class _DropoutAttention(torch.autograd.Function):
 def additive_mask(mask: torch.Tensor | None, causal: bool, tq: int, tk: int, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor | None:
     """``(B or 1, 1, T_q or 1, T_k)`` 0 / -inf from a boolean mask (True = attend) and a causal flag
-    (``T_q == T_k``, as ``scaled_dot_product_attention``'s ``is_causal``); None when neither."""
+    (``T_q == T_k``, as ``scaled_dot_product_attention``'s ``is_causal``); None when neither. A float
+    mask is taken as already additive."""
     if mask is None and not causal:
         return None
-    allowed = torch.ones(tq, tk, dtype=torch.bool, device=device).tril_() if causal else None
-    if mask is not None:
-        allowed = mask if allowed is None else mask & allowed
-    if not bool(allowed.any(-1).all()):
+    if mask is not None and mask.is_floating_point():
+        bias = mask
+    else:
+        allowed = torch.ones(tq, tk, dtype=torch.bool, device=device).tril_() if causal else None
+        if mask is not None:
+            allowed = mask if allowed is None else mask & allowed
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    if bool(torch.isneginf(bias).all(-1).any()):
         raise ValueError("attention mask leaves a query with no key to attend to")
-    while allowed.dim() < 4:
-        allowed = allowed.unsqueeze(0)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    return bias.view((1,) * (4 - bias.dim()) + tuple(bias.shape))
+
+
+def attention_mask_once(mask: torch.Tensor | None, causal: bool, tq: int, tk: int, like: torch.Tensor,
+                        rate: float) -> tuple[torch.Tensor | None, bool]:
+    """``(mask, causal)`` for a stack of :func:`attention` calls that share them: when the CPU path will
+    run, its additive mask, built here once instead of in every layer; otherwise as given."""
+    if rate and _fast_path(like) and (mask is not None or causal):
+        return additive_mask(mask, causal, tq, tk, like.dtype, like.device), False
+    return mask, causal
 
 
 def dropout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float,
@@ -225,6 +239,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rate: float, ma
     :func:`dropout_attention` when it has dropout to do on the CPU, else that call itself."""
     if rate and _fast_path(q):
         return dropout_attention(q, k, v, rate, mask, causal)
+    if mask is not None and mask.is_floating_point():  # an additive mask (attention_mask_once), e.g. under autocast
+        mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=rate, is_causal=causal)
 
 

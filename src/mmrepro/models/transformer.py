@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmrepro.models.dropout import attention, dropout
+from mmrepro.models.dropout import attention, attention_mask_once, dropout
 
 
 @dataclass(frozen=True)
@@ -191,13 +191,20 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.embed_scale = math.sqrt(d)
         self.embed_positions = SinusoidalPositions(d, position_padding)
-        self.embed_dropout = dropouts.embed
+        self.embed_dropout, self.attn_dropout = dropouts.embed, dropouts.attn
         self.causal = causal
         self.layers = nn.ModuleList(EncoderLayer(d, heads, dropouts) for _ in range(layers))
         self.layer_norm = nn.LayerNorm(d)
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_scale * x + self.embed_positions(x)
+
+    def _layers_mask(self, tq: int, tk: int, key_pad: torch.Tensor | None, like: torch.Tensor
+                     ) -> tuple[torch.Tensor | None, bool]:
+        """:meth:`_mask`, built once for all layers, additive where the CPU dropout path will add it
+        (:func:`~mmrepro.models.dropout.attention_mask_once`)."""
+        rate = self.attn_dropout if self.training else 0.0
+        return attention_mask_once(*self._mask(tq, tk, key_pad, like.device), tq, tk, like, rate)
 
     def _mask(self, tq: int, tk: int, key_pad: torch.Tensor | None, device: torch.device
               ) -> tuple[torch.Tensor | None, bool]:
@@ -219,7 +226,7 @@ class TransformerEncoder(nn.Module):
 
     def encode(self, h: torch.Tensor, key_pad: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention layers and the final LayerNorm over already embedded tokens."""
-        mask, causal = self._mask(h.shape[1], h.shape[1], key_pad, h.device)
+        mask, causal = self._layers_mask(h.shape[1], h.shape[1], key_pad, h)
         for layer in self.layers:
             h = layer(h, None, mask, causal)
         return self.layer_norm(h)
@@ -234,7 +241,7 @@ class TransformerEncoder(nn.Module):
             kv = (dropout(s, self.embed_dropout, True), dropout(s, self.embed_dropout, True))
         else:
             kv = (s, s)
-        mask, causal = self._mask(x.shape[1], source.shape[1], key_pad, x.device)
+        mask, causal = self._layers_mask(x.shape[1], source.shape[1], key_pad, h)
         for layer in self.layers:
             h = layer(h, kv, mask, causal)
         return self.layer_norm(h)
