@@ -330,10 +330,17 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 def run_case(case: Case, args) -> list[dict]:
     load_before = os.getloadavg()[0]
-    compile_s = None
-    for impl, step in case.steps.items():
+    compile_s: float | str = ""
+    for impl, step in list(case.steps.items()):
         for i in range(args.warmup):
-            _, wall = timed(step, args.device)
+            try:
+                _, wall = timed(step, args.device)
+            except Exception as e:  # noqa: BLE001 -- a compiler failure is a result to report, not a crash
+                if impl != "compiled":
+                    raise
+                compile_s = f"fails: {type(e).__name__}"
+                del case.steps[impl]
+                break
             if impl == "compiled" and i == 0:
                 compile_s = wall
     impls = list(case.steps)
@@ -346,7 +353,9 @@ def run_case(case: Case, args) -> list[dict]:
             wall[impl].append(w)
     load_after = os.getloadavg()[0]
     kernels = {impl: gpu_ms(step) for impl, step in case.steps.items()} if args.device == "cuda" else {}
-    rows = []
+    rows = [] if isinstance(compile_s, float) or not compile_s else [
+        {**dict.fromkeys(COLUMNS, ""), "case": case.name, "preset": case.preset, "layout": case.layout,
+         "batch": case.batch, "impl": "compiled", "compile_s": compile_s}]
     for impl in impls:
         cq, wq = quartiles(cpu[impl]), quartiles(wall[impl])
         x_cpu = statistics.median(a / b for a, b in zip(cpu[impl], cpu["official"]))
@@ -355,7 +364,7 @@ def run_case(case: Case, args) -> list[dict]:
                      "cpu_ms": round(1e3 * cq[1], 1), "cpu_iqr": f"{1e3 * cq[0]:.0f}-{1e3 * cq[2]:.0f}",
                      "wall_ms": round(1e3 * wq[1], 1), "wall_iqr": f"{1e3 * wq[0]:.0f}-{1e3 * wq[2]:.0f}",
                      "x_official_cpu": round(x_cpu, 3), "x_official_wall": round(x_wall, 3),
-                     "compile_s": round(compile_s - wq[1], 1) if impl == "compiled" and compile_s else "",
+                     "compile_s": round(compile_s - wq[1], 1) if impl == "compiled" else "",
                      "gpu_ms": round(kernels[impl], 2) if kernels else "not measured",
                      "max_abs_diff": f"{case.max_abs_diff:.1e}",
                      "load_before": round(load_before, 2), "load_after": round(load_after, 2)})

@@ -167,7 +167,7 @@ class _DropoutAttention(torch.autograd.Function):
         g, tq, _ = q.shape
         tk = k.shape[1]
         per = _chunk_slices(ctx.heads, tq, tk, q.element_size())
-        go = (grad_out * (1.0 / (1.0 - quantised_rate(ctx.rate)))).contiguous()
+        go = grad_out * (1.0 / (1.0 - quantised_rate(ctx.rate)))
         got, vt, qt, kt = go.transpose(1, 2), v.transpose(1, 2), q.transpose(1, 2), k.transpose(1, 2)
         gq_t = q.new_empty(g, q.shape[2], tq) if need_q else None
         gk_t = k.new_empty(g, k.shape[2], tk) if need_k else None
