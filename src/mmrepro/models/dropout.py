@@ -13,9 +13,10 @@ arithmetic. Profiled at MOSI's lengths (``casp_late``, 50/375/500 steps, batch 8
   narrow side as the rows: ``(v^T p^T)^T`` rather than ``p v``.
 
 So, here: a mask from 15 random bits per element (two elements per 32-bit draw of the default
-generator) AND-ed onto the values' bits (:func:`dropout`), and attention computed in chunks of
-``(batch x head)`` slices that fit the L2 cache (:data:`CHUNK_BYTES`), with transposed products
-and the additive mask added in place (:func:`dropout_attention`). The attention keeps for its
+generator, :func:`keep_mask`), turned in one pass into the multiplier of :func:`dropout`, and
+attention computed in chunks of ``(batch x head)`` slices that fit the L2 cache
+(:data:`CHUNK_BYTES`), the mask AND-ed onto the weights' bits, with transposed products, the
+additive mask added in place and no "safe softmax" pass (:func:`dropout_attention`). The attention keeps for its
 backward each chunk's softmax and its int16 keep-mask (6 bytes an element; the math path ~12).
 
 Same distribution: each element is kept independently with probability ``1 - r`` and kept ones
@@ -60,12 +61,12 @@ def keep_mask(n: int, rate: float) -> torch.Tensor:
     return bits.neg_().add_(threshold - 1).bitwise_right_shift_(15)
 
 
-def _masked(x: torch.Tensor, keep: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def _masked(x: torch.Tensor, keep: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """``x`` with the elements where ``keep`` (int16 -1/0, or already widened to ``x``'s width) is 0 set
-    to +0.0 (into ``out``: ``x`` itself or a new tensor)."""
+    to +0.0, in place or in a new tensor."""
     as_int = _INT[x.element_size()]
     bits = keep.to(as_int)  # sign extension: -1 stays all ones
-    if out is x:
+    if in_place:
         return x.view(as_int).bitwise_and_(bits).view(x.dtype)
     return torch.bitwise_and(x.view(as_int), bits).view(x.dtype)
 
@@ -144,7 +145,7 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tenso
         if keep_for_backward:
             probs.append(p)
             keeps.append(keep)
-        torch.bmm(vt[i:j], _masked(p, keep, out=None if keep_for_backward else p).transpose(1, 2), out=out_t[i:j])
+        torch.bmm(vt[i:j], _masked(p, keep, in_place=not keep_for_backward).transpose(1, 2), out=out_t[i:j])
     return out_t.mul_(1.0 / (1.0 - quantised_rate(rate))), probs, keeps
 
 
@@ -179,7 +180,7 @@ class _DropoutAttention(torch.autograd.Function):
                 torch.bmm(got[i:j], _masked(p, keep), out=gv_t[i:j])
             if need_q or need_k:
                 grad_p = torch.bmm(go[i:j], vt[i:j])
-                grad_s = torch._softmax_backward_data(_masked(grad_p, keep, out=grad_p), p, -1, p.dtype)
+                grad_s = torch._softmax_backward_data(_masked(grad_p, keep, in_place=True), p, -1, p.dtype)
                 if need_q:
                     torch.bmm(kt[i:j], grad_s.transpose(1, 2), out=gq_t[i:j])
                 if need_k:
