@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from mmrepro.config import load_schema, validate_config
+from mmrepro.config import load_schema, run_spec, validate_config
 from mmrepro.data import build_store
+from mmrepro.spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
@@ -28,6 +30,12 @@ def _one_torch_thread():
 def default_config() -> dict:
     """The repository's config/config.yaml, validated and with defaults filled (a fresh copy)."""
     return validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), load_schema(SCHEMA))
+
+
+def balance_spec(**changes) -> RunSpec:
+    """The default config's run spec of joint training on synth (seed 0), ``changes`` replacing fields:
+    a complete spec where a test only cares about a few of them."""
+    return replace(run_spec(default_config(), "balance", "synth", "joint", "complete", 0), **changes)
 
 
 def small_synth(**n) -> dict:

@@ -96,12 +96,55 @@ def test_ogm_unimodal_outputs_are_the_weight_split_for_a_linear_head():
     torch.nn.init.zeros_(last.bias)  # head(h) = out(h): a linear layer, as the original's fc_out
     batch = make_batch(CLS)
     fused = model(batch).fused.detach()
-    outs = unimodal_outputs(model, fused)
+    outs = unimodal_outputs(model, batch, fused)
     w, b = model.head.out.weight.detach(), model.head.out.bias.detach()
     d = 8
     assert torch.allclose(outs["a"], fused[:, :d] @ w[:, :d].T + b / 2, atol=1e-6)
     assert torch.allclose(outs["b"], fused[:, d:] @ w[:, d:].T + b / 2, atol=1e-6)
     assert torch.allclose(outs["a"] + outs["b"], model.head(fused), atol=1e-6)
+
+
+@pytest.mark.parametrize("task", [CLS, REG], ids=["cls", "reg"])
+def test_ogm_on_a_joint_transformer_fusion_scores_each_modality_alone(task):
+    """CGGM's MSA model fuses all tokens in one transformer: no per-modality block of ``fused`` to
+    split (d 42 splits into 3 equal blocks, which must not be used). Each modality's output is the
+    model with only that modality's inputs, minus (M-1)/M of the model with none; the dominant one's
+    encoder gradient is scaled by 1 - tanh(rho), computed here from those forwards."""
+    schema = DatasetSchema(name="tiny3", modalities=(ModalitySpec("text", 5, 6), ModalitySpec("audio", 7, 4),
+                                                     ModalitySpec("vision", 4, 3)), tasks=(REG, CLS),
+                           splits=("train",))
+    rng = np.random.default_rng(1)
+    arrays = {"ids": np.array([f"s{i}" for i in range(8)]), "y/score": rng.uniform(-3, 3, 8).astype(np.float32),
+              "y/label": rng.integers(0, 3, 8)}
+    for m in schema.modalities:
+        arrays[f"x/{m.name}"] = rng.standard_normal((8, m.length, m.dim)).astype(np.float32) + 1.0
+        arrays[f"len/{m.name}"] = rng.integers(1, m.length + 1, 8)
+    batch = next(iter(SplitLoader(arrays, schema, task.name, batch_size=8, shuffle=False, seed=0)))
+    torch.manual_seed(0)
+    model = build_model(schema, task, backbone="cggm_msa", d_model=42, layers=1, heads=2, kernel=1, dropout=0.0,
+                        fusion_layers=1)
+    assert model(batch).fused.shape[-1] == 42 and not model.fusion.modality_blocks
+    model.eval()   # the hook scores in eval mode; here the plain backward too, so both see the same model
+    with torch.no_grad():
+        def alone(keep):
+            return model(replace(batch, x={m: v if m in keep else torch.zeros_like(v) for m, v in batch.x.items()})).pred
+
+        none = alone(())
+        outs = {m: alone({m}) - none * 2 / 3 for m in model.names}
+    scores = [float(true_confidence(outs[m], batch.y, task.type).sum()) for m in model.names]
+    ratios = dict(zip(model.names, discrepancy_ratios(scores)))
+    hook = OGMGE(alpha=1.0, ge=False)
+    hook.setup(model, task_loss_fn(task.type), None)
+    out = backward_plain(model, batch)
+    before = grads(model)
+    hook.after_backward(model, batch, out)
+    after = grads(model)
+    assert hook.last_ratios == pytest.approx(ratios, rel=1e-5)
+    dominant = [m for m in model.names if ratios[m] > 1]
+    assert dominant and all(hook.last_coeffs[m] == pytest.approx(1 - math.tanh(ratios[m])) for m in dominant)
+    for k, g in before.items():
+        m = k.split(".")[1] if k.startswith("encoders.") else None
+        assert torch.allclose(after[k], hook.last_coeffs.get(m, 1.0) * g, rtol=1e-6, atol=1e-12), k
 
 
 def _expected_ogm(model, batch, fused, alpha):

@@ -312,9 +312,9 @@ def test_umt_runs_depend_on_the_grids_unimodal_runs():
     runs = teacher_runs(cfg, "balance", "synth", "umt", 3)
     assert {m: (r["method"], r["setting"], r["seed"]) for m, r in runs.items()} == {
         "text": ("joint", "only_text", 3), "audio": ("joint", "only_audio", 3), "vision": ("joint", "only_vision", 3)}
-    assert run_spec(cfg, "balance", "synth", "umt", "complete", 3)["teachers"]["audio"] == "only_audio"
+    assert run_spec(cfg, "balance", "synth", "umt", "complete", 3).teachers["audio"] == "only_audio"
     assert teacher_runs(cfg, "balance", "synth", "qmf", 3) == {} and "teachers" not in run_spec(
-        cfg, "balance", "synth", "qmf", "complete", 3)
+        cfg, "balance", "synth", "qmf", "complete", 3).to_dict()
     bad = copy.deepcopy(cfg)
     bad["studies"]["balance"]["settings"] = {"complete": {"type": "complete"}}
     with pytest.raises(ConfigError, match="studies.balance.methods.*'umt' distils from unimodal teachers"):
@@ -327,9 +327,9 @@ def test_method_variants_run_a_plug_in_with_other_parameters():
 
     cfg = grid_config()
     spec = run_spec(cfg, "balance", "synth", "cggm_direction", "complete", 0)
-    assert spec["method"] == "cggm_direction" and spec["plan"]["hook"] == "cggm"
-    assert spec["method_params"]["cggm"] == {"lam": 0.1, "magnitude": False}
-    assert run_spec(cfg, "balance", "synth", "cggm", "complete", 0)["method_params"]["cggm"] == {}
+    assert spec.method == "cggm_direction" and spec.plan.hook == "cggm"
+    assert spec.method_params["cggm"] == {"lam": 0.1, "magnitude": False}
+    assert run_spec(cfg, "balance", "synth", "cggm", "complete", 0).method_params["cggm"] == {}
     for change, key in ((lambda c: c["method_variants"].update(cggm_x={"method": "cggm", "params": {"rhoo": 1}}),
                          "method_variants.cggm_x.params"),
                         (lambda c: c["method_variants"].update(cggm_y={"method": "nope"}), "method_variants.cggm_y.method"),

@@ -15,6 +15,7 @@ import torch
 from mmrepro.data.brats import (BRATS_REGIONS, MODALITIES, convert_brats, crop_window, region_masks, split_sizes,
                                 to_brats_labels)
 from mmrepro.data.loader import SplitLoader
+from mmrepro.data.standin.volumes import write_case
 from mmrepro.data.schema import (DataValidationError, DatasetSchema, ModalitySpec, TaskSpec, count_nonfinite,
                                  validate_split)
 from mmrepro.data.store import FeatureStore, write_store
@@ -30,8 +31,6 @@ def make_case(root: Path, i: int, *, shape=SHAPE) -> dict[str, np.ndarray]:
     """Write one case in the release's naming; return the arrays written (seg in BraTS labels)."""
     rng = np.random.default_rng(100 + i)
     case = f"BraTS2021_{i:05d}"
-    folder = root / case
-    folder.mkdir(parents=True)
     brain = np.zeros(shape, bool)
     brain[BRAIN] = True
     brain[4, 3, 2] = False  # a dent: the box stays, the mask is not a full box
@@ -46,8 +45,7 @@ def make_case(root: Path, i: int, *, shape=SHAPE) -> dict[str, np.ndarray]:
     seg[c[0] - 2:c[0] + 2, c[1] - 2:c[1] + 2, c[2] - 1:c[2] + 1] = 1  # necrotic core
     seg[c[0] - 1:c[0] + 1, c[1] - 1:c[1] + 1, c[2] - 1:c[2] + 1] = 4  # enhancing
     out["seg"] = seg
-    for key, data in out.items():
-        nib.save(nib.Nifti1Image(data, np.eye(4)), folder / f"{case}_{key}.nii.gz")
+    write_case(root, case, out)
     return out
 
 

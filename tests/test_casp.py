@@ -19,7 +19,7 @@ from mmrepro.data.store import FeatureStore
 from mmrepro.evaluate import predict
 from mmrepro.jobs import adapt_job
 from mmrepro.methods.adapters import SourceOnly, SplitPool, layer_norm_parameters
-from mmrepro.methods.casp import CASP, nt_xent, select_stable
+from mmrepro.methods.casp import CASP, mean_batch_l1, nt_xent, official_acc2, select_stable
 from mmrepro.methods.hooks import JointTraining
 from mmrepro.models import build_model
 from mmrepro.tracking import init_store, tracking_uri
@@ -46,6 +46,16 @@ def test_stability_selection_keeps_the_stable_or_as_the_code_the_least_stable():
     assert keep.tolist() == [True, True, False, False]
     _, keep = select_stable(snaps, "official_code", keep_quantile=0.5)  # the code's fixed 0.95 quantile
     assert keep.tolist() == [False, False, False, True]
+
+
+def test_the_code_counts_zero_labels_negative_and_averages_batch_means():
+    y = np.array([0.0, 0.0, 1.0, -1.0, 2.0])
+    pred = np.array([0.5, -0.5, 1.0, -1.0, 0.0])
+    # > 0 on both sides: [T|F] [F|F] [T|T] [F|F] [F|T] -> 3 of 5 agree (>= 0, acc2_has0, would give 4)
+    assert official_acc2(pred, y) == pytest.approx(0.6)
+    # batches of 2, the last partial: errors (.5, .5) (0, 0) (2) -> mean of (.5, 0, 2); per sample 3 / 5
+    assert mean_batch_l1(pred, y, 2) == pytest.approx(2.5 / 3)
+    assert mean_batch_l1(pred, y, 5) == pytest.approx(0.6)
 
 
 def _loader(store, split, **kw):
@@ -142,7 +152,7 @@ def test_offline_adapt_job_records_target_error_per_epoch(converged, store_path,
     config["methods"]["casp"] = {**SMALL, "label_use": "official_code"}
     config["results"] = str(tmp_path / "results")
     spec = run_spec(config, "shift", "synth", "casp", "target_all", 0)
-    init_store(tracking_uri(spec["results"], spec["tracking_uri"]), ["shift"], tmp_path / "artifacts")
+    init_store(tracking_uri(spec.results, spec.tracking.uri), ["shift"], tmp_path / "artifacts")
     summary = adapt_job(spec, store_path, tmp_path / "model.pt", tmp_path / "run", 1)
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # before, 2 contrastive epochs, 1 pseudo-label epoch
@@ -166,7 +176,8 @@ def test_casp_adapts_the_layer_norms_of_the_paper_backbones(store_path, backbone
 
 def test_a_wander_adapted_model_is_reloaded_and_adapted_by_casp(converged, store_path, tmp_path):
     """Crossing studies: a peft-trained checkpoint carries its transform, so ``adapt`` rebuilds it."""
-    from mmrepro.jobs import RunData, _load_trained, _save_model
+    from mmrepro.checkpoints import save as save_model
+    from mmrepro.jobs import RunData, _load_trained
     from mmrepro.methods.registry import TRANSFORMS, build
 
     store, state = converged
@@ -176,21 +187,51 @@ def test_a_wander_adapted_model_is_reloaded_and_adapted_by_casp(converged, store
     config["methods"]["wander"] = {"rank": 2, "drank": 2, "trank": 2}
     config["methods"]["casp"] = SMALL
     config["results"] = str(tmp_path / "results")
-    trained = run_spec({**config, "studies": {**config["studies"], "peft": {**config["studies"]["peft"],
-                                                                               "methods": ["wander"]}}},
-                       "peft", "synth", "wander", "complete", 0)
+    config["studies"]["peft"] = {**config["studies"]["peft"], "methods": ["wander"]}
+    config["studies"]["shift"] = {**config["studies"]["shift"], "backbones": None,
+                                  "source_model": {"study": "peft", "method": "wander", "setting": "complete"}}
+    trained = run_spec(config, "peft", "synth", "wander", "complete", 0)
     model = build(TRANSFORMS, "wander", config["methods"]["wander"]).apply(_model(store, state))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))  # as if Wander had been trained
-    _save_model(model, tmp_path / "model.pt", trained)
+    save_model(model, tmp_path / "model.pt", trained)
     spec = run_spec(config, "shift", "synth", "casp", "target_all", 0)
     reloaded = _load_trained(RunData(store_path, spec), spec, tmp_path / "model.pt")
     batch = next(iter(_loader(store, "test")))
     model.eval(), reloaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(batch).pred, model(batch).pred)
-    init_store(tracking_uri(spec["results"], spec["tracking_uri"]), ["shift"], tmp_path / "artifacts")
+    init_store(tracking_uri(spec.results, spec.tracking.uri), ["shift"], tmp_path / "artifacts")
     summary = adapt_job(spec, store_path, tmp_path / "model.pt", tmp_path / "run", 1)
     assert np.isfinite(summary["metrics"]["test"]["mae"]) and summary["trainable_params"] > 0
+
+
+def test_official_label_use_keeps_the_codes_acc2_epoch_and_steps_on_its_loss(converged, monkeypatch):
+    """Zero labels make the code's Acc-2 (``> 0``) prefer epoch 2 where MMSA's has-0 variant prefers
+    epoch 1; 5 validation samples in batches of 2 make the code's loss differ from the per-sample MAE."""
+    store, state = converged
+    model = _model(store, state)
+    y = np.array([0.0, 0.0, 0.0, 1.0, -1.0])
+    scripted = [np.array([0.1, 0.1, 0.1, 1.0, -1.0]),  # the code's Acc-2 2/5, has-0 5/5
+                np.array([-0.1, -0.1, -0.1, 1.0, -0.5])]  # the code's Acc-2 5/5, has-0 2/5
+    states, stepped = [], []
+
+    def validate():
+        states.append(copy.deepcopy(model.state_dict()))
+        return scripted[len(states) - 1], y
+
+    step = torch.optim.lr_scheduler.ReduceLROnPlateau.step
+    monkeypatch.setattr(torch.optim.lr_scheduler.ReduceLROnPlateau, "step",
+                        lambda self, value: stepped.append(value) or step(self, value))
+    arrays = {k: v[:8] for k, v in store.open_split("train@target_all").items()}
+    pool = SplitPool(SplitLoader(arrays, store.schema, "main", batch_size=8, shuffle=False, seed=0))
+    torch.manual_seed(0)
+    CASP(model, stages=["contrastive"], epochs=2, snapshot_every=1, pl_epochs=0, batch_size=2,
+         label_use="official_code").adapt(pool, validate=validate)
+    assert len(states) == 2 and not all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert all(torch.equal(model.state_dict()[k], states[1][k]) for k in states[1])  # epoch 2 kept
+    expected = [mean_batch_l1(p, y, 2) for p in scripted]
+    np.testing.assert_allclose(stepped, expected)
+    assert stepped[1] != pytest.approx(float(np.abs(scripted[1] - y).mean()))  # not the per-sample MAE

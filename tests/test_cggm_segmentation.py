@@ -19,6 +19,7 @@ from mmrepro.methods.registry import HOOKS, build
 from mmrepro.models.segmentation import SegmentationModel, check_method_support, unet3d
 from mmrepro.tracking import init_store
 from mmrepro.train import segmentation_loss
+from mmrepro.spec import MethodPlan
 
 NAMES = ["flair", "t2"]
 SHAPE = (12, 12, 12)
@@ -241,7 +242,7 @@ def test_gradient_direction_reaches_the_encoders_as_computed_by_hand():
 
 def test_construction_support_and_optimizer():
     task = volume_schema(NAMES, SHAPE).task("seg")
-    check_method_support(task, {"transform": "full_finetune", "hook": "cggm", "adapter": "source_only"})
+    check_method_support(task, MethodPlan("full_finetune", "cggm", "source_only"))
     hook = build(HOOKS, "cggm", {"cls_optim": "SGD", "cls_lr": 6e-3, "cls_momentum": 0.9,
                                  "cls_weight_decay": 3e-4, "rho": 1.0, "lam": 0.1, "seg_magnitude": True})
     model = tiny_model()
@@ -259,12 +260,12 @@ def test_construction_support_and_optimizer():
 
 def test_train_job_with_cggm_on_a_tiny_brats_store(brats_store, tmp_path):  # noqa: F811
     spec = brats_spec(tmp_path, hook="cggm")
-    spec["method_params"]["cggm"] = {"rho": 1.0, "lam": 0.1, "cls_optim": "SGD", "cls_lr": 6e-3, "cls_momentum": 0.9,
-                                     "cls_weight_decay": 3e-4}
-    init_store(spec["tracking_uri"], ["balance"], tmp_path / "artifacts")
+    spec.method_params["cggm"] = {"rho": 1.0, "lam": 0.1, "cls_optim": "SGD", "cls_lr": 6e-3, "cls_momentum": 0.9,
+                                  "cls_weight_decay": 3e-4}
+    init_store(spec.tracking.uri, ["balance"], tmp_path / "artifacts")
     summary = train_job(spec, brats_store, tmp_path / "run", threads=1)
     written = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert written == json.loads(json.dumps(summary)) and written["method"] == spec["method"]
+    assert written == json.loads(json.dumps(summary)) and written["method"] == spec.method
     assert written["backbone"] == "unet3d"
     for split in ("valid", "test"):
         assert set(written["metrics"][split]) == {"dice_et", "dice_tc", "dice_wt", "dice_mean"}

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import REPO
+from conftest import REPO, balance_spec
 from mmrepro.cli import main
 from mmrepro.tracking import RunTracker, init_store
 
@@ -25,6 +25,11 @@ def _summary(method: str, seed: int) -> dict:
             "oracle": {"test": {"mae": 0.2, "corr": 0.9, "acc7": 0.6}}}
 
 
+def _spec(doc: dict):
+    """The run spec of a summary's run (what a job logs its parameters and tags from)."""
+    return balance_spec(**{k: doc[k] for k in ("study", "dataset", "method", "setting", "seed")})
+
+
 def _make_store(tmp_path: Path) -> tuple[str, list[Path]]:
     """Each run logged to MLflow as the jobs do, and its metrics.json written beside."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
@@ -32,14 +37,14 @@ def _make_store(tmp_path: Path) -> tuple[str, list[Path]]:
     files = []
     for (method, seed) in MAE:
         doc = _summary(method, seed)
-        with RunTracker(uri, "balance", doc, threads=1) as run:
+        with RunTracker(uri, "balance", _spec(doc), threads=1) as run:
             run.log_metrics({"train_loss": 1.0, "valid_loss": 0.9}, step=1)
             run.log_summary(doc)
         path = tmp_path / "results" / method / f"seed{seed}" / "metrics.json"
         path.parent.mkdir(parents=True)
         path.write_text(json.dumps(doc))
         files.append(path)
-    with RunTracker(uri, "balance", {**_summary("joint", 0), "seed": 9}, threads=1):
+    with RunTracker(uri, "balance", _spec({**_summary("joint", 0), "seed": 9}), threads=1):
         pass  # a run that logged no summary (an unfinished job's kind): not a table row
     return uri, files
 
@@ -77,7 +82,7 @@ def test_any_filter_of_runs_matches_the_same_files(store, tmp_path):
 def test_a_rerun_job_counts_once_with_its_latest_values(tmp_path):
     uri, files = _make_store(tmp_path / "store")
     doc = {**_summary("cggm", 1), "metrics": {"test": {**_summary("cggm", 1)["metrics"]["test"], "mae": 0.5}}}
-    with RunTracker(uri, "balance", doc, threads=1) as run:
+    with RunTracker(uri, "balance", _spec(doc), threads=1) as run:
         run.log_summary(doc)
     files[-1].write_text(json.dumps(doc))
     from_files, from_mlflow = _tables(tmp_path, uri, files)

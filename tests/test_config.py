@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
+import yaml
 
-from conftest import SCHEMA, default_config
-from mmrepro.config import ConfigError, dataset_spec, load_schema, run_spec, study_grid, validate_config
+from conftest import REPO, SCHEMA, default_config
+from mmrepro.config import (ConfigError, backbone_spec, dataset_spec, load_schema, merge_config, run_spec,
+                            study_grid, train_config, validate_config)
+from mmrepro.spec import DataSetting, MethodPlan
 
 
 def test_default_config_is_valid_and_defaults_are_filled():
@@ -86,10 +90,10 @@ def test_unknown_method_message_lists_known_methods():
 
 def test_run_spec_resolves_plug_ins_and_setting():
     spec = run_spec(default_config(), "missing", "synth", "modality_dropout", "rate0.7", 2)
-    assert spec["plan"] == {"transform": "modality_dropout", "hook": "joint", "adapter": "source_only"}
-    assert spec["data_setting"] == {"type": "missing",
-                                    "params": {"rate": 0.7, "test_rates": [0.0, 0.3, 0.5, 0.7, 0.9]}}
-    assert spec["seed"] == 2 and spec["task"] == "main"
+    assert spec.plan == MethodPlan(transform="modality_dropout", hook="joint", adapter="source_only")
+    assert spec.data_setting == DataSetting(type="missing",
+                                            params={"rate": 0.7, "test_rates": [0.0, 0.3, 0.5, 0.7, 0.9]})
+    assert spec.seed == 2 and spec.task == "main"
 
 
 def test_study_grid_is_the_full_product():
@@ -109,7 +113,7 @@ def test_a_setting_can_restrict_its_methods():
     runs = {(r["method"], r["setting"]) for r in study_grid(config, "balance")}
     assert runs == {("joint", "complete"), ("full_finetune", "complete"), ("joint", "only_text")}
     spec = run_spec(config, "balance", "synth", "joint", "only_text", 0)
-    assert spec["data_setting"] == {"type": "subset", "params": {"modalities": ["text"]}}
+    assert spec.data_setting == DataSetting(type="subset", params={"modalities": ["text"]})
 
 
 def test_a_setting_can_restrict_its_datasets():
@@ -122,7 +126,7 @@ def test_a_setting_can_restrict_its_datasets():
     validate_config(config, load_schema(SCHEMA))
     runs = {(r["dataset"], r["setting"]) for r in study_grid(config, "balance")}
     assert runs == {("synth", "complete"), ("food", "complete"), ("synth", "only_audio")}
-    assert run_spec(config, "balance", "synth", "joint", "only_audio", 0)["data_setting"]["params"] == {
+    assert run_spec(config, "balance", "synth", "joint", "only_audio", 0).data_setting.params == {
         "modalities": ["audio"]}
 
 
@@ -151,11 +155,11 @@ def test_per_dataset_overrides_apply_over_study_and_top_level():
     validate_config(config, load_schema(SCHEMA))
     mosi = run_spec(config, "balance", "mosi", "cggm", "complete", 0)
     synth = run_spec(config, "balance", "synth", "cggm", "complete", 0)
-    assert (mosi["train"]["batch_size"], mosi["train"]["lr"], mosi["train"]["epochs"]) == (24, 0.01, 7)
-    assert (synth["train"]["batch_size"], synth["train"]["lr"], synth["train"]["epochs"]) == (64, 0.001, 7)
-    assert mosi["model"]["d_model"] == 40 and synth["model"]["d_model"] == 32
-    assert mosi["method_params"]["cggm"] == {"rho": 1.3, "lam": 0.05}
-    assert synth["method_params"]["cggm"] == {"rho": 1.3, "lam": 0.2}
+    assert (mosi.train.batch_size, mosi.train.lr, mosi.train.epochs) == (24, 0.01, 7)
+    assert (synth.train.batch_size, synth.train.lr, synth.train.epochs) == (64, 0.001, 7)
+    assert mosi.model.d_model == 40 and synth.model.d_model == 32
+    assert mosi.method_params["cggm"] == {"rho": 1.3, "lam": 0.05}
+    assert synth.method_params["cggm"] == {"rho": 1.3, "lam": 0.2}
 
 
 def test_segmentation_datasets_accept_only_the_methods_their_model_supports():
@@ -171,3 +175,64 @@ def test_segmentation_datasets_accept_only_the_methods_their_model_supports():
     validate_config(config, load_schema(SCHEMA))
     assert {(r["dataset"], r["method"]) for r in study_grid(config, "balance")} == {
         ("synth", "joint"), ("synth", "ogm_ge"), ("brats", "joint")}
+
+
+def test_accuracy_selection_is_refused_on_a_segmentation_dataset_naming_the_key():
+    config = default_config()
+    config["datasets"]["brats"] = {"loader": "brats", "path": "brats2021", "task": "seg"}
+    balance = config["studies"]["balance"]
+    balance.update(datasets=["synth", "brats"], train={"selection": "valid_accuracy"})
+    with pytest.raises(ConfigError, match=r"config key studies.balance.train.selection: .*dataset 'brats'"):
+        validate_config(copy.deepcopy(config), load_schema(SCHEMA))
+    balance["per_dataset"] = {"brats": {"train": {"selection": "valid_loss"}}}  # as paper.yaml's brats2021
+    checked = validate_config(copy.deepcopy(config), load_schema(SCHEMA))
+    assert run_spec(checked, "balance", "synth", "joint", "complete", 0).train.selection == "valid_accuracy"
+    config["studies"]["balance"]["per_dataset"]["brats"]["train"]["selection"] = "valid_acc"
+    with pytest.raises(ConfigError, match=r"config key studies.balance.per_dataset.brats.train.selection: 'valid_acc'"):
+        validate_config(config, load_schema(SCHEMA))
+
+
+def test_paper_studies_train_their_source_models_as_the_released_code():
+    """CGGM (balance) and CASP (shift) keep the epoch of the best validation accuracy, MPLMM (missing) the
+    lowest validation loss; none of the three codes shuffles; CGGM's BraTS rule never fires (loss there)."""
+    config = merge_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()),
+                          yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
+    config = validate_config(config, load_schema(SCHEMA))
+    rules = {(study, ds): (train_config(config, study, ds)["selection"], train_config(config, study, ds)["shuffle"])
+             for study in ("balance", "missing", "shift") for ds in config["studies"][study]["datasets"]}
+    assert rules.pop(("balance", "brats2021")) == ("valid_loss", False)
+    assert {rule for (study, _), rule in rules.items() if study in ("balance", "shift")} == {("valid_accuracy", False)}
+    assert {rule for (study, _), rule in rules.items() if study == "missing"} == {("valid_loss", False)}
+    assert backbone_spec(config, "shift", "mosi_casp", 0, "casp_early").train.selection == "valid_accuracy"
+
+
+def test_paper_balance_grid_has_every_row_of_cggm_tables():
+    """CGGM's Sec. 4.3 baselines (cggm.md) and CGGM on each sequence dataset of the paper, the unimodal
+    rows on every modality, and Table 6's ablation on IEMOCAP; none dropped for a backbone it lacks."""
+    config = merge_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()),
+                          yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
+    grid = study_grid(validate_config(config, load_schema(SCHEMA)), "balance")
+    complete = {(r["dataset"], r["method"]) for r in grid if r["setting"] == "complete"}
+    baselines = ["joint", "mrd", "mslr", "gblending", "greedy", "ogm_ge", "agm", "pmr", "umt", "ume", "qmf",
+                 "reconboost"]
+    for dataset, modalities in (("mosi_mult", 3), ("iemocap_mmin", 3), ("food101", 2)):
+        assert {(dataset, m) for m in [*baselines, "cggm"]} <= complete, dataset
+        unimodal = {r["setting"] for r in grid if r["dataset"] == dataset and r["setting"].startswith("only_")}
+        assert len(unimodal) == modalities, dataset
+    ablation = {r["method"] for r in grid if r["dataset"] == "iemocap_mmin" and r["setting"] == "ablation"}
+    assert ablation == {"cggm_magnitude", "cggm_direction"}
+
+
+def test_a_jobs_spec_file_is_named_by_its_content_and_written_once(tmp_path):
+    """The rules pass this short path instead of the JSON: a changed spec is another path (Snakemake's
+    params trigger reruns the job), an unchanged one the same file; a dry run writes nothing."""
+    from mmrepro.config import spec_file
+    from mmrepro.spec import RunSpec
+    config = {**default_config(), "results": str(tmp_path / "results")}
+    spec = run_spec(config, "balance", "synth", "joint", "complete", 0)
+    changed = replace(spec, seed=1)
+    assert spec_file(config, spec.to_json(), write=False) == spec_file(config, spec.to_json(), write=False)
+    assert not (tmp_path / "results").exists()
+    path = spec_file(config, spec.to_json())
+    assert RunSpec.from_json(open(path).read()) == spec and path.startswith(f"{tmp_path}/results/specs/")
+    assert spec_file(config, changed.to_json()) != path and len(list((tmp_path / "results" / "specs").iterdir())) == 2

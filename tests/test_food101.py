@@ -3,7 +3,6 @@ convert -> write_store -> FeatureStore -> SplitLoader, plus every validation fai
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from mmrepro.data import food101
 from mmrepro.data.food101 import EncoderFolderError, convert_food101, estimate_store_bytes
 from mmrepro.data.loader import SplitLoader
 from mmrepro.data.schema import DataValidationError
+from mmrepro.data.standin.food import save_image_encoder, save_text_encoder, write_jpeg, write_titles
 from mmrepro.data.store import FeatureStore, write_store
 
 CLASSES = ["pizza", "apple_pie", "sushi"]  # on disk in this order; the index is the sorted order
@@ -31,28 +31,18 @@ LONG_TEXT = "the best homemade apple pie recipe with fresh apple and a crust , e
 
 @pytest.fixture(scope="module")
 def encoders(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizer, ViTConfig, ViTImageProcessor, ViTModel
-
     base = tmp_path_factory.mktemp("encoders")
-    vocab = base / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     torch.manual_seed(0)
-    bert_dir, vit_dir = base / "bert", base / "vit"
-    BertModel(BertConfig(vocab_size=5 + len(WORDS), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=64)).save_pretrained(bert_dir)
-    BertTokenizer(vocab=str(vocab)).save_pretrained(bert_dir)
-    ViTModel(ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
-                       num_attention_heads=2, intermediate_size=32)).save_pretrained(vit_dir)
-    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(vit_dir)
+    small = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32}
+    bert_dir = save_text_encoder(base / "bert", WORDS, max_position_embeddings=64, **small)
+    vit_dir = save_image_encoder(base / "vit", image_size=32, patch_size=8, num_channels=3, **small)
     return {"text_encoder": str(bert_dir), "image_encoder": str(vit_dir)}
 
 
 def _jpeg(path: Path, rng: np.random.Generator) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     h, w = int(rng.integers(30, 60)), int(rng.integers(30, 60))
     base = rng.integers(0, 256, size=3)
-    pixels = np.clip(base + rng.normal(0, 40, size=(h, w, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+    write_jpeg(path, np.clip(base + rng.normal(0, 40, size=(h, w, 3)), 0, 255).astype(np.uint8))
 
 
 def make_raw(root: Path, *, header: bool = False, seed: int = 0) -> dict[str, list[list[str]]]:
@@ -74,13 +64,7 @@ def make_raw(root: Path, *, header: bool = False, seed: int = 0) -> dict[str, li
 
 
 def write_csvs(root: Path, rows: dict[str, list[list[str]]], *, header: bool = False) -> None:
-    (root / "texts").mkdir(parents=True, exist_ok=True)
-    for split, recs in rows.items():
-        with open(root / "texts" / f"{split}_titles.csv", "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            if header:
-                w.writerow(["image_path", "text", "food"])
-            w.writerows(recs)
+    write_titles(root, rows, header=["image_path", "text", "food"] if header else None)
 
 
 def convert(root: Path, encoders: dict, **kw):

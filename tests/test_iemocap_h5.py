@@ -14,6 +14,7 @@ import pytest
 from mmrepro.data.iemocap_h5 import IEMOCAP_4CLASS_TOTALS, _infer_class_names, convert_iemocap_h5
 from mmrepro.data.loader import SplitLoader
 from mmrepro.data.schema import DataValidationError
+from mmrepro.data.standin.mmin import write_mmin_root
 from mmrepro.data.store import FeatureStore, write_store
 
 DIMS = {"text": 6, "audio": 5, "vision": 4}
@@ -40,27 +41,16 @@ def feature(name: str, m: str, t: int) -> np.ndarray:
 
 
 def make_root(tmp: Path, *, fold: int = 1, utts=UTTS, with_stats: bool = True) -> Path:
-    root = tmp / "IEMOCAP_features_2021"
-    for m, (folder, kind) in FOLDERS.items():
-        (root / folder).mkdir(parents=True, exist_ok=True)
-        with h5py.File(root / folder / f"{kind}.h5", "w") as h5:
-            for split_utts in utts.values():
-                for name, _, *frames in split_utts:
-                    t = frames[("text", "audio", "vision").index(m)]
-                    h5[name] = feature(name, m, t)
-            h5["Ses05F_unused_F000"] = feature("unused", m, 2)  # in the file, in no split
-    if with_stats:
-        with h5py.File(root / "A" / "comparE_mean_std.h5", "w") as h5:
-            for cv in (1, 2):
-                g = h5.create_group(str(cv))
-                g["mean"] = MEAN + (cv - 1)
-                g["std"] = STD
-    target = root / "target" / str(fold)
-    target.mkdir(parents=True)
-    for split, items in utts.items():
-        np.save(target / f"{SETS[split]}_label.npy", np.eye(4, dtype=np.float32)[[c for _, c, *_ in items]])
-        np.save(target / f"{SETS[split]}_int2name.npy", np.array([[n.encode()] for n, *_ in items]))
-    return root
+    modalities = list(FOLDERS)
+    features = {m: [(name, feature(name, m, frames[modalities.index(m)]))
+                    for split_utts in utts.values() for name, _, *frames in split_utts]
+                   + [("Ses05F_unused_F000", feature("unused", m, 2))]  # in the file, in no split
+                for m in modalities}
+    targets = {fold: {split: (np.eye(4, dtype=np.float32)[[c for _, c, *_ in items]], [n for n, *_ in items])
+                      for split, items in utts.items()}}
+    stats = {cv: (MEAN + (cv - 1), STD) for cv in (1, 2)} if with_stats else None
+    return write_mmin_root(tmp / "IEMOCAP_features_2021", features, targets, stats,
+                           kinds={m: kind for m, (_, kind) in FOLDERS.items()})
 
 
 def build(tmp: Path, converted) -> FeatureStore:

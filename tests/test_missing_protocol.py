@@ -147,6 +147,8 @@ def test_runs_score_every_case_and_their_average(synth_store):
     """A run under ``missing`` reports test:<case> per available set, test:avg and the rate sweep."""
     from conftest import default_config
 
+    from dataclasses import asdict
+
     from mmrepro.config import run_spec
     from mmrepro.jobs import RunData, _model
 
@@ -157,7 +159,7 @@ def test_runs_score_every_case_and_their_average(synth_store):
     spec = run_spec(config, "missing", "synth", "modality_substitution", "r", 0)
     data = RunData(synth_store, spec)
     torch.manual_seed(0)
-    metrics = data.evaluate(build(TRANSFORMS, "modality_substitution").apply(_model(data, spec)), "cpu")
+    metrics = data.evaluate(build(TRANSFORMS, "modality_substitution").apply(_model(data, asdict(spec.model))), "cpu")
     cases = [k for k in metrics if k.startswith("test:available:")]
     assert len(cases) == 6 and {"valid", "test", "test:avg", "test:rate:0", "test:rate:0.5"} <= set(metrics)
     assert np.isfinite(metrics["test:avg"]["mae"])

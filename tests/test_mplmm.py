@@ -23,11 +23,11 @@ def schema(dims, lengths):
     return DatasetSchema(name="tiny", modalities=mods, tasks=(REG,), splits=("train",))
 
 
-def backbone(sch, d=8, heads=2, layers=1, seed=0):
+def backbone(sch, d=8, heads=2, layers=1, seed=0, embed=0.0, **kw):
     torch.manual_seed(seed)
     return build_model(sch, REG, backbone="mplmm_mult", d_model=d, layers=layers, heads=heads, kernel=1,
-                       dropout=0.0, fusion_layers=1, dropouts={"attn": 0.0, "relu": 0.0, "res": 0.0, "embed": 0.0,
-                                                               "out": 0.0})
+                       dropout=0.0, fusion_layers=1, dropouts={"attn": 0.0, "relu": 0.0, "res": 0.0, "embed": embed,
+                                                               "out": 0.0}, **kw)
 
 
 def batch(sch, present, seed=0):
@@ -122,7 +122,7 @@ def test_the_generator_reads_the_available_modalities():
 @pytest.mark.parametrize("init,trains", [("normal", True), ("uniform", True), ("zeros", False)])
 def test_zero_init_type_prompts_never_train(init, trains):
     """The released code's zero init: P_t and m_X each get a gradient proportional to the other: zero."""
-    model = build(TRANSFORMS, "mplmm", {"prompt_init": init}).apply(backbone(SCH3)).train()
+    model = build(TRANSFORMS, "mplmm", {"prompt_init": init}).apply(backbone(SCH3, position_padding=True)).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     b = replace(batch(SCH3, PATTERNS3), y=torch.randn(len(PATTERNS3)))
     type_params = [model.prompts.type_prompt, *model.prompts.type_map]
@@ -141,16 +141,56 @@ def test_zero_init_type_prompts_never_train(init, trains):
 
 def test_default_init_keeps_the_prediction_on_the_input():
     """U[0, 1) type tokens swamp the read-out position (predictions hardly vary with the input);
-    the default init leaves the spread of a model whose appended tokens are zero (``zeros``)."""
+    the default init leaves the spread of a model whose appended tokens are zero (type prompts zeroed)."""
     b = batch(SCH3, [[1, 1, 1]] * 32, seed=1)
 
-    def spread(init):
+    def spread(init, zero_type=False):
+        model = build(TRANSFORMS, "mplmm", {"prompt_init": init}).apply(backbone(SCH3)).eval()
         with torch.no_grad():
-            return float(build(TRANSFORMS, "mplmm", {"prompt_init": init}).apply(backbone(SCH3)).eval()(b).pred.std())
+            if zero_type:
+                model.prompts.type_prompt.zero_()
+            return float(model(b).pred.std())
 
-    reference = spread("zeros")
+    reference = spread("normal", zero_type=True)
     assert spread("normal") > 0.5 * reference
     assert spread("uniform") < 0.1 * reference
+
+
+@pytest.mark.parametrize("generator_input", ["dropped", "raw"])
+def test_the_generators_read_the_text_the_projection_reads_or_the_raw_one(generator_input):
+    """The code feeds its text -> audio/vision generators the text after the embedding dropout (training
+    only): ``dropped`` gives them the very tensor the projection reads (one draw), ``raw`` the input."""
+    model = build(TRANSFORMS, "mplmm", {"prompts": ["generative"], "generator_input": generator_input}).apply(
+        backbone(SCH3, embed=0.5))
+    seen = []
+    model.prompts.pair["0->1"].register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    b = batch(SCH3, [[1, 0, 1]] * 4)
+    torch.manual_seed(3)
+    dropped = model.backbone.train().drop_inputs(b).x["m0"]
+    assert (dropped == 0).any() and not torch.equal(dropped, b.x["m0"])
+    torch.manual_seed(3)
+    model.train()(b)
+    torch.testing.assert_close(seen[-1], dropped if generator_input == "dropped" else b.x["m0"], rtol=0, atol=0)
+    model.eval()(b)
+    torch.testing.assert_close(seen[-1], b.x["m0"], rtol=0, atol=0)  # nothing is dropped in evaluation
+
+
+def test_zero_prompts_need_the_codes_position_rule():
+    with pytest.raises(ValueError, match="model.position_padding must be true"):
+        build(TRANSFORMS, "mplmm_gt", {"prompt_init": "zeros"}).apply(backbone(SCH3))
+    build(TRANSFORMS, "mplmm_gt", {"prompt_init": "zeros"}).apply(backbone(SCH3, position_padding=True))
+
+
+def test_config_refuses_zero_prompts_without_the_position_rule():
+    from conftest import SCHEMA, default_config
+    from mmrepro.config import ConfigError, load_schema, validate_config
+
+    config = default_config()
+    config["methods"]["mplmm"] = {"prompt_init": "zeros"}
+    with pytest.raises(ConfigError, match=r"studies\.missing\.model\.position_padding: must be True for 'mplmm'"):
+        validate_config(config, load_schema(SCHEMA))
+    config["studies"]["missing"]["model"]["position_padding"] = True
+    validate_config(config, load_schema(SCHEMA))
 
 
 def test_backbone_stays_frozen_and_dataset_parts_are_reinitialised():
@@ -167,7 +207,8 @@ def test_backbone_stays_frozen_and_dataset_parts_are_reinitialised():
 
 
 @pytest.mark.parametrize("bad,match", [({"prompts": ["gen"]}, "gen"), ({"prompt_init": "gaussian"}, "prompt_init"),
-                                       ({"prompt_length": 0}, "prompt_length")])
+                                       ({"prompt_length": 0}, "prompt_length"),
+                                       ({"generator_input": "noisy"}, "generator_input")])
 def test_bad_parameters_are_named(bad, match):
     with pytest.raises(ValueError, match=match):
         build(TRANSFORMS, "mplmm", bad)
@@ -181,19 +222,19 @@ def test_ablation_variants_carry_their_families():
 
 def test_a_backbone_from_another_dataset_loads_all_but_its_dataset_specific_layers(tmp_path):
     """MPLMM's transfer (MOSEI -> MOSI): input widths and outputs differ, everything else is loaded."""
-    from mmrepro.jobs import _load_backbone
+    from mmrepro import checkpoints
 
     source = backbone(schema([7, 3, 4], [6, 4, 5]), seed=1)
     torch.save({"state_dict": source.state_dict()}, tmp_path / "model.pt")
     target = backbone(SCH3, seed=2)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    _load_backbone(target, tmp_path / "model.pt")
+    checkpoints.load_weights(target, checkpoints.read(tmp_path / "model.pt"))
     for k, v in target.state_dict().items():
         same_shape = source.state_dict()[k].shape == v.shape
         assert torch.equal(v, source.state_dict()[k] if same_shape else before[k]), k
     assert not torch.equal(target.state_dict()["encoders.m0.proj.weight"][:, :5], source.state_dict()["encoders.m0.proj.weight"][:, :5])
     with pytest.raises(ValueError, match="does not fit"):
-        _load_backbone(backbone(SCH3, d=16, heads=2), tmp_path / "model.pt")
+        checkpoints.load_weights(backbone(SCH3, d=16, heads=2), checkpoints.read(tmp_path / "model.pt"))
 
 
 def test_backbone_spec_trains_on_the_pretrain_dataset():
@@ -206,7 +247,7 @@ def test_backbone_spec_trains_on_the_pretrain_dataset():
     config["datasets"]["source"] = config["datasets"]["synth"]
     config["studies"]["missing"]["pretrain_dataset"] = "source"
     spec = backbone_spec(validate_config(config, load_schema(CONFIG_SCHEMA)), "missing", "synth", 0)
-    assert spec["dataset"] == "source" and spec["task"] == "pretrain" and spec["study"] == "backbones"
+    assert spec.dataset == "source" and spec.task == "pretrain" and spec.study == "backbones"
     config["studies"]["missing"]["pretrain_dataset"] = "nowhere"
     with pytest.raises(ConfigError, match="studies.missing.pretrain_dataset"):
         validate_config(config, load_schema(CONFIG_SCHEMA))

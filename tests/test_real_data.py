@@ -7,7 +7,6 @@ float64 features, bytes ids in MulT files, ``text_bert`` as (N, 3, T)), converts
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 
 from mmrepro.data.mmsa import EMOTIONS, PUBLISHED_SHA256, convert_mmsa, convert_mult
 from mmrepro.data.schema import DataValidationError
+from mmrepro.data.standin.sequences import write_pickle
 from mmrepro.data.store import FeatureStore, write_store
 
 N = {"train": 5, "valid": 3, "test": 4}
@@ -57,11 +57,7 @@ def mmsa_data(**kw) -> dict:
     return {split: mmsa_split(split, n, seed, **kw) for seed, (split, n) in enumerate(N.items())}
 
 
-def dump(data, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        pickle.dump(data, f, protocol=4)
-    return path
+dump = write_pickle  # the stand-in generator's writer (other test modules import it from here)
 
 
 def build(tmp_path: Path, converted) -> FeatureStore:

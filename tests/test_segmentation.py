@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -28,6 +29,7 @@ from mmrepro.models import MultimodalModel, build_model
 from mmrepro.models.segmentation import SegmentationModel, check_method_support, unet_widths
 from mmrepro.tracking import init_store
 from mmrepro.train import TrainConfig, fit, segmentation_loss, task_loss_fn
+from mmrepro.spec import MethodPlan
 
 MODEL = dict(backbone="late", d_model=16, layers=1, heads=4, kernel=3, dropout=0.0, fusion_layers=1)
 BRATS4 = ["flair", "t1ce", "t1", "t2"]
@@ -242,14 +244,14 @@ def test_greedy_runs_on_segmentation_and_unsupported_hooks_fail_clearly():
     assert math.isfinite(values["greedy_speed_flair"]) and math.isfinite(values["greedy_speed_t1ce"])
     assert values["greedy_rebalance_flair"] + values["greedy_rebalance_t1ce"] > 0  # it re-balanced
     task = schema.task("seg")
-    check_method_support(task, {"transform": "full_finetune", "hook": "joint", "adapter": "source_only"})
+    check_method_support(task, MethodPlan("full_finetune", "joint", "source_only"))
     for hook_name in ("ogm_ge", "agm", "pmr", "mslr"):
         with pytest.raises(ValueError, match=f"hook '{hook_name}' is not supported for segmentation"):
-            check_method_support(task, {"transform": "full_finetune", "hook": hook_name, "adapter": "source_only"})
+            check_method_support(task, MethodPlan("full_finetune", hook_name, "source_only"))
     with pytest.raises(ValueError, match="transform 'lora' is not supported for segmentation"):
-        check_method_support(task, {"transform": "lora", "hook": "joint", "adapter": "source_only"})
+        check_method_support(task, MethodPlan("lora", "joint", "source_only"))
     check_method_support(TaskSpec("c", "classification", num_classes=2),  # other tasks: anything goes
-                         {"transform": "lora", "hook": "cggm", "adapter": "tent"})
+                         MethodPlan("lora", "cggm", "tent"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,19 +272,17 @@ def brats_store(tmp_path_factory):
 
 def brats_spec(tmp_path, hook="joint"):
     spec = run_spec(default_config(), "balance", "synth", "joint", "complete", 0)
-    spec.update(dataset="brats2021", task="seg", results=str(tmp_path / "results"),
-                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", utilisation_probes=True,
-                model={**MODEL, "backbone": "late"},
-                train={"epochs": 2, "batch_size": 2, "lr": 1e-3, "weight_decay": 0.0, "patience": 4, "clip": 1.0,
-                       "device": "cpu"})
-    spec["plan"] = {**spec["plan"], "hook": hook}
-    spec["method_params"] = {**spec["method_params"], hook: {}}
-    return spec
+    return replace(spec, dataset="brats2021", task="seg", results=str(tmp_path / "results"),
+                   tracking=replace(spec.tracking, uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), utilisation_probes=True,
+                   model=replace(spec.model, **{**MODEL, "backbone": "late"}),
+                   train=TrainConfig(epochs=2, batch_size=2, lr=1e-3, weight_decay=0.0, patience=4, clip=1.0,
+                                     device="cpu"),
+                   plan=replace(spec.plan, hook=hook), method_params={**spec.method_params, hook: {}})
 
 
 def test_train_job_on_a_tiny_brats_store(brats_store, tmp_path, caplog):
     spec = brats_spec(tmp_path)
-    init_store(spec["tracking_uri"], ["balance"], tmp_path / "artifacts")
+    init_store(spec.tracking.uri, ["balance"], tmp_path / "artifacts")
     with caplog.at_level(logging.WARNING, logger="mmrepro.jobs"):
         summary = train_job(spec, brats_store, tmp_path / "run", threads=1)
     assert "utilisation probes" in caplog.text  # skipped for segmentation, and said so

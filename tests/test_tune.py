@@ -21,9 +21,10 @@ from optuna.trial import TrialState
 
 from conftest import REPO, SCHEMA
 from mmrepro import tune
-from mmrepro.config import EXPERIMENTS, ConfigError, load_schema, validate_config
+from mmrepro.config import EXPERIMENTS, ConfigError, load_schema, search_spec, tuned_methods, validate_config
 from mmrepro.data import build_store
 from mmrepro.jobs import train_job
+from mmrepro.spec import RunSpec
 from mmrepro.tracking import init_store
 
 TINY = {
@@ -70,7 +71,7 @@ def _states(study: optuna.Study) -> list[str]:
 
 def test_default_config_tunes_nothing():
     config = validate_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()), load_schema(SCHEMA))
-    assert all(tune.tuned_methods(config, study) == [] for study in config["studies"])
+    assert all(tuned_methods(config, study) == [] for study in config["studies"])
 
 
 @pytest.mark.parametrize("mutate, key", [
@@ -89,12 +90,15 @@ def test_bad_tune_config_names_the_key(mutate, key):
 
 
 def test_default_point_is_the_configs_values_else_the_plugins():
-    search = tune.search_spec(tiny_config(), "balance", "synth", "cggm")
+    search = search_spec(tiny_config(), "balance", "synth", "cggm")
     assert search["default"] == {"train.lr": 0.003, "methods.cggm.rho": 1.3}  # rho: CGGM's own default
     assert search["spec"]["setting"] == "complete" and search["spec"]["seed"] == 0
-    tuned = tune.apply_params(search["spec"], {"train.lr": 0.01, "methods.cggm.rho": 0.7})
-    assert tuned["train"]["lr"] == 0.01 and tuned["method_params"]["cggm"]["rho"] == 0.7
-    assert search["spec"]["train"]["lr"] == 0.003, "the search's own spec is not modified"
+    spec = RunSpec.from_dict(search["spec"])
+    tuned = spec.with_params({"train.lr": 0.01, "methods.cggm.rho": 0.7})
+    assert tuned.train.lr == 0.01 and tuned.method_params["cggm"]["rho"] == 0.7
+    assert spec.train.lr == 0.003 and "rho" not in spec.method_params["cggm"], "the searched spec is not modified"
+    with pytest.raises(KeyError, match="train.lrr"):
+        spec.with_params({"train.lrr": 0.1})
 
 
 # --- searches in process and in worker processes ---------------------------------------------------
@@ -115,7 +119,7 @@ def results(tmp_path_factory) -> Path:
 
 
 def _create(results: Path, study: str, method: str, **tune_keys) -> dict:
-    search = tune.search_spec(tiny_config(results, **tune_keys), study, "synth", method)
+    search = search_spec(tiny_config(results, **tune_keys), study, "synth", method)
     Path(search["storage"]).unlink(missing_ok=True)  # a fresh study per test
     return tune.create(search)
 
@@ -202,6 +206,43 @@ def test_fine_tune_and_adapt_searches_write_their_best(results, tmp_path, study,
     assert parent.info.status == "FINISHED"
     assert {k: v for k, v in parent.data.params.items() if k.startswith("best.")} == \
         {f"best.{k}": str(v) for k, v in best["params"].items()}
+    # scored on the source's validation split (complete / a synth domain setting): no target labels
+    assert best["target_labels_used"] is False and parent.data.tags["target_labels_used"] == "false"
+
+
+def test_a_search_scored_on_a_targets_labels_marks_itself_and_every_run_it_tunes(results, tmp_path):
+    """A cross-dataset setting validates on the target's labels: the search says so (best.json, its MLflow
+    run), and a final run that takes its parameters says so in metrics.json, the MLflow tags and the table."""
+    from mmrepro.cli import main
+    from mmrepro.report import load_runs
+    from mmrepro.tracking import ingest_runs
+
+    config = copy.deepcopy(TINY)
+    config["results"] = str(results)
+    config["studies"]["shift"]["settings"] = {"to_synth": {"type": "dataset", "target": "synth"}}
+    search = search_spec(validate_config(config, load_schema(SCHEMA)), "shift", "synth", "source_only")
+    Path(search["storage"]).unlink(missing_ok=True)
+    search = tune.create({**search, "trials": 2})
+    manifest, model = results / "data" / "synth" / "manifest.json", results / "backbones" / "shift" / "model.pt"
+    best = tune.best(search, manifest, model, threads=1, folder=tmp_path)
+    assert best["target_labels_used"] is True and best["setting"] == "to_synth"
+    uri = f"sqlite:///{results.resolve()}/mlflow.db"
+    assert mlflow.MlflowClient(uri).get_run(search["parent_run"]).data.tags["target_labels_used"] == "true"
+
+    (tmp_path / "best.json").write_text(json.dumps(best))
+    out = tmp_path / "run"
+    args = ["adapt", "--spec", json.dumps(search["spec"]), "--data", str(manifest), "--model", str(model),
+            "--out-dir", str(out), "--tuned", str(tmp_path / "best.json")]
+    assert main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["target_labels_used"] is True
+    assert json.loads((out / "config.json").read_text())["tuned_on_target_labels"] is True
+    run_id = ingest_runs(uri, [out])[out.as_posix()]
+    assert mlflow.MlflowClient(uri).get_run(run_id).data.tags["target_labels_used"] == "true"
+    assert set(load_runs([out / "metrics.json"])["method"]) == {"source_only [target labels]"}
+
+    (tmp_path / "best.json").write_text(json.dumps({k: v for k, v in best.items() if k != "target_labels_used"}))
+    with pytest.raises(SystemExit, match="delete it and run the search's tune_best job again"):
+        main(args)
 
 
 # --- through Snakemake: search -> final run -> report, two workers on one study ------------------------
@@ -242,7 +283,7 @@ def test_a_search_feeds_the_final_run_through_the_dag(tmp_path):
 
 @pytest.mark.slow
 def test_the_readme_grid_plans_a_search_before_the_final_runs_of_each_study(tmp_path):
-    """config/grids/tune_synth.yaml (the README's command): one search per study, two workers each,
+    """config/grids/tune_synth.yaml (docs/tuning.md's command): one search per study, two workers each,
     each feeding its method's final runs; without it the DAG has no tune job."""
     def plan(*configs: str) -> str:
         files = [str(REPO / "config" / "config.yaml"), *(str(REPO / c) for c in configs)]

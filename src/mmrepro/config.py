@@ -8,18 +8,26 @@ small, fully resolved slice of the config one job needs (built here, never in ru
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
 import inspect
 import math
+import os
+import typing
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import yaml
 
-from mmrepro.methods.registry import ADAPTERS, HOOKS, SETTINGS, TRANSFORMS, build, plugin_class, resolve_method
+from mmrepro.annotations import numeric_kind, problem
+from mmrepro.methods.params import ParamError, check_params, declared
+from mmrepro.methods.registry import ADAPTERS, HOOKS, METHOD_FAMILIES, SETTINGS, TRANSFORMS, build, resolve_method
 from mmrepro.models.fusion import FUSIONS
 from mmrepro.models.presets import JOINT_PRESETS, PRESETS, check_widths, preset_dropouts
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES, check_method_support
+from mmrepro.spec import CheckpointSpec, DataSetting, MechanismSpec, ModelSpec, RunSpec, TrackingSpec, TrainConfig
+from mmrepro.tracking import config_hash
 
 #: Loaders whose task is per-voxel segmentation (a model and method subset of their own).
 SEGMENTATION_LOADERS = ("brats",)
@@ -69,6 +77,41 @@ def merge_config(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
     return base
 
 
+def read_config_file(path: Path | str) -> dict[str, Any]:
+    """One YAML config file; a missing file, a YAML error (with its line and column) or a file that
+    is not a mapping of keys raises :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        hint = ""
+        if path.suffix not in (".yaml", ".yml", ".json"):
+            hint = (f"; {str(path)!r} looks like a target: Snakemake reads every word after --configfile as a "
+                    f"config file, so put targets first (snakemake --cores all {path} --configfile <files>)")
+        raise ConfigError(f"config file {path}: no such file{hint}")
+    if path.is_dir():
+        raise ConfigError(f"config file {path}: is a folder, not a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"config file {path}{where}: not valid YAML: {what}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected config keys (a YAML mapping) at the top level, "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def read_config_files(paths: list[Path] | list[str]) -> dict[str, Any]:
+    """Config files layered in order as Snakemake layers ``--configfile`` files (:func:`merge_config`)."""
+    config: dict[str, Any] = {}
+    for path in paths:
+        merge_config(config, read_config_file(path))
+    return config
+
+
 def load_schema(path: Path | str) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
@@ -80,15 +123,29 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
         lines = [f"config key {_key(e.absolute_path)}: {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
     _check_finite(config)
+    _check_folders(config)
+    _check_methods(config)
     _check_backbones(config, schema)
     _check_names(config)
     _check_mechanisms(config)
     _check_overrides(config, schema)
-    from mmrepro.tune import check_tune  # tune builds on this module's run specs
-
-    check_tune(config)
+    _check_tune(config)
     _check_heads(config)
+    _check_selection(config)
     return config
+
+
+def _check_folders(config: dict[str, Any]) -> None:
+    """``results`` and ``data_root`` are folders (or not made yet): a file there, or on the way to
+    them, would fail at the first job that writes."""
+    for key in ("results", "data_root"):
+        for path in (Path(config[key]), *Path(config[key]).parents):
+            if path.exists():
+                if not path.is_dir():
+                    what = "is" if path == Path(config[key]) else f"is under {path}, which is"
+                    raise ConfigError(f"config key {key}: {config[key]} {what} a file, not a folder; set {key} to "
+                                      "a folder (it is created if absent)")
+                break
 
 
 def _check_finite(value: Any, path: tuple = ()) -> None:
@@ -117,14 +174,35 @@ def _check_heads(config: dict[str, Any]) -> None:
                                       f"{model['d_model']} is not divisible by heads {model['heads']}")
 
 
+def _check_selection(config: dict[str, Any]) -> None:
+    """``train.selection: valid_accuracy`` needs a label per sample: not on a segmentation dataset."""
+    for study, study_cfg in config["studies"].items():
+        for ds in study_cfg["datasets"]:
+            selection = train_config(config, study, ds)["selection"]
+            if selection == "valid_accuracy" and config["datasets"][ds]["loader"] in SEGMENTATION_LOADERS:
+                raise ConfigError(f"config key {_train_key(config, study, ds, 'selection')}: valid_accuracy keeps "
+                                  f"the epoch of the best accuracy per sample, but dataset {ds!r} of study {study!r} "
+                                  "is segmented per voxel; use valid_loss there (studies.<study>.per_dataset)")
+
+
+def _train_key(config: dict[str, Any], study: str, dataset: str, field: str) -> str:
+    """The config key that sets a study's train ``field`` on ``dataset``: the most specific one holding it."""
+    if field in _override(config, study, dataset).get("train", {}):
+        return f"studies.{study}.per_dataset.{dataset}.train.{field}"
+    if field in config["studies"][study].get("train", {}):
+        return f"studies.{study}.train.{field}"
+    return f"train.{field}"
+
+
 def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
     """Per-dataset overrides: known datasets, and the merged model/train/method keys valid as if written whole."""
     registries = (TRANSFORMS, HOOKS, ADAPTERS)
-    for study, spec in config["studies"].items():
-        for dataset, override in spec["per_dataset"].items():
+    for study, study_cfg in config["studies"].items():
+        for dataset, override in study_cfg["per_dataset"].items():
             key = f"studies.{study}.per_dataset.{dataset}"
-            if dataset not in spec["datasets"]:
-                raise ConfigError(f"config key {key}: {dataset!r} is not one of the study's datasets {spec['datasets']}")
+            if dataset not in study_cfg["datasets"]:
+                raise ConfigError(f"config key {key}: {dataset!r} is not one of the study's datasets "
+                                  f"{study_cfg['datasets']}")
             for section, merged in (("model", model_config(config, study, dataset)),
                                     ("train", train_config(config, study, dataset))):
                 _check_section(schema, section, merged, f"{key}.{section}")
@@ -147,12 +225,12 @@ def study_backbones(config: dict[str, Any], study: str) -> dict[str, dict[str, A
     """An adapting study's backbone axis, name -> model keys over the study's model: its ``backbones``,
     else one backbone named after the study's ``model.backbone`` or, with ``source_model``, after the
     run it adapts (``<study>-<method>-<setting>``); ``{}`` for the studies that have no axis."""
-    spec = config["studies"][study]
+    study_cfg = config["studies"][study]
     if STUDY_KINDS[study] != "adapt":
         return {}
-    if spec.get("backbones"):
-        return spec["backbones"]
-    source = spec.get("source_model")
+    if study_cfg.get("backbones"):
+        return study_cfg["backbones"]
+    source = study_cfg.get("source_model")
     if source:
         return {"-".join(source[k] for k in ("study", "method", "setting")): {}}
     return {model_config(config, study)["backbone"]: {}}
@@ -162,18 +240,18 @@ def _check_backbones(config: dict[str, Any], schema: dict[str, Any]) -> None:
     """``backbones``: an adapting study's, not combined with ``source_model`` (that study trains no
     backbone), each entry a valid model once merged; the names it picks are checked with every
     study's model (:func:`_check_backbone`)."""
-    for study, spec in config["studies"].items():
-        if not spec.get("backbones"):
+    for study, study_cfg in config["studies"].items():
+        if not study_cfg.get("backbones"):
             continue
         key = f"studies.{study}.backbones"
         if STUDY_KINDS[study] != "adapt":
             raise ConfigError(f"config key {key}: a backbone axis varies the source model a study adapts at test "
                               f"time (shift); {study!r} trains its own models")
-        if spec.get("source_model"):
+        if study_cfg.get("source_model"):
             raise ConfigError(f"config key {key}: studies.{study}.source_model adapts a model another study "
                               f"trained, so there is no backbone to vary; set one of the two")
-        for name in spec["backbones"]:
-            for ds in spec["datasets"]:
+        for name in study_cfg["backbones"]:
+            for ds in study_cfg["datasets"]:
                 _check_section(schema, "model", model_config(config, study, ds, name), f"{key}.{name}")
 
 
@@ -212,15 +290,36 @@ def _check_backbone(config: dict[str, Any], study: str, ds: str, name: str | Non
 def _check_adapters(config: dict[str, Any]) -> None:
     """An adapter that reads the source feature statistics a backbone job saves (SSA) cannot adapt a
     model another study trained (``source_model``): that run saved none."""
-    for study, spec in config["studies"].items():
-        source = spec.get("source_model") if STUDY_KINDS[study] == "adapt" else None
-        for i, method in enumerate(spec["methods"] if source else []):
+    for study, study_cfg in config["studies"].items():
+        source = study_cfg.get("source_model") if STUDY_KINDS[study] == "adapt" else None
+        for i, method in enumerate(study_cfg["methods"] if source else []):
             adapter = method_plan(config, method).adapter
-            if plugin_class(ADAPTERS, adapter).needs_source_stats:
+            if ADAPTERS.get(adapter).needs_source_stats:
                 raise ConfigError(f"config key studies.{study}.methods[{i}]: {adapter!r} needs the source feature "
                                   f"statistics a {study} backbone saves (feature_stats.pt), but studies.{study}."
                                   f"source_model adapts the {source['study']} study's {source['method']!r} runs, "
                                   f"which have none")
+
+
+def _run_transform(config: dict[str, Any], study: str, run: dict[str, Any]):
+    """A run's method plan and its transform, built with the run's parameters (variant overrides included)."""
+    base, overrides = expand_variants(config, run["method"])
+    plan = resolve_method(base)
+    params = {**method_params(config, study, run["dataset"], plan.transform), **overrides.get(plan.transform, {})}
+    return plan, build(TRANSFORMS, plan.transform, params)
+
+
+def _check_model_requirements(config: dict[str, Any], study: str, run: dict[str, Any]) -> None:
+    """A transform's ``requires_model`` keys have the values it needs in the run's model (e.g. MPLMM's
+    zero prompts need ``position_padding: true``)."""
+    plan, transform = _run_transform(config, study, run)
+    model = model_config(config, study, run["dataset"], run.get("backbone"))
+    for field, (value, why) in transform.requires_model.items():
+        if model.get(field) != value:
+            i = config["studies"][study]["methods"].index(run["method"])
+            key = _model_key(config, study, run["dataset"], run.get("backbone"), field)
+            raise ConfigError(f"config key {key}: must be {value} for {plan.transform!r} (studies.{study}.methods[{i}], "
+                              f"dataset {run['dataset']!r}), got {model.get(field)}: {why}")
 
 
 def _check_modality_layers(config: dict[str, Any], study: str, run: dict[str, Any]) -> None:
@@ -228,10 +327,7 @@ def _check_modality_layers(config: dict[str, Any], study: str, run: dict[str, An
     backbone = model_config(config, study, run["dataset"], run.get("backbone"))["backbone"]
     if backbone not in JOINT_PRESETS:
         return
-    base, overrides = expand_variants(config, run["method"])
-    plan = resolve_method(base)
-    params = {**method_params(config, study, run["dataset"], plan.transform), **overrides.get(plan.transform, {})}
-    transform = build(TRANSFORMS, plan.transform, params)
+    plan, transform = _run_transform(config, study, run)
     for name, needs in ((plan.transform, transform.needs_modality_layers),
                         (plan.hook, HOOKS.get(plan.hook).needs_modality_layers)):
         if needs:
@@ -243,14 +339,43 @@ def _check_modality_layers(config: dict[str, Any], study: str, run: dict[str, An
 
 
 def _check_params(cls, params: dict[str, Any], key: str, build: bool = False) -> None:
-    """Parameter names fit the plug-in's signature; with ``build``, the plug-in accepts their values
-    too (its constructor checks ranges, e.g. a LoRA rank of 0). Adapters need a model: names only."""
+    """Each parameter is one the plug-in declares, of its type and in its range
+    (:mod:`mmrepro.methods.params`); with ``build``, the plug-in accepts them together too (its
+    constructor checks combinations, e.g. CGGM's cls_momentum needs cls_optim SGD). Adapters need a
+    model to be built: their declaration only."""
     try:
-        inspect.signature(cls).bind_partial(**params)
-        if build:
+        check_params(cls, params)
+    except ParamError as e:
+        raise ConfigError(f"config key {key}.{e.param}: {e.problem}") from None
+    if build:
+        try:
             cls(**params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config key {key}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config key {key}: {e}") from None
+
+
+def _plugin(name: str):
+    """The registered plug-in class of any family called ``name``, or None."""
+    owner = next((reg for reg in METHOD_FAMILIES.values() if name in reg), None)
+    return None if owner is None else (owner.get(name), owner is not ADAPTERS)
+
+
+def _check_methods(config: dict[str, Any]) -> None:
+    """Every ``methods.<plug-in>`` entry (used by a study or not: mechanisms sweeps read them too) and
+    every ``method_variants.<name>.params``, over its plug-in's entry, as the plug-in declares."""
+    for name, params in config["methods"].items():
+        found = _plugin(name)
+        if found is None:
+            raise ConfigError(f"config key methods.{name}: unknown method; known: "
+                              f"{sorted(n for reg in METHOD_FAMILIES.values() for n in reg.names())}")
+        _check_params(found[0], params, f"methods.{name}", build=found[1])
+    for name, variant in config.get("method_variants", {}).items():
+        found = _plugin(variant["method"])
+        if found is None:
+            raise ConfigError(f"config key method_variants.{name}.method: {variant['method']!r} is not one "
+                              "registered plug-in (a variant runs one plug-in with other parameters)")
+        _check_params(found[0], {**config["methods"].get(variant["method"], {}), **variant.get("params", {})},
+                      f"method_variants.{name}.params", build=found[1])
 
 
 def _check_names(config: dict[str, Any]) -> None:
@@ -270,79 +395,70 @@ def _check_names(config: dict[str, Any]) -> None:
             raise ConfigError(f"config key method_variants.{name}.method: {e.args[0]}") from None
         if any(name in reg for reg in registries.values()):
             raise ConfigError(f"config key method_variants.{name}: the name is a registered plug-in already")
-    for study, spec in config["studies"].items():
-        for i, ds in enumerate(spec["datasets"]):
+    for study, study_cfg in config["studies"].items():
+        for i, ds in enumerate(study_cfg["datasets"]):
             if ds not in config["datasets"]:
                 raise ConfigError(f"config key studies.{study}.datasets[{i}]: unknown dataset {ds!r}; "
                                   f"defined under datasets: {sorted(config['datasets'])}")
-        for group, members in spec["report_groups"].items():
+        for group, members in study_cfg["report_groups"].items():
             key = f"studies.{study}.report_groups.{group}"
-            if group in spec["datasets"]:
+            if group in study_cfg["datasets"]:
                 raise ConfigError(f"config key {key}: the group's name is one of the study's datasets; its rows "
                                   "would be mistaken for that dataset's")
             for i, ds in enumerate(members):
-                if ds not in spec["datasets"]:
+                if ds not in study_cfg["datasets"]:
                     raise ConfigError(f"config key {key}[{i}]: {ds!r} is not one of the study's datasets "
-                                      f"{spec['datasets']}")
-        source = spec.get("pretrain_dataset")
+                                      f"{study_cfg['datasets']}")
+        source = study_cfg.get("pretrain_dataset")
         if source is not None and source not in config["datasets"]:
             raise ConfigError(f"config key studies.{study}.pretrain_dataset: unknown dataset {source!r}; "
                               f"defined under datasets: {sorted(config['datasets'])}")
-        for i, method in enumerate(spec["methods"]):
+        for i, method in enumerate(study_cfg["methods"]):
             try:
-                base, overrides = expand_variants(config, method)
-                plan = resolve_method(base)
+                resolve_method(expand_variants(config, method)[0])
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"config key studies.{study}.methods[{i}]: {e.args[0]}") from None
-            for family, reg in registries.items():
-                name = getattr(plan, family)
-                _check_params(reg.get(name), config["methods"].get(name, {}), f"methods.{name}", build=reg is not ADAPTERS)
-                if name in overrides:
-                    _check_params(reg.get(name), {**config["methods"].get(name, {}), **overrides[name]},
-                                  f"method_variants.{method}.params", build=reg is not ADAPTERS)
-        for name, setting in spec["settings"].items():
+        for name, setting in study_cfg["settings"].items():
             key = f"studies.{study}.settings.{name}"
             if setting["type"] == "domain":
-                _check_domain(config, setting.get("datasets", spec["datasets"]), setting.get("domain"), f"{key}.domain")
+                _check_domain(config, setting.get("datasets", study_cfg["datasets"]), setting.get("domain"),
+                              f"{key}.domain")
             for field in ("methods", "datasets"):
                 for i, item in enumerate(setting.get(field, [])):
-                    if item not in spec[field]:
+                    if item not in study_cfg[field]:
                         raise ConfigError(f"config key {key}.{field}[{i}]: {item!r} is not one of the study's "
-                                          f"{field} {spec[field]}")
+                                          f"{field} {study_cfg[field]}")
             params = setting_params(setting)
             try:
                 built = SETTINGS.get(setting["type"])(**params)
-                for ds in setting.get("datasets", spec["datasets"]):
+                for ds in setting.get("datasets", study_cfg["datasets"]):
                     if config["datasets"][ds]["loader"] == "synth":
                         built.modalities([m["name"] for m in config["datasets"][ds]["synth"]["modalities"]])
             except KeyError as e:
                 raise ConfigError(f"config key {key}.type: {e.args[0]}") from None
             except (TypeError, ValueError) as e:
                 raise ConfigError(f"config key {key}: {e}") from None
-        for ds in spec["datasets"]:
+        for ds in study_cfg["datasets"]:
             for name in study_backbones(config, study) or [None]:
                 _check_backbone(config, study, ds, name)
         for run in study_grid(config, study):
             if needs_teachers(config, run["method"]) and not teacher_runs(config, study, run["dataset"], run["method"], run["seed"]):
-                i = spec["methods"].index(run["method"])
+                i = study_cfg["methods"].index(run["method"])
                 raise ConfigError(f"config key studies.{study}.methods[{i}]: {run['method']!r} distils from unimodal "
                                   f"teachers, but the study has no one-modality 'subset' setting trained with 'joint' "
                                   f"on dataset {run['dataset']!r}")
             _check_modality_layers(config, study, run)
+            _check_model_requirements(config, study, run)
             if config["datasets"][run["dataset"]]["loader"] in SEGMENTATION_LOADERS:
                 try:
                     check_method_support("segmentation", method_plan(config, run["method"]))
                 except ValueError as e:
-                    i = spec["methods"].index(run["method"])
+                    i = study_cfg["methods"].index(run["method"])
                     raise ConfigError(f"config key studies.{study}.methods[{i}]: on dataset {run['dataset']!r} "
                                       f"(setting {run['setting']!r}): {e}; limit the setting with methods/datasets") from None
     _check_source_model(config)
     _check_cross_dataset(config)
     _check_adapters(config)
-    for name in config["methods"]:
-        if not any(name in reg for reg in registries.values()):
-            raise ConfigError(f"config key methods.{name}: unknown method; known: "
-                              f"{sorted(n for reg in registries.values() for n in reg.names())}")
 
 
 #: The plug-in family whose members a mechanisms sweep compares, per study.
@@ -386,8 +502,8 @@ def _check_source_model(config: dict[str, Any]) -> None:
 def _check_cross_dataset(config: dict[str, Any]) -> None:
     """A ``dataset`` setting names a dataset of the config, in a shift study, whose feature widths equal
     each source dataset's wherever both are known before any job runs (:func:`feature_widths`)."""
-    for study, spec in config["studies"].items():
-        for name, setting in spec["settings"].items():
+    for study, study_cfg in config["studies"].items():
+        for name, setting in study_cfg["settings"].items():
             if setting["type"] != "dataset":
                 continue
             key, target = f"studies.{study}.settings.{name}", setting.get("target")
@@ -398,7 +514,7 @@ def _check_cross_dataset(config: dict[str, Any]) -> None:
                 raise ConfigError(f"config key {key}.target: unknown dataset {target!r}; defined under datasets: "
                                   f"{sorted(config['datasets'])}")
             theirs = feature_widths(config, target)
-            for ds in setting.get("datasets", spec["datasets"]):
+            for ds in setting.get("datasets", study_cfg["datasets"]):
                 ours = feature_widths(config, ds)
                 if ours is not None and theirs is not None and ours != theirs:
                     raise ConfigError(f"config key {key}.target: feature widths differ between source dataset {ds!r} "
@@ -429,8 +545,8 @@ def feature_widths(config: dict[str, Any], dataset: str) -> dict[str, int] | Non
 
 def target_dataset(config: dict[str, Any], study: str, dataset: str, setting: str) -> str:
     """The dataset a run reads: a ``dataset`` setting's target, else the run's own."""
-    spec = config["studies"][study]["settings"][setting]
-    return spec["target"] if spec["type"] == "dataset" else dataset
+    setting_cfg = config["studies"][study]["settings"][setting]
+    return setting_cfg["target"] if setting_cfg["type"] == "dataset" else dataset
 
 
 def setting_params(setting: dict[str, Any]) -> dict[str, Any]:
@@ -455,6 +571,31 @@ def dataset_path(config: dict[str, Any], dataset: str) -> str | None:
     """Where a dataset's raw data lives: its ``path`` under ``data_root`` unless absolute (None for synth)."""
     path = config["datasets"][dataset].get("path")
     return None if path is None else str(Path(config["data_root"]) / path)
+
+
+def spec_file(config: dict[str, Any], text: str, write: bool = True) -> str:
+    """Where a job reads its spec (JSON ``text``) from: ``<results>/specs/<hash>.json``, written once
+    unless ``write`` is false (a dry run). The rules pass this path, not kilobytes of JSON, on the
+    job's command line; the path carries the content's hash, so a changed spec is a changed rule
+    parameter and Snakemake still reruns the job."""
+    path = Path(config["results"]) / "specs" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if write and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path.as_posix()
+
+
+def fetch_rules(config: dict[str, Any]) -> dict[str, str]:
+    """Raw path -> the dataset whose name its fetch rule carries (``fetch_<dataset>``): the first that
+    reads the path (datasets sharing a file share its rule)."""
+    rules: dict[str, str] = {}
+    for name in config["datasets"]:
+        path = dataset_path(config, name)
+        if path is not None:
+            rules.setdefault(path, name)
+    return rules
 
 
 def dataset_spec(config: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -528,35 +669,48 @@ def _axis(config: dict[str, Any], study: str, backbone: str | None) -> dict[str,
 
 
 def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str,
-          setting_cfg: dict[str, Any], seed: int, task: str, backbone: str | None = None) -> dict[str, Any]:
+          setting_cfg: dict[str, Any], seed: int, task: str, backbone: str | None = None) -> RunSpec:
     base, overrides = expand_variants(config, method)
     plan = resolve_method(base)
-    axis = _axis(config, study, backbone)
-    return {
-        "study": study, "dataset": dataset, **axis, "method": method, "setting": setting, "seed": int(seed),
-        "task": task,
-        "plan": {"transform": plan.transform, "hook": plan.hook, "adapter": plan.adapter},
-        "method_params": {name: {**method_params(config, study, dataset, name), **overrides.get(name, {})}
-                          for name in (plan.transform, plan.hook, plan.adapter)},
-        "data_setting": {"type": setting_cfg["type"], "params": setting_params(setting_cfg)},
-        "model": model_config(config, study, dataset, axis.get("backbone")),
-        "train": train_config(config, study, dataset),
-        "utilisation_probes": config["studies"][study]["utilisation_probes"], "feature_stats": False,
-        "tracking_uri": config["tracking"]["uri"], "tracking_mode": config["tracking"]["mode"],
-        "results": config["results"],
-    }
+    backbone = _axis(config, study, backbone).get("backbone")
+    return RunSpec(
+        study=study, dataset=dataset, backbone=backbone, method=method,
+        setting=setting, seed=int(seed), task=task, plan=plan,
+        method_params={name: {**method_params(config, study, dataset, name), **overrides.get(name, {})}
+                       for name in plan.families().values()},
+        data_setting=DataSetting(type=setting_cfg["type"], params=setting_params(setting_cfg)),
+        model=ModelSpec(**model_config(config, study, dataset, backbone)),
+        train=TrainConfig(**train_config(config, study, dataset)),
+        utilisation_probes=config["studies"][study]["utilisation_probes"], feature_stats=False,
+        tracking=TrackingSpec(uri=config["tracking"]["uri"], mode=config["tracking"]["mode"]),
+        results=config["results"])
 
 
 def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str, seed: int,
-             backbone: str | None = None) -> dict[str, Any]:
+             backbone: str | None = None) -> RunSpec:
     """Everything one training or adaptation job needs, resolved (the job's config artifact); ``backbone``
     names one of an adapting study's backbones (None: its only one)."""
     spec = _spec(config, study, dataset, method, setting, config["studies"][study]["settings"][setting], seed,
                  study_task(config, study, dataset), backbone)
     teachers = teacher_runs(config, study, dataset, method, seed)
     if teachers:
-        spec["teachers"] = {m: run["setting"] for m, run in teachers.items()}
-    return spec
+        spec = dataclasses.replace(spec, teachers={m: run["setting"] for m, run in teachers.items()})
+    return dataclasses.replace(spec, checkpoint=start_checkpoint(config, study, dataset, seed, spec.backbone))
+
+
+def start_checkpoint(config: dict[str, Any], study: str, dataset: str, seed: int,
+                     backbone: str | None = None) -> CheckpointSpec | None:
+    """What the model a study's run starts from must be (its ``model.pt`` is checked against it):
+    fine-tuning, the study's backbone; adapting, the backbone of ``backbone`` on the study's axis or
+    the ``source_model`` run; None for a study that trains from scratch."""
+    kind, source = STUDY_KINDS[study], config["studies"][study].get("source_model")
+    if kind == "train":
+        return None
+    if kind == "adapt" and source:
+        start = run_spec(config, source["study"], dataset, source["method"], source["setting"], seed)
+    else:
+        start = backbone_spec(config, study, dataset, seed, backbone)
+    return CheckpointSpec(model=start.model, task=start.task, transform=start.plan.transform)
 
 
 def needs_teachers(config: dict[str, Any], method: str) -> bool:
@@ -569,19 +723,19 @@ def teacher_runs(config: dict[str, Any], study: str, dataset: str, method: str, 
     alone (a one-modality ``subset`` setting with ``joint``) on the same dataset and seed; else ``{}``."""
     if not needs_teachers(config, method):
         return {}
-    spec = config["studies"][study]
+    study_cfg = config["studies"][study]
     runs = {}
-    for name, setting in spec["settings"].items():
+    for name, setting in study_cfg["settings"].items():
         mods = setting.get("modalities", [])
-        if (setting["type"] == "subset" and len(mods) == 1 and "joint" in setting.get("methods", spec["methods"])
-                and dataset in setting.get("datasets", spec["datasets"])):
+        if (setting["type"] == "subset" and len(mods) == 1 and "joint" in setting.get("methods", study_cfg["methods"])
+                and dataset in setting.get("datasets", study_cfg["datasets"])):
             runs.setdefault(mods[0], {"study": study, "dataset": dataset, "method": "joint", "setting": name,
                                       "seed": int(seed)})
     return runs
 
 
 def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int,
-                  backbone: str | None = None) -> dict[str, Any]:
+                  backbone: str | None = None) -> RunSpec:
     """The model a study starts from: plain joint training on complete source data.
 
     ``shift`` adapts a model of the dataset's own task; ``peft`` and ``missing`` fine-tune one
@@ -593,7 +747,7 @@ def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int,
     source = backbone_source(config, study, dataset)
     task = config["datasets"][source]["pretrain_task"] if finetune else study_task(config, study, dataset)
     spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task, backbone)
-    return {**spec, "dataset": source, "study": "backbones", "setting": f"for-{study}", "feature_stats": True}
+    return dataclasses.replace(spec, dataset=source, study="backbones", setting=f"for-{study}", feature_stats=True)
 
 
 def backbone_source(config: dict[str, Any], study: str, dataset: str) -> str:
@@ -609,12 +763,12 @@ def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:
     A setting that lists ``methods`` or ``datasets`` runs only those (e.g. unimodal baselines with
     plain joint training, on the datasets that have that modality).
     """
-    spec = config["studies"][study]
+    study_cfg = config["studies"][study]
     axes = [{"backbone": b} for b in study_backbones(config, study)] or [{}]
     return [{"study": study, "dataset": d, **axis, "method": m, "setting": s, "seed": seed}
-            for d in spec["datasets"] for axis in axes for s, setting in spec["settings"].items()
-            for m in spec["methods"]
-            if m in setting.get("methods", spec["methods"]) and d in setting.get("datasets", spec["datasets"])
+            for d in study_cfg["datasets"] for axis in axes for s, setting in study_cfg["settings"].items()
+            for m in study_cfg["methods"]
+            if m in setting.get("methods", study_cfg["methods"]) and d in setting.get("datasets", study_cfg["datasets"])
             for seed in config["seeds"]]
 
 
@@ -636,7 +790,7 @@ def mechanism_points(config: dict[str, Any]) -> list[dict[str, Any]]:
             for study, sweep in mech["studies"].items() for dose in sweep["doses"] for seed in mech["seeds"]]
 
 
-def mechanism_spec(config: dict[str, Any], study: str, dose: float, seed: int) -> dict[str, Any]:
+def mechanism_spec(config: dict[str, Any], study: str, dose: float, seed: int) -> MechanismSpec:
     """What one mechanisms point needs: its dataset entry at the sweep's sample sizes, budget and methods."""
     mech, sweep = config["mechanisms"], config["mechanisms"]["studies"][study]
     if sweep["dataset"] not in config["datasets"]:
@@ -644,6 +798,95 @@ def mechanism_spec(config: dict[str, Any], study: str, dose: float, seed: int) -
                           f"of this config; known: {sorted(config['datasets'])}")
     entry = dataset_spec(config, sweep["dataset"])
     entry["synth"]["n"] = dict(mech["n"])
-    return {"study": study, "dataset": entry, "dose": float(dose), "seed": int(seed), "budget": dict(mech["budget"]),
-            "methods": list(sweep["methods"]), "params": {m: config["methods"].get(m, {}) for m in sweep["methods"]},
-            "domain": sweep.get("domain")}
+    return MechanismSpec(study=study, dataset=entry, dose=float(dose), seed=int(seed), budget=dict(mech["budget"]),
+                         methods=list(sweep["methods"]),
+                         params={m: config["methods"].get(m, {}) for m in sweep["methods"]}, domain=sweep.get("domain"))
+
+
+# --- hyperparameter searches --------------------------------------------------------------------
+
+def tuned_methods(config: dict[str, Any], study: str) -> list[str]:
+    """The study's methods that are searched: ``tune: true`` means all of them, a list names some."""
+    tune = config["studies"][study]["tune"]
+    return list(config["studies"][study]["methods"]) if tune is True else list(tune or [])
+
+
+def _current(spec: RunSpec, key: str) -> tuple[Any, Any]:
+    """The value a run uses today for a space key (the config's, else the plug-in's own default) and
+    the key's declared type."""
+    section, field, plugin = spec.space_field(key)
+    if plugin is None:
+        owner = getattr(spec, section)
+        return getattr(owner, field), typing.get_type_hints(type(owner))[field]
+    family = next(f for f, name in spec.plan.families().items() if name == plugin)
+    param = declared(METHOD_FAMILIES[family].get(plugin)).get(field)
+    if param is None or (field not in spec.method_params[plugin] and param.default is inspect.Parameter.empty):
+        raise KeyError(f"{plugin} has no parameter {field!r} with a default")
+    return spec.method_params[plugin].get(field, param.default), param.hint
+
+
+def _check_point(dist: dict[str, Any], value: Any, hint: Any, key: str) -> None:
+    """A search range: its bounds or choices are values the key's declared type takes (a float range
+    for an int is refused), and the default point lies in it."""
+    bounds = {f"choices[{i}]": c for i, c in enumerate(dist["choices"])} if "choices" in dist else \
+        {"low": dist["low"], "high": dist["high"]}
+    for name, bound in bounds.items():
+        wrong = problem(bound, hint)
+        if wrong is not None:
+            raise ConfigError(f"config key {key}.{name}: {wrong}")
+    if "choices" not in dist and dist.get("type", "float") == "float" and numeric_kind(hint) == "int":
+        raise ConfigError(f"config key {key}.type: the parameter is an int, a float range would try fractions; "
+                          "set type: int")
+    if "choices" in dist:
+        if value not in dist["choices"]:
+            raise ConfigError(f"config key {key}: the default point {value!r} is not one of {dist['choices']}")
+        return
+    if not dist["low"] < dist["high"]:
+        raise ConfigError(f"config key {key}: low {dist['low']} must be below high {dist['high']}")
+    if dist.get("log") and dist["low"] <= 0:
+        raise ConfigError(f"config key {key}: a log range needs low > 0")
+    if not dist["low"] <= value <= dist["high"]:
+        raise ConfigError(f"config key {key}: the default point {value!r} (the config's value) is outside "
+                          f"[{dist['low']}, {dist['high']}]")
+
+
+def search_run(config: dict[str, Any], study: str, dataset: str, method: str) -> dict[str, Any]:
+    """The run a search's trials stand for: the study's first run of ``method`` on ``dataset`` (its
+    setting, seed and backbone say which store the trials read and which model they start from)."""
+    return next(r for r in study_grid(config, study) if r["dataset"] == dataset and r["method"] == method)
+
+
+def search_spec(config: dict[str, Any], study: str, dataset: str, method: str) -> dict[str, Any]:
+    """Everything one search (:mod:`mmrepro.tune`) needs, resolved: the trials' run spec (as JSON),
+    space, default point, budget, storage."""
+    run = search_run(config, study, dataset, method)
+    space = config["tune"]["space"].get(method)
+    if not space:
+        raise ConfigError(f"config key tune.space.{method}: studies.{study}.tune searches {method!r}, "
+                          "but it has no search space")
+    spec = run_spec(config, study, dataset, method, run["setting"], run["seed"], run.get("backbone"))
+    default = {}
+    for key, dist in space.items():
+        try:
+            default[key], hint = _current(spec, key)
+        except KeyError as e:
+            raise ConfigError(f"config key tune.space.{method}.{key}: {e.args[0]}") from None
+        _check_point(dist, default[key], hint, f"tune.space.{method}.{key}")
+    tune = config["tune"]
+    body = {"study": study, "dataset": dataset, "method": method, "kind": STUDY_KINDS[study], "spec": spec.to_dict(),
+            "space": space, "default": default, "trials": tune["trials"], "seed": tune["seed"],
+            "sampler": tune["sampler"], "pruner": tune["pruner"]}
+    folder = f"{config['results']}/tune/{study}/{dataset}/{method}"
+    return {**body, "name": f"{study}.{dataset}.{method}.{config_hash(body)}", "workers": tune["workers"],
+            "timeout": tune["timeout"], "storage": tune["storage"] or f"{folder}/journal.log"}
+
+
+def _check_tune(config: dict[str, Any]) -> None:
+    """Every searched method is one of its study's and has a valid space."""
+    for study, study_cfg in config["studies"].items():
+        for i, method in enumerate(tuned_methods(config, study)):
+            if method not in study_cfg["methods"]:
+                raise ConfigError(f"config key studies.{study}.tune[{i}]: {method!r} is not one of the study's "
+                                  f"methods {study_cfg['methods']}")
+            for dataset in study_cfg["datasets"]:
+                search_spec(config, study, dataset, method)

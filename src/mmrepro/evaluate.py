@@ -69,16 +69,22 @@ def score(task: TaskSpec, pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
     return metrics.compute(kind, pred, y)
 
 
-def evaluate_model(model: torch.nn.Module, loader: SplitLoader, task: TaskSpec, device: str = "cpu") -> dict[str, float]:
+def model_predictions(model: torch.nn.Module, loader: SplitLoader, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """The model's predictions over ``loader`` (eval mode, no gradients) and the labels, in the loader's order."""
     model.eval()
     with torch.no_grad():
-        if metric_kind(task) == "segmentation":
-            meter = metrics.DiceMeter()
+        return predict(lambda b: model(b).pred, loader, device)
+
+
+def evaluate_model(model: torch.nn.Module, loader: SplitLoader, task: TaskSpec, device: str = "cpu") -> dict[str, float]:
+    if metric_kind(task) == "segmentation":
+        model.eval()
+        meter = metrics.DiceMeter()
+        with torch.no_grad():
             for logits, y in batch_predictions(lambda b: model(b).pred, loader, device):
                 meter.update(segmentation_labels(logits, tuple(y.shape)).to(torch.uint8).cpu().numpy(), y.numpy())
-            return meter.result()
-        pred, y = predict(lambda b: model(b).pred, loader, device)
-    return score(task, pred, y)
+        return meter.result()
+    return score(task, *model_predictions(model, loader, device))
 
 
 def case_average(metrics: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:

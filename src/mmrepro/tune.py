@@ -1,9 +1,12 @@
 """Hyperparameter search with Optuna: one study per (study, dataset, method), feeding the final runs.
 
 A search trains the method (or adapts, for test-time adapters) on the first setting, seed (and, on
-the shift study's backbone axis, backbone) that run it (:func:`search_run`; a cross-dataset setting's
-trials read its target's store) and scores a trial by its best validation loss; the test split is
-never read here. Its best parameters serve every run of that (study, dataset, method).
+the shift study's backbone axis, backbone) that run it (:func:`mmrepro.config.search_run`; a
+cross-dataset setting's trials read its target's store) and scores a trial by its best validation
+loss; the test split is never read here. Its best parameters serve every run of that (study, dataset, method).
+A cross-dataset setting's validation split is the target's: such a search chooses with target
+labels, says so (``target_labels_used`` in ``best.json`` and on its MLflow run), and every run
+that takes its parameters is marked the same way (:attr:`mmrepro.spec.RunSpec.tuned_on_target_labels`).
 The config's values are the first trial, so a search never ends worse than the published point.
 Three steps, one CLI verb each, so that several Snakemake jobs can share one study:
 
@@ -16,120 +19,24 @@ Three steps, one CLI verb each, so that several Snakemake jobs can share one stu
 - ``best``: after every worker: fails whatever is still RUNNING (nobody runs it), tops the budget
   up with the same loop, then writes the best parameters, the plots and the parent run's params.
 
-The final runs take the best parameters through :func:`apply_params`.
+The search spec each step reads is built with the config (:func:`mmrepro.config.search_spec`, which
+also checks the spaces); the final runs take the best parameters through
+:meth:`mmrepro.spec.RunSpec.with_params`.
 """
 
 from __future__ import annotations
 
-import copy
-import inspect
 import logging
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-from mmrepro.config import STUDY_KINDS, ConfigError, run_spec, study_grid
-from mmrepro.methods.registry import METHOD_FAMILIES
-from mmrepro.tracking import config_hash, flatten, tracking_uri
+from mmrepro.spec import RunSpec
+from mmrepro.tracking import flatten, tracking_uri
 
 log = logging.getLogger(__name__)
 
-
-def tuned_methods(config: dict[str, Any], study: str) -> list[str]:
-    """The study's methods that are searched: ``tune: true`` means all of them, a list names some."""
-    tune = config["studies"][study]["tune"]
-    return list(config["studies"][study]["methods"]) if tune is True else list(tune or [])
-
-
-def _target(spec: dict[str, Any], key: str) -> tuple[dict[str, Any], str]:
-    """The run-spec dict and field a space key sets: ``train.lr``, ``model.dropout``, ``methods.cggm.rho``."""
-    parts = key.split(".")
-    if len(parts) == 2 and parts[0] in ("train", "model") and parts[1] in spec[parts[0]]:
-        return spec[parts[0]], parts[1]
-    if len(parts) == 3 and parts[0] == "methods" and parts[1] in spec["plan"].values():
-        return spec["method_params"][parts[1]], parts[2]
-    raise KeyError(f"{key!r} is not train.<key>, model.<key> or methods.<plug-in of {spec['method']!r}>.<param>")
-
-
-def _current(spec: dict[str, Any], key: str) -> Any:
-    """The value a run uses today: the config's, else the plug-in's own default."""
-    where, field = _target(spec, key)
-    if field in where:
-        return where[field]
-    plugin = key.split(".")[1]
-    family = next(f for f, name in spec["plan"].items() if name == plugin)
-    param = inspect.signature(METHOD_FAMILIES[family].get(plugin)).parameters.get(field)
-    if param is None or param.default is inspect.Parameter.empty:
-        raise KeyError(f"{plugin} has no parameter {field!r} with a default")
-    return param.default
-
-
-def apply_params(spec: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-    """A copy of the run spec with the searched ``params`` (space keys -> values) set."""
-    out = copy.deepcopy(spec)
-    for key, value in params.items():
-        where, field = _target(out, key)
-        where[field] = value
-    return out
-
-
-def _check_point(dist: dict[str, Any], value: Any, key: str) -> None:
-    if "choices" in dist:
-        if value not in dist["choices"]:
-            raise ConfigError(f"config key {key}: the default point {value!r} is not one of {dist['choices']}")
-        return
-    if not dist["low"] < dist["high"]:
-        raise ConfigError(f"config key {key}: low {dist['low']} must be below high {dist['high']}")
-    if dist.get("log") and dist["low"] <= 0:
-        raise ConfigError(f"config key {key}: a log range needs low > 0")
-    if not dist["low"] <= value <= dist["high"]:
-        raise ConfigError(f"config key {key}: the default point {value!r} (the config's value) is outside "
-                          f"[{dist['low']}, {dist['high']}]")
-
-
-def search_run(config: dict[str, Any], study: str, dataset: str, method: str) -> dict[str, Any]:
-    """The run a search's trials stand for: the study's first run of ``method`` on ``dataset`` (its
-    setting, seed and backbone say which store the trials read and which model they start from)."""
-    return next(r for r in study_grid(config, study) if r["dataset"] == dataset and r["method"] == method)
-
-
-def search_spec(config: dict[str, Any], study: str, dataset: str, method: str) -> dict[str, Any]:
-    """Everything one search needs, resolved: the trials' run spec, space, default point, budget, storage."""
-    run = search_run(config, study, dataset, method)
-    space = config["tune"]["space"].get(method)
-    if not space:
-        raise ConfigError(f"config key tune.space.{method}: studies.{study}.tune searches {method!r}, "
-                          "but it has no search space")
-    spec = run_spec(config, study, dataset, method, run["setting"], run["seed"], run.get("backbone"))
-    default = {}
-    for key, dist in space.items():
-        try:
-            default[key] = _current(spec, key)
-        except KeyError as e:
-            raise ConfigError(f"config key tune.space.{method}.{key}: {e.args[0]}") from None
-        _check_point(dist, default[key], f"tune.space.{method}.{key}")
-    tune = config["tune"]
-    body = {"study": study, "dataset": dataset, "method": method, "kind": STUDY_KINDS[study], "spec": spec,
-            "space": space, "default": default, "trials": tune["trials"], "seed": tune["seed"],
-            "sampler": tune["sampler"], "pruner": tune["pruner"]}
-    folder = f"{config['results']}/tune/{study}/{dataset}/{method}"
-    return {**body, "name": f"{study}.{dataset}.{method}.{config_hash(body)}", "workers": tune["workers"],
-            "timeout": tune["timeout"], "storage": tune["storage"] or f"{folder}/journal.log"}
-
-
-def check_tune(config: dict[str, Any]) -> None:
-    """Every searched method is one of its study's and has a valid space (called by validate_config)."""
-    for study, spec in config["studies"].items():
-        for i, method in enumerate(tuned_methods(config, study)):
-            if method not in spec["methods"]:
-                raise ConfigError(f"config key studies.{study}.tune[{i}]: {method!r} is not one of the study's "
-                                  f"methods {spec['methods']}")
-            for dataset in spec["datasets"]:
-                search_spec(config, study, dataset, method)
-
-
-# --- Optuna -------------------------------------------------------------------------------------
 
 def _storage(url_or_path: str):
     """An RDB URL (it has ``://``) as is; otherwise a journal file (safe for workers on one file system)."""
@@ -180,7 +87,8 @@ def create(search: dict[str, Any]) -> dict[str, Any]:
         parent = found[0].info.run_id
     else:
         tags = {"study": search["study"], "dataset": search["dataset"], "method": search["method"],
-                "search": search["name"], "role": "search"}
+                "search": search["name"], "role": "search",
+                "target_labels_used": str(scores_target_labels(_spec(search))).lower()}
         parent = client.create_run(exp.experiment_id, run_name=f"search/{search['dataset']}/{search['method']}",
                                    tags=tags).info.run_id
         from mlflow.entities import Param
@@ -190,8 +98,22 @@ def create(search: dict[str, Any]) -> dict[str, Any]:
     return {**search, "parent_run": parent}
 
 
+def _spec(search: dict[str, Any]) -> RunSpec:
+    """The run spec the search's trials vary (its JSON in the search spec)."""
+    return RunSpec.from_dict(search["spec"])
+
+
+def scores_target_labels(spec: RunSpec) -> bool:
+    """Whether trials of ``spec`` are scored on target labels: its data setting's validation split is
+    the target's (a cross-dataset shift; a synth domain setting validates on the source)."""
+    from mmrepro.methods.registry import SETTINGS, build
+
+    return build(SETTINGS, spec.data_setting.type, spec.data_setting.params).validates_on_target
+
+
 def _uri(search: dict[str, Any]) -> str:
-    return tracking_uri(search["spec"]["results"], search["spec"]["tracking_uri"])
+    spec = _spec(search)
+    return tracking_uri(spec.results, spec.tracking.uri)
 
 
 #: A worker marks a trial as its own right after ``ask``; one still unmarked this long after was
@@ -229,13 +151,13 @@ def _suggest(trial, key: str, dist: dict[str, Any]) -> Any:
     return trial.suggest_float(key, dist["low"], dist["high"], log=dist.get("log", False), step=dist.get("step"))
 
 
-def _objective(search: dict[str, Any], spec: dict[str, Any], store: Path, init: Path | None, trial, run) -> float:
+def _objective(search: dict[str, Any], spec: RunSpec, store: Path, init: Path | None, trial, run) -> float:
     """The trial's best validation loss; a pruned trial raises ``TrialPruned`` from the loop's epoch callback."""
     import optuna
     import torch
 
     from mmrepro.jobs import RunData, adapted_predictions, prepare_adapter, prepare_training
-    from mmrepro.train import TrainConfig, fit, task_loss_fn
+    from mmrepro.train import fit, task_loss_fn
 
     data = RunData(store, spec)
     if search["kind"] == "adapt":
@@ -245,7 +167,7 @@ def _objective(search: dict[str, Any], spec: dict[str, Any], store: Path, init: 
         value = float(task_loss_fn(data.task.type)(torch.as_tensor(pred), torch.as_tensor(y)))
         run.log_metrics({"valid_loss": value}, step=0)
         return value
-    train, valid = data.loader("train", shuffle=True), data.loader("valid")
+    train, valid = data.train_loader(), data.loader("valid")
     model, hook, _ = prepare_training(spec, data, init)
 
     def on_epoch(epoch: int, values: dict[str, float]) -> None:
@@ -254,7 +176,7 @@ def _objective(search: dict[str, Any], spec: dict[str, Any], store: Path, init: 
         if trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch}: valid_loss {values['valid_loss']:.4g}")
 
-    result = fit(model, train, valid, hook, TrainConfig(**spec["train"]), log_epoch=on_epoch)
+    result = fit(model, train, valid, hook, spec.train, log_epoch=on_epoch)
     return min(h["valid_loss"] for h in result.history)
 
 
@@ -266,11 +188,11 @@ def _run_trial(study, trial, search: dict[str, Any], store: Path, init: Path | N
     from mmrepro import reproducibility
     from mmrepro.tracking import RunTracker, run_tags
 
-    spec = apply_params(search["spec"], {k: _suggest(trial, k, d) for k, d in search["space"].items()})
-    reproducibility.configure(spec["seed"], threads)  # every trial starts from the same seed
+    spec = _spec(search).with_params({k: _suggest(trial, k, d) for k, d in search["space"].items()})
+    reproducibility.configure(spec.seed, threads)  # every trial starts from the same seed
     tags = {**run_tags(spec, threads), "mlflow.parentRunId": search["parent_run"], "search": search["name"],
             "trial": str(trial.number), "role": "trial"}
-    with RunTracker(_uri(search), spec["study"], spec, threads, run_name=f"trial{trial.number}/{search['method']}",
+    with RunTracker(_uri(search), spec.study, spec, threads, run_name=f"trial{trial.number}/{search['method']}",
                     tags=tags) as run:
         try:
             value = _objective(search, spec, store, init, trial, run)
@@ -282,7 +204,7 @@ def _run_trial(study, trial, search: dict[str, Any], store: Path, init: Path | N
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
-        run.log_metrics({"objective": value}, step=0)
+        run.log_values({"objective": value})
         study.tell(trial, value)
 
 
@@ -335,7 +257,8 @@ def best(search: dict[str, Any], store: Path, init: Path | None, threads: int, f
     counts = _counts(study)
     result = {k: search[k] for k in ("study", "dataset", "method", "name", "trials")}
     result.update(params=top.params, value=top.value, trial=top.number,
-                  default_point=top.user_attrs.get("point") == "default", states=counts)
+                  default_point=top.user_attrs.get("point") == "default", states=counts,
+                  setting=_spec(search).setting, target_labels_used=scores_target_labels(_spec(search)))
     folder.mkdir(parents=True, exist_ok=True)
     plot_search(study, folder, search["seed"])
     client = mlflow.MlflowClient(tracking_uri=_uri(search))

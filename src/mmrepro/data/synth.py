@@ -81,7 +81,7 @@ draws at every scale). The default domains mix and add noise but set no ``offset
 along a random direction moves a source model's predictions by however its weights happen to extrapolate
 along a direction the source data never varied, so the shifted error depended on the model seed
 (``target_all`` with offset 1.5, source model MAE over seeds 0-2: 1.54 +/- 0.93 in issue #10); without
-it the error is stable across seeds and still well above the source's (the numbers are in the README). ``target_label`` is a control: p(y | x) is unchanged, so a source model should
+it the error is stable across seeds and still well above the source's (the numbers are in docs/synth.md). ``target_label`` is a control: p(y | x) is unchanged, so a source model should
 not get worse there (issue #10 measured a lower error than on the source), and an adapter that loses
 accuracy there over-adapts.
 
@@ -343,17 +343,17 @@ class SynthGenerator:
         The domain's ``scale`` (default 1) is its dose: it multiplies ``mix``, ``offset``, ``noise``,
         ``dropout`` and ``gain - 1`` (and the label shift), so 0 is the source and 1 the shift as written.
         """
-        spec = domain.get("modalities", {}).get(modality)
-        if not spec:
+        shift = domain.get("modalities", {}).get(modality)
+        if not shift:
             return x
         k = float(domain.get("scale", 1.0))
         rng = rng_for(self.seed, "domain", domain["name"], modality)
         D = x.shape[-1]
-        gain = 1.0 + k * (float(spec.get("gain", 1.0)) - 1.0)
-        A = gain * (np.eye(D) + k * float(spec.get("mix", 0.0)) * rng.standard_normal((D, D)) / np.sqrt(D))
-        b = k * float(spec.get("offset", 0.0)) * rng.standard_normal(D)
-        x = x @ A.T + b + k * float(spec.get("noise", 0.0)) * rng.standard_normal(x.shape)
-        drop = min(k * float(spec.get("dropout", 0.0)), 0.95)
+        gain = 1.0 + k * (float(shift.get("gain", 1.0)) - 1.0)
+        A = gain * (np.eye(D) + k * float(shift.get("mix", 0.0)) * rng.standard_normal((D, D)) / np.sqrt(D))
+        b = k * float(shift.get("offset", 0.0)) * rng.standard_normal(D)
+        x = x @ A.T + b + k * float(shift.get("noise", 0.0)) * rng.standard_normal(x.shape)
+        drop = min(k * float(shift.get("dropout", 0.0)), 0.95)
         if drop:
             x = x * (rng.random(x.shape[:2]) >= drop)[..., None]
         return x

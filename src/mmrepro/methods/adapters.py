@@ -16,21 +16,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch, SplitLoader
+from mmrepro.methods.params import OneOf
 from mmrepro.methods.registry import ADAPTERS
 
 PROTOCOLS = ("offline", "online")
+#: an adapter's ``protocol`` parameter: adapt on the target's train split first, or as the test stream passes
+AdaptProtocol = Annotated[str, OneOf(PROTOCOLS)]
 
 #: ``on_epoch(epoch)`` after each adaptation epoch (0: before any), so the job can record target error.
 EpochCallback = Callable[[int], None]
-#: Target validation metrics of the current model; only adapters that declare label use get one.
-Validate = Callable[[], dict[str, float]]
+#: The current model's predictions on the target validation split (eval mode, in the split's order) and
+#: the split's labels; only adapters that declare label use get one.
+Validate = Callable[[], tuple[np.ndarray, np.ndarray]]
 
 
 class Pool(Protocol):
@@ -143,12 +147,6 @@ class TestTimeAdapter:
 
     def predict(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
-
-
-def check_protocol(protocol: str) -> str:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    return protocol
 
 
 @ADAPTERS.register("source_only")

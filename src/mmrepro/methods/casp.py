@@ -2,7 +2,9 @@
 affine parameters inside the transformer layers (everything else frozen).
 
 Stage 1 (contrastive): each batch is seen twice, as is and with one randomly chosen modality
-zeroed for the whole batch; the two views' L2-normalised representations
+zeroed for the whole batch (drawn uniformly from the run's torch generator; the released code draws
+text, audio, vision with probabilities 0.33, 0.33, 0.34 from Python's ``random``, a negligible
+difference that keeps every draw under the run's one seed); the two views' L2-normalised representations
 (``ModelOutput.representation``) are pulled together by NT-Xent, every other sample of either
 view a negative. Dropout stays on while adapting. Eval-mode predictions of the whole pool are
 kept before stage 1 and every ``snapshot_every`` epochs.
@@ -12,7 +14,16 @@ prediction between consecutive snapshots, its pseudo-label the snapshots' mean. 
 (instability at most the ``keep_quantile`` quantile) are regressed on with L1. The released code
 keeps the *least* stable 5% instead (``selection: official_code``), and picks checkpoints and
 steps a plateau scheduler on target *validation labels* (``label_use: official_code``, marked in
-the table); by default neither. Without stage 1 the snapshots come from MC dropout.
+the table): after every epoch of either stage, the state with the best Acc-2 as the code counts it
+(``> 0`` on predictions and labels, a zero label negative: :func:`official_acc2`, not the table's
+``acc2_has0``) is kept, and the scheduler steps on the code's validation loss (the mean of the
+batch-mean L1 losses over batches of ``batch_size``: :func:`mean_batch_l1`); by default neither.
+Without stage 1 the snapshots come from MC dropout.
+
+Backbones (``casp_late``, ``casp_early``): the released code attends to every time step, padding
+included; ours masks padded steps out of attention, which changes predictions on zero-padded
+inputs (by 0.03-0.05 on CASP's MMSA features; see :mod:`mmrepro.models.transformer`). Inputs stored
+at full length (no ``*_lengths``) are attended to as in the code.
 
 Offline, the pool is the target's train split (``epochs`` passes, batches of ``batch_size``);
 online, each test batch is its own pool (``online_steps`` contrastive steps, one snapshot after
@@ -22,6 +33,7 @@ each), adapted on and then predicted; the adapted state carries over to the next
 from __future__ import annotations
 
 import copy
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -29,9 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrepro.data.loader import Batch
-from mmrepro.methods.adapters import (BatchPool, EpochCallback, Pool, TestTimeAdapter, Validate, batches,
-                                      check_protocol, clipped_step, layer_norm_parameters, only_trainable, random_drop_view)
+from mmrepro.methods.adapters import (AdaptProtocol, BatchPool, EpochCallback, Pool, TestTimeAdapter, Validate, batches,
+                                      clipped_step, layer_norm_parameters, only_trainable, random_drop_view)
+from mmrepro.methods.params import Count, OneOf, Positive, PositiveInt, Range
 from mmrepro.methods.registry import ADAPTERS
+from mmrepro.metrics import official_acc2
 
 STAGES = ("contrastive", "pseudo_label")
 SELECTIONS = ("stable", "official_code")
@@ -66,20 +80,32 @@ def select_stable(snapshots: np.ndarray, selection: str, keep_quantile: float) -
     return snapshots.mean(axis=0), keep
 
 
-class _BestByTargetLabels:
-    """The released code's use of target validation labels: keep the state with the best Acc-2 and
-    step a plateau scheduler on validation MAE."""
+def mean_batch_l1(pred: np.ndarray, y: np.ndarray, batch_size: int) -> float:
+    """The released code's validation loss: the mean over batches of ``batch_size`` (the last one may be
+    partial) of each batch's mean L1; equal to the per-sample MAE only when every batch is full."""
+    pred, y = np.asarray(pred, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    return float(np.mean([np.abs(pred[s:s + batch_size] - y[s:s + batch_size]).mean()
+                          for s in range(0, len(y), batch_size)]))
 
-    def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, validate: Validate):
-        self.model, self.validate = model, validate
+
+class _BestByTargetLabels:
+    """The released code's use of target validation labels after every epoch: step a plateau scheduler
+    (patience 10, factor 0.1) on :func:`mean_batch_l1` over batches of ``batch_size`` (the code reads
+    every split with the one batch size), and keep the state of the first epoch whose
+    :func:`official_acc2` beats the best so far, which starts at 0 as in the code (if none does, the
+    code saves no checkpoint; here the state before the stage stays)."""
+
+    def __init__(self, model: nn.Module, optimiser: torch.optim.Optimizer, validate: Validate, batch_size: int):
+        self.model, self.validate, self.batch_size = model, validate, batch_size
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimiser, patience=10, factor=0.1)
-        self.best, self.state = -np.inf, copy.deepcopy(model.state_dict())
+        self.best, self.state = 0.0, copy.deepcopy(model.state_dict())
 
     def update(self) -> None:
-        values = self.validate()
-        self.scheduler.step(values["mae"])
-        if values["acc2_has0"] > self.best:
-            self.best, self.state = values["acc2_has0"], copy.deepcopy(self.model.state_dict())
+        pred, y = self.validate()
+        self.scheduler.step(mean_batch_l1(pred, y, self.batch_size))
+        acc2 = official_acc2(pred, y)
+        if acc2 > self.best:
+            self.best, self.state = acc2, copy.deepcopy(self.model.state_dict())
 
     def restore(self) -> None:
         self.model.load_state_dict(self.state)
@@ -89,28 +115,21 @@ class _BestByTargetLabels:
 class CASP(TestTimeAdapter):
     default_stages: tuple[str, ...] = STAGES
 
-    def __init__(self, model: nn.Module, protocol: str = "offline", stages: list[str] | None = None,
-                 epochs: int = 15, snapshot_every: int = 3, pl_epochs: int = 5, batch_size: int = 24,
-                 online_steps: int = 1, temperature: float = 0.5, lr: float = 1e-3, clip: float = 0.8,
-                 selection: str = "stable", keep_quantile: float = 0.5, mc_snapshots: int = 6,
-                 stage2_params: str = "norms", label_use: str = "none"):
+    def __init__(self, model: nn.Module, protocol: AdaptProtocol = "offline",
+                 stages: list[Annotated[str, OneOf(STAGES)]] | None = None, epochs: PositiveInt = 15,
+                 snapshot_every: PositiveInt = 3, pl_epochs: Count = 5, batch_size: PositiveInt = 24,
+                 online_steps: PositiveInt = 1, temperature: Positive = 0.5, lr: Positive = 1e-3, clip: Positive = 0.8,
+                 selection: Annotated[str, OneOf(SELECTIONS)] = "stable",
+                 keep_quantile: Annotated[float, Range(0, 1, low_open=True)] = 0.5,
+                 mc_snapshots: Annotated[int, Range(2)] = 6, stage2_params: Annotated[str, OneOf(("norms", "all"))] = "norms",
+                 label_use: Annotated[str, OneOf(LABEL_USES)] = "none"):
         super().__init__(model)
-        self.protocol = check_protocol(protocol)
+        self.protocol = protocol
         self.stages = tuple(self.default_stages if stages is None else stages)
-        if not self.stages or any(s not in STAGES for s in self.stages):
-            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if label_use not in LABEL_USES:
-            raise ValueError(f"label_use must be one of {LABEL_USES}, got {label_use!r}")
+        if not self.stages:
+            raise ValueError(f"{self.name}.stages: must be a non-empty subset of {STAGES}, got {stages}")
         if label_use != "none" and protocol == "online":
             raise ValueError("label_use: official_code picks checkpoints per epoch: offline protocol only")
-        if stage2_params not in ("norms", "all"):
-            raise ValueError(f"stage2_params must be 'norms' or 'all', got {stage2_params!r}")
-        if not 0.0 < keep_quantile <= 1.0:
-            raise ValueError(f"keep_quantile must lie in (0, 1], got {keep_quantile}")
-        if min(epochs, snapshot_every, online_steps) < 1 or mc_snapshots < 2 or pl_epochs < 0:
-            raise ValueError("epochs, snapshot_every and online_steps must be >= 1, mc_snapshots >= 2, pl_epochs >= 0")
         self.offline = protocol == "offline"
         self.uses_target_labels = label_use == "official_code"
         self.epochs, self.snapshot_every, self.pl_epochs = epochs, snapshot_every, pl_epochs
@@ -139,7 +158,7 @@ class CASP(TestTimeAdapter):
         if "contrastive" in self.stages:
             snapshots = [self._snapshot(pool, size)]
             optimiser = self._optimiser("contrastive", self.norms)
-            best = _BestByTargetLabels(self.model, optimiser, validate) if self.uses_target_labels else None
+            best = _BestByTargetLabels(self.model, optimiser, validate, size) if self.uses_target_labels else None
             for epoch in range(1, epochs + 1):
                 self.model.train()
                 for batch in batches(pool, size):
@@ -165,7 +184,7 @@ class CASP(TestTimeAdapter):
         rows = np.flatnonzero(keep)
         target = torch.as_tensor(target, dtype=torch.float32)
         optimiser = self._optimiser("pseudo_label", self.stage2)
-        best = _BestByTargetLabels(self.model, optimiser, validate) if self.uses_target_labels else None
+        best = _BestByTargetLabels(self.model, optimiser, validate, size) if self.uses_target_labels else None
         for epoch in range(1, self.pl_epochs + 1):
             self.model.train()
             for start in range(0, len(rows), size):

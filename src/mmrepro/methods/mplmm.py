@@ -13,7 +13,11 @@ What each family does, on the ``mplmm_mult`` preset's stage API (:mod:`mmrepro.m
   sequences are joined along time, and a learned map over the time axis (one per missing X and
   available set A, with bias, then GELU) turns the ``l + sum_{Y in A} T_Y`` steps into X's ``T_X``
   steps. It learns from the task loss alone (no reconstruction loss), as in the paper. Without
-  this family a missing modality's projected input is zeros.
+  this family a missing modality's projected input is zeros. ``generator_input``: ``dropped``
+  (default, the released code) feeds the generators the first modality (MulT's text) after the
+  backbone's embedding dropout, the very tensor its projection reads (so in training the text ->
+  audio and text -> vision maps see the dropped text; in evaluation nothing is dropped); ``raw``
+  feeds them the features before that dropout. The paper does not say; the code's choice is the default.
 - ``signal``: per modality two ``(T_X, d)`` prompts, "present" and "missing"; the matching one is
   added to the modality's projected (or generated) input before the crossmodal transformers.
 - ``type``: per memory branch (one per target modality) a prompt ``P_t`` of ``l`` tokens of
@@ -35,6 +39,10 @@ or ``zeros`` (the released code's last commit).
 - ``zeros``: the type path is a product of two zero factors (``P_t`` and ``m_X``): each one's
   gradient is proportional to the other, so both stay exactly zero and the missing-type prompts
   never train (the appended tokens stay zero vectors); there only to reproduce the released code.
+  It reproduces the code only together with the code's position rule, ``model.position_padding:
+  true``: the code gives an all-zero step (first channel exactly 0) the zero position vector, so
+  the appended zero tokens, among them the read-out last position, get no position there, where
+  ours would number them. ``zeros`` without that key is refused (config check, and ``apply``).
 - ``uniform``: every entry of ``P_t Q`` is a sum of ``d sum_X T_X`` positive products, about
   ``d sum_X T_X / 8`` (about 560 for aligned MOSI, against unit-scale crossmodal outputs), so the
   appended tokens, and with them the read-out last position, swamp the input: predictions hardly
@@ -66,6 +74,7 @@ l = 16; K = 1) gives 88,141, the released code's count.
 from __future__ import annotations
 
 import itertools
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -73,12 +82,18 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.methods.incomplete import substitute
+from mmrepro.methods.params import OneOf, PositiveInt
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
 from mmrepro.models.multimodal import ModelOutput
 
 FAMILIES = ("generative", "signal", "type")
 INITS = ("normal", "uniform", "zeros")
+GENERATOR_INPUTS = ("dropped", "raw")
+Init = Annotated[str, OneOf(INITS)]
+GeneratorInput = Annotated[str, OneOf(GENERATOR_INPUTS)]
+ZEROS_NEED = ("prompt_init 'zeros' reproduces the released code only under its position rule (the appended zero "
+              "tokens get no position there); set model.position_padding: true or choose prompt_init 'normal'")
 NORMAL_STD = 0.02
 """``prompt_init: normal``: truncated normal of this std, the prompt-tuning convention (MPMM's prompts here)."""
 
@@ -145,18 +160,19 @@ class Prompts(nn.Module):
 class MPLMMModel(nn.Module):
     """A frozen ``mplmm_mult`` backbone run with MPLMM's prompts (see the module docstring)."""
 
-    def __init__(self, backbone: nn.Module, prompts: Prompts):
+    def __init__(self, backbone: nn.Module, prompts: Prompts, generator_input: str = "dropped"):
         super().__init__()
-        self.backbone, self.prompts = backbone, prompts
+        self.backbone, self.prompts, self.generator_input = backbone, prompts, generator_input
         self.names, self.task_type = backbone.names, backbone.task_type
 
     def forward(self, batch: Batch) -> ModelOutput:
         present = batch.present
         batch = substitute(batch, present)  # missing raw inputs become zeros: never read
-        projected, pads = self.backbone.project(batch)
+        dropped = self.backbone.drop_inputs(batch)  # one dropout draw, read by projections (and generators)
+        projected, pads = self.backbone.project(dropped, dropped=True)
         p, names = self.prompts, self.names
         if "generative" in p.families:
-            raw = [batch.x[m] for m in names]
+            raw = [(dropped if self.generator_input == "dropped" else batch).x[m] for m in names]
             codes = (present.long() << torch.arange(len(names), device=present.device)).sum(1)
             projected, pads = dict(projected), dict(pads)
             for code in torch.unique(codes).tolist():  # one group per missing pattern, never per sample
@@ -184,16 +200,11 @@ class MPLMMModel(nn.Module):
 class MPLMM(ModelTransform):
     """Freeze an ``mplmm_mult`` backbone, re-initialise its input projections and output layer, add prompts."""
 
-    def __init__(self, prompts: list[str] = FAMILIES, prompt_length: int = 16, prompt_init: str = "normal"):
-        unknown = sorted(set(prompts) - set(FAMILIES))
-        if unknown:
-            raise ValueError(f"mplmm.prompts: unknown famil(ies) {unknown}; known: {list(FAMILIES)}")
-        if prompt_init not in INITS:
-            raise ValueError(f"mplmm.prompt_init must be one of {INITS}, got {prompt_init!r}")
-        if prompt_length < 1:
-            raise ValueError(f"mplmm.prompt_length must be at least 1, got {prompt_length}")
+    def __init__(self, prompts: list[Annotated[str, OneOf(FAMILIES)]] = FAMILIES, prompt_length: PositiveInt = 16,
+                 prompt_init: Init = "normal", generator_input: GeneratorInput = "dropped"):
         self.prompts = tuple(f for f in FAMILIES if f in prompts)
-        self.prompt_length, self.prompt_init = prompt_length, prompt_init
+        self.prompt_length, self.prompt_init, self.generator_input = prompt_length, prompt_init, generator_input
+        self.requires_model = {"position_padding": (True, ZEROS_NEED)} if prompt_init == "zeros" else {}
 
     @staticmethod
     def _sizes(model: nn.Module) -> tuple[list[int], list[int], int]:
@@ -208,8 +219,11 @@ class MPLMM(ModelTransform):
 
     def apply(self, model: nn.Module) -> nn.Module:
         dims, lengths, d = self._sizes(model)
+        if self.requires_model and not model.fusion.position_padding:
+            raise ValueError(f"model.position_padding must be true for mplmm: {ZEROS_NEED}")
         freeze_for_transfer(model)
-        return MPLMMModel(model, Prompts(dims, lengths, d, self.prompt_length, self.prompts, self.prompt_init))
+        prompts = Prompts(dims, lengths, d, self.prompt_length, self.prompts, self.prompt_init)
+        return MPLMMModel(model, prompts, self.generator_input)
 
 
 def freeze_for_transfer(model: nn.Module) -> None:
@@ -228,8 +242,9 @@ def _ablation(letters: str) -> type[MPLMM]:
     chosen = [f for f in FAMILIES if f[0] in letters]
 
     class Ablation(MPLMM):
-        def __init__(self, prompt_length: int = 16, prompt_init: str = "normal"):
-            super().__init__(chosen, prompt_length, prompt_init)
+        def __init__(self, prompt_length: PositiveInt = 16, prompt_init: Init = "normal",
+                     generator_input: GeneratorInput = "dropped"):
+            super().__init__(chosen, prompt_length, prompt_init, generator_input)
 
     Ablation.__doc__ = f"MPLMM with prompts {chosen or 'none'} only (Table 3 ablation)."
     Ablation.__qualname__ = Ablation.__name__ = f"MPLMM_{letters}"

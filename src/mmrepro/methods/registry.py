@@ -5,13 +5,19 @@ plug-in, or several of different families joined by ``+`` (``wander+cggm``: Wand
 trained with CGGM's hook); every family left unnamed gets its trivial member, except that a hook
 may name (class attribute ``transform``) the model transform whose model it trains (QMF's
 late-fusion heads, for example): naming the hook then picks that transform.
+
+A plug-in's constructor declares its parameters (:mod:`mmrepro.methods.params`); registering it
+makes every construction check them. The plug-in modules import this module to register themselves; the package (``mmrepro.methods``)
+imports them all, so that whoever imports this module from outside finds the registries full.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+from mmrepro.methods.params import checked
+from mmrepro.spec import MethodPlan
 
 T = TypeVar("T")
 
@@ -27,7 +33,7 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.family} {name!r} is registered twice")
             self._items[name] = cls
             cls.name = name
-            return cls
+            return checked(cls)
         return add
 
     def get(self, name: str) -> type[T]:
@@ -51,24 +57,8 @@ SETTINGS: Registry = Registry("data setting", default="complete")
 METHOD_FAMILIES = {"transform": TRANSFORMS, "hook": HOOKS, "adapter": ADAPTERS}
 
 
-def _load_plugins() -> None:
-    """Import the modules that register plug-ins (kept here so the registries are never empty)."""
-    from mmrepro.methods import (adapters, balance, casp, hooks, imagination, incomplete, map_prompts,  # noqa: F401
-                                 mplmm, peft, settings, transforms, tta_baselines)
-
-
-@dataclass(frozen=True)
-class MethodPlan:
-    """Which plug-in of each family a run uses."""
-
-    transform: str
-    hook: str
-    adapter: str
-
-
 def resolve_method(method: str) -> MethodPlan:
     """Split ``a+b`` into one plug-in per family; unknown names and two of one family raise."""
-    _load_plugins()
     chosen: dict[str, str] = {}
     for part in method.split("+"):
         families = [f for f, reg in METHOD_FAMILIES.items() if part in reg]
@@ -89,15 +79,9 @@ def resolve_method(method: str) -> MethodPlan:
     return MethodPlan(**{f: chosen.get(f, reg.default) for f, reg in METHOD_FAMILIES.items()})
 
 
-def plugin_class(registry: Registry, name: str) -> type:
-    """The class registered as ``name`` (plug-in modules imported first)."""
-    _load_plugins()
-    return registry.get(name)
-
-
 def build(registry: Registry, name: str, params: dict[str, Any] | None = None, **context: Any):
     """Instantiate a registered plug-in with its config params; unknown params raise TypeError."""
-    cls = plugin_class(registry, name)
+    cls = registry.get(name)
     try:
         return cls(**(params or {}), **context)
     except TypeError as e:

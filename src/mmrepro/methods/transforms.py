@@ -24,6 +24,9 @@ class ModelTransform:
     #: True when it adapts per-modality transformer encoders, so a backbone whose encoders only project
     #: (:data:`mmrepro.models.presets.JOINT_PRESETS`) cannot take it (checked with the config).
     needs_modality_layers = False
+    #: Model config keys the transform needs set: ``{key: (value, why)}`` (MPLMM's zero prompts need
+    #: ``position_padding: True``); the config check refuses a study whose model sets them otherwise.
+    requires_model: dict[str, tuple[object, str]] = {}
 
     def apply(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError

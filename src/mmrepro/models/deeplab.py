@@ -58,7 +58,7 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.data.schema import DatasetSchema, TaskSpec
-from mmrepro.models.multimodal import ModelOutput
+from mmrepro.models.output import ModelOutput
 
 BACKBONE = "deeplab2d"
 #: ResNet depth -> (block, blocks in stages 1-3); stage 4 is always the three-block multi-grid unit.

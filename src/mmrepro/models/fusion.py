@@ -19,6 +19,8 @@ from mmrepro.models.encoders import masked_mean
 
 
 class LateFusion(nn.Module):
+    modality_blocks = True   # fused = one d-wide block per modality, in order (see the note above FUSIONS)
+
     def __init__(self, names: list[str], d_model: int, dropout: float, **_):
         super().__init__()
         self.names = names
@@ -47,6 +49,8 @@ class CrossmodalBlock(nn.Module):
 
 
 class CrossmodalFusion(nn.Module):
+    modality_blocks = True   # one pooled stream per target modality
+
     def __init__(self, names: list[str], d_model: int, dropout: float, heads: int, layers: int, **_):
         super().__init__()
         self.names = names
@@ -77,6 +81,8 @@ class CrossmodalFusion(nn.Module):
 
 
 class ConcatFusion(nn.Module):
+    modality_blocks = False  # one transformer output over all modalities' tokens
+
     def __init__(self, names: list[str], d_model: int, dropout: float, heads: int, layers: int, **_):
         super().__init__()
         self.names = names
@@ -91,4 +97,7 @@ class ConcatFusion(nn.Module):
         return self.transformer(h, src_key_padding_mask=pad)[:, 0]
 
 
+#: A fusion's ``modality_blocks`` says whether its output ``fused`` is the concatenation of one
+#: equal-width block per modality (in ``names`` order), so a linear head over it splits by modality
+#: (OGM-GE's weight split needs that); False where the blocks mix every modality (a joint transformer).
 FUSIONS = {"late": LateFusion, "mult": CrossmodalFusion, "concat": ConcatFusion}

@@ -23,7 +23,8 @@ the input widths, ``M`` the modalities, ``K`` the outputs (1 for regression):
   model projects the text with the image's Conv1d and leaves its text Conv1d unused; here each
   modality uses its own: same parameter count.)
 - ``mplmm_mult`` (MulT as MPLMM uses it): per modality a 1x1 Conv1d without bias ``D_m -> d``
-  (the first modality's raw input, MulT's text, gets the embedding dropout first, as in the code);
+  (the first modality's raw input, MulT's text, gets the embedding dropout first, as in the code:
+  ``drop_inputs``);
   for every ordered pair a crossmodal encoder (target ``t`` queries source ``s``, ``layers``);
   per target a memory encoder of width ``(M-1) d`` and ``max(layers, 3)`` layers over the
   concatenation of its crossmodal outputs (sources in modality order); each memory output at the
@@ -36,6 +37,10 @@ Stage API of ``mplmm_mult`` (:class:`MulTModel`), for model transforms such as M
 - ``projected, pads = model.project(batch)``: per modality the ``(B, T_m, d)`` projected sequence
   and its ``(B, T_m)`` padding mask (True = padded). A transform may replace or add to any
   ``projected[m]`` (e.g. a generated missing modality, or signal prompts added) keeping its shape.
+  ``model.drop_inputs(batch)`` is the batch as the projections read it (the first modality through
+  the embedding dropout when training); ``project(dropped, dropped=True)`` projects such a batch
+  without drawing the dropout again, so a transform can read the same dropped input (MPLMM's
+  generators, as the code).
 - ``model.forward_from_projected(projected, pads, memory_suffix=None) -> ModelOutput``: the
   crossmodal and memory transformers and the head. ``memory_suffix[t]`` ``(B, l, (M-1) d)`` is
   appended at the END of target ``t``'s memory input (after the crossmodal streams, before the
@@ -52,7 +57,7 @@ preset defaults below (the official run scripts'); ``model.causal`` (None = pres
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Mapping
 
 import torch
@@ -63,7 +68,8 @@ from mmrepro.data.loader import Batch
 from mmrepro.data.schema import DatasetSchema, TaskSpec
 from mmrepro.models.dropout import dropout
 from mmrepro.models.encoders import attention_mask, padding_mask
-from mmrepro.models.multimodal import ModelOutput, MultimodalModel, PredictionHead
+from mmrepro.models.multimodal import MultimodalModel, PredictionHead
+from mmrepro.models.output import ModelOutput
 from mmrepro.models.transformer import Dropouts, TransformerEncoder, encoder_params
 
 #: Official run-script dropouts per preset (CASP: its training script; CGGM: run/mosi_run.py and
@@ -94,12 +100,10 @@ class SequenceEncoder(nn.Module):
     is the schema's sequence length.
     """
 
-    def __init__(self, in_dim: int, d: int, bias: bool, max_len: int, transformer: TransformerEncoder | None = None,
-                 input_dropout: float = 0.0):
+    def __init__(self, in_dim: int, d: int, bias: bool, max_len: int, transformer: TransformerEncoder | None = None):
         super().__init__()
         self.proj = nn.Conv1d(in_dim, d, kernel_size=1, bias=bias)
         self.transformer = transformer
-        self.input_dropout = input_dropout
         self.max_len = max_len
 
     @property
@@ -113,8 +117,6 @@ class SequenceEncoder(nn.Module):
     def embed(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         pad = padding_mask(lengths, x.shape[1])
         keys = key_padding(pad)
-        if self.input_dropout:
-            x = dropout(x, self.input_dropout, self.training)
         if keys is not None:
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         h = F.linear(x, self.proj.weight.squeeze(-1), self.proj.bias)
@@ -142,6 +144,8 @@ class SequenceEncoder(nn.Module):
 class FirstSteps(nn.Module):
     """CASP's late fusion: every modality's encoder output at step 0, concatenated."""
 
+    modality_blocks = True
+
     def __init__(self, names: list[str], d: int):
         super().__init__()
         self.names, self.out_dim = names, d * len(names)
@@ -152,6 +156,8 @@ class FirstSteps(nn.Module):
 
 class TimeConcatFusion(nn.Module):
     """The modalities' sequences concatenated along time, one encoder, its output at step 0."""
+
+    modality_blocks = False
 
     def __init__(self, names: list[str], transformer: TransformerEncoder, d: int):
         super().__init__()
@@ -166,10 +172,12 @@ class TimeConcatFusion(nn.Module):
 class MulTFusion(nn.Module):
     """MulT's crossmodal transformers (every ordered pair) and memory transformers (per target)."""
 
+    modality_blocks = True   # one memory readout per target modality
+
     def __init__(self, names: list[str], d: int, heads: int, layers: int, dropouts: Dropouts, causal: bool,
                  position_padding: bool):
         super().__init__()
-        self.names = names
+        self.names, self.position_padding = names, position_padding
         self.memory_dim = d * (len(names) - 1)
         self.out_dim = self.memory_dim * len(names)
         self.cross = nn.ModuleDict({
@@ -197,11 +205,32 @@ class MulTFusion(nn.Module):
 
 
 class MulTModel(MultimodalModel):
-    """``mplmm_mult``: :class:`MultimodalModel` whose encoders only project, with MPLMM's two stages."""
+    """``mplmm_mult``: :class:`MultimodalModel` whose encoders only project, with MPLMM's two stages.
 
-    def project(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Per modality the ``(B, T_m, d)`` projected input and its ``(B, T_m)`` padding mask."""
-        return self.encode(batch)
+    ``input_dropout``: MulT's embedding dropout on the first modality's raw input (the code's text),
+    drawn once per forward by :meth:`drop_inputs`; ``max_lengths`` the schema's lengths.
+    """
+
+    def __init__(self, encoders: dict[str, SequenceEncoder], fusion: MulTFusion, head: PredictionHead, task: TaskSpec,
+                 input_dropout: float, max_lengths: dict[str, int]):
+        super().__init__(encoders, fusion, head, task)
+        self.input_dropout, self.max_lengths = input_dropout, max_lengths
+
+    def drop_inputs(self, batch: Batch) -> Batch:
+        """The batch as the projections read it: the first modality's raw features through the
+        embedding dropout (training only; the other modalities as they are)."""
+        if not (self.training and self.input_dropout):
+            return batch
+        first = self.names[0]
+        return replace(batch, x={**batch.x, first: dropout(batch.x[first], self.input_dropout, True)})
+
+    def encode(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        return super().encode(self.drop_inputs(batch))
+
+    def project(self, batch: Batch, dropped: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per modality the ``(B, T_m, d)`` projected input and its ``(B, T_m)`` padding mask;
+        ``dropped``: ``batch`` comes from :meth:`drop_inputs` already (no second dropout draw)."""
+        return super().encode(batch) if dropped else self.encode(batch)
 
     def forward_from_projected(self, projected: dict[str, torch.Tensor], pads: dict[str, torch.Tensor],
                                memory_suffix: Mapping[str, torch.Tensor] | None = None) -> ModelOutput:
@@ -266,12 +295,10 @@ def build_preset(name: str, schema: DatasetSchema, task: TaskSpec, names: list[s
     dims = {m: schema.modality(m).dim for m in names}
     lengths = {m: schema.modality(m).length for m in names}
     if name == "mplmm_mult":
-        encoders = {m: SequenceEncoder(dims[m], d_model, bias=False, max_len=lengths[m],
-                                       input_dropout=drop.embed if i == 0 else 0.0) for i, m in enumerate(names)}
+        encoders = {m: SequenceEncoder(dims[m], d_model, bias=False, max_len=lengths[m]) for m in names}
         fusion = MulTFusion(names, d_model, heads, layers, drop, causal, position_padding)
-        model = MulTModel(encoders, fusion, PredictionHead(fusion.out_dim, out_dim, drop.out), task)
-        model.max_lengths = lengths  # prompts sized per modality need them
-        return model
+        return MulTModel(encoders, fusion, PredictionHead(fusion.out_dim, out_dim, drop.out), task,
+                         input_dropout=drop.embed, max_lengths=lengths)
     if name == "casp_early":
         encoders = {m: SequenceEncoder(dims[m], d_model, bias=True, max_len=lengths[m]) for m in names}
         fusion = TimeConcatFusion(names, encoder(layers), d_model)

@@ -28,7 +28,7 @@ converter crop works. A modality absent for a sample (``batch.present`` False) h
 volume multiplied by zero before its encoder, as the ``zero_fill`` setting does for sequences
 (so a model trained with missing modalities sees exactly zeros, whatever the setting did).
 
-The forward returns the shared :class:`~mmrepro.models.multimodal.ModelOutput`: ``pred`` the
+The forward returns the shared :class:`~mmrepro.models.output.ModelOutput`: ``pred`` the
 logits ``(B, K, D, H, W)``; ``features[m]`` modality ``m``'s bottleneck averaged over space
 ``(B, d)``; ``tokens[m]`` that bottleneck flattened to ``(B, T, d)`` (``T`` = bottleneck voxels);
 ``fused`` the fused bottleneck averaged over space ``(B, d)``; ``d = w_{L-1}``.
@@ -47,8 +47,7 @@ anything is built, and usable by config validation).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +55,8 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.data.schema import DatasetSchema, TaskSpec
-from mmrepro.models.multimodal import ModelOutput
+from mmrepro.models.output import ModelOutput
+from mmrepro.spec import MethodPlan
 
 #: Name of this backbone in metrics.json and accepted as ``model.backbone`` for segmentation.
 BACKBONE = "unet3d"
@@ -83,14 +83,14 @@ SUPPORTED_METHODS: dict[str, tuple[str, ...]] = {
 }
 
 
-def check_method_support(task: TaskSpec | str, plan: Mapping[str, str] | Any) -> None:
-    """Raise ``ValueError`` if ``plan`` (a run spec's ``plan`` dict or a ``MethodPlan``) names a
-    plug-in this model cannot be trained with; sequence tasks always pass."""
+def check_method_support(task: TaskSpec | str, plan: MethodPlan) -> None:
+    """Raise ``ValueError`` if ``plan`` names a plug-in this model cannot be trained with; sequence
+    tasks always pass."""
     task_type = task if isinstance(task, str) else task.type
     if task_type != "segmentation":
         return
     for family, allowed in SUPPORTED_METHODS.items():
-        name = plan[family] if isinstance(plan, Mapping) else getattr(plan, family)
+        name = getattr(plan, family)
         if name not in allowed:
             raise ValueError(f"{family} {name!r} is not supported for segmentation (models {list(SEGMENTATION_BACKBONES)}); "
                              f"supported {family}s: {list(allowed)}")

@@ -29,9 +29,17 @@ Where it differs on purpose, for speed, not result: tensors are batch-first ``(B
 attention goes through ``torch.nn.functional.scaled_dot_product_attention`` (flash /
 memory-efficient kernels, dropout fused on GPU), except while training with attention dropout
 on the CPU (:mod:`mmrepro.models.dropout`: the same function in distribution at about a third of
-the cost, as are its other dropouts there); no mask tensor is built unless some key is padded or a causal
-mask cannot use the kernel's own (``T_q != T_k``); with padding (the official code has none: its
-sequences are zero-padded and attended to) padded keys are masked out.
+the cost, as are its other dropouts there); no mask tensor is built unless some key is padded or a
+causal mask cannot use the kernel's own (``T_q != T_k``).
+
+Where it differs in result: padded keys are masked out. The official code has no lengths: its
+sequences are zero-padded and every step, padding included, is attended to. So on inputs with
+stored lengths shorter than the padded length, predictions differ from the code's (by 0.03-0.05
+on CASP's zero-padded MMSA features, measured beside the released code); on inputs without
+lengths (the MulT pickles: every length is the padded one) nothing is masked and the padded
+steps are attended to as in the code. With ``position_padding`` such all-zero steps also get the
+code's zero position vector, where they reach an encoder as zeros (a projection without bias,
+``mplmm_mult``'s).
 """
 
 from __future__ import annotations

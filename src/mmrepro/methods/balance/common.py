@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import replace
 
+import torch
 from torch import nn
 
+from mmrepro.data.loader import Batch
 from mmrepro.methods.hooks import TrainingHook
 
 
@@ -20,6 +23,11 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def keep_only(batch: Batch, keep: Collection[str]) -> Batch:
+    """``batch`` with the inputs of every modality outside ``keep`` zeroed (lengths and ``present`` kept)."""
+    return replace(batch, x={m: (v if m in keep else torch.zeros_like(v)) for m, v in batch.x.items()})
 
 
 def per_modality(prefix: str, values: Mapping[str, float]) -> dict[str, float]:

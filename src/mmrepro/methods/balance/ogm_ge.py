@@ -26,6 +26,14 @@ What we adapted:
   Block ``m`` of ``fused`` is the representation our fusion keeps for modality ``m`` (late: its
   pooled features plus the fusion MLP's share; mult: the crossmodal stream that targets ``m``),
   so it is not purely unimodal for either backbone; in the original it is.
+- **Fusions without per-modality blocks.** CGGM's MSA and Food models (``cggm_msa``,
+  ``cggm_food``; also ``concat`` and ``casp_early``) fuse with one transformer over every
+  modality's tokens, so ``fused`` has no block per modality to split (the CGGM paper runs OGM-GE on
+  these models and says not how; its code has no baselines). There the unimodal output is the
+  model's prediction with only modality ``m``'s inputs kept (the others zeroed) minus
+  ``(M - 1)/M`` of the prediction with all zeroed: the same quantity for a concatenation into a
+  linear layer, and the counterfactual AGM and MSLR use for any fusion. It costs ``M + 1`` extra
+  forward passes per step, without gradient.
 - **Regression.** There is no true-class probability. The confidence of a sample is
   ``exp(-|out_m - y|)``, a monotone map of the negative absolute error into (0, 1], the
   counterpart of ``softmax_y = exp(-cross-entropy)``. (The negative absolute error itself would
@@ -57,26 +65,38 @@ import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
-from mmrepro.methods.balance.common import EpochMeans, eval_mode, per_modality
+from mmrepro.methods.balance.common import EpochMeans, eval_mode, keep_only, per_modality
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.params import Count, NonNegative
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
 
 @torch.no_grad()
-def unimodal_outputs(model: nn.Module, fused: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-modality outputs of the head: ``head(P_m f) - (M - 1)/M * head(0)`` for each modality.
+def unimodal_outputs(model: nn.Module, batch: Batch, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-modality outputs, summing to about the fused output; no gradient, the model in eval mode.
 
-    ``P_m`` keeps modality ``m``'s block of the fused vector and zeroes the others. For a linear
-    head ``W f + b`` this is ``W[:, block_m] f_m + b / M``, OGM-GE's split of the fusion layer.
+    A fusion whose ``fused`` is one block per modality (``model.fusion.modality_blocks``): the head
+    with every other block zeroed, ``head(P_m f) - (M - 1)/M * head(0)``; for a linear head ``W f + b``
+    this is ``W[:, block_m] f_m + b / M``, OGM-GE's split of its fusion layer. Any other fusion (a
+    joint transformer over all modalities' tokens, as CGGM's MSA and Food models): the whole model
+    with only modality ``m``'s inputs kept, ``v({m}) - (M - 1)/M * v({})`` (``v(S)``: the prediction
+    with the inputs outside ``S`` zeroed), which for a concatenation into a linear layer over
+    encoders that map zeros to zeros is again exactly the weight split.
     """
     names = list(model.names)
     n = len(names)
+    outs = {}
+    if not getattr(model.fusion, "modality_blocks", False):
+        with eval_mode(model):
+            base = model(keep_only(batch, ())).pred
+            for m in names:
+                outs[m] = model(keep_only(batch, {m})).pred - base * (n - 1) / n
+        return outs
     if fused.shape[-1] % n:
         raise ValueError(f"fused width {fused.shape[-1]} is not {n} equal per-modality blocks")
     d = fused.shape[-1] // n
     fused = fused.detach()
-    outs = {}
     with eval_mode(model.head):
         base = model.head(torch.zeros_like(fused[:1]))
         for i, m in enumerate(names):
@@ -115,7 +135,7 @@ def ogm_coefficient(ratio: float, alpha: float, ratio_offset: float = 0.0) -> fl
 class OGMGE(TrainingHook):
     """Damp the dominant modality's encoder gradients by ``1 - tanh(alpha * rho)``, plus GE noise."""
 
-    def __init__(self, alpha: float = 0.1, modulation_starts: int = 0, modulation_ends: int = 50,
+    def __init__(self, alpha: NonNegative = 0.1, modulation_starts: Count = 0, modulation_ends: Count = 50,
                  ge: bool = True, ratio_offset: float = 0.0, matrices_only: bool = False):
         self.alpha, self.ge, self.ratio_offset = float(alpha), bool(ge), float(ratio_offset)
         self.modulation_starts, self.modulation_ends = int(modulation_starts), int(modulation_ends)
@@ -135,7 +155,7 @@ class OGMGE(TrainingHook):
 
     def coefficients(self, model: nn.Module, batch: Batch, out: ModelOutput) -> tuple[dict[str, float], dict[str, float]]:
         """This step's ratios and coefficients, per modality."""
-        outs = unimodal_outputs(model, out.fused)
+        outs = unimodal_outputs(model, batch, out.fused)
         names = list(model.names)
         scores = [float(true_confidence(outs[m], batch.y, model.task_type).sum()) for m in names]
         ratios = dict(zip(names, discrepancy_ratios(scores)))
