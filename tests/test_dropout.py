@@ -1,6 +1,8 @@
 """The CPU dropout paths (:mod:`mmrepro.models.dropout`): the same function as before, in distribution.
 
-Dropout off: bit-for-bit today's attention (a restatement of it below). Dropout on: each output's
+Dropout off: bit-for-bit today's attention (a restatement of it below), and the chunked path the
+plain formula within float32 rounding (odd lengths, part-full chunks). Dropout on: kept share and
+scale of the weights, determinism per seed, nothing drawn in eval mode, and each output's
 mean and variance over many independent draws against their exact values (and the gradients'
 against PyTorch's own dropout), with 5-sigma bounds from the samples' own moments, so a check
 would flake (seeds aside) with probability below 1e-4 yet catches a wrong rate (each test shows that it would).
@@ -93,6 +95,29 @@ def test_chunked_attention_without_drops_is_the_arithmetic(kind, chunk_bytes, mo
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(ours, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+SLICE32 = 7 * 11 * 4  # bytes of one (T_q = 7) x (T_k = 11) float32 score slice
+
+
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 3 * SLICE32, 8 * SLICE32])  # one chunk; in a sample; last part-full
+@pytest.mark.parametrize("kind", ["none", "padded"])
+def test_chunked_attention_without_drops_matches_the_plain_reference_in_float32(kind, chunk_bytes, monkeypatch):
+    """float32 at odd lengths (7 queries, 11 keys, 3 samples x 4 heads: with 8 slices a chunk, the last
+    chunk is half full): the forward and the gradients within float32 rounding of the plain formula."""
+    monkeypatch.setattr(cpu_dropout, "CHUNK_BYTES", chunk_bytes)
+    torch.manual_seed(0)
+    q = torch.randn(3, 4, 7, 5, requires_grad=True)
+    k, v = (torch.randn(3, 4, 11, 5, requires_grad=True) for _ in range(2))
+    mask, _ = mask_for(kind, 3, 7, 11)
+    ours, ref = dropout_attention(q, k, v, 0.0, mask), math_attention(q, k, v, mask)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(ours, (q, k, v), g)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), g)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    if kind == "padded":  # sample 1's padded keys get no gradient
+        assert torch.all(grads[1][1, :, 11 // 2:] == 0) and torch.all(grads[2][1, :, 11 // 2:] == 0)
 
 
 def test_a_query_with_no_key_is_refused():
@@ -194,6 +219,77 @@ def test_keep_masks_stay_independent_across_a_draw():
     pairs = keep.view(-1, 2)
     corr = ((pairs[:, 0] - 0.5) * (pairs[:, 1] - 0.5)).mean() / 0.25
     assert abs(corr) < Z / (n / 2) ** 0.5
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_attention_keeps_weights_at_one_minus_the_rate_and_scales_the_kept(padded, monkeypatch):
+    """With ``v`` the identity, the output is the dropped weights themselves: each is 0 or its softmax
+    weight / (1 - r), and the kept share over 2**17 weights (several chunks) is 1 - r within a
+    binomial bound. Padded keys stay at 0."""
+    monkeypatch.setattr(cpu_dropout, "CHUNK_BYTES", 8 * 33 * 16 * 8)  # 8 slices a chunk: 32 chunks
+    torch.manual_seed(0)
+    b, h, tq, tk = 64, 4, 33, 16
+    q, k = torch.randn(b, h, tq, 8, dtype=torch.float64), torch.randn(b, h, tk, 8, dtype=torch.float64)
+    v = torch.eye(tk, dtype=torch.float64).expand(b, h, tk, tk)
+    mask = (torch.arange(tk) < 11)[None, None, None] if padded else None
+    r = quantised_rate(RATE)
+    weights = math_attention(q, k, v, mask)
+    out = dropout_attention(q, k, v, RATE, mask)
+    if padded:
+        assert torch.all(out[..., 11:] == 0)
+        out, weights = out[..., :11], weights[..., :11]
+    kept = out != 0
+    assert torch.allclose(out[kept], weights[kept] / (1 - r), rtol=1e-12, atol=0)
+    n = kept.numel()
+    share = kept.double().mean().item()
+    assert abs(share - (1 - r)) < Z * (r * (1 - r) / n) ** 0.5
+    assert abs(share - 0.75) > Z * (0.25 * 0.75 / n) ** 0.5  # a rate of 0.25 would be seen
+
+
+def test_masked_attention_dropout_has_the_no_dropout_mean():
+    """With padded keys too: the mean over many draws is the no-dropout output (5 sigma)."""
+    torch.manual_seed(4)
+    mask = (torch.arange(TK) < 4)[None, None, None]
+    out, _, e = attention_draws(RATE, lambda q, k, v, rate: dropout_attention(q, k, v, rate, mask))
+    p = math_attention(e["q"], e["k"], e["v"], mask)[0]
+    se = out.std(0) / N ** 0.5
+    assert ((out.mean(0) - p) / se).abs().max() < Z
+
+
+def test_same_seed_same_draws_other_seed_other_draws():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 9, 4, requires_grad=True) for _ in range(3))
+    x = torch.randn(1000)
+    runs = []
+    for seed in (5, 5, 6):
+        torch.manual_seed(seed)
+        out = dropout_attention(q, k, v, RATE)
+        runs.append((out, torch.autograd.grad(out.sum(), (q, k, v)), dropout(x, RATE, True)))
+    (out_a, grads_a, act_a), (out_b, grads_b, act_b), (out_c, _, act_c) = runs
+    assert torch.equal(out_a, out_b) and torch.equal(act_a, act_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert not torch.equal(out_a, out_c) and not torch.equal(act_a, act_c)
+
+
+def test_eval_mode_draws_nothing_and_training_does():
+    """A transformer with every dropout at 0.3: in eval mode it is the same encoder with dropouts 0
+    (bit for bit, and the random state untouched); in training, two calls differ."""
+    from mmrepro.models.transformer import TransformerEncoder
+
+    torch.manual_seed(0)
+    dropping = TransformerEncoder(8, 2, 2, Dropouts(attn=0.3, relu=0.3, res=0.3, embed=0.3), causal=True)
+    plain = TransformerEncoder(8, 2, 2, Dropouts(), causal=True)
+    plain.load_state_dict(dropping.state_dict())
+    x, source = torch.randn(2, 5, 8), torch.randn(2, 7, 8)
+    dropping.eval(), plain.eval()
+    state = torch.get_rng_state()
+    for args in ((x,), (x, source)):
+        assert torch.equal(dropping(*args), plain(*args))
+    assert torch.equal(torch.get_rng_state(), state)
+    dropping.train()
+    for args in ((x,), (x, source)):
+        first, second = dropping(*args), dropping(*args)
+        assert not torch.equal(first, second)
 
 
 # --- in the models -------------------------------------------------------------------------------
