@@ -1,6 +1,6 @@
 """The CPU dropout paths (:mod:`mmrepro.models.dropout`): the same function as before, in distribution.
 
-Dropout off: bit-for-bit today's attention (a restatement of it below), and the chunked path the
+Dropout off: bit-for-bit today's attention (the module calling SDPA as before), and the chunked path the
 plain formula within float32 rounding (odd lengths, part-full chunks). Dropout on: kept share and
 scale of the weights, determinism per seed, nothing drawn in eval mode, and each output's
 mean and variance over many independent draws against their exact values (and the gradients'
@@ -18,6 +18,7 @@ from torch import nn
 from mmrepro.models import dropout as cpu_dropout
 from mmrepro.models.dropout import TransformerEncoderLayer, dropout, dropout_attention, quantised_rate
 from mmrepro.models.presets import PRESETS
+from mmrepro.models import transformer
 from mmrepro.models.transformer import Dropouts, MultiheadAttention
 
 from test_presets import preset, tiny_batch
@@ -25,22 +26,9 @@ from test_presets import preset, tiny_batch
 Z = 5.0  # bound on every z-score
 
 
-def todays_attention(attn: MultiheadAttention, query, key=None, value=None, mask=None, causal=False):
-    """MultiheadAttention.forward before the CPU dropout path: the projections, then SDPA."""
-    w, bias = attn.in_proj_weight, attn.in_proj_bias
-    d = query.shape[-1]
-    if key is None:
-        q, k, v = F.linear(query, w, bias).chunk(3, dim=-1)
-    elif value is None or value is key:
-        q = F.linear(query, w[:d], bias[:d])
-        k, v = F.linear(key, w[d:], bias[d:]).chunk(2, dim=-1)
-    else:
-        q = F.linear(query, w[:d], bias[:d])
-        k = F.linear(key, w[d: 2 * d], bias[d: 2 * d])
-        v = F.linear(value, w[2 * d:], bias[2 * d:])
-    out = F.scaled_dot_product_attention(attn._split(q), attn._split(k), attn._split(v), attn_mask=mask,
-                                         dropout_p=attn.dropout if attn.training else 0.0, is_causal=causal)
-    return attn.out_proj(out.transpose(1, 2).reshape(query.shape))
+def sdpa(q, k, v, rate, mask=None, causal=False):
+    """The attention call of MultiheadAttention.forward before the CPU dropout path."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=rate, is_causal=causal)
 
 
 def math_attention(q, k, v, mask=None, causal=False):
@@ -64,7 +52,8 @@ def mask_for(kind: str, b: int, tq: int, tk: int) -> tuple[torch.Tensor | None, 
 
 
 @pytest.mark.parametrize("kind", ["none", "padded", "future", "causal"])
-def test_dropout_off_is_todays_attention_bit_for_bit(kind):
+def test_dropout_off_is_todays_attention_bit_for_bit(kind, monkeypatch):
+    """The module with attention dropout 0 against the same module calling SDPA as it did before."""
     torch.manual_seed(0)
     attn = MultiheadAttention(8, 2, dropout=0.0)
     x = torch.randn(3, 5, 8, requires_grad=True)
@@ -73,7 +62,10 @@ def test_dropout_off_is_todays_attention_bit_for_bit(kind):
     for training in (True, False):
         attn.train(training)
         key = None if kind == "causal" else src
-        ours, ref = attn(x, key, mask=mask, causal=causal), todays_attention(attn, x, key, mask=mask, causal=causal)
+        ours = attn(x, key, mask=mask, causal=causal)
+        with monkeypatch.context() as m:
+            m.setattr(transformer, "attention", sdpa)
+            ref = attn(x, key, mask=mask, causal=causal)
         assert torch.equal(ours, ref)
         g = torch.randn_like(ours)
         assert all(torch.equal(a, b) for a, b in zip(torch.autograd.grad(ours, (x, src, *attn.parameters()), g),
