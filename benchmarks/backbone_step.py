@@ -34,8 +34,9 @@ On CUDA (``--device cuda``, ``--amp`` for a bf16 forward) wall time is what coun
 adds the kernel time of a step (profiler, mean of 2 steps): a step far above it is host-bound.
 
 Writes ``<out>/backbone_step.csv`` and ``.md`` (``benchmarks/results/`` is git-ignored) and prints
-the Markdown. ``docs/benchmarks_step.md`` holds the last full CPU run. Full run: about 25 minutes
-on an idle 2-core machine; quick look: ``--reps 3 --warmup 1 --cases casp_late``.
+the Markdown. ``docs/benchmarks.md`` ("One training step on the CPU") holds the last CPU run. On the
+2-core machine under load 7-13: 30 rounds of the aligned cases and ``wander`` took 20 minutes, 10
+rounds of the three at CASP's lengths 12.5; quick look: ``--reps 3 --warmup 1 --cases casp_late``.
 """
 
 from __future__ import annotations
