@@ -66,6 +66,7 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.data.schema import DatasetSchema, TaskSpec
+from mmrepro.models.dropout import dropout
 from mmrepro.models.encoders import attention_mask, padding_mask
 from mmrepro.models.multimodal import MultimodalModel, PredictionHead
 from mmrepro.models.output import ModelOutput
@@ -221,7 +222,7 @@ class MulTModel(MultimodalModel):
         if not (self.training and self.input_dropout):
             return batch
         first = self.names[0]
-        return replace(batch, x={**batch.x, first: F.dropout(batch.x[first], self.input_dropout, True)})
+        return replace(batch, x={**batch.x, first: dropout(batch.x[first], self.input_dropout, True)})
 
     def encode(self, batch: Batch) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         return super().encode(self.drop_inputs(batch))

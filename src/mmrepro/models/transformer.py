@@ -27,8 +27,10 @@ two LayerNorms ``4 d``); an encoder of ``L`` layers: ``L (12 d^2 + 13 d) + 2 d``
 
 Where it differs on purpose, for speed, not result: tensors are batch-first ``(B, T, d)``;
 attention goes through ``torch.nn.functional.scaled_dot_product_attention`` (flash /
-memory-efficient kernels on GPU); no mask tensor is built unless some key is padded or a causal
-mask cannot use the kernel's own (``T_q != T_k``).
+memory-efficient kernels, dropout fused on GPU), except while training with attention dropout
+on the CPU (:mod:`mmrepro.models.dropout`: the same function in distribution at about a third of
+the cost, as are its other dropouts there); no mask tensor is built unless some key is padded or a
+causal mask cannot use the kernel's own (``T_q != T_k``).
 
 Where it differs in result: padded keys are masked out. The official code has no lengths: its
 sequences are zero-padded and every step, padding included, is attended to. So on inputs with
@@ -48,6 +50,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mmrepro.models.dropout import attention, attention_mask_once, dropout
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,8 @@ class MultiheadAttention(nn.Module):
             q = F.linear(query, w[:d], bias[:d])
             k = F.linear(key, w[d: 2 * d], bias[d: 2 * d])
             v = F.linear(value, w[2 * d:], bias[2 * d:])
-        out = F.scaled_dot_product_attention(self._split(q), self._split(k), self._split(v), attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0, is_causal=causal)
+        out = attention(self._split(q), self._split(k), self._split(v), self.dropout if self.training else 0.0,
+                        mask, causal)
         return self.out_proj(out.transpose(1, 2).reshape(query.shape))
 
 
@@ -170,12 +174,12 @@ class EncoderLayer(nn.Module):
             k = norm(source[0])
             v = k if source[1] is source[0] else norm(source[1])
             h = self.self_attn(norm(x), k, v, mask=mask, causal=causal)
-        return x + F.dropout(h, self.res_dropout, self.training)
+        return x + dropout(h, self.res_dropout, self.training)
 
     def feed_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The feed-forward sublayer with its residual."""
-        h = F.dropout(F.relu(self.fc1(self.layer_norms[1](x))), self.relu_dropout, self.training)
-        return x + F.dropout(self.fc2(h), self.res_dropout, self.training)
+        h = dropout(F.relu(self.fc1(self.layer_norms[1](x))), self.relu_dropout, self.training)
+        return x + dropout(self.fc2(h), self.res_dropout, self.training)
 
     def forward(self, x: torch.Tensor, source: tuple[torch.Tensor, torch.Tensor] | None = None,
                 mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
@@ -195,13 +199,20 @@ class TransformerEncoder(nn.Module):
         super().__init__()
         self.embed_scale = math.sqrt(d)
         self.embed_positions = SinusoidalPositions(d, position_padding)
-        self.embed_dropout = dropouts.embed
+        self.embed_dropout, self.attn_dropout = dropouts.embed, dropouts.attn
         self.causal = causal
         self.layers = nn.ModuleList(EncoderLayer(d, heads, dropouts) for _ in range(layers))
         self.layer_norm = nn.LayerNorm(d)
 
     def _scaled(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_scale * x + self.embed_positions(x)
+
+    def _layers_mask(self, tq: int, tk: int, key_pad: torch.Tensor | None, like: torch.Tensor
+                     ) -> tuple[torch.Tensor | None, bool]:
+        """:meth:`_mask`, built once for all layers, additive where the CPU dropout path will add it
+        (:func:`~mmrepro.models.dropout.attention_mask_once`)."""
+        rate = self.attn_dropout if self.training else 0.0
+        return attention_mask_once(*self._mask(tq, tk, key_pad, like.device), tq, tk, like, rate)
 
     def _mask(self, tq: int, tk: int, key_pad: torch.Tensor | None, device: torch.device
               ) -> tuple[torch.Tensor | None, bool]:
@@ -219,11 +230,11 @@ class TransformerEncoder(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The input as the first layer takes it: scaled, positions added, embedding dropout."""
-        return F.dropout(self._scaled(x), self.embed_dropout, self.training)
+        return dropout(self._scaled(x), self.embed_dropout, self.training)
 
     def encode(self, h: torch.Tensor, key_pad: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention layers and the final LayerNorm over already embedded tokens."""
-        mask, causal = self._mask(h.shape[1], h.shape[1], key_pad, h.device)
+        mask, causal = self._layers_mask(h.shape[1], h.shape[1], key_pad, h)
         for layer in self.layers:
             h = layer(h, None, mask, causal)
         return self.layer_norm(h)
@@ -235,10 +246,10 @@ class TransformerEncoder(nn.Module):
             return self.encode(h, key_pad)
         s = self._scaled(source)
         if self.training and self.embed_dropout > 0:
-            kv = (F.dropout(s, self.embed_dropout, True), F.dropout(s, self.embed_dropout, True))
+            kv = (dropout(s, self.embed_dropout, True), dropout(s, self.embed_dropout, True))
         else:
             kv = (s, s)
-        mask, causal = self._mask(x.shape[1], source.shape[1], key_pad, x.device)
+        mask, causal = self._layers_mask(x.shape[1], source.shape[1], key_pad, h)
         for layer in self.layers:
             h = layer(h, kv, mask, causal)
         return self.layer_norm(h)

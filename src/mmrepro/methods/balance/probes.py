@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
+from mmrepro.models.dropout import TransformerEncoderLayer, dropout
 from mmrepro.models.encoders import attention_mask, padding_mask
 from mmrepro.models.multimodal import ModelOutput
 from mmrepro.models.stages import BLOCK_TYPES, block_parts
@@ -50,8 +51,8 @@ class UnimodalClassifier(nn.Module):
         super().__init__()
         self.scale = math.sqrt(d_model)
         self.dropout = nn.Dropout(dropout)
-        layer = nn.TransformerEncoderLayer(d_model, heads, dim_feedforward=4 * d_model, dropout=dropout,
-                                           batch_first=True, norm_first=True)
+        layer = TransformerEncoderLayer(d_model, heads, dim_feedforward=4 * d_model, dropout=dropout,
+                                        batch_first=True, norm_first=True)
         self.transformer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.hidden = nn.Linear(d_model, d_model)
@@ -62,7 +63,7 @@ class UnimodalClassifier(nn.Module):
         """``(B, T, d)`` tokens and ``(B,)`` lengths -> ``(B, out_dim)``."""
         mask = attention_mask(padding_mask(lengths, tokens.shape[1]))
         h = self.scale * tokens + sinusoidal_positions(tokens.shape[1], tokens.shape[2], tokens.device)
-        h = self.norm(self.transformer(self.dropout(h), src_key_padding_mask=mask))[:, 0]
+        h = self.norm(self.transformer(dropout(h, self.dropout.p, self.training), src_key_padding_mask=mask))[:, 0]
         h = self.hidden(h)
         if self.faithful_double_hidden:
             h = self.hidden(h)
