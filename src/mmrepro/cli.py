@@ -228,12 +228,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
     from mmrepro.report.groups import add_groups, parse_groups
 
+    from mmrepro.report.paired import add_paired, plot_paired
+
     runs = load_runs(args.metrics)
     grouped = add_groups(runs, parse_groups(args.groups))
-    write_table(add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
-                                   grouped), args.table)
+    summary = add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
+                                 grouped)
+    write_table(add_paired(summary, grouped, args.paired_with), args.table)
     plot_study(runs, args.plot)
-    print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
+    plot_paired(grouped, args.paired_with, f"{args.plot}_paired")
+    print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}{{,_paired}}.{{png,pdf}} from {len(args.metrics)} runs")
+    return 0
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    from mmrepro.report import load_runs
+    from mmrepro.report.ledger import write_ledger
+
+    paths = write_ledger(load_runs(args.metrics), args.spec, args.table, args.plot)
+    print("wrote " + ", ".join(map(str, paths)) + f" from {len(args.metrics)} runs")
     return 0
 
 
@@ -425,6 +438,13 @@ def parser() -> argparse.ArgumentParser:
             t.add_argument("--worker", type=int, required=True, help="this worker's index (0 .. tune.workers - 1)")
     s.set_defaults(func=cmd_tune)
 
+    s = sub.add_parser("claims", help="the claims ledger: each paper's claim decided by paired runs (md, csv, png, pdf)")
+    s.add_argument("--spec", type=_json, required=True, help="ledger spec JSON (built by mmrepro.claims.ledger_spec)")
+    s.add_argument("--table", type=Path, required=True, help="output stem for claims.md and claims.csv")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the intervals figure (png, pdf)")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the ledger's runs")
+    s.set_defaults(func=cmd_claims)
+
     s = sub.add_parser("cggm-report", help="the CGGM paper's Tables 5 and 6 and Figure 5 from balance runs (md, png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the markdown tables")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the sweep plot")
@@ -433,7 +453,10 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")
-    s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
+    s.add_argument("--plot", type=Path, required=True,
+                   help="output stem for the plot files (the paired differences: <stem>_paired.png, .pdf)")
+    s.add_argument("--paired-with", default=None, metavar="METHOD",
+                   help="the method the others are paired with (per-seed difference, bootstrap interval); none: no column")
     _report_inputs(s)
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)

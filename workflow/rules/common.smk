@@ -14,6 +14,8 @@ from mmrepro.config import (
     load_schema,
     mechanism_points,
     mechanism_spec,
+    paired_reference,
+    run_folder,
     run_spec,
     search_run,
     search_spec,
@@ -69,7 +71,8 @@ def raw_sources():
 
 def run_dir(study, dataset, method, setting, seed, backbone=None):
     """A run's folder; a run on the shift study's backbone axis has its backbone's name after the dataset."""
-    return Path(RESULTS, study, dataset, *([backbone] if backbone else []), method, setting, f"seed{seed}").as_posix()
+    return run_folder(RESULTS, dict(study=study, dataset=dataset, method=method, setting=setting, seed=seed,
+                                    backbone=backbone))
 
 
 def backbone_dir(study, dataset, seed, backbone=None):
@@ -141,6 +144,11 @@ def study_backbone_metrics(study):
     return [f"{backbone_dir(**start)}/metrics.json" for start in backbone_runs(config, study)]
 
 
+def claims_file():
+    """The claims ledger's file (config key claims.file; a relative path is relative to the repository)."""
+    return Path(workflow.basedir).parent / config["claims"]["file"]
+
+
 def paper_reference(study):
     """The paper's reported numbers for a study and the names mapping, when recorded:
     [config/reference/<study>.csv, config/reference/names.yaml] or []."""
@@ -154,6 +162,12 @@ def reference_args(wildcards, input):
     return f"--reference {input.reference[0]} --names {input.reference[1]}" if input.reference else ""
 
 
+def paired_args(study):
+    """The report CLI's option naming the method a study's runs are paired with (mmrepro.report.paired), or ""."""
+    method = paired_reference(config, study)
+    return f"--paired-with {method}" if method else ""
+
+
 def report_groups(study):
     """The study's report groups as a shell-quoted JSON argument (mmrepro.report.groups)."""
     return shlex.quote(json.dumps(config["studies"][study]["report_groups"]))
@@ -165,7 +179,7 @@ def study_report(study):
     curves (test rate, training rate, prompt length), and for the balance study the CGGM paper's
     Tables 5, 6 and Figure 5."""
     files = [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex", "html")] + [
-        f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves") for ext in ("png", "pdf")
+        f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves", "_paired") for ext in ("png", "pdf")
     ]
     if study == "missing" and any(s["type"] in ("missing", "available") for s in config["studies"][study]["settings"].values()):
         files += [f"{RESULTS}/tables/missing_cases.{ext}" for ext in ("md", "csv")]

@@ -14,11 +14,15 @@ rule report:
         report(f"{RESULTS}/plots/{{study}}.png", caption="../report/plot.rst", category="Plots",
                labels={"study": "{study}", "figure": "metric per setting"}),
         f"{RESULTS}/plots/{{study}}.pdf",
+        report(f"{RESULTS}/plots/{{study}}_paired.png", caption="../report/paired.rst", category="Plots",
+               labels={"study": "{study}", "figure": "paired differences"}),
+        f"{RESULTS}/plots/{{study}}_paired.pdf",
     params:
         table=lambda wildcards: f"{RESULTS}/tables/{wildcards.study}",
         plot=lambda wildcards: f"{RESULTS}/plots/{wildcards.study}",
         reference=reference_args,
         groups=lambda wildcards: report_groups(wildcards.study),
+        paired=lambda wildcards: paired_args(wildcards.study),
     wildcard_constraints:
         study="balance|missing|shift|peft",
     conda:
@@ -31,7 +35,7 @@ rule report:
         runtime=10,
     shell:
         "mmrepro report --table {params.table} --plot {params.plot} {params.reference} --groups {params.groups}"
-        " {input.metrics} > {log} 2>&1"
+        " {params.paired} {input.metrics} > {log} 2>&1"
 
 
 rule curves:

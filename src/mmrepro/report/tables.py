@@ -526,6 +526,11 @@ def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], 
             header.append(f"{m} (vs source only)")
             getters.append(lambda r, m=m, scale=scale, dec=dec: "" if pd.isna(r[f"{m}_delta"])
                            else f"{r[f'{m}_delta'] * scale:+.{dec}f}")
+    paired = summary.attrs.get("paired")
+    if paired and "paired_mean" in summary.columns:  # report/paired.py: vs the study's reference method
+        header.append(f"{paired['metric']} − {paired['reference']} ({100 * paired['level']:g} % CI)")
+        getters.append(lambda r: "" if pd.isna(r["paired_mean"]) else
+                       f"{r['paired_mean']:+.{digits}f} [{r['paired_low']:+.{digits}f}, {r['paired_high']:+.{digits}f}]")
     rows = [[str(r[c]) for c in id_cols] + [g(r) for g in getters] for _, r in summary.iterrows()]
     return header, rows, len(id_cols), footnotes.items()
 
@@ -542,6 +547,11 @@ def _notes(summary: pd.DataFrame) -> list[str]:
                      "header says so); 'not run': a cell the paper reports that this configuration does not run.")
     if summary.attrs.get("absent"):
         lines.append(summary.attrs["absent"])
+    if summary.attrs.get("paired"):
+        paired = summary.attrs["paired"]
+        lines.append(f"{paired['metric']} − {paired['reference']}: per seed, the run's value minus "
+                     f"{paired['reference']}'s on the same dataset, backbone, setting and seed (our units), mean and "
+                     f"{paired['interval']}.")
     lines += group_notes(summary.attrs.get("groups", {}))
     return lines
 
