@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -145,3 +147,26 @@ def test_permuting_the_test_labels_changes_no_search(tmp_path):
         ours, theirs = (_trials(root.resolve(), study, method, init) for root in (original, permuted))
         assert [p for p, _ in ours] == [p for p, _ in theirs], f"{method}: the searches chose other parameters"
         assert [v for _, v in theirs] == pytest.approx([v for _, v in ours], rel=1e-6), f"{method}: trial scores moved"
+
+
+# --- through Snakemake -------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_the_claims_target_plans_equal_searches_before_eight_seeds_of_final_runs(tmp_path):
+    """`snakemake -n claims`: the ledger module's jobs under results/claims, one search per method of
+    every study, final runs over every seed, then the ledger table; the default target has none of them."""
+    def plan(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"),
+                               "--directory", str(tmp_path), "--configfile", str(REPO / "config" / "config.yaml"),
+                               "-n", "--cores", "1", *args], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    ledger = _ledger()
+    methods = sum(len(s["methods"]) for s in ledger["studies"].values())
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", plan("claims"), flags=re.M))
+    assert int(counts["ledger_tune_best"]) == methods and int(counts["claims_ledger"]) == 1
+    finals = int(counts["ledger_train"]) + int(counts["ledger_adapt"])
+    assert finals % len(ledger["seeds"]) == 0 and finals >= 8 * methods
+    assert not any(name.startswith(("ledger_", "claims")) for name in
+                   dict(re.findall(r"^(\w+)\s+(\d+)$", plan(), flags=re.M)))
