@@ -105,7 +105,9 @@ def test_the_ledger_table_decides_each_claim_and_form(tmp_path):
                "dose": ""}]
     spec = json.loads(json.dumps({"claims": claims, "bootstrap": {"level": 0.95, "resamples": 1000, "seed": 0},
                                   "budget": ["Budget 'tiny': for a test."]}))
-    md, csv, png, _ = write_ledger(runs, spec, tmp_path / "claims", tmp_path / "claims_plot")
+    searches = [{"study": "balance", "method": "cggm", "default_point": False, "trial": 3, "trials": 6,
+                 "params": {"methods.cggm.rho": 0.81234, "methods.greedy.window": 4}, "value": 0.61}]
+    md, csv, png, _ = write_ledger(runs, spec, tmp_path / "claims", tmp_path / "claims_plot", searches)
     comp = pd.read_csv(csv)
     decided = comp.groupby(["claim", "form"])["verdict"].agg(list).to_dict()
     assert decided == {("cggm", "paper"): [HOLDS, HOLDS], ("cggm", "released code"): [CONTRADICTED, CONTRADICTED],
@@ -113,4 +115,5 @@ def test_the_ledger_table_decides_each_claim_and_form(tmp_path):
     text = md.read_text()
     assert "**holds**" in text and "**contradicted**" in text and "**undecided**" in text
     assert "target labels" in text and "Budget 'tiny'" in text and "outperforms all \\| baselines" in text
+    assert "balance / cggm: trial 3 of 6 (methods.cggm.rho = 0.812, methods.greedy.window = 4)" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -198,3 +198,9 @@ def ledger_spec(ledger: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
 def ledger_runs(ledger: dict[str, Any]) -> list[dict[str, Any]]:
     """Every run of the ledger's studies (the ledger table reads their metrics.json)."""
     return [run for study in ledger["studies"] for run in study_grid(ledger, study)]
+
+
+def ledger_searches(ledger: dict[str, Any]) -> list[str]:
+    """``<study>/<dataset>/<method>`` of every search of the ledger (their best.json feed the table)."""
+    return [f"{study}/{dataset}/{method}" for study, cfg in ledger["studies"].items()
+            for dataset in cfg["datasets"] for method in tuned_methods(ledger, study)]

@@ -245,7 +245,8 @@ def cmd_claims(args: argparse.Namespace) -> int:
     from mmrepro.report import load_runs
     from mmrepro.report.ledger import write_ledger
 
-    paths = write_ledger(load_runs(args.metrics), args.spec, args.table, args.plot)
+    searches = [json.loads(path.read_text()) for path in args.searches]
+    paths = write_ledger(load_runs(args.metrics), args.spec, args.table, args.plot, searches)
     print("wrote " + ", ".join(map(str, paths)) + f" from {len(args.metrics)} runs")
     return 0
 
@@ -442,6 +443,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--spec", type=_json, required=True, help="ledger spec JSON (built by mmrepro.claims.ledger_spec)")
     s.add_argument("--table", type=Path, required=True, help="output stem for claims.md and claims.csv")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the intervals figure (png, pdf)")
+    s.add_argument("--searches", nargs="*", type=Path, default=[], help="best.json of each search of the ledger")
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the ledger's runs")
     s.set_defaults(func=cmd_claims)
 

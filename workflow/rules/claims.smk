@@ -2,7 +2,7 @@
 # module `ledger` on the ledger's config (its searches, backbones, final runs and study tables under
 # <results>/claims, its rules named ledger_*), then one table of verdicts, results/tables/claims.md.
 # `snakemake --cores all claims`; not part of the default target.
-from mmrepro.claims import ledger_config, ledger_runs, ledger_spec, load_claims
+from mmrepro.claims import ledger_config, ledger_runs, ledger_searches, ledger_spec, load_claims
 
 CLAIMS_FILE = claims_file()
 CLAIMS = load_claims(CLAIMS_FILE, load_schema(Path(workflow.basedir) / "schemas" / "claims.schema.yaml"))
@@ -25,6 +25,7 @@ rule claims_ledger:
     input:
         claims=str(CLAIMS_FILE),
         metrics=[f"{run_folder(LEDGER['results'], run)}/metrics.json" for run in ledger_runs(LEDGER)],
+        searches=[f"{LEDGER['results']}/tune/{path}/best.json" for path in ledger_searches(LEDGER)],
     output:
         table=multiext(f"{RESULTS}/tables/claims", ".md", ".csv"),
         plot=multiext(f"{RESULTS}/plots/claims", ".png", ".pdf"),
@@ -42,7 +43,8 @@ rule claims_ledger:
         mem_mb=2000,
         runtime=10,
     shell:
-        "mmrepro claims --spec {params.spec:q} --table {params.table} --plot {params.plot} {input.metrics} > {log} 2>&1"
+        "mmrepro claims --spec {params.spec:q} --table {params.table} --plot {params.plot} --searches {input.searches}"
+        " {input.metrics} > {log} 2>&1"
 
 
 rule claims:

@@ -78,7 +78,22 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def _markdown(verdicts: pd.DataFrame, comp: pd.DataFrame, spec: dict, bootstrap: Bootstrap) -> str:
+def _search_lines(searches: list[dict]) -> list[str]:
+    """One line per search: the method, whether its best trial was the paper's point, what it chose."""
+    def value(v) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    lines = []
+    for best in searches:
+        kept = "the paper's point" if best["default_point"] else f"trial {best['trial']}"
+        chosen = ", ".join(f"{k} = {value(v)}" for k, v in best["params"].items())
+        lines.append(f"- {best['study']} / {best['method']}: {kept} of {best['trials']} ({chosen}); "
+                     f"validation loss {best['value']:.4f}")
+    return lines
+
+
+def _markdown(verdicts: pd.DataFrame, comp: pd.DataFrame, spec: dict, bootstrap: Bootstrap,
+              searches: list[dict]) -> str:
     def line(cells) -> str:
         return "| " + " | ".join(_cell(c) for c in cells) + " |"
 
@@ -110,6 +125,10 @@ def _markdown(verdicts: pd.DataFrame, comp: pd.DataFrame, spec: dict, bootstrap:
             "any is, and is undecided otherwise (no correction for the number of comparisons).",
             "- Generated from the runs' metrics.json files by `mmrepro claims`; docs/claims.md says how to read it.",
             ""]
+    if searches:
+        out += ["## Searches", "", "The point each search chose (its best validation loss), which every final run "
+                "of that method used; the first trial of every search is the paper's (the config's) point.", "",
+                *_search_lines(searches), ""]
     return "\n".join(out)
 
 
@@ -147,8 +166,10 @@ def _plot(comp: pd.DataFrame, verdicts: pd.DataFrame, stem: Path, bootstrap: Boo
     return paths
 
 
-def write_ledger(runs: pd.DataFrame, spec: dict, table: str | os.PathLike, plot: str | os.PathLike) -> list[Path]:
-    """``table.md`` (verdicts, comparisons, how they were measured), ``table.csv`` (the comparisons) and
+def write_ledger(runs: pd.DataFrame, spec: dict, table: str | os.PathLike, plot: str | os.PathLike,
+                 searches: list[dict] = ()) -> list[Path]:
+    """``table.md`` (verdicts, comparisons, how they were measured, what each search chose: the
+    ``best.json`` contents of :func:`mmrepro.tune.best`), ``table.csv`` (the comparisons) and
     ``plot.png``/``.pdf`` from the runs of :func:`~mmrepro.report.tables.load_runs` and the ledger spec."""
     bootstrap = Bootstrap(**spec["bootstrap"])
     comp = comparisons(runs, spec["claims"], bootstrap)
@@ -157,6 +178,6 @@ def write_ledger(runs: pd.DataFrame, spec: dict, table: str | os.PathLike, plot:
     buf = io.StringIO()
     comp.to_csv(buf, index=False)
     paths = [_with_suffix(table, ".md"), _with_suffix(table, ".csv")]
-    _atomic_write_text(paths[0], _markdown(verdicts, comp, spec, bootstrap))
+    _atomic_write_text(paths[0], _markdown(verdicts, comp, spec, bootstrap, list(searches)))
     _atomic_write_text(paths[1], buf.getvalue())
     return paths + _plot(comp, verdicts, Path(plot), bootstrap)
