@@ -122,14 +122,14 @@ def _permute_test_labels(store: Path) -> int:
     return len(files)
 
 
-def _trials(results: Path, study: str, method: str, init: Path | None) -> list[tuple[dict, float]]:
-    config = validate_config({**copy.deepcopy(TINY), "results": str(results)}, load_schema(SCHEMA))
-    init_store(f"sqlite:///{results}/mlflow.db", EXPERIMENTS, results / "mlartifacts")
+def _trials(results: Path, study: str, method: str, init: Path | None, uri: str) -> list[tuple[dict, float]]:
+    config = validate_config({**copy.deepcopy(TINY), "results": str(results), "tracking": {"uri": uri}},
+                             load_schema(SCHEMA))
     search = tune.create(search_spec(config, study, "synth", method))
-    best = tune.best(search, results / "data" / "synth" / "manifest.json", init, threads=1, folder=results / method)
-    trials = optuna.load_study(study_name=search["name"], storage=tune._storage(search["storage"])).get_trials()
-    assert best["states"] == {"COMPLETE": 2}
-    return [(t.params, t.value) for t in trials] + [(best["params"], best["value"])]
+    done = tune.work(search, 0, results / "data" / "synth" / "manifest.json", init, threads=1)
+    assert done["states"] == {"COMPLETE": 2}
+    found = optuna.load_study(study_name=search["name"], storage=tune._storage(search["storage"]))
+    return [(t.params, t.value) for t in found.get_trials()] + [(found.best_trial.params, found.best_value)]
 
 
 def test_permuting_the_test_labels_changes_no_search(tmp_path):
@@ -143,8 +143,10 @@ def test_permuting_the_test_labels_changes_no_search(tmp_path):
     before = np.load(permuted / "data" / "synth" / "test" / "y" / "main.npy")
     assert _permute_test_labels(permuted / "data" / "synth") >= 4  # test and test@<domain>, each task
     assert not np.array_equal(before, np.load(permuted / "data" / "synth" / "test" / "y" / "main.npy"))
+    uri = f"sqlite:///{tmp_path.resolve()}/mlflow.db"  # one store for all four searches
+    init_store(uri, EXPERIMENTS, tmp_path / "mlartifacts")
     for study, method, init in (("balance", "cggm", None), ("shift", "casp_code", backbone / "model.pt")):
-        ours, theirs = (_trials(root.resolve(), study, method, init) for root in (original, permuted))
+        ours, theirs = (_trials(root.resolve(), study, method, init, uri) for root in (original, permuted))
         assert [p for p, _ in ours] == [p for p, _ in theirs], f"{method}: the searches chose other parameters"
         assert [v for _, v in theirs] == pytest.approx([v for _, v in ours], rel=1e-6), f"{method}: trial scores moved"
 
