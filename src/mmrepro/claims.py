@@ -181,8 +181,9 @@ def budget_lines(ledger: dict[str, Any], doc: dict[str, Any], claims: list[Claim
             if casp:
                 extra = (f"; CASP {casp.get('epochs', 15)} contrastive epochs, snapshot every "
                          f"{casp.get('snapshot_every', 3)}, {casp.get('pl_epochs', 5)} pseudo-label epochs")
-        lines.append(f"{study}: {len(cfg['methods'])} methods, search spaces of {'/'.join(map(str, sizes))} "
-                     f"parameters; training samples {n}; {model['backbone']} d_model {model['d_model']}, "
+        backbones = " and ".join(cfg.get("backbones") or [model["backbone"]])
+        lines.append(f"{study}: {len(cfg['methods'])} methods, each searched over {'/'.join(map(str, sizes))} "
+                     f"parameter(s); training samples {n}; {backbones} d_model {model['d_model']}, "
                      f"{train['epochs']} epochs (patience {train['patience']}), batch {train['batch_size']}{extra}.")
     return lines
 
