@@ -17,7 +17,7 @@ was not or on a handful of seeds.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,11 +51,6 @@ class Claim:
     split: str = "test"
     code_variant: str | None = None
     dose: str = ""
-    backbones: list[str] = field(default_factory=list)
-
-    def variants(self) -> dict[str, str]:
-        """``{"paper": method[, "released code": code_variant]}``: the forms the ledger decides."""
-        return {"paper": self.method, **({"released code": self.code_variant} if self.code_variant else {})}
 
 
 def load_claims(path: Path | str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -123,8 +118,7 @@ def _claim(ledger: dict[str, Any], entry: dict[str, Any], i: int) -> Claim:
                                   f"{entry['dataset']!r}")
     if entry["method"] in entry["rivals"]:
         raise ConfigError(f"key {key}.rivals: the claim's method {entry['method']!r} is among its rivals")
-    backbones = list(study.get("backbones") or {})
-    return Claim(**{k: v for k, v in entry.items()}, dose=claim_dose(ledger, entry), backbones=backbones)
+    return Claim(**entry, dose=claim_dose(ledger, entry))
 
 
 def claim_dose(ledger: dict[str, Any], entry: dict[str, Any]) -> str:
