@@ -8,7 +8,7 @@ import pytest
 
 from conftest import balance_spec
 from mmrepro.cli import main
-from mmrepro.report.cggm import load_balance_runs, sweeps, table5, table6
+from mmrepro.report.cggm import as_table, load_balance_runs, sweeps, table5, table6
 from mmrepro.spec import DataSetting, MethodPlan
 
 
@@ -48,16 +48,31 @@ def runs(tmp_path):
 def test_table5_reads_probe_accuracy_at_the_best_epoch_and_the_unimodal_runs(runs):
     t5 = table5(load_balance_runs(runs))
     assert list(t5.columns) == ["a", "b"]
-    assert t5.loc["unimodal", "a"] == "0.600 ± 0.071 (n=2)" and t5.loc["unimodal", "b"] == "-"
-    assert t5.loc["joint", "a"] == "0.550 ± 0.071 (n=2)"  # best epoch 2, not the later 0.8
-    assert t5.loc["joint + CGGM", "b"] == "0.650 ± 0.071 (n=2)"
+    assert t5.loc["unimodal", "a"] == pytest.approx([0.55, 0.65]) and t5.loc["unimodal", "b"] == []
+    assert t5.loc["joint", "a"] == pytest.approx([0.5, 0.6])  # best epoch 2, not the later 0.8
+    assert t5.loc["joint + CGGM", "b"] == pytest.approx([0.6, 0.7])
 
 
 def test_table6_groups_the_ablation_by_resolved_parameters(runs):
     t6 = table6(load_balance_runs(runs))
-    assert t6.loc["magnitude only (lambda 0)", "mae"].startswith("0.870 ")
-    assert t6.loc["direction only (no magnitude)", "mae"].startswith("0.850 ")
-    assert t6.loc["both (CGGM)", "mae"].startswith("0.800 ") and t6.loc["joint", "mae"].startswith("0.900 ")
+    assert t6.loc["magnitude only (lambda 0)", "mae"] == pytest.approx([0.87, 0.87])
+    assert t6.loc["direction only (no magnitude)", "mae"] == pytest.approx([0.85, 0.85])
+    assert t6.loc["both (CGGM)", "mae"] == pytest.approx([0.8, 0.8]) and t6.loc["joint", "mae"] == pytest.approx([0.9, 0.9])
+
+
+def test_the_tables_show_percent_the_best_in_bold_and_leave_out_empty_rows_and_equal_columns(runs):
+    loaded = load_balance_runs(runs)
+    t5 = as_table(table5(loaded), "", {"a": "acc2_has0", "b": "acc2_has0"})
+    cells = {r.ids[0]: [c.text for c in r.cells] for r in t5.rows}
+    assert cells["unimodal"] == ["60.0±7.1", ""] and cells["joint + CGGM"][0] == "70.0±0.0"
+    assert [r.ids[0] for r in t5.rows if r.cells[0].best] == ["joint + CGGM"]
+    t6 = table6(loaded)
+    t6["mae_copy"] = t6["mae"]
+    table = as_table(t6, "", {"mae": "mae", "corr": "corr", "mae_copy": "mae"})
+    assert table.header == ("Corr ↑", "MAE ↓")  # the copy equals mae in every cell
+    best = [r.ids[0] for r in table.rows if r.cells[1].best]
+    assert best == ["both (CGGM)"]  # the lowest MAE
+    assert any("mae_copy = mae" in n for n in table.notes)
 
 
 def test_sweeps_measure_the_gain_over_joint_per_seed(runs):

@@ -19,6 +19,7 @@ from mmrepro.methods.registry import HOOKS, build
 from mmrepro.models.segmentation import SegmentationModel, check_method_support, unet3d
 from mmrepro.tracking import init_store
 from mmrepro.train import segmentation_loss
+from mmrepro.spec import MethodPlan
 
 NAMES = ["flair", "t2"]
 SHAPE = (12, 12, 12)
@@ -241,7 +242,7 @@ def test_gradient_direction_reaches_the_encoders_as_computed_by_hand():
 
 def test_construction_support_and_optimizer():
     task = volume_schema(NAMES, SHAPE).task("seg")
-    check_method_support(task, {"transform": "full_finetune", "hook": "cggm", "adapter": "source_only"})
+    check_method_support(task, MethodPlan("full_finetune", "cggm", "source_only"))
     hook = build(HOOKS, "cggm", {"cls_optim": "SGD", "cls_lr": 6e-3, "cls_momentum": 0.9,
                                  "cls_weight_decay": 3e-4, "rho": 1.0, "lam": 0.1, "seg_magnitude": True})
     model = tiny_model()

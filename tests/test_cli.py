@@ -89,6 +89,8 @@ def test_report_puts_the_papers_numbers_beside_ours(tmp_path):
     with open(reference, newline="") as fh:
         paper = next(r for r in csv.DictReader(fh) if r["dataset"] == "mosi" and r["metric"] == "MAE")
     assert main(["report", "--table", str(tmp_path / "t"), "--plot", str(tmp_path / "p"),
-                 "--reference", str(reference), *paths]) == 0
+                 "--paper-table", str(tmp_path / "paper"), "--reference", str(reference), *paths]) == 0
     table = (tmp_path / "t.md").read_text()
-    assert "mae (paper)" in table and paper["value"] in table and "0.850 ± 0.071" in table
+    assert "| MAE paper |" in table and paper["value"] in table and "0.850±0.071" in table
+    others = (tmp_path / "paper.md").read_text()  # the paper's cells we did not run
+    assert "food101" in others and "mosi_mult" not in others

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import yaml
 
 from conftest import REPO, SCHEMA, default_config
-from mmrepro.config import (ConfigError, dataset_spec, load_schema, merge_config, run_spec, study_grid,
-                            validate_config)
+from mmrepro.config import (ConfigError, backbone_spec, dataset_spec, load_schema, merge_config, run_spec,
+                            study_grid, train_config, validate_config)
 from mmrepro.spec import DataSetting, MethodPlan
 
 
@@ -176,6 +177,35 @@ def test_segmentation_datasets_accept_only_the_methods_their_model_supports():
         ("synth", "joint"), ("synth", "ogm_ge"), ("brats", "joint")}
 
 
+def test_accuracy_selection_is_refused_on_a_segmentation_dataset_naming_the_key():
+    config = default_config()
+    config["datasets"]["brats"] = {"loader": "brats", "path": "brats2021", "task": "seg"}
+    balance = config["studies"]["balance"]
+    balance.update(datasets=["synth", "brats"], train={"selection": "valid_accuracy"})
+    with pytest.raises(ConfigError, match=r"config key studies.balance.train.selection: .*dataset 'brats'"):
+        validate_config(copy.deepcopy(config), load_schema(SCHEMA))
+    balance["per_dataset"] = {"brats": {"train": {"selection": "valid_loss"}}}  # as paper.yaml's brats2021
+    checked = validate_config(copy.deepcopy(config), load_schema(SCHEMA))
+    assert run_spec(checked, "balance", "synth", "joint", "complete", 0).train.selection == "valid_accuracy"
+    config["studies"]["balance"]["per_dataset"]["brats"]["train"]["selection"] = "valid_acc"
+    with pytest.raises(ConfigError, match=r"config key studies.balance.per_dataset.brats.train.selection: 'valid_acc'"):
+        validate_config(config, load_schema(SCHEMA))
+
+
+def test_paper_studies_train_their_source_models_as_the_released_code():
+    """CGGM (balance) and CASP (shift) keep the epoch of the best validation accuracy, MPLMM (missing) the
+    lowest validation loss; none of the three codes shuffles; CGGM's BraTS rule never fires (loss there)."""
+    config = merge_config(yaml.safe_load((REPO / "config" / "config.yaml").read_text()),
+                          yaml.safe_load((REPO / "config" / "paper.yaml").read_text()))
+    config = validate_config(config, load_schema(SCHEMA))
+    rules = {(study, ds): (train_config(config, study, ds)["selection"], train_config(config, study, ds)["shuffle"])
+             for study in ("balance", "missing", "shift") for ds in config["studies"][study]["datasets"]}
+    assert rules.pop(("balance", "brats2021")) == ("valid_loss", False)
+    assert {rule for (study, _), rule in rules.items() if study in ("balance", "shift")} == {("valid_accuracy", False)}
+    assert {rule for (study, _), rule in rules.items() if study == "missing"} == {("valid_loss", False)}
+    assert backbone_spec(config, "shift", "mosi_casp", 0, "casp_early").train.selection == "valid_accuracy"
+
+
 def test_paper_balance_grid_has_every_row_of_cggm_tables():
     """CGGM's Sec. 4.3 baselines (cggm.md) and CGGM on each sequence dataset of the paper, the unimodal
     rows on every modality, and Table 6's ablation on IEMOCAP; none dropped for a backbone it lacks."""
@@ -191,3 +221,18 @@ def test_paper_balance_grid_has_every_row_of_cggm_tables():
         assert len(unimodal) == modalities, dataset
     ablation = {r["method"] for r in grid if r["dataset"] == "iemocap_mmin" and r["setting"] == "ablation"}
     assert ablation == {"cggm_magnitude", "cggm_direction"}
+
+
+def test_a_jobs_spec_file_is_named_by_its_content_and_written_once(tmp_path):
+    """The rules pass this short path instead of the JSON: a changed spec is another path (Snakemake's
+    params trigger reruns the job), an unchanged one the same file; a dry run writes nothing."""
+    from mmrepro.config import spec_file
+    from mmrepro.spec import RunSpec
+    config = {**default_config(), "results": str(tmp_path / "results")}
+    spec = run_spec(config, "balance", "synth", "joint", "complete", 0)
+    changed = replace(spec, seed=1)
+    assert spec_file(config, spec.to_json(), write=False) == spec_file(config, spec.to_json(), write=False)
+    assert not (tmp_path / "results").exists()
+    path = spec_file(config, spec.to_json())
+    assert RunSpec.from_json(open(path).read()) == spec and path.startswith(f"{tmp_path}/results/specs/")
+    assert spec_file(config, changed.to_json()) != path and len(list((tmp_path / "results" / "specs").iterdir())) == 2

@@ -26,7 +26,7 @@ def test_curves_average_seeds_per_epoch_and_plot(tmp_path):
         _run(tmp_path, "joint", 0, [{"epoch": 1, "valid_loss": 1.3}]),
     ]
     h = load_histories(paths)
-    util = h[(h.method == "cggm") & (h.key == "util_text")].groupby("epoch")["value"].mean()
+    util = h[(h.method == "cggm") & (h.key == "util_text")].groupby("step")["value"].mean()
     assert util.to_dict() == pytest.approx({1: 0.55, 2: 0.7})
     png, pdf = plot_curves(h, tmp_path / "curves")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.read_bytes()[:4] == b"%PDF"
@@ -48,8 +48,8 @@ def test_cggm_coefficients_are_drawn_by_median_and_extreme_share(tmp_path):
     assert family_of("coeff_median_text") == "coeff_median_" and family_of("coeff_text") == "coeff_"
     assert family_of("coeff_extreme_share") == "coeff_extreme_share"
     h = load_histories(paths)
-    assert panels(h) == ["util_", "coeff_median_", "coeff_extreme_share", "coeff_", "valid_loss"]
+    assert [f for f, _ in panels(h)] == ["util_", "coeff_median_", "coeff_extreme_share", "coeff_", "valid_loss"]
     # without a run that logs plain coefficients only, CGGM's epoch means get no panel
-    assert "coeff_" not in panels(load_histories(paths[:1]))
+    assert ("coeff_", "epoch") not in panels(load_histories(paths[:1]))
     png, _ = plot_curves(h, tmp_path / "curves")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -28,7 +28,8 @@ def write(tmp_path, method, setting, seed, metrics, trainable=10, total=100, rat
         method_params={transform: params or {}, "joint": {}, "source_only": {}}).to_json())
     path.write_text(json.dumps({"study": "missing", "dataset": dataset, "method": method, "setting": setting,
                                 "seed": seed, "task": "classification", "label": "main", "backbone": "mplmm_mult",
-                                "metrics": metrics, "trainable_params": trainable, "total_params": total}))
+                                "metrics": metrics, "trainable_params": trainable, "backbone_params": total,
+                                "total_params": total}))
     return path
 
 
@@ -89,7 +90,7 @@ def test_cli_writes_table_and_rate_curve(tmp_path):
     assert main(["missing-report", "--table", str(out / "cases"), "--plot", str(out / "rates"), *map(str, paths)]) == 0
     md = (out / "cases.md").read_text()
     assert "| method | text | audio | vision | text.audio | text.vision | audio.vision | avg |" in md
-    assert "7 (7.0%)" in md
+    assert "| mplmm | 7 (7.0 %) |" in md  # the share of the backbone, as in the study table
     assert (out / "rates.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -168,17 +169,17 @@ def test_missing_report_shows_the_group_beside_the_papers_iemocap_row(tmp_path):
                  "--reference", str(REF / "missing.csv"), "--groups", json.dumps(GROUPS),
                  *map(str, emotion_runs(tmp_path))]) == 0
     md = (out / "cases.md").read_text(encoding="utf-8")
-    header, rows = md_rows(md, "iemocap", "acc (%)")
+    header, rows = md_rows(md, "iemocap", "Acc % ↑")
     ours, paper = rows["mplmm"], rows["mplmm (paper)"]
     per_seed = [np.mean([emotion_acc(j, 1, s) for j in range(4)]) for s in (0, 1, 2)]
-    assert ours[header.index("audio")] == f"{100 * np.mean(per_seed):.2f} ± {100 * np.std(per_seed, ddof=1):.2f}"
+    assert ours[header.index("audio")] == f"{100 * np.mean(per_seed):.2f}±{100 * np.std(per_seed, ddof=1):.2f}"
     a, at, avg = paper_cell("available=a"), paper_cell("available=at"), paper_cell("available=avg6")
     mark = paper[header.index("audio")].removeprefix(a["value"])
     assert mark and paper[header.index("text.audio")] == at["value"] + mark and paper[header.index("avg")] == avg["value"] + mark
     assert f"{mark} {a['note']}" in md  # the provenance note as footnote
     assert "lower_bound (paper)" in rows  # a method the paper reports and we did not run: its row alone
     assert "iemocap: report group, each cell the mean over iemocap_mmin_neutral" in md
-    _, member = md_rows(md, "iemocap_mmin_sad", "acc")
+    _, member = md_rows(md, "iemocap_mmin_sad", "Acc % ↑")
     assert "mplmm" in member and "mplmm (paper)" not in member  # members kept, no paper cell of their own
 
 
@@ -194,15 +195,17 @@ def test_a_seed_missing_for_one_task_makes_the_group_cell_incomplete(tmp_path):
     group = table[table["dataset"] == "iemocap"]
     assert group["incomplete"].all() and group["mean"].isna().all()  # never a mean over three tasks
     assert not table.loc[table["dataset"] == "iemocap_mmin_sad", "incomplete"].any()
-    _, rows = md_rows((out / "cases.md").read_text(encoding="utf-8"), "iemocap", "acc")
+    _, rows = md_rows((out / "cases.md").read_text(encoding="utf-8"), "iemocap", "Acc % ↑")
     assert rows["mplmm"][1:8] == ["incomplete"] * 7  # six cases and avg
-    _, sad = md_rows((out / "cases.md").read_text(encoding="utf-8"), "iemocap_mmin_sad", "acc")
+    _, sad = md_rows((out / "cases.md").read_text(encoding="utf-8"), "iemocap_mmin_sad", "Acc % ↑")
     assert "incomplete" not in sad["mplmm"]
 
     # the study table marks it too (its writer, not the CLI: the CLI's plot costs a minute)
     from mmrepro.report import summarize, write_table
     write_table(summarize(add_groups(load_runs(paths), parse_groups(GROUPS))), out / "study")
     study = (out / "study.md").read_text(encoding="utf-8")
-    row = next(line for line in study.splitlines() if line.startswith("| iemocap | mplmm |"))
-    assert "incomplete" in row
+    header = next(line for line in study.splitlines() if line.startswith("|")).strip("|").split("|")
+    row = next(line for line in study.splitlines() if line.startswith("| mplmm |")).strip("|").split("|")
+    assert row[header.index(" iemocap Acc % ↑ ")].strip() == "incomplete"
+    assert row[header.index(" iemocap_mmin_sad Acc % ↑ ")].strip() != "incomplete"
     assert "iemocap: report group" in study

@@ -79,10 +79,11 @@ def test_the_study_table_and_plot_carry_the_paired_difference(tmp_path):
     runs = _runs({"joint": [0.70, 0.72, 0.71, 0.69], "cggm": [0.65, 0.66, 0.67, 0.64], "agm": [0.71, 0.70, 0.73, 0.70]})
     summary = add_paired(summarize(runs), runs, "joint", Bootstrap(resamples=500))
     row = summary.set_index("method").loc["cggm"]
-    assert row["paired_mean"] == pytest.approx(-0.05) and row["paired_low"] < row["paired_mean"] < row["paired_high"] < 0
-    assert math.isnan(summary.set_index("method").loc["joint", "paired_mean"])
+    assert row["mae_paired"] == pytest.approx(-0.05) and row["mae_paired_low"] < row["mae_paired"] < row["mae_paired_high"] < 0
+    assert math.isnan(summary.set_index("method").loc["joint", "mae_paired"])
     md = write_table(summary, tmp_path / "balance")[0].read_text()
-    assert "mae − joint (95 % CI)" in md and "-0.050 [" in md and "resamples of the seeds" in md
+    cggm_line = next(line for line in md.splitlines() if line.startswith("| cggm |"))
+    assert "MAE paired Δ [CI]" in md and "-0.050 [" in cggm_line and "resamples of the seeds" in " ".join(md.split())
     assert paired_frame(runs, "joint").set_index("method").loc["cggm", "verdict"] == HOLDS
     assert add_paired(summarize(runs), runs, "ssa").equals(summarize(runs)), "no reference runs: unchanged"
     for stem, ref in (("paired", "joint"), ("none", None)):

@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO
 from mmrepro.report import load_reference, load_runs, summarize, write_table
 from mmrepro.report.reference import CSV_COLUMNS
+from mmrepro.report.tables import write_paper_table
 
 REF = REPO / "config" / "reference"
 NAMES = REF / "names.yaml"
@@ -93,23 +94,28 @@ def test_cells_show_ours_the_paper_and_the_difference_with_provenance(tmp_path):
     ref = load_reference(REF / "balance.csv", NAMES, "balance")
     write_table(summarize(runs, reference=ref), tmp_path / "balance")
     md = (tmp_path / "balance.md").read_text(encoding="utf-8")
-    header = md.splitlines()[0]
-    assert "| acc (%) | acc (paper) | acc (Δ) |" in header
+    header = next(line for line in md.splitlines() if line.startswith("|"))
+    assert "| Acc % ↑ | Acc paper | Acc Δ paper |" in header
 
     ours = 100 * sum(accs) / 2
-    row = next(line for line in md.splitlines() if line.startswith("| food101 | cggm |"))
+    row = next(line for line in md.splitlines() if line.startswith("| cggm |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     decimals = len(food["value"].split(".")[1])
-    at = header.strip("|").split("|").index(" acc (%) ")
-    assert cells[at] == f"{ours:.{decimals}f} ± {100 * math.sqrt(0.0008):.{decimals}f}"
+    at = header.strip("|").split("|").index(" Acc % ↑ ")
+    assert cells[at] == f"{ours:.{decimals}f}±{100 * math.sqrt(0.0008):.{decimals}f}"
     mark = cells[at + 1][len(food["value"]):]
     assert cells[at + 1].startswith(food["value"]) and mark  # secondary: marked
     assert cells[at + 2] == f"{ours - paper:+.{decimals}f}"
     assert f"{mark} {food['provenance']}" in md  # the footnote names the provenance
 
-    # Cells the paper has and we did not run: "not run", the paper's value beside, never as ours.
-    brats = next(line for line in md.splitlines() if line.startswith("| brats2021 | joint |"))
-    assert "not run" in brats and _paper_rows("balance", dataset="brats2021", method="joint")[0]["value"] in brats
+    # Cells the paper has and we did not run: in the paper's own table, never beside ours.
+    assert "brats2021" not in md and "not run" not in md
+    write_paper_table(summarize(runs, reference=ref), tmp_path / "paper")
+    paper_md = (tmp_path / "paper.md").read_text(encoding="utf-8")
+    brats = paper_md.split("### brats2021")[1]
+    joint = next(line for line in brats.splitlines() if line.startswith("| joint |"))
+    assert f"| {_paper_rows('balance', dataset='brats2021', method='joint')[0]['value']}" in joint
+    assert "food101" not in paper_md  # its one cell has a run
     csv_out = pd.read_csv(tmp_path / "balance.csv")
     not_run = csv_out[csv_out["n"] == 0]
     assert len(not_run) == len({(r["dataset"], r["method"]) for r in _paper_rows("balance")}) - 1
@@ -117,7 +123,7 @@ def test_cells_show_ours_the_paper_and_the_difference_with_provenance(tmp_path):
     assert csv_out.loc[csv_out["n"] == 2, "acc_paper"].item() == pytest.approx(paper / 100)
     assert csv_out.loc[csv_out["n"] == 2, "acc_diff"].item() == pytest.approx(ours / 100 - paper / 100)
     tex = (tmp_path / "balance.tex").read_text(encoding="utf-8")
-    assert r"$^{\dag}$" in tex and r"acc ($\Delta$)" in tex
+    assert r"$^{\dag}$" in tex and r"Acc $\Delta$ paper" in tex
 
 
 def test_values_from_the_paper_itself_carry_no_mark(tmp_path):
@@ -128,9 +134,9 @@ def test_values_from_the_paper_itself_carry_no_mark(tmp_path):
                                  study="missing", task="sims_regression") for s in (0, 1)])
     write_table(summarize(runs, reference=load_reference(REF / "missing.csv", NAMES, "missing")), tmp_path / "m")
     md = (tmp_path / "m.md").read_text(encoding="utf-8")
-    row = next(line for line in md.splitlines() if line.startswith("| sims | lower_bound | text | 2 |"))
+    row = next(line for line in md.splitlines() if line.startswith("| lower_bound |"))
     assert f"| {acc['value']} |" in row  # printed as is, no mark
-    assert "| acc2 (%) |" in md.splitlines()[0]
+    assert "| Acc-2 % ↑ | Acc-2 paper |" in next(line for line in md.splitlines() if line.startswith("|"))
 
 
 def test_peft_table_says_there_is_no_paper_number_and_shows_parameter_shares(tmp_path):
@@ -141,6 +147,6 @@ def test_peft_table_says_there_is_no_paper_number_and_shows_parameter_shares(tmp
     assert summary.set_index("method")["trainable_share"].to_dict() == {"joint": 0.5, "wander": 0.25}
     write_table(summary, tmp_path / "peft")
     md = (tmp_path / "peft.md").read_text(encoding="utf-8")
-    assert "| trainable | % of backbone |" in md
-    assert "| 250 | 25.00 |" in md and "| 500 | 50.00 |" in md
-    assert ref.absent in md and "(paper)" not in md
+    assert "| method | params |" in md
+    assert "| 250 (25.0 %) |" in md and "| 500 (50.0 %) |" in md
+    assert ref.absent in md and "paper" not in next(line for line in md.splitlines() if line.startswith("|"))

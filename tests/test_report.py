@@ -101,25 +101,27 @@ def test_csv_means_and_stds_match_hand_computed(runs, tmp_path):
         "mae", "corr", "acc2_has0", "f1_has0", "acc2_non0", "f1_non0", "acc7"]
 
 
-def test_markdown_has_oracle_column_and_plus_minus(runs, tmp_path):
+def test_markdown_has_oracle_row_and_plus_minus(runs, tmp_path):
     write_table(summarize(runs), tmp_path / "t")
     md = (tmp_path / "t.md").read_text(encoding="utf-8")
-    header = md.splitlines()[0]
-    assert "| mae | mae (oracle) |" in header
-    assert "0.630 ± 0.036" in md
-    assert "0.240" in md
-    # header, alignment row, 4 data rows
-    assert sum(1 for line in md.splitlines() if line.startswith("|")) == 6
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert table[0].startswith("| setting | method | params | MAE ↓ |")
+    assert "0.630±0.036" in md
+    oracle = [line for line in table if "oracle" in line]
+    assert len(oracle) == 2 and all("| 0.240 |" in line for line in oracle)  # a row per setting, not a column
+    # header, alignment row, 2 settings x (2 methods + the oracle)
+    assert len(table) == 8
 
 
 def test_latex_escapes_underscores_and_uses_booktabs(runs, tmp_path):
     write_table(summarize(runs), tmp_path / "t")
     tex = (tmp_path / "t.tex").read_text(encoding="utf-8")
-    assert r"acc2\_has0" in tex
+    assert r"acc2\_has0" in tex  # in the note on metrics shown once
     assert "acc2_has0" not in tex.replace(r"\_", "")
     for rule in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}", r"\end{tabular}"):
         assert rule in tex
-    assert r"0.630 $\pm$ 0.036" in tex
+    assert r"0.630$\pm$0.036" in tex
+    assert r"\begin{tabular}{llrrrrrr}" in tex  # setting, method, params and five metrics
 
 
 def test_row_order_sorted_dataset_then_first_appearance(tmp_path):
@@ -142,7 +144,7 @@ def test_single_seed_shows_mean_only(tmp_path):
     assert math.isnan(s["mae_std"].iloc[0])
     write_table(s, tmp_path / "one")
     md = (tmp_path / "one.md").read_text(encoding="utf-8")
-    assert "| 0.500 |" in md and "0.500 ±" not in md
+    assert "| 0.500 |" in md and "0.500±" not in md
 
 
 def test_plot_writes_png_and_pdf(runs, tmp_path):
@@ -192,7 +194,7 @@ def test_missing_oracle_is_fine_and_omitted_from_markdown(tmp_path):
     s = summarize(load_runs(files))
     assert s["mae_oracle"].isna().all()
     write_table(s, tmp_path / "real")
-    assert "(oracle)" not in (tmp_path / "real.md").read_text(encoding="utf-8")
+    assert "oracle" not in (tmp_path / "real.md").read_text(encoding="utf-8")
     assert "mae_oracle" in (tmp_path / "real.csv").read_text()
     plot_study(load_runs(files), tmp_path / "real")  # no oracle line, must not fail
 
@@ -215,7 +217,7 @@ def test_reference_adds_paper_column(runs, tmp_path):
     assert "corr_paper" not in s.columns
     write_table(summarize(runs), tmp_path / "r", reference=ref)
     md = (tmp_path / "r.md").read_text(encoding="utf-8")
-    assert "mae (paper)" in md and "0.590" in md
+    assert "| MAE paper | MAE Δ paper |" in md and "| 0.590 | +0.040 |" in md
 
 
 def test_classification_defaults(tmp_path):

@@ -29,6 +29,7 @@ from mmrepro.models import MultimodalModel, build_model
 from mmrepro.models.segmentation import SegmentationModel, check_method_support, unet_widths
 from mmrepro.tracking import init_store
 from mmrepro.train import TrainConfig, fit, segmentation_loss, task_loss_fn
+from mmrepro.spec import MethodPlan
 
 MODEL = dict(backbone="late", d_model=16, layers=1, heads=4, kernel=3, dropout=0.0, fusion_layers=1)
 BRATS4 = ["flair", "t1ce", "t1", "t2"]
@@ -243,14 +244,14 @@ def test_greedy_runs_on_segmentation_and_unsupported_hooks_fail_clearly():
     assert math.isfinite(values["greedy_speed_flair"]) and math.isfinite(values["greedy_speed_t1ce"])
     assert values["greedy_rebalance_flair"] + values["greedy_rebalance_t1ce"] > 0  # it re-balanced
     task = schema.task("seg")
-    check_method_support(task, {"transform": "full_finetune", "hook": "joint", "adapter": "source_only"})
+    check_method_support(task, MethodPlan("full_finetune", "joint", "source_only"))
     for hook_name in ("ogm_ge", "agm", "pmr", "mslr"):
         with pytest.raises(ValueError, match=f"hook '{hook_name}' is not supported for segmentation"):
-            check_method_support(task, {"transform": "full_finetune", "hook": hook_name, "adapter": "source_only"})
+            check_method_support(task, MethodPlan("full_finetune", hook_name, "source_only"))
     with pytest.raises(ValueError, match="transform 'lora' is not supported for segmentation"):
-        check_method_support(task, {"transform": "lora", "hook": "joint", "adapter": "source_only"})
+        check_method_support(task, MethodPlan("lora", "joint", "source_only"))
     check_method_support(TaskSpec("c", "classification", num_classes=2),  # other tasks: anything goes
-                         {"transform": "lora", "hook": "cggm", "adapter": "tent"})
+                         MethodPlan("lora", "cggm", "tent"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def test_delta_is_the_mean_paired_difference_and_label_use_is_marked(tmp_path):
     deltas = dict(zip(table["method"], table["mae_delta"]))
     assert deltas["source_only"] == pytest.approx(0.0) and deltas["casp"] == pytest.approx(-0.2)
     write_table(table, tmp_path / "shift")
-    assert "mae (vs source only)" in (tmp_path / "shift.md").read_text()
+    assert "MAE Δ source only" in (tmp_path / "shift.md").read_text()
 
 
 def test_no_baseline_leaves_the_summary_alone(tmp_path):

@@ -4,7 +4,7 @@ and a wrong key fails on loading with its name."""
 from __future__ import annotations
 
 import json
-from dataclasses import FrozenInstanceError
+from dataclasses import FrozenInstanceError, replace
 from pathlib import Path
 
 import pytest
@@ -43,6 +43,20 @@ def test_specs_from_the_config_round_trip_through_json():
     first = mechanism_points(config)[0]
     point = mechanism_spec(config, first["study"], float(first["dose"]), first["seed"])
     assert MechanismSpec.from_json(point.to_json()) == point
+
+
+def test_keys_added_later_are_left_out_of_the_json_at_their_defaults():
+    """train.shuffle, train.selection and tuned_on_target_labels: at their defaults the spec's JSON (what
+    Snakemake compares to decide a re-run, and config.json) is what it was before they existed."""
+    spec = balance_spec()
+    data = spec.to_dict()
+    assert not {"shuffle", "selection"} & set(data["train"]) and "tuned_on_target_labels" not in data
+    changed = replace(spec, train=replace(spec.train, shuffle=False, selection="valid_accuracy"),
+                      tuned_on_target_labels=True)
+    data = changed.to_dict()
+    assert (data["train"]["shuffle"], data["train"]["selection"], data["tuned_on_target_labels"]) == \
+        (False, "valid_accuracy", True)
+    assert RunSpec.from_json(changed.to_json()) == changed
 
 
 @pytest.mark.parametrize("change, key", [

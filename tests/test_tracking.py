@@ -11,11 +11,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import mlflow
 import pytest
 
 from conftest import balance_spec
+from mmrepro.cli import main
+from mmrepro.phases import Phases
 from mmrepro.spec import TrackingSpec
 from mmrepro.tracking import (COMPARE_VIEW, EXPERIMENT_KIND, SHARED_VIEW_PREFIX, DeferredRun, RunTracker, flatten,
                               history_steps, ingest_runs, init_store, log_outcome, open_run, record, tracking_mode,
@@ -62,10 +65,10 @@ def _check_run(uri, run_id):
     assert run.info.run_name == "joint/complete/seed3"  # what differs inside a study, not a path
     metrics = dict(run.data.metrics)
     assert math.isnan(metrics.pop("test/corr"))  # a NaN metric is logged as NaN, as metrics.json has it
-    assert metrics == {"train_loss": 0.5, "test/mae": 0.5, "valid/mae": 0.4, "oracle/test/mae": 0.2,
+    assert metrics == {"loss/train_loss": 0.5, "test/mae": 0.5, "valid/mae": 0.4, "oracle/test/mae": 0.2,
                        "params/trainable": 10, "params/backbone": 40}
     assert (run.data.tags["task"], run.data.tags["backbone"]) == ("regression", "late")
-    history = client.get_metric_history(run_id, "train_loss")
+    history = client.get_metric_history(run_id, "loss/train_loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
     assert [a.path for a in client.list_artifacts(run_id)] == ["metrics.json"]
 
@@ -140,44 +143,6 @@ def _stop(server: subprocess.Popen) -> None:
         server.wait(timeout=60)
 
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (Debian: apt-get install chromium)")
-def test_mlflow_ui_shows_the_runs_as_a_comparison_table(tmp_path):
-    """A new user's view: ``mlflow ui`` over a tiny store, the runs page in headless Chromium.
-
-    MLflow 3.17's UI picks the page from its global GenAI/Model-training switch (the
-    ``workflowType`` URL parameter, else the browser's saved choice, default GenAI), so the link
-    that init-tracking prints carries ``workflowType=machine_learning`` and the comparison view.
-    """
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    exp_id = init_store(uri, ["balance"], tmp_path / "artifacts")["balance"]
-    for method in ("joint", "cggm"):
-        with RunTracker(uri, "balance", replace(SPEC, method=method), threads=1) as run:
-            run.log_summary(SUMMARY)
-    port = _free_port()
-    server = _serve(["ui", "--backend-store-uri", uri], port)
-    url = f"http://127.0.0.1:{port}/#/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey=compare"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--window-size=1600,900", "--virtual-time-budget=30000"]
-    try:
-        def browse(action: str, profile: str) -> subprocess.CompletedProcess:
-            return subprocess.run([CHROMIUM, *flags, f"--user-data-dir={tmp_path / profile}", action, url],
-                                  capture_output=True, text=True, timeout=300)
-        dom = browse("--dump-dom", "profile-dom").stdout
-        shot = tmp_path / "runs.png"
-        browse(f"--screenshot={shot}", "profile-shot")
-    finally:
-        _stop(server)
-    for text in ("joint/complete/seed3", "cggm/complete/seed3", "test/mae", "method", "setting", "seed"):
-        assert text in dom, f"{text!r} not on the runs page"
-    assert "results/balance" not in dom
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
-
-
 def test_a_tracking_server_works_too(tmp_path):
     """Start a real MLflow server on loopback and log through it, as a cluster user would."""
     port = _free_port()
@@ -205,10 +170,11 @@ def _finished_run_folder(folder, spec, mode):
     """What a job leaves behind: its files, then tracking.json from the run it logged to."""
     folder.mkdir(parents=True)
     history = [{"epoch": 1, "train_loss": 1.0, "valid_loss": 0.9}, {"epoch": 2, "train_loss": 0.5, "valid_loss": 0.7}]
-    summary = {"metrics": {"test": {"mae": 0.6}}, "best_epoch": 2, "task": "regression", "backbone": "late"}
+    summary = {"metrics": {"test": {"mae": 0.6}}, "oracle": {"test": {"mae": 0.2}}, "best_epoch": 2, "task": "regression",
+               "backbone": "late"}
     (folder / "config.json").write_text(spec.to_json())
     (folder / "history.json").write_text(json.dumps(history))
-    with open_run(spec, threads=2, run_name=str(folder)) as run:
+    with open_run(spec, threads=2) as run:
         assert isinstance(run, DeferredRun if mode == "deferred" else RunTracker)
         for step, values in history_steps(history):
             run.log_metrics(values, step)
@@ -236,6 +202,85 @@ def test_deferred_and_live_runs_end_as_the_same_mlflow_record(tmp_path, monkeypa
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["threads"] == "2" and run.data.tags["seed"] == "3"
     assert run.data.params["train.lr"] == "0.001"
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "valid_loss")] == [(1, 0.9), (2, 0.7)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss/valid_loss")] == [(1, 0.9), (2, 0.7)]
     assert run.data.metrics["test/mae"] == 0.6 and run.data.tags["backbone"] == "late"
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"config.json", "metrics.json", "history.json"}
+
+
+def _chart_sections(metric_keys) -> list[str]:
+    """The sections of a run's charts in the order MLflow 3.17's run page shows them: named by the
+    key's part before the last ``/``, sorted, keys without one ("Model metrics", "") last."""
+    named = sorted({k.rsplit("/", 1)[0] for k in metric_keys if "/" in k})
+    return named + ([""] if any("/" not in k for k in metric_keys) else [])
+
+
+def test_a_run_page_opens_on_its_loss_curves(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    init_store(uri, ["balance"], tmp_path / "artifacts")
+    with RunTracker(uri, "balance", SPEC, threads=1) as run:
+        for epoch in (1, 2):
+            run.log_metrics({"train_loss": 1.0 / epoch, "valid_loss": 1.2 / epoch, "util_text": 0.5, "coeff_audio": 1.0,
+                             "lr": 0.001}, step=epoch)
+        run.log_summary(SUMMARY)
+    metrics = mlflow.MlflowClient(tracking_uri=uri).get_run(run.run_id).data.metrics
+    sections = _chart_sections(metrics)
+    assert sections[:2] == ["loss", "monitor"], sections  # then oracle/test, params, test, valid
+    assert {k for k in metrics if k.startswith("loss/")} == {"loss/train_loss", "loss/valid_loss"}
+    assert metrics["test/mae"] == 0.5 and metrics["monitor/util_text"] == 0.5  # final metrics keep their names
+
+
+def test_a_deferred_run_lasts_as_long_as_its_job(tmp_path, monkeypatch):
+    """Run Duration in the UI is the job's wall-clock time (timings.json), not the seconds of logging it later."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = tracking_uri(tmp_path)
+    init_store(uri, ["balance"], tmp_path / "artifacts")
+    folder = tmp_path / "balance" / "run"
+    phases = Phases()
+    _finished_run_folder(folder, replace(SPEC, results=str(tmp_path), tracking=TrackingSpec(uri=None, mode="deferred")),
+                         "deferred")
+    phases.lap("train")
+    timings = phases.summary()
+    (folder / "timings.json").write_text(json.dumps(timings))
+    run_id = ingest_runs(uri, [folder])[folder.as_posix()]
+    info = mlflow.MlflowClient(tracking_uri=uri).get_run(run_id).info
+    assert (info.start_time, info.end_time) == (int(timings["start"] * 1000), int(timings["end"] * 1000))
+    assert info.end_time - info.start_time >= (timings["total"] - 0.01) * 1000  # the job, from its process's start
+
+
+def test_a_moved_results_folder_stays_one_set_of_runs(tmp_path, monkeypatch):
+    """Copy a results folder elsewhere, remove the original, run the tracking step there: the same
+    runs (none logged again), their artifacts read from the new place, new runs' artifacts written there."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    monkeypatch.chdir(old)  # as Snakemake runs the rules: paths relative to the working directory
+    assert main(["init-tracking", "--results", "results", "--out", "results/tracking/experiments.json"]) == 0
+    spec = replace(SPEC, results="results", tracking=TrackingSpec(uri=None, mode="deferred"))
+    for seed in (0, 1):
+        _finished_run_folder(Path(f"results/balance/seed{seed}"), replace(spec, seed=seed), "deferred")
+    track = ["track", "--results", "results", "--out", "results/tracking/balance.json",
+             "results/balance/seed0/metrics.json", "results/balance/seed1/metrics.json"]
+    assert main(track) == 0
+    before = json.loads(Path("results/tracking/balance.json").read_text())["runs"]
+    own = (tmp_path / "own" / "mine").as_uri()  # a user's experiment elsewhere: not the pipeline's to move
+    mlflow.MlflowClient(tracking_uri=tracking_uri(old / "results")).create_experiment("mine", artifact_location=own)
+
+    shutil.copytree(old, new)
+    shutil.rmtree(old)
+    monkeypatch.chdir(new)
+    _finished_run_folder(Path("results/balance/seed2"), replace(spec, seed=2), "deferred")
+    assert main([*track, "results/balance/seed2/metrics.json"]) == 0
+    after = json.loads(Path("results/tracking/balance.json").read_text())["runs"]
+    assert {k: after[k] for k in before} == before, "runs of the moved folder were logged again"
+
+    uri = tracking_uri(new / "results")
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("balance")
+    assert exp.artifact_location == (new / "results" / "mlartifacts" / "balance").resolve().as_uri()
+    assert client.get_experiment_by_name("mine").artifact_location == own
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.info.run_id for r in runs) == sorted(after.values())  # 3 runs for 3 jobs
+    for run in runs:
+        assert run.info.artifact_uri.startswith(exp.artifact_location)
+        got = client.download_artifacts(run.info.run_id, "metrics.json", str(tmp_path / run.info.run_id))
+        assert json.loads(Path(got).read_text())["metrics"]["test"]["mae"] == 0.6

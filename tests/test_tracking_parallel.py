@@ -12,13 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import replace
+from pathlib import Path
 
 import mlflow
 import pytest
 
-from mmrepro.tracking import RunTracker, init_store
+from mmrepro.tracking import RunTracker, init_store, series_key, server_problem
 from test_tracking import SPEC, _free_port
 
 JOBS, EPOCHS = 16, 5
@@ -36,7 +36,7 @@ def _job(uri: str, i: int, barrier, folder) -> None:
     with RunTracker(uri, "balance", replace(SPEC, seed=i), threads=1, run_name=f"job{i}") as run:
         for epoch in range(1, EPOCHS + 1):
             run.log_metrics({"train_loss": i + epoch / 10, "valid_loss": i - epoch / 10}, step=epoch)
-        run.log_metrics({"test_mae": float(i)}, step=EPOCHS)
+        run.log_values({"test_mae": float(i)}, step=EPOCHS)
         run.log_artifact(path)
 
 
@@ -60,7 +60,7 @@ def check_nothing_lost(uri: str, tmp_path) -> None:
         i = int(run.data.tags["seed"])
         assert run.info.status == "FINISHED" and run.data.params["train.lr"] == "0.001"
         for name, sign in (("train_loss", 1), ("valid_loss", -1)):
-            history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
+            history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, series_key(name)))
             assert history == [(e, pytest.approx(i + sign * e / 10)) for e in range(1, EPOCHS + 1)], (i, name)
         assert run.data.metrics["test_mae"] == i
         assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["metrics.json"]
@@ -76,27 +76,25 @@ def test_16_jobs_at_once_on_the_default_sqlite_store(tmp_path):
 
 
 @contextlib.contextmanager
-def mlflow_server(tmp_path):
-    """An MLflow server on loopback, the single writer of its sqlite file (docs/cluster.md 'Tracking on a cluster')."""
+def mlflow_server(store: Path, artifacts: Path, host: str = "127.0.0.1"):
+    """The tracking server of docs/cluster.md ('Tracking on a cluster'), the single writer of its sqlite file
+    ``store``, listening on ``host`` and answering requests addressed to it (``--allowed-hosts``)."""
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path}/server.db", "--artifacts-destination", str(tmp_path / "art")],
+        [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+         "--allowed-hosts", f"{host},{host}:{port}",
+         "--backend-store-uri", f"sqlite:///{store}", "--artifacts-destination", str(artifacts)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         # as docs/cluster.md: no background job runners (tracking only); a fresh sqlite connection per request
         # (the default pool of 15 timed out under 16 jobs: 400 "QueuePool limit ... reached")
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_SQLALCHEMYSTORE_POOLCLASS": "NullPool"})
-    uri = f"http://127.0.0.1:{port}"
+    uri = f"http://{host}:{port}"
     try:
         deadline = time.monotonic() + 900  # seconds when idle; minutes on a machine shared by many
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=5)
-                break
-            except OSError:
-                assert server.poll() is None, "the MLflow server exited"
-                assert time.monotonic() < deadline, "the MLflow server did not come up in 15 min"
-                time.sleep(0.5)
+        while (problem := server_problem(uri, timeout=5)) is not None:  # its API, as the jobs will ask it
+            assert server.poll() is None, f"the MLflow server exited ({problem})"
+            assert time.monotonic() < deadline, f"the MLflow server did not come up in 15 min ({problem})"
+            time.sleep(0.5)
         yield uri
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: the group started here
@@ -110,7 +108,7 @@ def mlflow_server(tmp_path):
 def test_16_jobs_at_once_through_a_tracking_server(tmp_path, capsys):
     from mmrepro.cli import main
 
-    with mlflow_server(tmp_path) as uri:
+    with mlflow_server(tmp_path / "server.db", tmp_path / "art") as uri:
         assert main(["init-tracking", "--results", str(tmp_path), "--uri", uri, "--out", str(tmp_path / "exp.json")]) == 0
         assert json.loads((tmp_path / "exp.json").read_text())["uri"] == uri
         run_jobs_at_once(uri, tmp_path)

@@ -154,3 +154,98 @@ def test_pinned_copy_is_a_no_op_off_cuda(synth_store):
     batch = next(iter(train))
     moved = batch.to("cpu", pin=True)
     assert all(torch.equal(moved.x[m], batch.x[m]) for m in batch.x) and torch.equal(moved.y, batch.y)
+
+
+# --- train.selection: which epoch a run keeps -------------------------------------------------------
+
+class _Scripted(torch.nn.Module):
+    """Predicts, in eval mode, the scripted validation outputs of the current epoch (one row per epoch);
+    trains a single weight so that the loop has something to step."""
+
+    def __init__(self, task_type: str, outputs: list[list]):
+        super().__init__()
+        self.task_type, self.outputs, self.epoch = task_type, torch.tensor(outputs), 0
+        self.w = torch.nn.Parameter(torch.zeros(()))
+
+    def train(self, mode: bool = True):
+        self.epoch += mode  # the loop calls train() once at the start of each epoch
+        return super().train(mode)
+
+    def forward(self, batch):
+        from mmrepro.models.output import ModelOutput
+
+        pred = self.outputs[self.epoch - 1][batch.index] + 0.0 * self.w
+        if self.training:
+            pred = pred + self.w
+        return ModelOutput(pred=pred, fused=pred.reshape(len(batch), -1), tokens={}, features={})
+
+
+def _batches(y: list):
+    from mmrepro.data.loader import Batch
+
+    y = torch.tensor(y)
+    return [Batch(x={}, lengths={}, present=torch.ones(len(y), 1, dtype=torch.bool), y=y, index=torch.arange(len(y)))]
+
+
+# Validation labels (one zero: the code counts it negative) and each epoch's predictions.
+Y = [0.0, 1.0, -1.0, 2.0]
+PRED = [[0.1, 0.9, -0.9, 1.9],     # L1 0.10, code Acc-2 0.75 (MMSA's acc2_has0: 1.0)
+        [-0.5, 0.5, -0.5, 1.0],    # L1 0.625, code Acc-2 1.0 (acc2_has0: 0.75)
+        [-0.1, 1.0, -1.0, 2.05],   # L1 0.0375 (the lowest), code Acc-2 1.0: a tie, not an improvement
+        [0.2, 0.5, 0.5, 0.5]]      # L1 0.925, code Acc-2 0.5
+
+
+@pytest.mark.parametrize("selection, best_epoch", [("valid_loss", 3), ("valid_accuracy", 2)])
+def test_each_selection_keeps_the_epoch_its_rule_picks(selection, best_epoch):
+    batches = _batches(Y)
+    result = fit(_Scripted("regression", PRED), batches, batches, JointTraining(),
+                 _cfg(epochs=4, patience=4, lr=0.0, selection=selection))
+    assert result.best_epoch == best_epoch and result.epochs_run == 4
+    assert [h.get("valid_accuracy") for h in result.history] == \
+        ([0.75, 1.0, 1.0, 0.5] if selection == "valid_accuracy" else [None] * 4)
+    assert [h["valid_loss"] for h in result.history] == pytest.approx([0.1, 0.625, 0.0375, 0.925])
+
+
+def test_patience_counts_epochs_without_a_new_best_under_the_selection():
+    batches = _batches(Y)
+    result = fit(_Scripted("regression", PRED), batches, batches, JointTraining(),
+                 _cfg(epochs=4, patience=1, lr=0.0, selection="valid_accuracy"))
+    assert (result.best_epoch, result.epochs_run) == (2, 3)  # epoch 3 ties epoch 2's accuracy: patience ends
+
+
+def test_accuracy_selection_on_classes_is_top1_and_never_keeps_accuracy_zero():
+    batches = _batches([1, 0])
+    logits = [[[0.0, 1.0], [0.0, 1.0]],   # top-1 0.5
+              [[1.0, 0.0], [1.0, 0.0]],   # 0.5 again: not strictly better
+              [[0.0, 1.0], [1.0, 0.0]]]   # 1.0
+    result = fit(_Scripted("classification", logits), [_batches([1, 0])[0]], batches, JointTraining(),
+                 _cfg(epochs=3, patience=3, lr=0.0, selection="valid_accuracy"))
+    assert result.best_epoch == 3 and [h["valid_accuracy"] for h in result.history] == [0.5, 0.5, 1.0]
+    wrong = [[[1.0, 0.0], [0.0, 1.0]]]  # accuracy 0: the code's best starts at 0, so nothing is kept
+    assert fit(_Scripted("classification", wrong), batches, batches, JointTraining(),
+               _cfg(epochs=1, lr=0.0, selection="valid_accuracy")).best_epoch == 0
+
+
+def test_a_selection_the_task_cannot_score_is_refused_before_training():
+    batches = _batches(Y)
+    with pytest.raises(ValueError, match="train.selection must be one of"):
+        fit(_Scripted("regression", PRED), batches, batches, JointTraining(), _cfg(selection="valid_acc"))
+    with pytest.raises(ValueError, match="valid_accuracy needs a regression or classification task"):
+        fit(_Scripted("segmentation", PRED), batches, batches, JointTraining(), _cfg(selection="valid_accuracy"))
+
+
+def test_shuffle_false_trains_on_the_split_in_stored_order_every_epoch(synth_store):
+    from dataclasses import replace
+
+    from conftest import balance_spec
+    from mmrepro.jobs import RunData
+
+    def orders(shuffle: bool) -> list[list[int]]:
+        spec = balance_spec()
+        loader = RunData(synth_store, replace(spec, train=replace(spec.train, shuffle=shuffle))).train_loader()
+        return [torch.cat([b.index for b in loader]).tolist() for _ in range(2)]
+
+    stored = orders(False)
+    assert stored[0] == stored[1] == list(range(len(stored[0])))
+    shuffled = orders(True)  # the default: a new order per epoch
+    assert shuffled[0] != shuffled[1] and sorted(shuffled[0]) == stored[0]

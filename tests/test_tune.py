@@ -206,6 +206,43 @@ def test_fine_tune_and_adapt_searches_write_their_best(results, tmp_path, study,
     assert parent.info.status == "FINISHED"
     assert {k: v for k, v in parent.data.params.items() if k.startswith("best.")} == \
         {f"best.{k}": str(v) for k, v in best["params"].items()}
+    # scored on the source's validation split (complete / a synth domain setting): no target labels
+    assert best["target_labels_used"] is False and parent.data.tags["target_labels_used"] == "false"
+
+
+def test_a_search_scored_on_a_targets_labels_marks_itself_and_every_run_it_tunes(results, tmp_path):
+    """A cross-dataset setting validates on the target's labels: the search says so (best.json, its MLflow
+    run), and a final run that takes its parameters says so in metrics.json, the MLflow tags and the table."""
+    from mmrepro.cli import main
+    from mmrepro.report import load_runs
+    from mmrepro.tracking import ingest_runs
+
+    config = copy.deepcopy(TINY)
+    config["results"] = str(results)
+    config["studies"]["shift"]["settings"] = {"to_synth": {"type": "dataset", "target": "synth"}}
+    search = search_spec(validate_config(config, load_schema(SCHEMA)), "shift", "synth", "source_only")
+    Path(search["storage"]).unlink(missing_ok=True)
+    search = tune.create({**search, "trials": 2})
+    manifest, model = results / "data" / "synth" / "manifest.json", results / "backbones" / "shift" / "model.pt"
+    best = tune.best(search, manifest, model, threads=1, folder=tmp_path)
+    assert best["target_labels_used"] is True and best["setting"] == "to_synth"
+    uri = f"sqlite:///{results.resolve()}/mlflow.db"
+    assert mlflow.MlflowClient(uri).get_run(search["parent_run"]).data.tags["target_labels_used"] == "true"
+
+    (tmp_path / "best.json").write_text(json.dumps(best))
+    out = tmp_path / "run"
+    args = ["adapt", "--spec", json.dumps(search["spec"]), "--data", str(manifest), "--model", str(model),
+            "--out-dir", str(out), "--tuned", str(tmp_path / "best.json")]
+    assert main(args) == 0
+    assert json.loads((out / "metrics.json").read_text())["target_labels_used"] is True
+    assert json.loads((out / "config.json").read_text())["tuned_on_target_labels"] is True
+    run_id = ingest_runs(uri, [out])[out.as_posix()]
+    assert mlflow.MlflowClient(uri).get_run(run_id).data.tags["target_labels_used"] == "true"
+    assert set(load_runs([out / "metrics.json"])["method"]) == {"source_only [target labels]"}
+
+    (tmp_path / "best.json").write_text(json.dumps({k: v for k, v in best.items() if k != "target_labels_used"}))
+    with pytest.raises(SystemExit, match="delete it and run the search's tune_best job again"):
+        main(args)
 
 
 # --- through Snakemake: search -> final run -> report, two workers on one study ------------------------

@@ -1,45 +1,60 @@
 """``mmrepro <verb>``: the only entry point the Snakemake rules call.
 
 Each verb does one job of the DAG. Rules pass their wildcards and a JSON run spec built by
-:mod:`mmrepro.config`; run ``mmrepro <verb> --help`` for the arguments of each.
+:mod:`mmrepro.config` (a file under ``<results>/specs/``; the JSON text itself is accepted too);
+run ``mmrepro <verb> --help`` for the arguments of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
 from pathlib import Path
 
-import yaml
 
 
-def _json(text: str) -> dict:
+def _spec_text(value: str) -> tuple[str, str]:
+    """A spec argument's JSON and where it came from: the text itself (it starts with ``{``) or the
+    file it names (what the rules pass: :func:`mmrepro.config.spec_file`)."""
+    if value.lstrip().startswith("{"):
+        return value, ""
+    try:
+        return Path(value).read_text(), f"{value}: "
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"no spec file {value} ({e.strerror}); pass a spec's JSON or its file") from None
+
+
+def _json(value: str) -> dict:
+    text, where = _spec_text(value)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+        raise argparse.ArgumentTypeError(f"{where}not valid JSON: {e}") from None
 
 
-def _run_spec(text: str):
+def _run_spec(value: str):
     """A ``--spec`` run spec: JSON checked key by key (:class:`mmrepro.spec.RunSpec`)."""
     from mmrepro.spec import RunSpec, SpecError
 
+    text, where = _spec_text(value)
     try:
         return RunSpec.from_json(text)
     except SpecError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(f"{where}{e}") from None
 
 
-def _mechanism_spec(text: str):
+def _mechanism_spec(value: str):
     """A ``--spec`` of a mechanisms point (:class:`mmrepro.spec.MechanismSpec`)."""
     from mmrepro.spec import MechanismSpec, SpecError
 
+    text, where = _spec_text(value)
     try:
         return MechanismSpec.from_json(text)
     except SpecError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(f"{where}{e}") from None
 
 
 def _report_inputs(parser: argparse.ArgumentParser) -> None:
@@ -53,37 +68,42 @@ def _report_inputs(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from mmrepro.config import load_schema, merge_config, validate_config
+    from mmrepro.config import load_schema, read_config_files, validate_config
 
-    config: dict = {}
-    for path in args.configfile:
-        merge_config(config, yaml.safe_load(Path(path).read_text()) or {})
-    validate_config(config, load_schema(args.schema))
+    validate_config(read_config_files(args.configfile), load_schema(args.schema))
     print(f"config OK: {', '.join(args.configfile)}")
     return 0
 
 
 def cmd_init_tracking(args: argparse.Namespace) -> int:
-    from mmrepro.config import EXPERIMENTS
+    from mmrepro.config import EXPERIMENTS, ConfigError
     from mmrepro.jobs import write_json
-    from mmrepro.tracking import init_store, tracking_uri
+    from mmrepro.tracking import artifact_root, init_store, server_problem, tracking_uri
 
     uri = tracking_uri(args.results, args.uri)
-    ids = init_store(uri, EXPERIMENTS, Path(args.results) / "mlartifacts")
+    # before any job is submitted: a server that refuses the jobs fails here, once, on the login node
+    problem = server_problem(uri) if uri.startswith(("http://", "https://")) else None
+    if problem:
+        raise ConfigError(f"tracking.uri (or MLFLOW_TRACKING_URI): {problem}")
+    ids = init_store(uri, EXPERIMENTS, artifact_root(args.results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"uri": uri, "experiments": ids})
     print(f"MLflow store ready at {uri}: {', '.join(ids)}")
-    for name, exp_id in ids.items():  # MLflow 3.17's UI opens on GenAI pages unless asked for training runs
-        print(f"  {name}: mlflow ui, then #/experiments/{exp_id}/runs?workflowType=machine_learning"
-              "&viewStateShareKey=compare")
+    print(f"look at the runs: mlflow ui --app-name mmrepro --backend-store-uri {uri}; each study's columns "
+          "(open once, then 'Override saved view'):")
+    for name, exp_id in ids.items():  # workflowType: the training runs under a plain `mlflow ui` too
+        print(f"  {name}: #/experiments/{exp_id}/runs?workflowType=machine_learning&viewStateShareKey=compare")
     return 0
 
 
 def cmd_track(args: argparse.Namespace) -> int:
     from mmrepro.jobs import write_json
-    from mmrepro.tracking import ingest_runs, tracking_uri
+    from mmrepro.tracking import artifact_root, ingest_runs, relocate_artifacts, tracking_uri
 
     uri = tracking_uri(args.results, args.uri)
+    moved = relocate_artifacts(uri, artifact_root(args.results))  # a results folder moved since init-tracking
+    if moved:
+        print(f"artifact locations of {', '.join(moved)} now under {artifact_root(args.results).resolve()}")
     ids = ingest_runs(uri, [m.parent for m in args.metrics])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, {"uri": uri, "runs": ids})
@@ -130,12 +150,10 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_stand_in(args: argparse.Namespace) -> int:
-    from mmrepro.config import merge_config
+    from mmrepro.config import read_config_files
     from mmrepro.data.standin import MANIFEST, OVERLAY, Scale, generate
 
-    config: dict = {}
-    for path in args.configfile:
-        merge_config(config, yaml.safe_load(Path(path).read_text()) or {})
+    config = read_config_files(args.configfile)
     max_bytes = None if args.scale == "tiny" or args.max_gb <= 0 else int(args.max_gb * 1e9)
     try:
         manifest = generate(config.get("datasets", {}), args.out, Scale(args.scale, max_bytes), args.datasets,
@@ -154,7 +172,8 @@ def cmd_stand_in(args: argparse.Namespace) -> int:
 
 
 def _tuned(args: argparse.Namespace):
-    """The run spec, with a search's best parameters when ``--tuned`` names its best.json."""
+    """The run spec, with a search's best parameters when ``--tuned`` names its best.json (and marked
+    when that search chose them with target labels)."""
     spec = args.spec
     if args.tuned is None:
         return spec
@@ -162,7 +181,10 @@ def _tuned(args: argparse.Namespace):
     if (best["study"], best["dataset"], best["method"]) != (spec.study, spec.dataset, spec.method):
         raise SystemExit(f"--tuned {args.tuned} is the search of {best['study']}/{best['dataset']}/{best['method']}, "
                          "not of this run")
-    return spec.with_params(best["params"])
+    if "target_labels_used" not in best:
+        raise SystemExit(f"--tuned {args.tuned}: written before searches recorded whether they scored on target "
+                         "labels; delete it and run the search's tune_best job again")
+    return dataclasses.replace(spec.with_params(best["params"]), tuned_on_target_labels=best["target_labels_used"])
 
 
 def _teacher(value: str) -> tuple[str, Path]:
@@ -227,17 +249,21 @@ def _study_reference(path: Path | None, names: Path | None, runs) -> object:
 def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
     from mmrepro.report.groups import add_groups, parse_groups
-
     from mmrepro.report.paired import add_paired, plot_paired
+    from mmrepro.report.tables import write_paper_table
 
     runs = load_runs(args.metrics)
     grouped = add_groups(runs, parse_groups(args.groups))
     summary = add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
                                  grouped)
-    write_table(add_paired(summary, grouped, args.paired_with), args.table)
+    paper = f"{args.paper_table}.md" if args.paper_table else ""
+    write_table(add_paired(summary, grouped, args.paired_with), args.table, paper_table=paper)
+    if args.paper_table:
+        write_paper_table(summary, args.paper_table)
     plot_study(runs, args.plot)
     plot_paired(grouped, args.paired_with, f"{args.plot}_paired")
-    print(f"wrote {args.table}.{{md,csv,tex}} and {args.plot}{{,_paired}}.{{png,pdf}} from {len(args.metrics)} runs")
+    print(f"wrote {args.table}.{{md,csv,tex,html}}{f' and {paper}' if paper else ''} and {args.plot}{{,_paired}}.{{png,pdf}} "
+          f"from {len(args.metrics)} runs")
     return 0
 
 
@@ -313,9 +339,8 @@ def cmd_missing_report(args: argparse.Namespace) -> int:
 
     plots = {name: stem for name, stem in [("test", args.plot), ("train", args.train_rate_plot),
                                            ("prompt", args.prompt_length_plot)] if stem is not None}
-    missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"), args.groups)
-    print(f"wrote {args.table}.{{md,csv}} and {', '.join(f'{p}.{{png,pdf}}' for p in plots.values())} "
-          f"from {len(args.metrics)} runs")
+    paths = missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"), args.groups)
+    print(f"wrote {', '.join(map(str, paths))} from {len(args.metrics)} runs")
     return 0
 
 
@@ -363,14 +388,14 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("make-data", help="generate or convert a dataset into a feature store")
     s.add_argument("--dataset", required=True, help="dataset name (a key of the config's datasets)")
-    s.add_argument("--spec", dest="entry", type=_json, required=True, help="the dataset's config entry, as JSON")
+    s.add_argument("--spec", dest="entry", type=_json, required=True, help="the dataset's config entry: a JSON file or JSON text")
     s.add_argument("--out", type=Path, required=True, help="<store folder>/manifest.json to write")
     s.set_defaults(func=cmd_make_data)
 
     s = sub.add_parser("fetch", help="download (or resume) and verify a dataset's source files, or say how to get them")
     s.add_argument("--dataset", required=True, help="dataset name (a key of the config's datasets)")
     s.add_argument("--spec", dest="entry", type=_json, required=True,
-                   help="the dataset's config entry, as JSON (path, source)")
+                   help="the dataset's config entry: a JSON file or JSON text (path, source)")
     s.add_argument("--checksums", type=Path, default=None,
                    help="JSON registry of SHA-256 recorded on first download, for sources without a published "
                         "one (default: the spec's 'checksums', which the workflow sets to <data_root>/checksums.json)")
@@ -405,7 +430,7 @@ def parser() -> argparse.ArgumentParser:
     for verb, helptext, func in (("train", "train one run (method x setting x seed) and evaluate it", cmd_train),
                                  ("adapt", "adapt a trained model at test time on a target split", cmd_adapt)):
         s = sub.add_parser(verb, help=helptext)
-        s.add_argument("--spec", type=_run_spec, required=True, help="run spec JSON (built by mmrepro.config)")
+        s.add_argument("--spec", type=_run_spec, required=True, help="run spec: a JSON file or JSON text (built by mmrepro.config)")
         s.add_argument("--data", type=Path, required=True, help="feature store manifest.json")
         s.add_argument("--out-dir", type=Path, required=True, help="folder for metrics.json, model.pt, config.json")
         s.add_argument("--threads", type=int, default=1, help="CPU threads (Snakemake passes the rule's threads)")
@@ -424,7 +449,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tune", help="one step of an Optuna search: create the study, run a worker, or write the best")
     steps = s.add_subparsers(dest="step", required=True, metavar="step")
     t = steps.add_parser("create", help="create (or load) the study and its MLflow parent run; enqueue the default point")
-    t.add_argument("--search", type=_json, required=True, help="search spec JSON (built by mmrepro.config.search_spec)")
+    t.add_argument("--search", type=_json, required=True, help="search spec: a JSON file or JSON text (built by mmrepro.config.search_spec)")
     t.add_argument("--out", type=Path, required=True, help="search.json to write (the spec, with the parent run)")
     for step, helptext in (("work", "run trials until the study's shared budget is finished"),
                            ("best", "after every worker: finish the budget, write best.json and the plots beside it")):
@@ -440,7 +465,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("claims", help="the claims ledger: each paper's claim decided by paired runs (md, csv, png, pdf)")
-    s.add_argument("--spec", type=_json, required=True, help="ledger spec JSON (built by mmrepro.claims.ledger_spec)")
+    s.add_argument("--spec", type=_json, required=True, help="ledger spec: a JSON file or JSON text (built by mmrepro.claims.ledger_spec)")
     s.add_argument("--table", type=Path, required=True, help="output stem for claims.md and claims.csv")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the intervals figure (png, pdf)")
     s.add_argument("--searches", nargs="*", type=Path, default=[], help="best.json of each search of the ledger")
@@ -457,6 +482,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")
     s.add_argument("--plot", type=Path, required=True,
                    help="output stem for the plot files (the paired differences: <stem>_paired.png, .pdf)")
+    s.add_argument("--paper-table", type=Path, default=None,
+                   help="output stem (md, html) for the paper's cells without a run of ours (none by default)")
     s.add_argument("--paired-with", default=None, metavar="METHOD",
                    help="the method the others are paired with (per-seed difference, bootstrap interval); none: no column")
     _report_inputs(s)
@@ -465,7 +492,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("mechanism", help="one point of a mechanisms sweep: a study's diagnostic and methods' gains at a dose")
     s.add_argument("--spec", type=_mechanism_spec, required=True,
-                   help="JSON: study, dataset (config entry), dose, seed, budget, methods, params, domain (shift)")
+                   help="a JSON file or JSON text: study, dataset (config entry), dose, seed, budget, methods, params, "
+                        "domain (shift)")
     s.add_argument("--out", type=Path, required=True, help="JSON file for the point")
     s.set_defaults(func=cmd_mechanism)
 
@@ -477,8 +505,9 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("missing-report", help="the missing study's per-available-set table (MPLMM's Table 1 "
                                                "layout) and its curves over the test rate, training rate, prompt length")
-    s.add_argument("--table", type=Path, required=True, help="output stem for the table files (md, csv)")
-    s.add_argument("--plot", type=Path, required=True, help="output stem of the curve over the test missing rate (png, pdf)")
+    s.add_argument("--table", type=Path, required=True, help="output stem for the table files (md, csv, html)")
+    s.add_argument("--plot", type=Path, default=None, help="output stem of the curve over the test missing rate (png, "
+                                                             "pdf; none by default)")
     s.add_argument("--train-rate-plot", type=Path, default=None, help="output stem of the curve over the training "
                                                                        "missing rate (none by default)")
     s.add_argument("--prompt-length-plot", type=Path, default=None, help="output stem of the curve over the prompt "

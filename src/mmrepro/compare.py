@@ -15,11 +15,11 @@ import math
 import pandas as pd
 
 from mmrepro.report.tables import RUN_COLUMNS
-from mmrepro.tracking import TAG_KEYS
+from mmrepro.tracking import LOSS_SERIES, MONITOR_SERIES, TAG_KEYS
 
 log = logging.getLogger(__name__)
 
-_PREFIXES = ("oracle/", "params/")
+_PREFIXES = ("oracle/", "params/", LOSS_SERIES, MONITOR_SERIES)
 
 
 def _rows(run) -> list[dict]:
@@ -29,7 +29,7 @@ def _rows(run) -> list[dict]:
     rows = []
     for key, value in metrics.items():
         if key.startswith(_PREFIXES) or "/" not in key:
-            continue  # per-epoch curves, oracle and parameter counts are not table rows
+            continue  # per-step series (unprefixed in older runs), oracle and parameter counts are not table rows
         split, metric = key.split("/", 1)
         rows.append({**base, "split": split, "metric": metric, "value": value,
                      "oracle": metrics.get(f"oracle/{key}", math.nan), "trainable_params": counts["trainable"],

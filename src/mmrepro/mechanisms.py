@@ -46,6 +46,7 @@ from mmrepro.methods.registry import ADAPTERS, HOOKS, TRANSFORMS, build
 from mmrepro.methods.transforms import count_parameters
 from mmrepro.report.tables import LOWER_IS_BETTER, MAIN_METRIC
 from mmrepro.models.build import build_model
+from mmrepro.spec import DataSetting
 from mmrepro.train import TrainConfig, fit
 
 #: Smallest encoder-probe gap (unimodal - joint; corr or accuracy) of every weak modality for imbalance to count.
@@ -133,14 +134,13 @@ class Budget:
     backbone: str = "late"
 
 
-def train(store: Path, task: str, budget: Budget, seed: int, *, setting: dict[str, Any] | None = None,
+def train(store: Path, task: str, budget: Budget, seed: int, *, setting: DataSetting | None = None,
           init: dict[str, torch.Tensor] | None = None, transform: str = "full_finetune", hook: str = "joint",
           params: Mapping[str, dict[str, Any]] | None = None) -> tuple[torch.nn.Module, RunData]:
     """Train ``budget.epochs`` epochs (no early stop, so runs compare at equal epochs); return the last model."""
     reproducibility.configure(seed, 1)
     params = params or {}
-    data = RunData(store, {"task": task, "seed": seed, "data_setting": setting or {"type": "complete", "params": {}},
-                           "train": {"batch_size": budget.batch_size}})
+    data = RunData.for_diagnostic(store, task, setting or DataSetting("complete", {}), budget.batch_size, seed)
     model = build_model(data.schema, data.task, modalities=data.modalities, backbone=budget.backbone,
                         d_model=budget.d_model, layers=1, heads=budget.heads, kernel=3, dropout=0.0, fusion_layers=1)
     if init is not None:
@@ -163,7 +163,7 @@ def measure_imbalance(store: Path, task: str, budget: Budget, seed: int, dose: f
     together = {m: encoder_probe(joint, data.loader("train"), data.loader("valid"), m) for m in weak}
     alone = {}
     for m in weak:
-        model, single = train(store, task, budget, seed, setting={"type": "subset", "params": {"modalities": [m]}})
+        model, single = train(store, task, budget, seed, setting=DataSetting("subset", {"modalities": [m]}))
         alone[m] = encoder_probe(model, single.loader("train"), single.loader("valid"), m)
     return imbalance(dose, alone, together)
 
@@ -255,7 +255,7 @@ def run_point(study: str, entry: dict[str, Any], dose: float, seed: int, budget:
             gains[m] = (closed - base["corr"]) / (full["corr"] - base["corr"]) if diag.present else None
     elif study == "missing":
         complete = score(*train(store, task, budget, seed))
-        setting = {"type": "zero_fill", "params": {"rate": dose}}
+        setting = DataSetting("zero_fill", {"rate": dose})
         joint, data = train(store, task, budget, seed, setting=setting)
         base = score(joint, data)
         metric = MAIN_METRIC[metric_kind(data.task)]
@@ -266,8 +266,7 @@ def run_point(study: str, entry: dict[str, Any], dose: float, seed: int, budget:
     elif study == "shift":
         model, data = train(store, task, budget, seed)
         source = score(model, data)
-        target = RunData(store, {"task": task, "seed": seed, "train": {"batch_size": budget.batch_size},
-                                 "data_setting": {"type": "domain", "params": {"domain": domain}}})
+        target = RunData.for_diagnostic(store, task, DataSetting("domain", {"domain": domain}), budget.batch_size, seed)
         base = score(model, target)
         metric = MAIN_METRIC[metric_kind(data.task)]
         diag = degradation(study, dose, *(_error(s, metric) for s in (source, base)))

@@ -76,6 +76,7 @@ __all__ = [
     "DiceMeter",
     "compute",
     "dice_per_region",
+    "official_acc2",
     "regression_metrics",
     "segmentation_metrics",
     "sims_metrics",
@@ -267,6 +268,13 @@ def regression_metrics(pred: Any, truth: Any) -> dict[str, float]:
     out["acc5"] = _round_acc(p, t, 2.0)
     out["acc7"] = _round_acc(p, t, 3.0)
     return out
+
+
+def official_acc2(pred: Any, truth: Any) -> float:
+    """The Acc-2 the released codes of CASP, CGGM and Wander pick epochs by (``eval_senti``):
+    ``pred > 0`` against ``truth > 0`` over every sample, so a zero label counts as negative (unlike
+    MMSA's ``acc2_has0``, where it counts positive)."""
+    return float(np.mean((np.asarray(pred) > 0) == (np.asarray(truth) > 0)))
 
 
 def sims_metrics(pred: Any, truth: Any) -> dict[str, float]:

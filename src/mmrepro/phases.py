@@ -3,7 +3,9 @@
 A job calls :meth:`Phases.lap` at the end of each phase; the first lap also counts the time since
 the process started (interpreter start and imports). The phases go to ``timings.json`` beside the
 run's results (never into ``metrics.json``, which stays deterministic) and to the job's log, and
-``benchmarks/job_overhead.py`` reads them.
+``benchmarks/job_overhead.py`` reads them. ``timings.json`` also holds the job's wall-clock
+``start`` and ``end`` (Unix seconds): a deferred run is logged to MLflow later, and takes its
+start and end, hence its Duration, from them (:func:`mmrepro.tracking.ingest_runs`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Phases:
         self.seconds: dict[str, float] = {}
         self._since_start = process_age()
         self._last = time.perf_counter()
+        self.start = time.time() - self._since_start
 
     def lap(self, name: str) -> None:
         now = time.perf_counter()
@@ -45,9 +48,10 @@ class Phases:
         self.seconds[name] = self.seconds.get(name, 0.0) + spent
 
     def summary(self) -> dict[str, float]:
-        """Seconds per phase, plus ``fixed`` (everything but compute) and ``total``."""
+        """Seconds per phase, plus ``fixed`` (everything but compute) and ``total``; and the wall-clock
+        ``start`` (the process's) and ``end`` (now) in Unix seconds."""
         out = {k: round(v, 3) for k, v in self.seconds.items()}
         out["total"] = round(sum(self.seconds.values()), 3)
         out["fixed"] = round(sum(v for k, v in self.seconds.items() if k not in COMPUTE), 3)
         log.info("phases (s): %s", " ".join(f"{k}={v:.2f}" for k, v in out.items()))
-        return out
+        return {**out, "start": round(self.start, 3), "end": round(time.time(), 3)}

@@ -1,8 +1,8 @@
 """The run spec: everything one job needs, resolved from the config once, as typed frozen dataclasses.
 
 :mod:`mmrepro.config` builds a :class:`RunSpec` per training or adaptation job (and a
-:class:`MechanismSpec` per mechanisms point); the rules pass it to ``mmrepro`` as JSON and the job
-writes it beside its results (``config.json``). :meth:`RunSpec.from_dict` reads that JSON back
+:class:`MechanismSpec` per mechanisms point); the rules pass it to ``mmrepro`` as a JSON file
+(:func:`mmrepro.config.spec_file`) and the job writes it beside its results (``config.json``). :meth:`RunSpec.from_dict` reads that JSON back
 and checks every key's type on construction, so a misspelt or mistyped key fails with its name
 before any work, not as a ``KeyError`` inside a job. The JSON has the shape it had when the spec
 was a dict: ``config.json`` files of finished runs still load.
@@ -12,14 +12,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
-from dataclasses import dataclass
-from typing import Any, Union
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmrepro.annotations import describe, fits
 
 
 class SpecError(ValueError):
     """A run spec that does not hold what a job reads; the message names the key."""
+
+
+#: Field metadata: the spec's JSON leaves the field out while it holds its default, so that a key
+#: added later changes neither the JSON of the runs that do not use it nor Snakemake's view of them.
+OMITTED_AT_DEFAULT = {"omit_at_default": True}
+
+
+def _omitted(f: dataclasses.Field, value: Any) -> bool:
+    return bool(f.metadata.get("omit_at_default")) and value == f.default
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,12 @@ class ModelSpec:
     resnet_width: int
 
 
+    def architecture(self) -> dict[str, Any]:
+        """The keys that shape the module tree and its forward pass (all but the dropout rates):
+        what a checkpoint of this model must have been built with."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dropout", "dropouts")}
+
+
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -77,6 +93,10 @@ class TrainConfig:
     patience: int = 5
     clip: float | None = 1.0
     min_delta: float = 0.0  # a validation loss must fall by more than this to count as an improvement
+    #: False: the training split in stored order every epoch (CGGM's, CASP's and MPLMM's released code)
+    shuffle: bool = field(default=True, metadata=OMITTED_AT_DEFAULT)
+    #: which epoch's weights a run keeps: mmrepro.train.SELECTIONS
+    selection: str = field(default="valid_loss", metadata=OMITTED_AT_DEFAULT)
     device: str = "auto"
     optimizer: str = "adam"
     momentum: float = 0.9  # sgd only
@@ -116,6 +136,17 @@ class TrackingSpec:
     mode: str = "auto"
 
 
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """The model a job starts from, as its ``model.pt`` must record it: the model keys it was built
+    with, the task it was trained on and the model transform applied to it (a fine-tuning run's
+    backbone; an adapting run's trained model, a backbone or another study's run)."""
+
+    model: ModelSpec
+    task: str
+    transform: str
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """Everything one training or adaptation job needs (see :func:`mmrepro.config.run_spec`).
@@ -123,12 +154,15 @@ class RunSpec:
     ``backbone``: the run's name on an adapting study's backbone axis (None off the axis);
     ``teachers``: modality -> setting of the unimodal run a distilling hook learns from;
     ``feature_stats``: save the source feature statistics (a backbone job, for SSA);
-    ``method_params``: plug-in name -> the parameters its constructor receives.
+    ``method_params``: plug-in name -> the parameters its constructor receives;
+    ``tuned_on_target_labels``: the parameters come from a search scored on a target's labelled
+    validation split (a cross-dataset setting's), so the run is marked ``target_labels_used``;
+    ``checkpoint``: the model the job loads and starts from (None: it trains from scratch).
     """
 
     study: str
     dataset: str
-    backbone: str | None = None
+    backbone: str | None = field(default=None, metadata=OMITTED_AT_DEFAULT)  # absent off the backbone axis
     method: str
     setting: str
     seed: int
@@ -142,7 +176,9 @@ class RunSpec:
     feature_stats: bool = False
     tracking: TrackingSpec
     results: str
-    teachers: dict[str, str] | None = None
+    teachers: dict[str, str] | None = field(default=None, metadata=OMITTED_AT_DEFAULT)  # absent without teachers
+    tuned_on_target_labels: bool = field(default=False, metadata=OMITTED_AT_DEFAULT)
+    checkpoint: CheckpointSpec | None = field(default=None, metadata=OMITTED_AT_DEFAULT)  # from scratch
 
     def __post_init__(self) -> None:
         _check_types(self, "")
@@ -159,9 +195,7 @@ class RunSpec:
             value = getattr(self, f.name)
             if f.name == "tracking":
                 out.update(tracking_uri=value.uri, tracking_mode=value.mode)
-            elif f.name in ("backbone", "teachers") and value is None:
-                continue  # absent off the backbone axis / for a hook without teachers, as before
-            else:
+            elif not _omitted(f, value):
                 out[f.name] = _plain(value)
         return out
 
@@ -274,8 +308,9 @@ def _build(cls, data: dict[str, Any], prefix: str):
                 raise SpecError(f"spec key {prefix}{f.name}: missing")
             continue
         value, hint = data[f.name], _hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, f"{prefix}{f.name}.")
+        nested = next((arm for arm in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(arm)), None)
+        if nested is not None and value is not None:
+            value = _build(nested, value, f"{prefix}{f.name}.")
         kwargs[f.name] = value
     return cls(**kwargs)
 
@@ -285,43 +320,17 @@ def _check_types(obj, prefix: str) -> None:
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if not _fits(value, hints[f.name]):
-            raise SpecError(f"spec key {key}: expected {_describe(hints[f.name])}, got {value!r}")
+        if not fits(value, hints[f.name]):
+            raise SpecError(f"spec key {key}: expected {describe(hints[f.name])}, got {value!r}")
         if dataclasses.is_dataclass(value):
             _check_types(value, key + ".")
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # JSON and YAML write 1.0 as 1
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is dict:
-        key_hint, value_hint = typing.get_args(hint)
-        return isinstance(value, dict) and all(_fits(k, key_hint) and _fits(v, value_hint) for k, v in value.items())
-    if origin is list:
-        (item_hint,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_fits(v, item_hint) for v in value)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
 def _plain(value: Any) -> Any:
-    """A dataclass as a JSON object in field order (dicts and lists copied)."""
+    """A dataclass as a JSON object in field order (dicts and lists copied; see :data:`OMITTED_AT_DEFAULT`)."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if not _omitted(f, getattr(value, f.name))}
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):

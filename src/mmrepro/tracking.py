@@ -9,12 +9,17 @@
 - Every run is tagged with study, dataset, method, setting, seed (and, on the shift study's backbone
   axis, backbone), git commit, config hash, torch version and threads, and named by what differs
   inside a study (``[backbone/]method/setting/seedN``);
-  parameters are the flattened run spec; per-epoch values are logged with their ``step``; the
-  final metrics as ``<split>/<metric>`` (what :mod:`mmrepro.compare` reads back); the resolved
-  config and metrics.json are artifacts.
-- As a user meets it in ``mlflow ui``: every experiment is marked as model training (MLflow 3
-  otherwise opens the GenAI overview) and carries a shared view, ``?viewStateShareKey=compare``,
-  whose columns are the tags and main metrics a comparison needs.
+  parameters are the flattened run spec; per-step values are logged with their ``step`` under
+  ``loss/`` or ``monitor/`` (:func:`series_key`); the final metrics as ``<split>/<metric>`` (what
+  :mod:`mmrepro.compare` reads back); the resolved config and metrics.json are artifacts.
+- As a user meets it in ``mlflow ui``: a run's charts open on its loss curves, a deferred run's
+  Duration is its job's (from ``timings.json``), and every experiment carries a shared view,
+  ``?viewStateShareKey=compare``, whose columns are the tags and main metrics a comparison needs.
+  Which page an experiment opens on is the browser's choice in MLflow 3.17, not the store's:
+  :mod:`mmrepro.mlflow_ui` makes it the training runs.
+- A local store follows its results folder: MLflow keeps artifact locations absolute, so a moved or
+  copied folder's store is pointed at its own ``mlartifacts`` (:func:`relocate_artifacts`), and a
+  run's identity is its id in the store, not the store's path.
 - When runs reach MLflow (``tracking.mode``): ``live`` logs each epoch as the job runs (what a user
   watching a tracking server wants); ``deferred`` leaves MLflow out of the job, whose files already
   hold everything, and :func:`ingest_runs` logs a study's finished runs in one process (the
@@ -38,14 +43,25 @@ from typing import Any
 from mmrepro.spec import RunSpec
 
 TAG_KEYS = ("study", "dataset", "backbone", "method", "setting", "seed")
-#: The experiment tag MLflow 3's UI reads to choose an experiment's first page (mlflow/server/js:
-#: ``"mlflow.experimentKind"``; ``custom_model_development`` opens the training-runs table).
+#: MLflow's own mark of an experiment's kind. MLflow 3.17's UI does not read it (its GenAI / Model
+#: training switch decides every experiment's first page: :mod:`mmrepro.mlflow_ui`); other MLflow
+#: front ends and versions do.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 #: A view the UI loads from an experiment tag ``mlflow.sharedViewState.<key>`` when the page's URL
 #: has ``?viewStateShareKey=<key>`` (plain JSON is accepted).
 SHARED_VIEW_PREFIX, COMPARE_VIEW = "mlflow.sharedViewState.", "compare"
 #: Final metrics are logged as ``<split>/<metric>``; these are the views' metric columns.
 VIEW_METRICS = ("test/mae", "test/acc", "test/dice_mean")
+#: Where per-step series are logged. A run's page in MLflow 3.17 groups its charts in sections named
+#: by the key's part before the last ``/``, in name order, keys without one last: ``loss/`` comes
+#: before the single-point ``oracle/``, ``params/``, ``test/`` and ``valid/`` charts, ``monitor/``
+#: (probe accuracies, coefficients, learning rate, target error) right after it.
+LOSS_SERIES, MONITOR_SERIES = "loss/", "monitor/"
+
+
+def series_key(name: str) -> str:
+    """The MLflow key of a per-step series (``train_loss`` -> ``loss/train_loss``); history.json keeps ``name``."""
+    return (LOSS_SERIES if "loss" in name else MONITOR_SERIES) + name
 
 
 def default_run_name(spec: RunSpec) -> str:
@@ -59,6 +75,11 @@ def compare_view() -> str:
     columns = [f"tags.`{k}`" for k in TAG_KEYS[1:]] + [f"metrics.`{m}`" for m in VIEW_METRICS]
     return json.dumps({"selectedColumns": ["attributes.`Duration`", *columns], "orderByKey": "attributes.start_time",
                        "orderByAsc": False})
+
+
+def artifact_root(results: Path | str) -> Path:
+    """Where a local store's artifacts live: inside the results folder, so they move with it."""
+    return Path(results) / "mlartifacts"
 
 
 def tracking_uri(results: Path | str, configured: str | None = None) -> str:
@@ -85,6 +106,42 @@ def cluster_store_problem(configured: str | None) -> str | None:
     return None
 
 
+def server_problem(uri: str, timeout: float = 10) -> str | None:
+    """Why a job could not log to the tracking server at ``uri`` (http or https), or None where it can.
+
+    Asks the tracking API itself (a search for one experiment), with the Host header and credentials
+    (``MLFLOW_TRACKING_TOKEN`` or ``_USERNAME``/``_PASSWORD``) the MLflow client in a job sends:
+    ``/health`` answers even where MLflow 3.17 refuses every API call with 403 because the Host
+    header the jobs use is not in the server's ``--allowed-hosts``. One request, no retries.
+    """
+    import base64  # here: a job that never asks a server does not pay for urllib's imports
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    request = urllib.request.Request(f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1")
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        request.add_header("Authorization", f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}")
+    elif os.environ.get("MLFLOW_TRACKING_USERNAME"):
+        pair = f"{os.environ['MLFLOW_TRACKING_USERNAME']}:{os.environ.get('MLFLOW_TRACKING_PASSWORD', '')}"
+        request.add_header("Authorization", "Basic " + base64.b64encode(pair.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            reply.read()
+        return None
+    except urllib.error.HTTPError as e:
+        body = " ".join(e.read().decode(errors="replace").split())[:300]
+        problem = f"tracking server {uri} refuses the tracking API: {e.code} {body or e.reason}"
+        if e.code == 403 and "Host" in body:
+            url = urllib.parse.urlsplit(uri)
+            hosts = f"{url.hostname},{url.hostname}:{url.port}" if url.port else url.hostname
+            problem += (f"; start the server with --allowed-hosts '{hosts}' (the name the jobs use in "
+                        "MLFLOW_TRACKING_URI; docs/cluster.md 'Tracking on a cluster')")
+        return problem
+    except OSError as e:
+        return f"tracking server {uri} does not answer ({e})"
+
+
 def is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/")) or "://" not in uri
 
@@ -103,7 +160,8 @@ def tracking_mode(uri: str, configured: str = "auto") -> str:
 
 def init_store(uri: str, experiments: list[str], artifact_root: Path) -> dict[str, str]:
     """Create the store's tables and the experiments, marked for training runs and with the
-    comparison view (idempotent, also for experiments made before); return name -> experiment id."""
+    comparison view (idempotent, also for experiments made before, and for a store whose results
+    folder moved); return name -> experiment id."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=uri)
@@ -117,7 +175,47 @@ def init_store(uri: str, experiments: list[str], artifact_root: Path) -> dict[st
             ids[name] = exp.experiment_id
         client.set_experiment_tag(ids[name], *EXPERIMENT_KIND)
         client.set_experiment_tag(ids[name], SHARED_VIEW_PREFIX + COMPARE_VIEW, compare_view())
+    relocate_artifacts(uri, artifact_root)
     return ids
+
+
+def relocate_artifacts(uri: str, artifact_root: Path) -> list[str]:
+    """Point the experiments of a moved sqlite store, and their runs, at ``artifact_root``; return their names.
+
+    MLflow stores artifact locations as absolute paths (a relative one is resolved against the
+    working directory when the experiment is created, and its API cannot change one later), so a
+    store copied or moved with its results folder would read, and write, the old folder's
+    artifacts. An experiment :func:`init_store` made lives at ``<artifact_root>/<name>``; one found
+    at ``<elsewhere>/<artifact_root's name>/<name>`` is moved there, with its runs' artifact URIs.
+    Other stores (and a store not made yet) and other experiments are left alone.
+    """
+    if not uri.startswith("sqlite:"):
+        return []
+    import sqlite3
+    from contextlib import closing
+    from urllib.parse import unquote, urlparse
+
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or not Path(database).is_file():
+        return []
+    root = Path(artifact_root).resolve()
+    moved = []
+    with closing(sqlite3.connect(database, timeout=60)) as db, db:
+        for exp_id, name, location in db.execute("SELECT experiment_id, name, artifact_location FROM experiments"):
+            new = (root / name).as_uri()
+            if not (location or "").startswith("file:") or location == new:
+                continue
+            path = Path(unquote(urlparse(location).path))
+            if (path.parent.name, path.name) != (root.name, name):
+                continue
+            db.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                       "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                       (new, len(location) + 1, exp_id, len(location), location))
+            db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (new, exp_id))
+            moved.append(name)
+    return moved
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -161,16 +259,18 @@ class RunTracker:
     given replace the ones computed now (a search's trial adds ``mlflow.parentRunId`` to
     :func:`run_tags`; a deferred run is logged after its job with the tags it recorded); setting
     ``status`` inside the block overrides the final one (``KILLED``
-    for a pruned trial).
+    for a pruned trial). ``start`` and ``end`` (Unix seconds) are the run's when it is logged after
+    its job (else the block's); its metrics are then stamped with ``end``.
     """
 
     run_id: str | None = None
 
     def __init__(self, uri: str, experiment: str, spec: RunSpec, threads: int, run_name: str | None = None,
-                 tags: Mapping[str, str] | None = None):
+                 tags: Mapping[str, str] | None = None, start: float | None = None, end: float | None = None):
         self.uri, self.experiment, self.spec = uri, experiment, spec
         self.run_name = run_name or default_run_name(spec)
         self.tags = dict(tags) if tags is not None else run_tags(spec, threads)
+        self.start, self.end = start, end
         self.status: str | None = None
 
     def __enter__(self) -> "RunTracker":
@@ -181,7 +281,8 @@ class RunTracker:
         if exp is None:
             raise RuntimeError(f"MLflow experiment {self.experiment!r} does not exist at {self.uri}; "
                                "run the init_tracking rule (snakemake does this first)")
-        run = self.client.create_run(exp.experiment_id, run_name=self.run_name, tags=self.tags)
+        run = self.client.create_run(exp.experiment_id, run_name=self.run_name, tags=self.tags,
+                                     start_time=_ms(self.start))
         self.run_id = run.info.run_id
         params = flatten(self.spec.to_dict())
         from mlflow.entities import Param
@@ -192,35 +293,51 @@ class RunTracker:
         return self
 
     def log_metrics(self, values: Mapping[str, float], step: int) -> None:
+        """One step of the run's series (logged under :func:`series_key`)."""
         self.log_series([(step, values)])
 
     def log_series(self, steps: Iterable[tuple[int, Mapping[str, float]]]) -> None:
-        """Values of many steps in as few requests as MLflow allows (1000 metrics each)."""
+        """Many steps of the run's series, in as few requests as MLflow allows."""
+        self._log([(step, {series_key(k): v for k, v in values.items()}) for step, values in steps])
+
+    def log_values(self, values: Mapping[str, float], step: int = 0) -> None:
+        """Single values under their own names (a trial's objective; :meth:`log_summary`'s metrics)."""
+        self._log([(step, values)])
+
+    def _log(self, steps: Iterable[tuple[int, Mapping[str, float]]]) -> None:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = _ms(self.end) or int(time.time() * 1000)
         metrics = [Metric(k, float(v), ts, step) for step, values in steps for k, v in values.items()]
-        for i in range(0, len(metrics), 1000):
+        for i in range(0, len(metrics), 1000):  # MLflow takes 1000 metrics a request
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
 
     def log_summary(self, summary: Mapping[str, Any]) -> None:
         """A run's metrics.json as what the UI shows and :mod:`mmrepro.compare` reads back: final
         metrics ``<split>/<metric>``, oracle ``oracle/<split>/<metric>``, ``params/trainable`` and
-        ``params/backbone``, and the task and backbone as tags."""
+        ``params/backbone``, and the task, backbone and ``target_labels_used`` (``true``/``false``,
+        where metrics.json has it) as tags."""
         values = {f"{split}/{k}": v for split, vals in summary["metrics"].items() for k, v in vals.items()}
         values.update({f"oracle/{split}/{k}": v for split, vals in (summary.get("oracle") or {}).items()
                        for k, v in vals.items()})
         values.update({f"params/{k}": summary[f"{k}_params"] for k in ("trainable", "backbone")
                        if summary.get(f"{k}_params") is not None})
-        self.log_metrics({k: v for k, v in values.items() if v is not None}, step=summary.get("best_epoch", 0))
+        self.log_values({k: v for k, v in values.items() if v is not None}, step=summary.get("best_epoch", 0))
         for key in ("task", "backbone"):
             self.client.set_tag(self.run_id, key, str(summary[key]))
+        if "target_labels_used" in summary:
+            self.client.set_tag(self.run_id, "target_labels_used", str(bool(summary["target_labels_used"])).lower())
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.client.set_terminated(self.run_id, status=self.status or ("FAILED" if exc_type else "FINISHED"))
+        self.client.set_terminated(self.run_id, status=self.status or ("FAILED" if exc_type else "FINISHED"),
+                                   end_time=_ms(self.end))
+
+
+def _ms(seconds: float | None) -> int | None:
+    return None if seconds is None else int(seconds * 1000)
 
 
 class DeferredRun:
@@ -286,17 +403,50 @@ def record(run: RunTracker | DeferredRun, out_dir: Path, uri: str) -> None:
     os.replace(tmp, path)
 
 
+def job_span(out_dir: Path) -> dict[str, float]:
+    """The job's wall-clock ``start`` and ``end`` from its ``timings.json`` (empty for a run of a
+    version that did not record them: its run then spans its logging)."""
+    path = Path(out_dir) / "timings.json"
+    try:
+        timings = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    return {k: float(timings[k]) for k in ("start", "end") if k in timings}
+
+
+def _in_store(client: Any, run_id: str | None) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    if run_id is None:
+        return False
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return True
+
+
 def ingest_runs(uri: str, run_dirs: Iterable[Path]) -> dict[str, str]:
     """Log finished runs whose ``tracking.json`` names no run in this store; return folder -> run id.
 
-    Idempotent: a run logged live, or ingested before, is left alone (its id is returned).
+    Idempotent: a run logged live, or ingested before, is left alone (its id is returned), wherever
+    the store and the run folders have been moved or copied since. A run logged now spans its job
+    (:func:`job_span`).
     """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
     ids = {}
     for out_dir in map(Path, run_dirs):
         info = json.loads((out_dir / "tracking.json").read_text())
-        if info["run_id"] is None or info["uri"] != uri:
+        if not _in_store(client, info["run_id"]):
             spec = RunSpec.from_json((out_dir / "config.json").read_text())
-            with RunTracker(uri, spec.study, spec, 0, run_name=info["run_name"], tags=info["tags"]) as run:
+            with RunTracker(uri, spec.study, spec, 0, run_name=info["run_name"], tags=info["tags"],
+                            **job_span(out_dir)) as run:
                 run.log_series(history_steps(json.loads((out_dir / "history.json").read_text())))
                 log_outcome(run, out_dir, json.loads((out_dir / "metrics.json").read_text()))
             record(run, out_dir, uri)

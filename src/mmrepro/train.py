@@ -1,10 +1,11 @@
 """The one training loop every method shares (regression, classification and segmentation alike).
 
 Per step: forward, task loss, ``hook.loss`` (extra terms), backward, ``hook.after_backward``
-(gradient modulation), gradient clipping, optimizer step. Per epoch: validation loss, early
-stopping with patience (an improvement must exceed ``min_delta``: otherwise a loss that falls by
-rounding noise alone, a few ULPs an epoch, would reset the patience forever), the best weights kept as a ``state_dict``, a resumable checkpoint, and
-one call of ``log_epoch(epoch, values)`` for tracking.
+(gradient modulation), gradient clipping, optimizer step. Per epoch: validation loss, the best
+weights under ``train.selection`` kept as a ``state_dict`` (:data:`SELECTIONS`), early stopping
+after ``patience`` epochs without a new best (an improvement must exceed ``min_delta``: otherwise
+a loss that falls by rounding noise alone, a few ULPs an epoch, would reset the patience forever),
+a resumable checkpoint, and one call of ``log_epoch(epoch, values)`` for tracking.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from mmrepro.data.loader import SplitLoader
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.metrics import official_acc2
 from mmrepro.optim import EpochSchedule, build_optimizer
 from mmrepro.progress import progress_disabled
 from mmrepro.spec import TrainConfig
@@ -92,23 +94,61 @@ def task_loss_fn(task_type: str) -> Callable[..., torch.Tensor]:
     return nn.functional.l1_loss if task_type == "regression" else nn.functional.cross_entropy
 
 
+#: ``train.selection``: which epoch's weights a run keeps, and what ``patience`` waits for.
+#: ``valid_loss`` (default; MPLMM's released code): the lowest validation loss.
+#: ``valid_accuracy`` (CGGM's, CASP's and Wander's released code): the highest validation accuracy
+#: as that code counts it (:func:`code_accuracy`), strictly above the best so far, which starts at
+#: 0 as in the code (an epoch at accuracy 0 is never kept; if none beats 0 the initial weights stay).
+SELECTIONS = ("valid_loss", "valid_accuracy")
+
+
+def code_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """The released codes' validation accuracy: Acc-2 with ``> 0`` on predictions and labels over every
+    sample for a regression (``eval_senti``: a zero label counts as negative), top-1 for classes."""
+    if pred.ndim == 1:
+        return official_acc2(pred.numpy(), y.numpy())
+    return float((pred.argmax(-1) == y).double().mean())
+
+
+def selection_score(values: dict[str, float], selection: str) -> float:
+    """An epoch's score under ``selection``, lower is better (minus the accuracy)."""
+    return values["valid_loss"] if selection == "valid_loss" else -values["valid_accuracy"]
+
+
+def _check_selection(cfg: TrainConfig, task_type: str) -> None:
+    if cfg.selection not in SELECTIONS:
+        raise ValueError(f"train.selection must be one of {SELECTIONS}, got {cfg.selection!r}")
+    if cfg.selection == "valid_accuracy" and task_type not in ("regression", "classification"):
+        raise ValueError(f"train.selection valid_accuracy needs a regression or classification task, "
+                         f"not {task_type!r}")
+
+
 @torch.no_grad()
-def validation_loss(model: nn.Module, loader: SplitLoader, loss_fn, cfg: TrainConfig) -> float:
+def validation_values(model: nn.Module, loader: SplitLoader, loss_fn, cfg: TrainConfig) -> dict[str, float]:
+    """``valid_loss`` (the mean per-sample loss) and, where ``train.selection`` needs it, ``valid_accuracy``."""
     model.eval()
-    total, n = 0.0, 0
+    total, n, preds, ys = 0.0, 0, [], []
     for batch in loader:
         batch = batch.to(cfg.torch_device, pin=cfg.pin_memory)
         with cfg.autocast():
             pred = model(batch).pred
         total += float(loss_fn(pred.float(), batch.y, reduction="sum"))
         n += len(batch)
-    return total / max(n, 1)
+        if cfg.selection == "valid_accuracy":
+            preds.append(pred.float().cpu())
+            ys.append(batch.y.cpu())
+    values = {"valid_loss": total / max(n, 1)}
+    if preds:
+        values["valid_accuracy"] = code_accuracy(torch.cat(preds), torch.cat(ys))
+    return values
 
 
 def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: TrainingHook, cfg: TrainConfig, *,
         log_epoch: Callable[[int, dict[str, float]], None] = lambda e, v: None,
         checkpoint: Path | None = None, checkpoint_key: str = "") -> FitResult:
-    """Train with early stopping on validation loss; resume from ``checkpoint`` if it matches ``checkpoint_key``."""
+    """Train, keeping the best epoch under ``train.selection`` and stopping after ``patience`` epochs
+    without one; resume from ``checkpoint`` if it matches ``checkpoint_key``."""
+    _check_selection(cfg, model.task_type)
     loss_fn = task_loss_fn(model.task_type)
     device = cfg.torch_device
     model.to(device)
@@ -118,7 +158,8 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
                              warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
                              steps_per_epoch=len(train))
     hook.setup(model, loss_fn, optimizer)
-    state = {"epoch": 0, "best_loss": float("inf"), "best_epoch": 0, "bad_epochs": 0, "history": [],
+    state = {"epoch": 0, "best_score": float("inf") if cfg.selection == "valid_loss" else -0.0, "best_epoch": 0,
+             "bad_epochs": 0, "history": [],
              "best_state": copy.deepcopy(model.state_dict())}
     if checkpoint is not None and checkpoint.is_file():
         saved = torch.load(checkpoint, map_location="cpu")
@@ -154,12 +195,13 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
             optimizer.step()
             total += task_loss.item() * len(batch)
             n += len(batch)
-        values = {"train_loss": total / max(n, 1), "valid_loss": validation_loss(model, valid, loss_fn, cfg)}
+        values = {"train_loss": total / max(n, 1), **validation_values(model, valid, loss_fn, cfg)}
         values.update(hook.on_epoch_end(epoch, model, valid))
         values["lr"] = optimizer.param_groups[0]["lr"]
         schedule.step(values["valid_loss"])
-        if values["valid_loss"] < state["best_loss"] - cfg.min_delta:
-            state.update(best_loss=values["valid_loss"], best_epoch=epoch, bad_epochs=0,
+        score = selection_score(values, cfg.selection)
+        if score < state["best_score"] - cfg.min_delta:
+            state.update(best_score=score, best_epoch=epoch, bad_epochs=0,
                          best_state=copy.deepcopy(model.state_dict()))
         else:
             state["bad_epochs"] += 1

@@ -4,6 +4,9 @@ A search trains the method (or adapts, for test-time adapters) on the first sett
 the shift study's backbone axis, backbone) that run it (:func:`mmrepro.config.search_run`; a
 cross-dataset setting's trials read its target's store) and scores a trial by its best validation
 loss; the test split is never read here. Its best parameters serve every run of that (study, dataset, method).
+A cross-dataset setting's validation split is the target's: such a search chooses with target
+labels, says so (``target_labels_used`` in ``best.json`` and on its MLflow run), and every run
+that takes its parameters is marked the same way (:attr:`mmrepro.spec.RunSpec.tuned_on_target_labels`).
 The config's values are the first trial, so a search never ends worse than the published point.
 Three steps, one CLI verb each, so that several Snakemake jobs can share one study:
 
@@ -84,7 +87,8 @@ def create(search: dict[str, Any]) -> dict[str, Any]:
         parent = found[0].info.run_id
     else:
         tags = {"study": search["study"], "dataset": search["dataset"], "method": search["method"],
-                "search": search["name"], "role": "search"}
+                "search": search["name"], "role": "search",
+                "target_labels_used": str(scores_target_labels(_spec(search))).lower()}
         parent = client.create_run(exp.experiment_id, run_name=f"search/{search['dataset']}/{search['method']}",
                                    tags=tags).info.run_id
         from mlflow.entities import Param
@@ -97,6 +101,14 @@ def create(search: dict[str, Any]) -> dict[str, Any]:
 def _spec(search: dict[str, Any]) -> RunSpec:
     """The run spec the search's trials vary (its JSON in the search spec)."""
     return RunSpec.from_dict(search["spec"])
+
+
+def scores_target_labels(spec: RunSpec) -> bool:
+    """Whether trials of ``spec`` are scored on target labels: its data setting's validation split is
+    the target's (a cross-dataset shift; a synth domain setting validates on the source)."""
+    from mmrepro.methods.registry import SETTINGS, build
+
+    return build(SETTINGS, spec.data_setting.type, spec.data_setting.params).validates_on_target
 
 
 def _uri(search: dict[str, Any]) -> str:
@@ -155,7 +167,7 @@ def _objective(search: dict[str, Any], spec: RunSpec, store: Path, init: Path | 
         value = float(task_loss_fn(data.task.type)(torch.as_tensor(pred), torch.as_tensor(y)))
         run.log_metrics({"valid_loss": value}, step=0)
         return value
-    train, valid = data.loader("train", shuffle=True), data.loader("valid")
+    train, valid = data.train_loader(), data.loader("valid")
     model, hook, _ = prepare_training(spec, data, init)
 
     def on_epoch(epoch: int, values: dict[str, float]) -> None:
@@ -192,7 +204,7 @@ def _run_trial(study, trial, search: dict[str, Any], store: Path, init: Path | N
         except BaseException:
             study.tell(trial, state=TrialState.FAIL)
             raise
-        run.log_metrics({"objective": value}, step=0)
+        run.log_values({"objective": value})
         study.tell(trial, value)
 
 
@@ -245,7 +257,8 @@ def best(search: dict[str, Any], store: Path, init: Path | None, threads: int, f
     counts = _counts(study)
     result = {k: search[k] for k in ("study", "dataset", "method", "name", "trials")}
     result.update(params=top.params, value=top.value, trial=top.number,
-                  default_point=top.user_attrs.get("point") == "default", states=counts)
+                  default_point=top.user_attrs.get("point") == "default", states=counts,
+                  setting=_spec(search).setting, target_labels_used=scores_target_labels(_spec(search)))
     folder.mkdir(parents=True, exist_ok=True)
     plot_search(study, folder, search["seed"])
     client = mlflow.MlflowClient(tracking_uri=_uri(search))

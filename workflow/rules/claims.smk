@@ -30,8 +30,7 @@ rule claims_ledger:
         table=multiext(f"{RESULTS}/tables/claims", ".md", ".csv"),
         plot=multiext(f"{RESULTS}/plots/claims", ".png", ".pdf"),
     params:
-        # a function, so that braces in the spec's text are not read as wildcards
-        spec=lambda wildcards: json.dumps(ledger_spec(LEDGER, CLAIMS)),
+        spec=lambda wildcards: job_spec(json.dumps(ledger_spec(LEDGER, CLAIMS))),
         table=lambda wildcards, output: str(Path(output.table[0]).with_suffix("")),
         plot=lambda wildcards, output: str(Path(output.plot[0]).with_suffix("")),
     conda:
@@ -43,7 +42,7 @@ rule claims_ledger:
         mem_mb=2000,
         runtime=10,
     shell:
-        "mmrepro claims --spec {params.spec:q} --table {params.table} --plot {params.plot} --searches {input.searches}"
+        "mmrepro claims --spec {params.spec} --table {params.table} --plot {params.plot} --searches {input.searches}"
         " {input.metrics} > {log} 2>&1"
 
 

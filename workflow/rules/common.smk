@@ -2,6 +2,7 @@
 # All logic lives in mmrepro.config; these functions only adapt it to wildcards.
 import json
 import shlex
+from functools import cache
 from pathlib import Path
 
 from mmrepro.config import (
@@ -11,6 +12,7 @@ from mmrepro.config import (
     backbone_spec,
     dataset_path,
     dataset_spec,
+    fetch_rules,
     load_schema,
     mechanism_points,
     mechanism_spec,
@@ -19,12 +21,15 @@ from mmrepro.config import (
     run_spec,
     search_run,
     search_spec,
+    spec_file,
     study_grid,
     target_dataset,
     teacher_runs,
     tuned_methods,
     validate_config,
 )
+from mmrepro.report.cggm import planned_figure5
+from mmrepro.report.missing import planned_curves
 from mmrepro.tracking import tracking_mode, tracking_uri
 
 validate_config(config, load_schema(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
@@ -57,16 +62,6 @@ wildcard_constraints:
 
 def store(dataset):
     return f"{RESULTS}/data/{dataset}/manifest.json"
-
-
-def raw_sources():
-    """Raw path -> the first dataset that reads it (one fetch rule per path)."""
-    sources = {}
-    for name in config["datasets"]:
-        path = dataset_path(config, name)
-        if path is not None:
-            sources.setdefault(path, name)
-    return sources
 
 
 def run_dir(study, dataset, method, setting, seed, backbone=None):
@@ -128,10 +123,16 @@ def shift_source(dataset, backbone, seed):
     return {"model": f"{run_dir(source['study'], dataset, source['method'], source['setting'], seed)}/model.pt"}
 
 
-def spec_json(wildcards):
-    """The job's run spec, as JSON for the command line (changes to it re-run the job)."""
+def job_spec(text):
+    """A job's spec (JSON text) as the file the job reads, named by its content: a short command
+    line, and a changed spec is a changed parameter that re-runs the job (written in real runs only)."""
+    return spec_file(config, text, write=not workflow.dryrun)
+
+
+def train_spec(wildcards):
+    """A training job's run spec file."""
     w = wildcards
-    return run_spec(config, w.study, w.dataset, w.method, w.setting, int(w.seed)).to_json()
+    return job_spec(run_spec(config, w.study, w.dataset, w.method, w.setting, int(w.seed)).to_json())
 
 
 def study_metrics(study):
@@ -173,18 +174,45 @@ def report_groups(study):
     return shlex.quote(json.dumps(config["studies"][study]["report_groups"]))
 
 
+def study_specs(study):
+    """The run specs of a study's grid: what each run's config.json will hold."""
+    return [run_spec(config, study, r["dataset"], r["method"], r["setting"], r["seed"], r.get("backbone"))
+            for r in study_grid(config, study)]
+
+
+# The missing study's curves: name -> file stem, x axis (for the report's labels), CLI option.
+MISSING_CURVE_STEMS = {"test": "missing_rates", "train": "missing_train_rates", "prompt": "missing_prompt_lengths"}
+MISSING_CURVE_X = {"test": "test missing rate", "train": "training missing rate", "prompt": "prompt length"}
+MISSING_CURVE_OPTIONS = {"test": "--plot", "train": "--train-rate-plot", "prompt": "--prompt-length-plot"}
+
+
+@cache
+def missing_curves():
+    """The missing study's curves that will have a line, name -> file stem (none without the study)."""
+    if "missing" not in config["studies"]:
+        return {}
+    return {c: MISSING_CURVE_STEMS[c] for c in planned_curves(study_specs("missing"))}
+
+
+@cache
+def cggm_figure():
+    """Whether the balance runs give CGGM's Figure 5 a point."""
+    return "balance" in config["studies"] and planned_figure5(study_specs("balance"))
+
+
 def study_report(study):
     """A study's runs in MLflow, its table and plot, its curves (per epoch of training; shift: target
     error along adaptation), for a missing study with per-case settings its Table 1 layout and
     curves (test rate, training rate, prompt length), and for the balance study the CGGM paper's
     Tables 5, 6 and Figure 5."""
     files = [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex", "html")] + [
+        f"{RESULTS}/tables/paper/{study}.{ext}" for ext in ("md", "html")] + [
         f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves", "_paired") for ext in ("png", "pdf")
     ]
     if study == "missing" and any(s["type"] in ("missing", "available") for s in config["studies"][study]["settings"].values()):
-        files += [f"{RESULTS}/tables/missing_cases.{ext}" for ext in ("md", "csv")]
-        files += [f"{RESULTS}/plots/{name}.{ext}" for name in ("missing_rates", "missing_train_rates",
-                                                               "missing_prompt_lengths") for ext in ("png", "pdf")]
+        files += [f"{RESULTS}/tables/missing_cases.{ext}" for ext in ("md", "csv", "html")]
+        files += [f"{RESULTS}/plots/{stem}.{ext}" for stem in missing_curves().values() for ext in ("png", "pdf")]
     if study == "balance":
-        files += [f"{RESULTS}/tables/balance_cggm.md"] + [f"{RESULTS}/plots/balance_cggm.{ext}" for ext in ("png", "pdf")]
+        files += [f"{RESULTS}/tables/balance_cggm.md"]
+        files += [f"{RESULTS}/plots/balance_cggm.{ext}" for ext in ("png", "pdf") if cggm_figure()]
     return files

@@ -7,9 +7,9 @@ rule mechanism:
     output:
         f"{RESULTS}/mechanisms/{{study}}/dose{{dose}}/seed{{seed}}.json",
     params:
-        spec=lambda wildcards: mechanism_spec(
-            config, wildcards.study, float(wildcards.dose), int(wildcards.seed)
-        ).to_json(),
+        spec=lambda wildcards: job_spec(
+            mechanism_spec(config, wildcards.study, float(wildcards.dose), int(wildcards.seed)).to_json()
+        ),
     wildcard_constraints:
         study="balance|missing|shift|peft",
         dose=r"[0-9.]+",
@@ -24,18 +24,24 @@ rule mechanism:
         mem_mb=2000,
         runtime=30,
     shell:
-        "mmrepro mechanism --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "mmrepro mechanism --spec {params.spec} --out {output} > {log} 2>&1"
 
 
 rule mechanisms_report:
     input:
         [f"{RESULTS}/mechanisms/{p['study']}/dose{p['dose']}/seed{p['seed']}.json" for p in mechanism_points(config)],
     output:
-        multiext(f"{RESULTS}/tables/mechanisms", ".md", ".csv"),
+        report(f"{RESULTS}/tables/mechanisms.md", caption="../report/mechanisms.rst", category="Mechanisms",
+               labels={"table": "diagnostics"}),
+        f"{RESULTS}/tables/mechanisms.csv",
         [
-            f"{RESULTS}/plots/mechanisms/{study}.{ext}"
+            f
             for study in config["mechanisms"]["studies"]
-            for ext in ("png", "pdf")
+            for f in (
+                report(f"{RESULTS}/plots/mechanisms/{study}.png", caption="../report/mechanisms.rst",
+                       category="Mechanisms", labels={"study": study, "figure": "diagnostic and gains vs dose"}),
+                f"{RESULTS}/plots/mechanisms/{study}.pdf",
+            )
         ],
     params:
         table=lambda wildcards, output: Path(output[0]).with_suffix(""),

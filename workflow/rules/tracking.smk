@@ -18,8 +18,9 @@ rule init_tracking:
     resources:
         mem_mb=1000,
         runtime=10,
+    # the URLs of the experiments' runs go to the terminal too, not only to the log
     shell:
-        "mmrepro init-tracking --results {params.results} {params.uri} --out {output} > {log} 2>&1"
+        "set -o pipefail; mmrepro init-tracking --results {params.results} {params.uri} --out {output} 2>&1 | tee {log}"
 
 
 rule track:
@@ -31,6 +32,9 @@ rule track:
     params:
         results=lambda wildcards, output: Path(output[0]).parents[1],
         uri=f"--uri {shlex.quote(config['tracking']['uri'])}" if config["tracking"]["uri"] else "",
+        # not in the command: where the store is now, so that a moved results folder (or another
+        # store) runs this job again, which points a moved store at its own artifacts
+        store=tracking_uri(RESULTS, config["tracking"]["uri"]),
     wildcard_constraints:
         study="balance|missing|shift|peft",
     localrule: True

@@ -23,6 +23,9 @@ from mmrepro.methods.registry import SETTINGS
 
 class DataSetting:
     name = "base"
+    #: The split a run validates on (early stopping, a search's score) is the target's: its labels are
+    #: target labels (a cross-dataset shift reads every split from the target's store).
+    validates_on_target = False
 
     def split_name(self, split: str) -> str:
         return split
@@ -194,6 +197,8 @@ class CrossDataset(DataSetting):
     """Adapt and evaluate on another dataset, ``target`` (CASP's cross-corpus shifts): the run's model
     was trained on the study's dataset, and every split it reads is the target's, under its own name
     (the workflow hands the run the target's store; feature widths must match, checked in the config)."""
+
+    validates_on_target = True
 
     def __init__(self, target: str):
         self.target = target

@@ -15,7 +15,8 @@
   lambda) and against lambda (runs at the reference rho), mean over seeds. The reference values are
   the plain ``cggm`` run's; sweeps come from ``config/grids/balance_cggm_sweeps.yaml``.
 
-Every cell is mean +/- std over seeds and says how many runs it averages.
+Every cell is mean ± std over seeds in the study tables' units (accuracies in %), the best of each
+column in bold; rows without runs and metrics equal in every cell are left out and named in the notes.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from matplotlib.figure import Figure
 
 from mmrepro.spec import RunSpec
 
-from .tables import _atomic_write, _atomic_write_text, _with_suffix
+from .figures import save
+from .render import Cell, Row, Table, Unit, header_of, mark_best, markdown, wrap
+from .tables import DEFAULT_METRICS, _atomic_write_text, _with_suffix
 
 CGGM_DEFAULTS = {"rho": 1.3, "lam": 0.2, "magnitude": True}
 
@@ -54,12 +57,9 @@ def _cggm_params(run: dict) -> dict | None:
     return {**CGGM_DEFAULTS, **run["spec"].method_params.get("cggm", {})}
 
 
-def _cell(values: list[float]) -> str:
-    values = [v for v in values if v is not None and np.isfinite(v)]
-    if not values:
-        return "-"
-    sd = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
-    return f"{np.mean(values):.3f}{sd} (n={len(values)})"
+def _values(values: list[float | None]) -> list[float]:
+    """A cell's per-run values, the missing ones left out."""
+    return [float(v) for v in values if v is not None and np.isfinite(v)]
 
 
 def _at_best_epoch(run: dict, key: str) -> float | None:
@@ -68,7 +68,8 @@ def _at_best_epoch(run: dict, key: str) -> float | None:
 
 
 def table5(runs: list[dict]) -> pd.DataFrame:
-    """Rows unimodal / joint / joint + CGGM, one column per modality (validation accuracy)."""
+    """Rows unimodal / joint / joint + CGGM, one column per modality: each cell the validation
+    accuracies of its runs (one per seed)."""
     complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     names = sorted({k[len("util_"):] for r in complete for h in r["history"] for k in h if k.startswith("util_")}
                    | {m for r in runs if r["spec"].data_setting.type == "subset"
@@ -78,9 +79,9 @@ def table5(runs: list[dict]) -> pd.DataFrame:
         uni = [r for r in runs if r["spec"].data_setting.type == "subset" and r["method"] == "joint"
                and r["spec"].data_setting.params.get("modalities") == [m]]
         acc = "acc2_has0" if any("acc2_has0" in r["metrics"]["valid"] for r in uni) else "acc"
-        rows["unimodal"][m] = _cell([r["metrics"]["valid"].get(acc) for r in uni])
-        rows["joint"][m] = _cell([_at_best_epoch(r, f"util_{m}") for r in complete if r["method"] == "joint"])
-        rows["joint + CGGM"][m] = _cell([_at_best_epoch(r, f"util_{m}") for r in complete if r["method"] == "cggm"])
+        rows["unimodal"][m] = _values([r["metrics"]["valid"].get(acc) for r in uni])
+        rows["joint"][m] = _values([_at_best_epoch(r, f"util_{m}") for r in complete if r["method"] == "joint"])
+        rows["joint + CGGM"][m] = _values([_at_best_epoch(r, f"util_{m}") for r in complete if r["method"] == "cggm"])
     return pd.DataFrame.from_dict(rows, orient="index", columns=names)
 
 
@@ -91,7 +92,8 @@ def _reference(runs: list[dict]) -> dict:
 
 
 def table6(runs: list[dict]) -> pd.DataFrame:
-    """Rows joint / magnitude only / direction only / both; columns: the test metrics."""
+    """Rows joint / magnitude only / direction only / both; columns: the task's test metrics (the
+    study table's, in its order), each cell the values of its runs (one per seed)."""
     complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     groups = {"joint": [r for r in complete if r["method"] == "joint"],
               "magnitude only (lambda 0)": [], "direction only (no magnitude)": [],
@@ -104,9 +106,46 @@ def table6(runs: list[dict]) -> pd.DataFrame:
             groups["magnitude only (lambda 0)"].append(r)
         elif not p["magnitude"] and p["lam"] > 0:
             groups["direction only (no magnitude)"].append(r)
-    metrics = sorted({k for rs in groups.values() for r in rs for k in r["metrics"]["test"]})
-    return pd.DataFrame.from_dict({name: {k: _cell([r["metrics"]["test"].get(k) for r in rs]) for k in metrics}
+    present = {k for rs in groups.values() for r in rs for k in r["metrics"]["test"]}
+    order = [m for task in dict.fromkeys(r.get("task") for r in complete) for m in DEFAULT_METRICS.get(task, ())]
+    metrics = [m for m in dict.fromkeys(order) if m in present] or sorted(present)
+    return pd.DataFrame.from_dict({name: {k: _values([r["metrics"]["test"].get(k) for r in rs]) for k in metrics}
                                    for name, rs in groups.items()}, orient="index", columns=metrics)
+
+
+def as_table(frame: pd.DataFrame, title: str, metric_of: dict[str, str]) -> Table:
+    """A Table 5 or 6 frame for the writers: mean±std over its runs in each metric's unit
+    (``metric_of``: column -> metric), the best row of each column in bold; rows without a run and
+    columns equal to an earlier one in every cell left out, both said in the notes."""
+    frame = frame.copy()
+    empty = [name for name, row in frame.iterrows() if not any(len(v) for v in row)]
+    same = [(c, earlier) for i, c in enumerate(frame.columns) for earlier in frame.columns[:i]
+            if all(a == b for a, b in zip(frame[c], frame[earlier]))]
+    dropped = list(dict.fromkeys(c for c, _ in same))
+    frame = frame.drop(index=empty, columns=dropped)
+    counts = sorted({len(v) for col in frame.columns for v in frame[col] if len(v)})
+    columns = []
+    for col in frame.columns:
+        unit = Unit.of(metric_of[col])
+        cells = {name: Cell(_mean_std(v, unit)) for name, v in frame[col].items()}
+        means = {name: float(np.mean(v)) for name, v in frame[col].items() if len(v)}
+        columns.append(mark_best(cells, means, metric_of[col], unit))
+    rows = tuple(Row((str(name),), tuple(c[name] for c in columns)) for name in frame.index)
+    notes = [f"Mean±std over {'/'.join(map(str, counts)) or 'no'} run(s) per cell (one per seed); bold: the best "
+             "of its column (↓ lower is better)."]
+    if empty:
+        notes.append(f"No runs for {', '.join(empty)}: the grids in config/grids/ add them (docs/studies.md).")
+    if dropped:
+        notes.append("Shown once, equal in every cell: " + "; ".join(f"{c} = {e}" for c, e in same if c in dropped
+                                                                  and e not in dropped) + ".")
+    header = tuple(header_of(c) if metric_of[c] == c else f"{c}: {header_of(metric_of[c])}" for c in frame.columns)
+    return Table(title, ("",), (), header, (rows,), tuple(notes))
+
+
+def _mean_std(values: list[float], unit: Unit) -> str:
+    if not values:
+        return ""
+    return unit.num(float(np.mean(values))) + (f"±{unit.num(float(np.std(values, ddof=1)))}" if len(values) > 1 else "")
 
 
 def _main_metric(runs: list[dict]) -> tuple[str, float]:
@@ -115,20 +154,35 @@ def _main_metric(runs: list[dict]) -> tuple[str, float]:
     return ("mae", -1.0) if "mae" in test else ("acc", 1.0)
 
 
+def _sweep_points(runs: list[dict]) -> dict[str, list[tuple[dict, float]]]:
+    """Per axis (rho, lam): the complete-data CGGM runs at the reference value of the other axis
+    (magnitude on) whose seed has a joint run, with their value on the axis. ``runs`` need
+    ``method``, ``seed`` and ``spec`` only."""
+    complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
+    joint = {r["seed"] for r in complete if r["method"] == "joint"}
+    ref = _reference(runs)
+    out: dict[str, list[tuple[dict, float]]] = {}
+    for axis, other in (("rho", "lam"), ("lam", "rho")):
+        params = [(r, _cggm_params(r)) for r in complete]
+        out[axis] = [(r, p[axis]) for r, p in params
+                     if p is not None and p["magnitude"] and p[other] == ref[other] and r["seed"] in joint]
+    return out
+
+
+def planned_figure5(specs: list[RunSpec]) -> bool:
+    """Whether runs of these run specs give Figure 5 a point: what the workflow asks
+    :func:`write_cggm_report` for (never a blank figure)."""
+    return any(_sweep_points([{"method": s.method, "seed": s.seed, "spec": s} for s in specs]).values())
+
+
 def sweeps(runs: list[dict]) -> dict[str, pd.DataFrame]:
     """Improvement over joint (mean, std, n over seeds) against rho and against lambda."""
     complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     metric, sign = _main_metric(complete)
     joint = {r["seed"]: r["metrics"]["test"][metric] for r in complete if r["method"] == "joint"}
-    ref = _reference(runs)
     out = {}
-    for axis, other in (("rho", "lam"), ("lam", "rho")):
-        rows = []
-        for r in complete:
-            p = _cggm_params(r)
-            if p is None or not p["magnitude"] or p[other] != ref[other] or r["seed"] not in joint:
-                continue
-            rows.append({axis: p[axis], "gain": sign * (r["metrics"]["test"][metric] - joint[r["seed"]])})
+    for axis, points in _sweep_points(runs).items():
+        rows = [{axis: x, "gain": sign * (r["metrics"]["test"][metric] - joint[r["seed"]])} for r, x in points]
         frame = pd.DataFrame(rows, columns=[axis, "gain"])
         out[axis] = frame.groupby(axis)["gain"].agg(["mean", "std", "count"]).reset_index()
     return out
@@ -142,34 +196,46 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def write_cggm_report(runs: list[dict], table: str | os.PathLike, plot: str | os.PathLike) -> list[Path]:
-    """``table.md`` (Tables 5 and 6, and the sweep numbers) and ``plot.{png,pdf}`` (Figure 5)."""
+    """``table.md`` (Tables 5 and 6, and the sweep numbers) and ``plot.{png,pdf}`` (Figure 5, where it
+    has a point: :func:`figure5`); returns the paths written."""
     t5, t6, sw = table5(runs), table6(runs), sweeps(runs)
     metric, sign = _main_metric([r for r in runs if r["spec"].data_setting.type == "complete"])
     gain = f"{'joint - CGGM' if sign < 0 else 'CGGM - joint'} test {metric}"
+    acc = "acc" if any(r.get("task") == "classification" for r in runs) else "acc2_has0"
+    t5_table = as_table(t5, "", {m: acc for m in t5.columns})
     text = ["# CGGM paper tables from the balance runs", "",
             "## Table 5: accuracy of each modality's unimodal classifier (validation split)", "",
-            "unimodal: the run on that modality alone; joint and joint + CGGM: the unimodal classifier on the "
-            "model's encoder at the best epoch (utilisation probe / CGGM's classifier). mean ± std (n seeds).", "",
-            _markdown(t5), "", "## Table 6: ablation (test split)", "", _markdown(t6), "",
+            wrap("unimodal: the run on that modality alone; joint and joint + CGGM: the unimodal classifier on the "
+                 "model's encoder at the best epoch (utilisation probe / CGGM's classifier). Columns: modalities."), "",
+            markdown(t5_table), "## Table 6: ablation (test split)", "",
+            markdown(as_table(t6, "", {m: m for m in t6.columns})),
             f"## Figure 5: improvement over joint training ({gain}; positive = better)", ""]
     for axis, frame in sw.items():
         shown = frame.assign(count=frame["count"].astype(int)).set_index(axis).round(4)
         text += [f"### against {axis}", "", _markdown(shown) if len(frame) else "(no sweep runs)", ""]
     table_path = _with_suffix(Path(table), ".md")
     _atomic_write_text(table_path, "\n".join(text))
-    fig = Figure(figsize=(10, 4), layout="constrained")
+    fig = figure5(sw, gain)
+    if fig is None:
+        print(f"no Figure 5 point (no CGGM run beside joint training): {plot}.png not written")
+        return [table_path]
+    return [table_path, *save(fig, plot)]
+
+
+def figure5(sw: dict[str, pd.DataFrame], gain: str) -> Figure | None:
+    """CGGM's Figure 5: one panel per swept axis that has points (ticks at the swept values), the
+    gain (mean ± std over seeds) against it; None where no axis has a point."""
+    shown = {axis: frame for axis, frame in sw.items() if len(frame)}
+    if not shown:
+        return None
+    fig = Figure(figsize=(4.2 * len(shown), 3.8), layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, (axis, frame) in zip(fig.subplots(1, 2), sw.items()):
-        if len(frame):
-            ax.errorbar(frame[axis], frame["mean"], yerr=frame["std"].fillna(0.0), marker="o", capsize=3)
-        else:
-            ax.text(0.5, 0.5, "no sweep runs", ha="center", va="center", transform=ax.transAxes)
+    for ax, (axis, frame) in zip(fig.subplots(1, len(shown), squeeze=False)[0], shown.items()):
+        ax.errorbar(frame[axis], frame["mean"], yerr=frame["std"].fillna(0.0), marker="o", capsize=3)
         ax.axhline(0.0, color="grey", lw=0.8)
+        ax.set_xticks(frame[axis].to_numpy(), [f"{x:g}" for x in frame[axis]])
         ax.set_xlabel({"rho": "rho", "lam": "lambda"}[axis])
-        ax.set_ylabel(f"improvement ({gain})")
+        ax.set_ylabel(f"improvement ({gain})", fontsize=9)
         ax.grid(alpha=0.3)
     fig.suptitle("CGGM's Figure 5: improvement over joint training, mean ± std over seeds", fontsize=10)
-    paths = [table_path, _with_suffix(Path(plot), ".png"), _with_suffix(Path(plot), ".pdf")]
-    for path, fmt in zip(paths[1:], ("png", "pdf")):
-        _atomic_write(path, lambda fh, fmt=fmt: fig.savefig(fh, format=fmt, dpi=150))
-    return paths
+    return fig

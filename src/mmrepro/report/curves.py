@@ -3,7 +3,8 @@
 The balance study's figure: each modality's utilisation (its unimodal probe's validation
 accuracy, ``util_<modality>``) and the modulation coefficients over epochs, one line per
 (method, modality), mean over seeds (runs stopped early contribute to the epochs they ran).
-Panels are drawn only for the families that some run logged.
+Panels are drawn only for the families that some run logged; a family logged per epoch and per
+batch (the shift study's offline and online adapters) gets one panel per x axis.
 
 CGGM's coefficients are shown by their per-epoch median (``coeff_median_<modality>``) on a symlog
 axis, beside the share of steps whose coefficient exploded or was clamped
@@ -21,15 +22,19 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
-from .tables import _atomic_write, _with_suffix, backbone_labels
+from .figures import legend_columns, save
+from .tables import backbone_labels
 
 FAMILIES = {"util_": "unimodal probe accuracy (validation)", "coeff_median_": "median coefficient (symlog)",
             "coeff_extreme_share": "share of steps with exploded / clamped coefficient",
             "coeff_": "modulation coefficient (epoch mean)", "valid_loss": "validation loss",
-            "target_error": "target test error along adaptation (x: epoch offline, batch online)"}
+            "target_error": "target test error along adaptation"}
 SYMLOG = {"coeff_median_"}
-#: The step of a history entry: an epoch (training, offline adaptation) or a batch (online adaptation).
+#: What a history entry counts: an epoch (training, offline adaptation) or a batch (online adaptation);
+#: each has its own x axis.
 STEPS = ("epoch", "batch")
 
 
@@ -39,8 +44,9 @@ def family_of(key: str) -> str | None:
 
 
 def load_histories(metrics_paths: list[str | os.PathLike]) -> pd.DataFrame:
-    """Long frame (backbone, method, setting, seed, epoch, key, value) from the history.json beside each
-    metrics.json; ``epoch`` holds the entry's step (its ``epoch``, else its ``batch``)."""
+    """Long frame (backbone, method, setting, seed, per, step, key, value) from the history.json beside
+    each metrics.json; ``per`` says what an entry counts (``epoch``: training and offline adaptation,
+    ``batch``: online adaptation) and ``step`` its number."""
     rows = []
     for path in map(Path, metrics_paths):
         meta = json.loads(path.read_text())
@@ -50,61 +56,84 @@ def load_histories(metrics_paths: list[str | os.PathLike]) -> pd.DataFrame:
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{history_path}: cannot read the run's history ({e})") from None
         for entry in history:
-            step = next((entry[s] for s in STEPS if s in entry), None)
-            if step is None:
+            per = next((s for s in STEPS if s in entry), None)
+            if per is None:
                 continue
             for key, value in entry.items():
                 if key not in STEPS:
                     rows.append({"backbone": meta.get("backbone", ""), "method": meta["method"],
-                                 "setting": str(meta["setting"]), "seed": meta["seed"], "epoch": step, "key": key,
-                                 "value": float(value)})
-    return pd.DataFrame(rows, columns=["backbone", "method", "setting", "seed", "epoch", "key", "value"])
+                                 "setting": str(meta["setting"]), "seed": meta["seed"], "per": per,
+                                 "step": entry[per], "key": key, "value": float(value)})
+    return pd.DataFrame(rows, columns=["backbone", "method", "setting", "seed", "per", "step", "key", "value"])
 
 
-def panels(histories: pd.DataFrame) -> list[str]:
-    """The curve families drawn, in order: those some run logged (the plain coefficient panel only
-    for runs without medians), else the validation loss."""
+def panels(histories: pd.DataFrame) -> list[tuple[str, str]]:
+    """The (curve family, step kind) panels drawn, in order: those some run logged (the plain
+    coefficient panel only for runs without medians), each family once per kind of step it was
+    logged at (per epoch, per batch: never on one axis), else the validation loss per epoch."""
     has_median = histories.groupby(["method", "setting"])["key"].transform(
-        lambda k: k.str.startswith("coeff_median_").any())
-    present = {family_of(k) for k in pd.unique(histories["key"][~has_median.astype(bool)])}
-    present |= {family_of(k) for k in pd.unique(histories["key"][has_median.astype(bool)])} - {"coeff_"}
-    return [f for f in FAMILIES if f in present] or ["valid_loss"]
+        lambda k: k.str.startswith("coeff_median_").any()).astype(bool)
+    present = {(family_of(k), p) for k, p in zip(histories["key"][~has_median], histories["per"][~has_median])}
+    present |= {(family_of(k), p) for k, p in zip(histories["key"][has_median], histories["per"][has_median])
+                if family_of(k) != "coeff_"}
+    return [(f, p) for f in FAMILIES for p in STEPS if (f, p) in present] or [("valid_loss", "epoch")]
 
 
 def plot_curves(histories: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
-    """Write ``stem.png`` and ``stem.pdf``: one panel per curve family present, one line per method
-    and setting (``<backbone>/<method>`` where the runs mix backbones)."""
+    """Write ``stem.png`` and ``stem.pdf`` of :func:`curves_figure` (fitted to its canvas)."""
+    return save(curves_figure(histories), stem)
+
+
+_STYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))]
+
+
+def curves_figure(histories: pd.DataFrame) -> Figure:
+    """One panel per (family, step kind) of :func:`panels`, mean over seeds per step. A run's colour
+    says its method and setting (``<backbone>/<method>`` where the runs mix backbones), the line
+    style the family's member (a modality); one legend below the panels has an entry per colour and
+    per style (not one per line)."""
     histories = backbone_labels(histories)
-    families = panels(histories)
-    fig = Figure(figsize=(5.5 * len(families), 6.0), layout="constrained")
+    shown = panels(histories)
+    fig = Figure(figsize=(4.8 * len(shown), 4.2), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(families), squeeze=False)[0]
-    groups = list(histories.groupby(["method", "setting"], sort=False))
-    colors = {name: f"C{i % 10}" for i, name in enumerate(pd.unique(histories["method"] + "/" + histories["setting"]))}
-    for ax, family in zip(axes, families):
-        keys = sorted(k for k in pd.unique(histories["key"]) if family_of(k) == family)
-        styles = {k: ls for k, ls in zip(keys, ["-", "--", ":", "-.", (0, (5, 1)), (0, (1, 1))] * 4)}
-        for (method, setting), g in groups:
+    axes = fig.subplots(1, len(shown), squeeze=False)[0]
+    runs = list(pd.unique(histories["method"] + "/" + histories["setting"]))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(runs)}
+    members = sorted({k[len(f):] for f, _ in shown for k in pd.unique(histories["key"]) if family_of(k) == f and k != f})
+    styles = {m: _STYLES[i % len(_STYLES)] for i, m in enumerate(members)}
+    used_runs: list[str] = []
+    for ax, (family, per) in zip(axes, shown):
+        h = histories[histories["per"] == per]
+        keys = sorted(k for k in pd.unique(h["key"]) if family_of(k) == family)
+        for (method, setting), g in h.groupby(["method", "setting"], sort=False):
             if family == "coeff_" and g["key"].str.startswith("coeff_median_").any():
                 continue  # this run's coefficients are drawn by their median
             for key in keys:
-                curve = g[g["key"] == key].groupby("epoch")["value"].mean()
+                curve = g[g["key"] == key].groupby("step")["value"].mean()
                 if curve.empty:
                     continue
-                label = f"{method}/{setting}" + (f" {key[len(family):]}" if key != family else "")
-                ax.plot(curve.index, curve.to_numpy(), color=colors[f"{method}/{setting}"], linestyle=styles[key],
-                        marker="o", markersize=3, label=label)
+                run = f"{method}/{setting}"
+                ax.plot(curve.index, curve.to_numpy(), color=colors[run], linestyle=styles.get(key[len(family):], "-"),
+                        marker="o" if len(curve) < 30 else None, markersize=3)
+                if run not in used_runs:
+                    used_runs.append(run)
         if family in SYMLOG:
             ax.set_yscale("symlog", linthresh=1.0)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(FAMILIES[family])
+        ax.set_xlabel(per)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(FAMILIES[family], fontsize=9)
+        if len({p for _, p in shown}) > 1:
+            ax.set_title(f"per {per}", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
-    fig.suptitle("per-epoch curves, mean over seeds", fontsize=11)
-    paths = [_with_suffix(Path(stem), ".png"), _with_suffix(Path(stem), ".pdf")]
-    for path, fmt in zip(paths, ("png", "pdf")):
-        _atomic_write(path, lambda fh, fmt=fmt: fig.savefig(fh, format=fmt, dpi=150))
-    return paths
+    handles = [Line2D([], [], color=colors[r], label=r) for r in used_runs]
+    if len(members) > 1:
+        handles += [Line2D([], [], color="0.3", linestyle=styles[m], label=m) for m in members]
+    fig.legend(handles=handles, loc="outside lower center", fontsize=8, frameon=False, title_fontsize=8,
+               title="colour: method/setting" + (", line style: modality" if len(members) > 1 else ""),
+               ncol=legend_columns([h.get_label() for h in handles], fig.get_figwidth()))
+    steps = " and ".join(f"per {p}" for p in dict.fromkeys(p for _, p in shown))
+    fig.suptitle(f"curves {steps}, mean over seeds", fontsize=10)
+    return fig
 
 
-__all__ = ["load_histories", "panels", "plot_curves"]
+__all__ = ["load_histories", "panels", "plot_curves", "curves_figure"]

@@ -21,7 +21,9 @@ from matplotlib.figure import Figure
 
 from .paired import (CONTRADICTED, HOLDS, UNDECIDED, VERDICT_COLORS, Bootstrap, base_method, bootstrap_interval,
                      claim_verdict, paired_differences, verdict)
-from .tables import LOWER_IS_BETTER, _atomic_write, _atomic_write_text, _with_suffix
+from .figures import save
+from .render import LOWER_IS_BETTER
+from .tables import _atomic_write_text, _with_suffix
 
 __all__ = ["comparisons", "claim_verdicts", "write_ledger"]
 
@@ -160,10 +162,7 @@ def _plot(comp: pd.DataFrame, verdicts: pd.DataFrame, stem: Path, bootstrap: Boo
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"Claims on synth: paired difference to each rival, mean and {100 * bootstrap.level:g} % "
                  "bootstrap interval over seeds (green holds, red contradicted, grey undecided)", fontsize=10)
-    paths = [_with_suffix(stem, ".png"), _with_suffix(stem, ".pdf")]
-    for path, fmt in zip(paths, ("png", "pdf")):
-        _atomic_write(path, lambda fh, fmt=fmt: fig.savefig(fh, format=fmt, dpi=150))
-    return paths
+    return save(fig, stem)
 
 
 def write_ledger(runs: pd.DataFrame, spec: dict, table: str | os.PathLike, plot: str | os.PathLike,

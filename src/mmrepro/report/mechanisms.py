@@ -18,7 +18,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .tables import _atomic_write, _atomic_write_text, _with_suffix
+from .figures import save
+from .tables import _atomic_write_text, _with_suffix
 
 GAIN_LABEL = {"balance": "gain over joint training", "peft": "share of the (full FT - linear probe) gap closed",
               "missing": "gain over joint training at the same rate", "shift": "gain over the source model"}
@@ -102,10 +103,7 @@ def plot_mechanism(points: pd.DataFrame, study: str, stem: str | os.PathLike) ->
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     fig.suptitle(f"{study} on synth: mean ± std over {seeds} seed(s)", fontsize=11)
-    paths = [_with_suffix(Path(stem), ".png"), _with_suffix(Path(stem), ".pdf")]
-    for path, fmt in zip(paths, ("png", "pdf")):
-        _atomic_write(path, lambda fh, fmt=fmt: fig.savefig(fh, format=fmt, dpi=150))
-    return paths
+    return save(fig, stem)
 
 
 def _plot_by_params(ax, sub: pd.DataFrame, keys: list[str], ylabel: str) -> None:

@@ -30,7 +30,9 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .tables import LOWER_IS_BETTER, MAIN_METRIC, _atomic_write, _with_suffix
+from .figures import save
+from .render import LOWER_IS_BETTER, MAIN_METRIC, header_of, unit_of
+from .tables import HEADLINE, split_rows
 
 __all__ = ["Interval", "HOLDS", "CONTRADICTED", "UNDECIDED", "Bootstrap", "paired_differences",
            "bootstrap_interval", "verdict", "claim_verdict", "add_paired", "paired_frame", "plot_paired"]
@@ -84,14 +86,16 @@ def base_method(name: str) -> str:
     return _MARK.sub("", name)
 
 
-def paired_differences(runs: pd.DataFrame, method: str, rival: str, metric: str, split: str = "test") -> pd.DataFrame:
+def paired_differences(runs: pd.DataFrame, method: str, rival: str, metric: str, split: str = HEADLINE) -> pd.DataFrame:
     """Per seed, ``method``'s value minus ``rival``'s on the same dataset, backbone, setting and seed.
 
-    ``runs`` is the long frame of :func:`~mmrepro.report.tables.load_runs`; methods are matched by
-    their config names (a display mark such as " [target labels]" is ignored). Columns: the
+    ``runs`` is the long frame of :func:`~mmrepro.report.tables.load_runs`; ``split`` a split name or
+    the runs' headline (:func:`~mmrepro.report.tables.split_rows`); methods are matched by their
+    config names (a display mark such as " [target labels]" is ignored). Columns: the
     :data:`PAIR_KEYS`, ``seed`` and ``diff``; only seeds both ran (with a finite value) are kept.
     """
-    df = runs[(runs["split"] == split) & (runs["metric"] == metric)]
+    df = split_rows(runs, split)
+    df = df[df["metric"] == metric]
     names = df["method"].map(base_method)
     keys = [*PAIR_KEYS, "seed"]
     ours = df[names == method].set_index(keys)["value"]
@@ -146,11 +150,11 @@ def claim_verdict(verdicts: Iterable[str]) -> str:
     return HOLDS if all(v == HOLDS for v in verdicts) else UNDECIDED
 
 
-def paired_frame(runs: pd.DataFrame, reference: str, split: str = "test",
+def paired_frame(runs: pd.DataFrame, reference: str, split: str = HEADLINE,
                  bootstrap: Bootstrap = Bootstrap()) -> pd.DataFrame:
     """Every other method against ``reference`` on each dataset's main metric: one row per (dataset,
     backbone, setting, method) with ``metric, n, mean, low, high, verdict``; empty without a reference run."""
-    df = runs[runs["split"] == split]
+    df = split_rows(runs, split)
     names = df["method"].map(base_method)
     rows = []
     if (names == reference).any():
@@ -173,26 +177,30 @@ def paired_frame(runs: pd.DataFrame, reference: str, split: str = "test",
 
 def add_paired(summary: pd.DataFrame, runs: pd.DataFrame, reference: str | None,
                bootstrap: Bootstrap = Bootstrap()) -> pd.DataFrame:
-    """A copy of ``summary`` with ``paired_mean``, ``paired_low``, ``paired_high`` (the main metric's
-    difference to ``reference`` on the same seeds, :func:`paired_frame`) and ``attrs["paired"]`` naming
-    the reference and the interval; unchanged without a reference or its runs."""
+    """A copy of ``summary`` with ``<m>_paired``, ``<m>_paired_low``, ``<m>_paired_high`` after the main
+    metric ``m``'s other columns (its difference to ``reference`` on the same seeds, :func:`paired_frame`;
+    the table's paired column, :data:`~mmrepro.report.render.KINDS`) and ``attrs["paired"]`` naming the
+    reference and the interval; unchanged without a reference or its runs."""
     if reference is None:
         return summary
-    frame = paired_frame(runs, reference, summary.attrs.get("split", "test"), bootstrap)
+    frame = paired_frame(runs, reference, summary.attrs.get("split", HEADLINE), bootstrap)
     if frame.empty:
         return summary
-    keyed = frame.set_index(["dataset", "backbone", "setting", "method"])
+    keys = ["dataset", "backbone", "setting", "method"]
     out = summary.copy()
-    for col in ("mean", "low", "high"):
-        out[f"paired_{col}"] = [keyed[col].get((d, b, s, m), math.nan) for d, b, s, m in
-                                zip(out["dataset"], out["backbone"], out["setting"], out["method"])]
+    for metric, rows in frame.groupby("metric", sort=False):
+        keyed = rows.set_index(keys)
+        last = max(i for i, c in enumerate(out.columns) if c.startswith(f"{metric}_"))
+        for j, (suffix, col) in enumerate((("paired", "mean"), ("paired_low", "low"), ("paired_high", "high"))):
+            out.insert(last + 1 + j, f"{metric}_{suffix}",
+                       [keyed[col].get(k, math.nan) for k in zip(*(out[c] for c in keys))])
     out.attrs.update(summary.attrs)
     out.attrs["paired"] = {"reference": reference, "metric": ", ".join(dict.fromkeys(frame["metric"])),
                            "level": bootstrap.level, "interval": bootstrap.describe()}
     return out
 
 
-def plot_paired(runs: pd.DataFrame, reference: str | None, stem: str | os.PathLike, split: str = "test",
+def plot_paired(runs: pd.DataFrame, reference: str | None, stem: str | os.PathLike, split: str = HEADLINE,
                 bootstrap: Bootstrap = Bootstrap()) -> list[Path]:
     """``stem.png`` and ``stem.pdf``: per (dataset, backbone, setting) panel, one interval per method
     (mean paired difference to ``reference``) and a zero line; a page that says why when there is none."""
@@ -209,21 +217,17 @@ def plot_paired(runs: pd.DataFrame, reference: str | None, stem: str | os.PathLi
         axes[0].set_axis_off()
     for ax, ((ds, bb, sett), g) in zip(axes, panels):
         y = np.arange(len(g))[::-1]
+        metric = g["metric"].iloc[0]
+        scale = unit_of(metric)
         for yi, r in zip(y, g.itertuples(index=False)):
-            color = VERDICT_COLORS[r.verdict]
-            ax.errorbar([r.mean], [yi], xerr=[[r.mean - r.low], [r.high - r.mean]], fmt="o", color=color, ms=4,
-                        capsize=3)
+            ax.errorbar([scale * r.mean], [yi], xerr=[[scale * (r.mean - r.low)], [scale * (r.high - r.mean)]],
+                        fmt="o", color=VERDICT_COLORS[r.verdict], ms=4, capsize=3)
         ax.axvline(0.0, color="0.2", linewidth=1)
         ax.set_yticks(y)
         ax.set_yticklabels(g["method"])
-        metric = g["metric"].iloc[0]
-        better = "lower" if metric in LOWER_IS_BETTER else "higher"
-        ax.set_xlabel(f"{metric}: method − {reference} ({better} is better)")
+        ax.set_xlabel(f"{header_of(metric)}: method − {reference}")
         ax.set_title(" / ".join(str(v) for v in (ds, bb, sett) if v), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{split} split: paired difference to {reference} per seed, mean and "
+    fig.suptitle(f"{'Headline' if split == HEADLINE else split + ' split'}: paired difference to {reference} per seed, mean and "
                  f"{100 * bootstrap.level:g} % bootstrap interval over seeds", fontsize=10)
-    paths = [_with_suffix(Path(stem), ".png"), _with_suffix(Path(stem), ".pdf")]
-    for path, fmt in zip(paths, ("png", "pdf")):
-        _atomic_write(path, lambda fh, fmt=fmt: fig.savefig(fh, format=fmt, dpi=150))
-    return paths
+    return save(fig, stem)

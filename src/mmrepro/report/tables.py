@@ -11,19 +11,21 @@ latent optimum), ``m_ceiling`` (the best score reachable from the modalities the
 reads, see :mod:`mmrepro.data.synth`) and, for a metric the paper reports (see
 :func:`add_reference`), ``m_paper``, ``m_paper_printed``, ``m_paper_note`` and
 ``m_diff``; a shift study adds ``m_delta`` (vs source only on the same backbone). The CSV keeps
-our units; the Markdown and LaTeX tables show a metric in the paper's units (% where the paper
-prints %), and the backbone where the table holds several (the shift study's backbone axis).
+our units (fractions); the Markdown, LaTeX and HTML tables are laid out by
+:mod:`mmrepro.report.render` (the papers' layout, one unit per metric).
+
+Two definitions every output shares: a run's *headline* numbers (:data:`HEADLINE`,
+:func:`split_rows`) and its *trainable share*, trainable parameters / ``backbone_params`` (the
+model before the method's transform; :data:`~mmrepro.report.render.SHARE_NOTE`).
 """
 
 from __future__ import annotations
 
-import html
 import io
 import json
 import math
 import numbers
 import os
-import re
 import statistics
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -33,19 +35,24 @@ from typing import IO
 import numpy as np
 import pandas as pd
 
-from .groups import INCOMPLETE
 from .reference import Reference, reference_frame
+from .render import (HEADLINE_NOTE, LOWER_IS_BETTER, MAIN_METRIC, SHARE_NOTE, group_notes, html_page, latex, markdown,
+                     paper_tables, study_table, wrap)
 
 __all__ = [
     "DEFAULT_METRICS",
     "MAIN_METRIC",
     "LOWER_IS_BETTER",
     "RUN_COLUMNS",
+    "HEADLINE",
     "load_runs",
+    "split_rows",
+    "equal_metrics",
     "summarize",
     "add_reference",
     "add_baseline_delta",
     "write_table",
+    "write_paper_table",
 ]
 
 #: Metrics shown by default, per task, in this order.
@@ -55,11 +62,6 @@ DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "classification": ("acc", "f1_weighted"),
     "segmentation": ("dice_et", "dice_tc", "dice_wt", "dice_mean"),
 }
-#: The single headline metric per task (used by the plot).
-MAIN_METRIC: dict[str, str] = {"regression": "mae", "sims_regression": "mae", "classification": "acc",
-                               "segmentation": "dice_mean"}
-#: Metrics where a smaller value is better; every other metric is higher-is-better.
-LOWER_IS_BETTER: frozenset[str] = frozenset({"mae"})
 
 #: Columns of the long frame returned by :func:`load_runs`.
 RUN_COLUMNS: tuple[str, ...] = (
@@ -136,7 +138,8 @@ def _read_one(path: Path) -> list[dict]:
     metrics = _metric_block(path, "metrics", doc["metrics"])
     bounds = {key: {} if doc.get(key) in (None, {}) else _metric_block(path, key, doc[key]) for key in _BOUNDS}
 
-    # a test-time run that read target labels (CASP's released code) is marked wherever it is shown
+    # a run that target labels chose anything in (CASP's released-code checkpoints, a search scored on a
+    # cross-dataset target: metrics.json's target_labels_used) is marked wherever it is shown
     method = doc["method"] + (" [target labels]" if doc.get("target_labels_used") else "")
     base = {
         "study": doc["study"], "dataset": doc["dataset"], "method": method,
@@ -194,15 +197,67 @@ def _oracle_of(g: pd.DataFrame, where: str, column: str = "oracle") -> float:
     return float(ora[0])
 
 
+#: The split name that asks for each run's headline rows (:func:`split_rows`).
+HEADLINE = "headline"
+#: The split holding the mean over a run's available-set test cases (MPLMM's Table 1 "Avg").
+CASES_MEAN = "test:avg"
+_RUN_KEY = ["study", "dataset", "backbone", "method", "setting", "seed"]
+
+
+def split_rows(runs: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of ``split``; for :data:`HEADLINE`, each run's headline rows (see
+    :data:`~mmrepro.report.render.HEADLINE_NOTE`): its :data:`CASES_MEAN` rows where it has them, else
+    its ``test`` rows. The headline's oracle is the test split's (the noise-free optimum does not
+    depend on what is missing); its ceiling is left out (the cases read other modalities)."""
+    if split != HEADLINE:
+        return runs[runs["split"] == split]
+    test, cases = runs[runs["split"] == "test"], runs[runs["split"] == CASES_MEAN]
+    if cases.empty:
+        return test
+    has_cases = set(map(tuple, cases[_RUN_KEY].to_numpy()))
+    keep = [tuple(k) not in has_cases for k in test[_RUN_KEY].to_numpy()]
+    oracle = test.set_index([*_RUN_KEY, "metric"])["oracle"]
+    oracle = oracle[~oracle.index.duplicated()]
+    found = oracle.reindex(pd.MultiIndex.from_frame(cases[[*_RUN_KEY, "metric"]])).to_numpy()
+    cases = cases.assign(oracle=cases["oracle"].fillna(pd.Series(found, index=cases.index)), ceiling=math.nan)
+    return pd.concat([test[keep], cases]).sort_index(kind="stable")
+
+
+def equal_metrics(df: pd.DataFrame, metrics: Sequence[str]) -> dict[str, dict[str, str]]:
+    """Per dataset, each metric equal to an earlier one of ``metrics`` on every run and seed (value,
+    oracle and ceiling; ``acc2_non0`` = ``acc2_has0`` where no test label is 0): {dataset: {metric:
+    the earlier one}}. Decided from the values, never from the dataset's name."""
+    out: dict[str, dict[str, str]] = {}
+    keys = ["backbone", "method", "setting", "seed"]
+    for ds, g in df.groupby("dataset", sort=False):
+        wide = {f: g.pivot_table(index=keys, columns="metric", values=f, aggfunc="first", dropna=False)
+                for f in ("value", "oracle", "ceiling")}
+        present = [m for m in metrics if m in wide["value"].columns and wide["value"][m].notna().any()]
+        for i, later in enumerate(present):
+            for first in present[:i]:
+                if first in out.get(ds, {}):
+                    continue
+                if all(_same(w[first], w[later]) for w in wide.values() if first in w and later in w):
+                    out.setdefault(ds, {})[later] = first
+                    break
+    return out
+
+
+def _same(a: pd.Series, b: pd.Series) -> bool:
+    a, b = a.to_numpy(dtype=float), b.to_numpy(dtype=float)
+    return bool((np.isnan(a) == np.isnan(b)).all() and np.allclose(a[~np.isnan(a)], b[~np.isnan(b)], rtol=0, atol=1e-12))
+
+
 def summarize(
     runs: pd.DataFrame,
-    split: str = "test",
+    split: str = HEADLINE,
     metrics: Sequence[str] | None = None,
     reference: Reference | pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """One row per (dataset, backbone, method, setting): mean/std over seeds, seed count, oracle, parameters.
 
-    ``runs`` is the frame of :func:`load_runs`. ``metrics`` defaults to
+    ``runs`` is the frame of :func:`load_runs`; ``split`` a split name or :data:`HEADLINE` (each
+    run's headline, :func:`split_rows`). ``metrics`` defaults to
     :data:`DEFAULT_METRICS` of the task(s) present (those found in the data).
     Columns: ``dataset, backbone, method, setting, task, n`` then per metric ``m``:
     ``m_mean``, ``m_std`` (sample std, ddof=1; NaN when n == 1 -- a single seed
@@ -213,7 +268,9 @@ def summarize(
     seeds; ``trainable_share`` = trainable / backbone (NaN when unknown). Rows of report groups
     (:func:`~mmrepro.report.groups.add_groups`) are summarized like any dataset;
     ``attrs["groups"]`` keeps the groups for the notes, ``attrs["incomplete"]`` the (dataset,
-    backbone, method, setting, metric) of group cells where a seed lacks a member's value.
+    backbone, method, setting, metric) of group cells where a seed lacks a member's value,
+    ``attrs["same"]`` the metrics equal to an earlier one on every run (:func:`equal_metrics`),
+    ``attrs["cases"]`` whether some headline is a case mean.
 
     Row order: datasets sorted, then backbones, methods and settings in order of
     first appearance in ``runs``. Raises ``ValueError`` when there is nothing to
@@ -224,7 +281,7 @@ def summarize(
     missing_cols = set(RUN_COLUMNS) - {"path", "trainable_params", "backbone_params"} - set(runs.columns)
     if missing_cols:
         raise ValueError(f"runs frame lacks columns {sorted(missing_cols)}; use load_runs()")
-    df = runs[runs["split"] == split]
+    df = split_rows(runs, split)
     if df.empty:
         present = sorted(pd.unique(runs["split"])) if len(runs) else []
         raise ValueError(f"no runs for split {split!r} (splits present: {present})")
@@ -290,7 +347,9 @@ def summarize(
     rows.sort(key=lambda r: (r["dataset"], *(order[k][r[k]] for k in keys[1:])))
     columns = [*_ID_COLUMNS] + [f"{m}_{s}" for m in chosen for s in ("mean", "std", *_BOUNDS)]
     summary = pd.DataFrame(rows, columns=columns).astype({"n": "int64"})
-    summary.attrs.update(metrics=list(chosen), split=split, groups=groups, incomplete=incomplete)
+    summary.attrs.update(metrics=list(chosen), split=split, groups=groups, incomplete=incomplete,
+                         same=equal_metrics(df, chosen), study=", ".join(map(str, pd.unique(df["study"]))),
+                         cases=bool((df["split"] == CASES_MEAN).any()))
     if reference is not None:
         summary = add_reference(summary, reference)
     return summary
@@ -312,8 +371,9 @@ def add_reference(summary: pd.DataFrame, reference: Reference | pd.DataFrame) ->
     For each metric it mentions, ``m_paper`` (our units), ``m_paper_printed``, ``m_paper_note``
     (footnote text) and ``m_diff`` (ours minus paper, our units) follow ``m_oracle``; a metric we
     did not compute gets empty columns of ours. A paper cell with no run of ours becomes a row
-    with ``n == 0`` ("not run"), after that dataset's runs. ``attrs["scale"]`` gives the paper's
-    units per metric; a metric whose references disagree on it raises ``ValueError``.
+    with ``n == 0`` after that dataset's runs (:func:`write_paper_table` shows them, the study
+    table does not). ``attrs["scale"]`` gives the paper's units per metric; a metric whose
+    references disagree on it raises ``ValueError``.
     """
     ref = reference_frame(reference)
     out = summary.drop(columns=[c for c in summary.columns if c.endswith(("_paper", "_paper_printed",
@@ -372,8 +432,7 @@ def add_baseline_delta(summary: pd.DataFrame, runs: pd.DataFrame, baseline: str 
     """A copy of ``summary`` with ``m_delta`` after each metric's other columns: the mean over seeds of
     the run's value minus ``baseline``'s on the same dataset, backbone, setting and seed (NaN where that
     run is missing). Returned unchanged when no ``baseline`` run exists (studies without one)."""
-    split = summary.attrs.get("split", "test")
-    df = runs[runs["split"] == split]
+    df = split_rows(runs, summary.attrs.get("split", HEADLINE))
     if not (df["method"] == baseline).any():
         return summary
     ref = df[df["method"] == baseline].set_index(["dataset", "backbone", "setting", "seed", "metric"])["value"]
@@ -431,228 +490,86 @@ def _with_suffix(stem: Path, ext: str) -> Path:
     return stem.parent / f"{stem.name}{ext}"
 
 
-def _fmt(x: float, digits: int) -> str:
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
-
-
-#: Footnote marks in order of use (then doubled: ††, ‡‡, ...), and their LaTeX.
-_MARKS = ("†", "‡", "§", "¶", "‖")
-_TEX_MARKS = {"†": r"\dag", "‡": r"\ddag", "§": r"\S", "¶": r"\P", "‖": r"\|"}
-
-
-class Footnotes:
-    """Distinct footnote texts -> marks, in order of first use."""
-
-    def __init__(self) -> None:
-        self._marks: dict[str, str] = {}
-
-    def __call__(self, text: str) -> str:
-        """The mark of ``text`` (a new one on first use); "" for no text."""
-        if text and text not in self._marks:
-            i = len(self._marks)
-            self._marks[text] = _MARKS[i % len(_MARKS)] * (i // len(_MARKS) + 1)
-        return self._marks.get(text, "")
-
-    def items(self) -> list[tuple[str, str]]:
-        """(mark, text) in order of use."""
-        return [(mk, text) for text, mk in self._marks.items()]
-
-
-def _decimals(printed: Iterable[str], default: int) -> int:
-    """As many decimals as the paper prints for a metric (``default`` without a printed value)."""
-    found = [len(m.group(1)) if m.group(1) else 0
-             for m in (_DECIMALS.match(p) for p in printed if p) if m]
-    return max(found) if found else default
-
-
-_DECIMALS = re.compile(r"\s*[-+]?\d*(?:\.(\d+))?")
-
-
-def _display(summary: pd.DataFrame, digits: int, pm: str, mark: Callable[[str], str] = str,
-             esc: Callable[[str], str] = str) -> tuple[list[str], list[list[str]], int, list[tuple[str, str]]]:
-    """Header and string cells shared by the Markdown and LaTeX writers.
-
-    Returns (header, rows, number of identifier columns, footnotes as (mark, text)). A metric
-    the paper reports is shown in the paper's units and decimals, with paper and difference
-    columns; oracle/paper/share columns that are empty for every row are dropped (the CSV keeps
-    them). ``mark`` renders a footnote mark, ``esc`` escapes a printed paper value.
-    """
-    metrics = _summary_metrics(summary)
-    scales = summary.attrs.get("scale", {})
-    incomplete = set(summary.attrs.get("incomplete", ()))
-    axis = ["backbone"] if summary["backbone"].replace("", np.nan).nunique() > 1 else []
-    id_cols = ["dataset", *axis, "method", "setting", "n"]
-    header = [*id_cols, "trainable"]
-    getters: list[Callable[[pd.Series], str]] = [lambda r: "" if pd.isna(r.get("trainable_params", math.nan))
-                                                 else f"{r['trainable_params']:,.0f}"]
-    if "trainable_share" in summary.columns and summary["trainable_share"].notna().any():
-        header.append("% of backbone")
-        getters.append(lambda r: _fmt(100 * r["trainable_share"], 2))
-    footnotes = Footnotes()
-
-    def footnote(text: str) -> str:
-        return mark(footnotes(text)) if text else ""
-
-    for m in metrics:
-        scale = scales.get(m, 1.0)
-        has_paper = f"{m}_paper" in summary.columns and summary[f"{m}_paper"].notna().any()
-        dec = _decimals(summary[f"{m}_paper_printed"], digits) if has_paper else digits
-        header.append(m + (" (%)" if scale == 100 else f" (x{scale:g})" if scale != 1 else ""))
-
-        def cell(r: pd.Series, m: str = m, scale: float = scale, dec: int = dec) -> str:
-            if r["n"] == 0:
-                return "not run" if not pd.isna(r.get(f"{m}_paper", math.nan)) else ""
-            mean, std = r[f"{m}_mean"] * scale, r[f"{m}_std"] * scale
-            if pd.isna(mean):
-                return INCOMPLETE if (r["dataset"], r["backbone"], r["method"], r["setting"], m) in incomplete else ""
-            return _fmt(mean, dec) if pd.isna(std) else f"{_fmt(mean, dec)}{pm}{_fmt(std, dec)}"
-        getters.append(cell)
-        for bound in _BOUNDS:
-            if f"{m}_{bound}" in summary.columns and summary[f"{m}_{bound}"].notna().any():
-                header.append(f"{m} ({bound})")
-                getters.append(lambda r, col=f"{m}_{bound}", scale=scale, dec=dec: _fmt(r[col] * scale, dec))
-        if has_paper:
-            header += [f"{m} (paper)", f"{m} (Δ)"]
-
-            def paper(r: pd.Series, m: str = m, scale: float = scale, dec: int = dec) -> str:
-                if pd.isna(r[f"{m}_paper"]):
-                    return ""
-                shown = esc(r[f"{m}_paper_printed"]) or _fmt(r[f"{m}_paper"] * scale, dec)
-                return shown + footnote(r[f"{m}_paper_note"])
-            getters.append(paper)
-            getters.append(lambda r, m=m, scale=scale, dec=dec: "" if pd.isna(r[f"{m}_diff"])
-                           else f"{r[f'{m}_diff'] * scale:+.{dec}f}")
-        if f"{m}_delta" in summary.columns and summary[f"{m}_delta"].notna().any():
-            header.append(f"{m} (vs source only)")
-            getters.append(lambda r, m=m, scale=scale, dec=dec: "" if pd.isna(r[f"{m}_delta"])
-                           else f"{r[f'{m}_delta'] * scale:+.{dec}f}")
-    paired = summary.attrs.get("paired")
-    if paired and "paired_mean" in summary.columns:  # report/paired.py: vs the study's reference method
-        header.append(f"{paired['metric']} − {paired['reference']} ({100 * paired['level']:g} % CI)")
-        getters.append(lambda r: "" if pd.isna(r["paired_mean"]) else
-                       f"{r['paired_mean']:+.{digits}f} [{r['paired_low']:+.{digits}f}, {r['paired_high']:+.{digits}f}]")
-    rows = [[str(r[c]) for c in id_cols] + [g(r) for g in getters] for _, r in summary.iterrows()]
-    return header, rows, len(id_cols), footnotes.items()
-
-
-def _notes(summary: pd.DataFrame) -> list[str]:
-    """The lines under a table: what the numbers are, where the paper's come from."""
+def table_notes(summary: pd.DataFrame, paper_table: str = "") -> list[str]:
+    """The lines under a study table: what the headline, the parameters, the bounds and the paper's
+    columns are. ``paper_table`` names the file of the paper's cells without a run."""
     split = summary.attrs.get("split")
-    lines = [f"Mean ± sample std over seeds ({split} split; n = number of seeds; std omitted when n = 1). "
-             "Generated from metrics.json files. trainable: trainable parameters; % of backbone: their share "
-             "of the model's parameters before the method's transform."]
+    lines = [HEADLINE_NOTE if split == HEADLINE and summary.attrs.get("cases") else
+             f"{'Test' if split in (HEADLINE, 'test') else split} split; generated from metrics.json files.", SHARE_NOTE]
+    bounds = [b for b in _BOUNDS if summary.filter(like=f"_{b}").notna().any().any()]
+    if bounds:
+        lines.append("oracle: the noise-free optimum of the data (synth's latents); ceiling: the best score reachable "
+                     "from the modalities a run reads (docs/synth.md). Nothing may beat them.")
     if any(c.endswith("_paper") for c in summary.columns):
         paper = summary.attrs.get("paper") or "the paper"
-        lines.append(f"Paper: {paper}, values as printed; Δ = ours − paper in the paper's units (% where the "
-                     "header says so); 'not run': a cell the paper reports that this configuration does not run.")
+        others = paper_table and (summary["n"] == 0).any()
+        where = f" The paper's cells without a run of ours: {paper_table}." if others else ""
+        lines.append(f"paper: {paper}, values as printed; Δ paper = ours − paper, in the column's unit.{where}")
     if summary.attrs.get("absent"):
         lines.append(summary.attrs["absent"])
+    if any(c.endswith("_delta") for c in summary.columns):
+        lines.append("Δ source only: mean over seeds of (method − source only) on the same backbone, setting and seed.")
     if summary.attrs.get("paired"):
         paired = summary.attrs["paired"]
-        lines.append(f"{paired['metric']} − {paired['reference']}: per seed, the run's value minus "
-                     f"{paired['reference']}'s on the same dataset, backbone, setting and seed (our units), mean and "
+        lines.append(f"paired Δ [CI] ({paired['metric']}): per seed, the run's value minus {paired['reference']}'s "
+                     f"on the same dataset, backbone, setting and seed, in the column's unit; mean and "
                      f"{paired['interval']}.")
     lines += group_notes(summary.attrs.get("groups", {}))
     return lines
 
 
-def group_notes(groups: dict[str, list[str]]) -> list[str]:
-    """The note under a table for each report group: what its cells are."""
-    return [f"{name}: report group, each cell the mean over {', '.join(members)} within each seed, then mean ± "
-            f"std over seeds (the members' own rows are kept); '{INCOMPLETE}': a seed lacks a member's value"
-            for name, members in groups.items()]
-
-
-def _markdown(summary: pd.DataFrame, digits: int) -> str:
-    header, rows, n_id, footnotes = _display(summary, digits, " ± ")
-
-    def line(cells: list[str]) -> str:
-        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-    align = ["---"] * (n_id - 1) + ["---:"] * (len(header) - n_id + 1)
-    notes = [*_notes(summary), *(f"{mk} {text}" for mk, text in footnotes)]
-    return "\n".join([line(header), line(align), *map(line, rows), "", "\n\n".join(notes), ""])
-
-
-_TEX_ESCAPES = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-    "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-}
-
-
-def latex_escape(text: str) -> str:
-    """Escape LaTeX special characters in plain text."""
-    return "".join(_TEX_ESCAPES.get(ch, ch) for ch in str(text))
-
-
-def _latex(summary: pd.DataFrame, digits: int) -> str:
-    def tex_mark(mk: str) -> str:
-        return "$^{" + "".join(_TEX_MARKS[c] for c in mk) + "}$"
-    header, rows, n_id, footnotes = _display(summary, digits, " $\\pm$ ", mark=tex_mark, esc=latex_escape)
-    spec = "l" * (n_id - 1) + "r" * (len(header) - n_id + 1)
-    out = [
-        "% Generated by mmrepro.report from metrics.json files (needs \\usepackage{booktabs}).",
-        *(f"% {latex_escape(line)}" for line in _notes(summary)),
-        f"\\begin{{tabular}}{{{spec}}}",
-        "\\toprule",
-        " & ".join(latex_escape(h).replace("Δ", "$\\Delta$") for h in header) + " \\\\",
-        "\\midrule",
-    ]
-    prev = None
-    for cells in rows:
-        if prev is not None and cells[0] != prev:
-            out.append("\\midrule")
-        prev = cells[0]
-        # Metric cells are already LaTeX: digits, $\pm$, escaped paper values and marks.
-        out.append(" & ".join([latex_escape(c) for c in cells[:n_id]] + cells[n_id:]) + " \\\\")
-    out += ["\\bottomrule", "\\end{tabular}"]
-    out += [f"\\par{{\\footnotesize {tex_mark(mk)} {latex_escape(text)}}}" for mk, text in footnotes]
-    return "\n".join([*out, ""])
-
-
-def _html(summary: pd.DataFrame, digits: int) -> str:
-    """A standalone HTML table (the Snakemake report shows it as a result)."""
-    header, rows, _, footnotes = _display(summary, digits, " ± ")
-
-    def row(cells: list[str], tag: str) -> str:
-        return "<tr>" + "".join(f"<{tag}>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
-    notes = [*_notes(summary), *(f"{mk} {text}" for mk, text in footnotes)]
-    return "\n".join([
-        '<!DOCTYPE html><html><head><meta charset="utf-8"><style>',
-        "table{border-collapse:collapse;font:13px sans-serif}th,td{border:1px solid #ccc;padding:2px 6px}"
-        "td{text-align:right}td:nth-child(-n+3){text-align:left}p{font:12px sans-serif}",
-        "</style></head><body><table>", row(header, "th"), *(row(r, "td") for r in rows), "</table>",
-        *(f"<p>{html.escape(n)}</p>" for n in notes), "</body></html>", ""])
+def study_title(summary: pd.DataFrame) -> str:
+    study = summary.attrs.get("study") or "study"
+    settings = pd.unique(summary.loc[summary["n"] > 0, "setting"])
+    return f"{study}" + (f" · setting {settings[0]}" if len(settings) == 1 else "")
 
 
 def write_table(
     summary: pd.DataFrame,
     stem: str | os.PathLike,
     reference: Reference | pd.DataFrame | None = None,
-    digits: int = 3,
+    paper_table: str = "",
 ) -> list[Path]:
     """Write ``stem.md``, ``stem.csv``, ``stem.tex`` and ``stem.html`` from a :func:`summarize` frame.
 
-    * ``.md``: cells ``"0.612 ± 0.010"`` (mean only when n == 1), plus
-      ``"m (oracle)"`` / ``"m (ceiling)"`` / ``"m (paper)"`` / ``"m (Δ)"`` columns where any row has a
-      value, in the paper's units; footnotes for values not read from the paper itself.
-    * ``.csv``: the summary itself, full precision, in our units, separate ``m_mean``,
-      ``m_std``, ``m_oracle``, ``m_ceiling`` (and ``m_paper``...) columns; NaN is an empty cell.
-    * ``.tex``: a booktabs ``tabular`` (no float environment) to ``\\input``.
-    * ``.html``: the Markdown table's cells and notes as a page (for Snakemake's report).
+    * ``.md``, ``.tex``, ``.html``: the run rows in the papers' layout
+      (:func:`~mmrepro.report.render.study_table`): methods x datasets x metrics, each metric in one
+      unit, the best per column in bold, bound rows, the paper's value and Δ beside ours where the
+      paper has the cell; ``.tex`` a booktabs ``tabular`` (no float environment) to ``\\input``.
+    * ``.csv``: the summary itself (paper-only rows too), full precision, in our units (fractions),
+      separate ``m_mean``, ``m_std``, ``m_oracle``, ``m_ceiling`` (and ``m_paper``...) columns; NaN is
+      an empty cell.
 
-    ``reference`` (see :func:`add_reference`) replaces any paper columns already
-    present. Parent folders are created; each file is written atomically.
-    Returns the four paths written.
+    ``reference`` (see :func:`add_reference`) replaces any paper columns already present;
+    ``paper_table`` names where :func:`write_paper_table` puts the paper's other cells (for the
+    notes). Parent folders are created; each file is written atomically. Returns the four paths.
     """
     stem = Path(stem)
     if reference is not None:
         summary = add_reference(summary, reference)
     if summary.empty:
         raise ValueError("summary is empty; nothing to write")
+    table = study_table(summary, _summary_metrics(summary), study_title(summary), table_notes(summary, paper_table))
     paths = [_with_suffix(stem, ext) for ext in (".md", ".csv", ".tex", ".html")]
     buf = io.StringIO()
     summary.to_csv(buf, index=False)
-    texts = (_markdown(summary, digits), buf.getvalue(), _latex(summary, digits), _html(summary, digits))
-    for path, text in zip(paths, texts):
+    for path, text in zip(paths, (markdown(table), buf.getvalue(), latex(table), html_page([table]))):
         _atomic_write_text(path, text)
+    return paths
+
+
+def write_paper_table(summary: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+    """Write ``stem.md`` and ``stem.html``: the paper's cells without a run of ours (rows ``n == 0``
+    of :func:`add_reference`), in the paper's layout (:func:`~mmrepro.report.render.paper_tables`)."""
+    stem = Path(stem)
+    tables = paper_tables(summary, _summary_metrics(summary))
+    paper = summary.attrs.get("paper") or "the paper"
+    head = (f"The cells of {paper} without a run of ours in this configuration, values as printed "
+            "(the study table shows the paper beside each run it has a cell for).")
+    if not tables:
+        head = summary.attrs.get("absent") or f"Every cell of {paper} has a run of ours: see the study table."
+    md = "\n".join([wrap(head), "", *(markdown(t, level=3) for t in tables)])
+    paths = [_with_suffix(stem, ".md"), _with_suffix(stem, ".html")]
+    _atomic_write_text(paths[0], md)
+    _atomic_write_text(paths[1], html_page(tables, [head]))
     return paths
