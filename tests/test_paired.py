@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import default_config
+from mmrepro.config import paired_planned, paired_reference
 from mmrepro.report.ledger import write_ledger
 from mmrepro.report.paired import (CONTRADICTED, HOLDS, UNDECIDED, Bootstrap, Interval, add_paired,
                                    bootstrap_interval, claim_verdict, paired_differences, paired_frame, plot_paired,
@@ -86,9 +88,20 @@ def test_the_study_table_and_plot_carry_the_paired_difference(tmp_path):
     assert "MAE paired Δ [CI]" in md and "-0.050 [" in cggm_line and "resamples of the seeds" in " ".join(md.split())
     assert paired_frame(runs, "joint").set_index("method").loc["cggm", "verdict"] == HOLDS
     assert add_paired(summarize(runs), runs, "ssa").equals(summarize(runs)), "no reference runs: unchanged"
-    for stem, ref in (("paired", "joint"), ("none", None)):
-        png, pdf = plot_paired(runs, ref, tmp_path / stem)
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.stat().st_size > 0
+    png, pdf = plot_paired(runs, "joint", tmp_path / "paired")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pdf.stat().st_size > 0
+    with pytest.raises(ValueError, match="reference method 'ssa'"):
+        plot_paired(runs, "ssa", tmp_path / "none")
+    assert not (tmp_path / "none.png").exists(), "no blank figure"
+
+
+def test_the_paired_plot_is_planned_only_where_the_reference_runs_beside_another_method():
+    config = default_config()
+    assert paired_reference(config, "balance") == "joint" and paired_planned(config, "balance")
+    config["studies"]["balance"]["methods"] = ["cggm", "agm"]  # no joint: no reference row
+    assert paired_reference(config, "balance") is None and not paired_planned(config, "balance")
+    config["studies"]["balance"]["methods"] = ["joint"]  # nothing beside it
+    assert not paired_planned(config, "balance")
 
 
 def test_the_ledger_table_decides_each_claim_and_form(tmp_path):

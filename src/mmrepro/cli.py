@@ -249,7 +249,7 @@ def _study_reference(path: Path | None, names: Path | None, runs) -> object:
 def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
     from mmrepro.report.groups import add_groups, parse_groups
-    from mmrepro.report.paired import add_paired, plot_paired
+    from mmrepro.report.paired import add_paired
     from mmrepro.report.tables import write_paper_table
 
     runs = load_runs(args.metrics)
@@ -261,9 +261,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.paper_table:
         write_paper_table(summary, args.paper_table)
     plot_study(runs, args.plot)
-    plot_paired(grouped, args.paired_with, f"{args.plot}_paired")
-    print(f"wrote {args.table}.{{md,csv,tex,html}}{f' and {paper}' if paper else ''} and {args.plot}{{,_paired}}.{{png,pdf}} "
+    print(f"wrote {args.table}.{{md,csv,tex,html}}{f' and {paper}' if paper else ''} and {args.plot}.{{png,pdf}} "
           f"from {len(args.metrics)} runs")
+    return 0
+
+
+def cmd_paired_plot(args: argparse.Namespace) -> int:
+    from mmrepro.report import load_runs
+    from mmrepro.report.groups import add_groups, parse_groups
+    from mmrepro.report.paired import plot_paired
+
+    plot_paired(add_groups(load_runs(args.metrics), parse_groups(args.groups)), args.paired_with, args.plot)
+    print(f"wrote {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
     return 0
 
 
@@ -480,8 +489,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("report", help="aggregate metrics.json files into a table (md, csv, tex) and a plot (png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the table files")
-    s.add_argument("--plot", type=Path, required=True,
-                   help="output stem for the plot files (the paired differences: <stem>_paired.png, .pdf)")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
     s.add_argument("--paper-table", type=Path, default=None,
                    help="output stem (md, html) for the paper's cells without a run of ours (none by default)")
     s.add_argument("--paired-with", default=None, metavar="METHOD",
@@ -527,6 +535,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", type=Path, default=None, help="as for report: the paper's numbers")
     s.add_argument("--names", type=Path, default=None, help="as for report: names.yaml beside --reference")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("paired-plot", help="each method's paired difference to a reference method, with its interval (png, pdf)")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
+    s.add_argument("--paired-with", required=True, metavar="METHOD", help="the method the others are paired with")
+    s.add_argument("--groups", type=_json, default={},
+                   help="JSON {group: [dataset, ...]}: datasets also compared as one (the study's report_groups)")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
+    s.set_defaults(func=cmd_paired_plot)
 
     s = sub.add_parser("curves", help="plot per-epoch curves (utilisation, coefficients, validation loss) of runs")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")

@@ -650,6 +650,17 @@ def paired_reference(config: dict[str, Any], study: str) -> str | None:
     return next((m for m in PAIRED_REFERENCES[study] if m in study_cfg["methods"]), None)
 
 
+def paired_planned(config: dict[str, Any], study: str) -> bool:
+    """Whether the study's paired-difference plot has an interval to draw: its reference row
+    (:func:`paired_reference`) and another method run on one dataset, backbone and setting (the
+    workflow writes no blank figure)."""
+    reference = paired_reference(config, study)
+    cells: dict[tuple, set[str]] = {}
+    for run in study_grid(config, study):
+        cells.setdefault((run["dataset"], run.get("backbone"), run["setting"]), set()).add(run["method"])
+    return reference is not None and any(reference in methods and len(methods) > 1 for methods in cells.values())
+
+
 def study_task(config: dict[str, Any], study: str, dataset: str) -> str:
     return config["studies"][study].get("task", config["datasets"][dataset]["task"])
 

@@ -27,8 +27,16 @@ rule claims_ledger:
         metrics=[f"{run_folder(LEDGER['results'], run)}/metrics.json" for run in ledger_runs(LEDGER)],
         searches=[f"{LEDGER['results']}/tune/{path}/best.json" for path in ledger_searches(LEDGER)],
     output:
-        table=multiext(f"{RESULTS}/tables/claims", ".md", ".csv"),
-        plot=multiext(f"{RESULTS}/plots/claims", ".png", ".pdf"),
+        table=[
+            report(f"{RESULTS}/tables/claims.md", caption="../report/claims.rst", category="Claims ledger",
+                   labels={"table": "verdicts and comparisons"}),
+            f"{RESULTS}/tables/claims.csv",
+        ],
+        plot=[
+            report(f"{RESULTS}/plots/claims.png", caption="../report/claims.rst", category="Claims ledger",
+                   labels={"figure": "paired differences per claim"}),
+            f"{RESULTS}/plots/claims.pdf",
+        ],
     params:
         spec=lambda wildcards: job_spec(json.dumps(ledger_spec(LEDGER, CLAIMS))),
         table=lambda wildcards, output: str(Path(output.table[0]).with_suffix("")),

@@ -16,6 +16,7 @@ from mmrepro.config import (
     load_schema,
     mechanism_points,
     mechanism_spec,
+    paired_planned,
     paired_reference,
     run_folder,
     run_spec,
@@ -202,13 +203,15 @@ def cggm_figure():
 
 def study_report(study):
     """A study's runs in MLflow, its table and plot, its curves (per epoch of training; shift: target
-    error along adaptation), for a missing study with per-case settings its Table 1 layout and
+    error along adaptation), its paired differences where it has a reference row beside another method, for a missing study with per-case settings its Table 1 layout and
     curves (test rate, training rate, prompt length), and for the balance study the CGGM paper's
     Tables 5, 6 and Figure 5."""
     files = [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex", "html")] + [
         f"{RESULTS}/tables/paper/{study}.{ext}" for ext in ("md", "html")] + [
-        f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves", "_paired") for ext in ("png", "pdf")
+        f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves") for ext in ("png", "pdf")
     ]
+    if paired_planned(config, study):
+        files += [f"{RESULTS}/plots/{study}_paired.{ext}" for ext in ("png", "pdf")]
     if study == "missing" and any(s["type"] in ("missing", "available") for s in config["studies"][study]["settings"].values()):
         files += [f"{RESULTS}/tables/missing_cases.{ext}" for ext in ("md", "csv", "html")]
         files += [f"{RESULTS}/plots/{stem}.{ext}" for stem in missing_curves().values() for ext in ("png", "pdf")]

@@ -200,21 +200,21 @@ def add_paired(summary: pd.DataFrame, runs: pd.DataFrame, reference: str | None,
     return out
 
 
-def plot_paired(runs: pd.DataFrame, reference: str | None, stem: str | os.PathLike, split: str = HEADLINE,
+def plot_paired(runs: pd.DataFrame, reference: str, stem: str | os.PathLike, split: str = HEADLINE,
                 bootstrap: Bootstrap = Bootstrap()) -> list[Path]:
     """``stem.png`` and ``stem.pdf``: per (dataset, backbone, setting) panel, one interval per method
-    (mean paired difference to ``reference``) and a zero line; a page that says why when there is none."""
-    frame = paired_frame(runs, reference, split, bootstrap) if reference else pd.DataFrame()
-    panels = list(frame.groupby(list(PAIR_KEYS), sort=False)) if not frame.empty else []
-    height = max((len(g) for _, g in panels), default=1)
-    fig = Figure(figsize=(4.2 * max(len(panels), 1), 1.4 + 0.35 * height), layout="constrained")
+    (mean paired difference to ``reference``) and a zero line. Nothing to compare (no run of
+    ``reference`` beside another method's) is an error, not a blank figure: the workflow plans the
+    plot only where there is (:func:`mmrepro.config.paired_planned`)."""
+    frame = paired_frame(runs, reference, split, bootstrap)
+    if frame.empty:
+        raise ValueError(f"no paired comparison to plot: no run of the reference method {reference!r} shares a "
+                         f"dataset, backbone and setting with another method's runs")
+    panels = list(frame.groupby(list(PAIR_KEYS), sort=False))
+    height = max(len(g) for _, g in panels)
+    fig = Figure(figsize=(4.2 * len(panels), 1.4 + 0.35 * height), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
-    if not panels:
-        axes[0].text(0.5, 0.5, f"no paired comparison: no runs of the reference method {reference!r}"
-                     if reference else "no reference method for paired differences", ha="center", va="center",
-                     wrap=True)
-        axes[0].set_axis_off()
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, ((ds, bb, sett), g) in zip(axes, panels):
         y = np.arange(len(g))[::-1]
         metric = g["metric"].iloc[0]
@@ -228,6 +228,7 @@ def plot_paired(runs: pd.DataFrame, reference: str | None, stem: str | os.PathLi
         ax.set_xlabel(f"{header_of(metric)}: method − {reference}")
         ax.set_title(" / ".join(str(v) for v in (ds, bb, sett) if v), fontsize=9)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{'Headline' if split == HEADLINE else split + ' split'}: paired difference to {reference} per seed, mean and "
-                 f"{100 * bootstrap.level:g} % bootstrap interval over seeds", fontsize=10)
+    what = "Headline" if split == HEADLINE else f"{split} split"
+    fig.suptitle(f"{what}: paired difference to {reference} per seed, mean and {100 * bootstrap.level:g} % "
+                 "bootstrap interval over seeds", fontsize=10)
     return save(fig, stem)
