@@ -249,6 +249,7 @@ def _study_reference(path: Path | None, names: Path | None, runs) -> object:
 def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
     from mmrepro.report.groups import add_groups, parse_groups
+    from mmrepro.report.paired import add_paired
     from mmrepro.report.tables import write_paper_table
 
     runs = load_runs(args.metrics)
@@ -256,12 +257,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary = add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
                                  grouped)
     paper = f"{args.paper_table}.md" if args.paper_table else ""
-    write_table(summary, args.table, paper_table=paper)
+    write_table(add_paired(summary, grouped, args.paired_with), args.table, paper_table=paper)
     if args.paper_table:
         write_paper_table(summary, args.paper_table)
     plot_study(runs, args.plot)
     print(f"wrote {args.table}.{{md,csv,tex,html}}{f' and {paper}' if paper else ''} and {args.plot}.{{png,pdf}} "
           f"from {len(args.metrics)} runs")
+    return 0
+
+
+def cmd_paired_plot(args: argparse.Namespace) -> int:
+    from mmrepro.report import load_runs
+    from mmrepro.report.groups import add_groups, parse_groups
+    from mmrepro.report.paired import plot_paired
+
+    plot_paired(add_groups(load_runs(args.metrics), parse_groups(args.groups)), args.paired_with, args.plot)
+    print(f"wrote {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
+    return 0
+
+
+def cmd_claims(args: argparse.Namespace) -> int:
+    from mmrepro.report import load_runs
+    from mmrepro.report.ledger import write_ledger
+
+    searches = [json.loads(path.read_text()) for path in args.searches]
+    paths = write_ledger(load_runs(args.metrics), args.spec, args.table, args.plot, searches)
+    print("wrote " + ", ".join(map(str, paths)) + f" from {len(args.metrics)} runs")
     return 0
 
 
@@ -452,6 +473,14 @@ def parser() -> argparse.ArgumentParser:
             t.add_argument("--worker", type=int, required=True, help="this worker's index (0 .. tune.workers - 1)")
     s.set_defaults(func=cmd_tune)
 
+    s = sub.add_parser("claims", help="the claims ledger: each paper's claim decided by paired runs (md, csv, png, pdf)")
+    s.add_argument("--spec", type=_json, required=True, help="ledger spec: a JSON file or JSON text (built by mmrepro.claims.ledger_spec)")
+    s.add_argument("--table", type=Path, required=True, help="output stem for claims.md and claims.csv")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the intervals figure (png, pdf)")
+    s.add_argument("--searches", nargs="*", type=Path, default=[], help="best.json of each search of the ledger")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the ledger's runs")
+    s.set_defaults(func=cmd_claims)
+
     s = sub.add_parser("cggm-report", help="the CGGM paper's Tables 5 and 6 and Figure 5 from balance runs (md, png, pdf)")
     s.add_argument("--table", type=Path, required=True, help="output stem for the markdown tables")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the sweep plot")
@@ -463,6 +492,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
     s.add_argument("--paper-table", type=Path, default=None,
                    help="output stem (md, html) for the paper's cells without a run of ours (none by default)")
+    s.add_argument("--paired-with", default=None, metavar="METHOD",
+                   help="the method the others are paired with (per-seed difference, bootstrap interval); none: no column")
     _report_inputs(s)
     s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
     s.set_defaults(func=cmd_report)
@@ -504,6 +535,14 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--reference", type=Path, default=None, help="as for report: the paper's numbers")
     s.add_argument("--names", type=Path, default=None, help="as for report: names.yaml beside --reference")
     s.set_defaults(func=cmd_compare)
+
+    s = sub.add_parser("paired-plot", help="each method's paired difference to a reference method, with its interval (png, pdf)")
+    s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")
+    s.add_argument("--paired-with", required=True, metavar="METHOD", help="the method the others are paired with")
+    s.add_argument("--groups", type=_json, default={},
+                   help="JSON {group: [dataset, ...]}: datasets also compared as one (the study's report_groups)")
+    s.add_argument("metrics", nargs="+", type=Path, help="metrics.json files of the study's runs")
+    s.set_defaults(func=cmd_paired_plot)
 
     s = sub.add_parser("curves", help="plot per-epoch curves (utilisation, coefficients, validation loss) of runs")
     s.add_argument("--plot", type=Path, required=True, help="output stem for the plot files")

@@ -36,6 +36,11 @@ SEGMENTATION_LOADERS = ("brats",)
 STUDY_KINDS = {"balance": "train", "missing": "finetune", "peft": "finetune", "shift": "adapt"}
 #: Tracking experiments: one per study, plus one for the backbones that shift, peft and missing start from.
 EXPERIMENTS = [*STUDY_KINDS, "backbones"]
+#: The row each study's paired differences are taken against (report/paired.py), when the config names
+#: none: the first of these the study runs. Missing: MPLMM's baselines from strongest to weakest by
+#: its Table 1 average on CMU-MOSI (config/reference/missing.csv).
+PAIRED_REFERENCES = {"balance": ["joint"], "shift": ["source_only"], "peft": ["full_finetune"],
+                     "missing": ["mmin", "map", "mctn", "modality_dropout", "modality_substitution", "lower_bound"]}
 
 
 class ConfigError(ValueError):
@@ -413,6 +418,9 @@ def _check_names(config: dict[str, Any]) -> None:
                 if ds not in study_cfg["datasets"]:
                     raise ConfigError(f"config key {key}[{i}]: {ds!r} is not one of the study's datasets "
                                       f"{study_cfg['datasets']}")
+        if study_cfg["paired_with"] is not None and study_cfg["paired_with"] not in study_cfg["methods"]:
+            raise ConfigError(f"config key studies.{study}.paired_with: {study_cfg['paired_with']!r} is not one of the "
+                              f"study's methods {study_cfg['methods']}")
         source = study_cfg.get("pretrain_dataset")
         if source is not None and source not in config["datasets"]:
             raise ConfigError(f"config key studies.{study}.pretrain_dataset: unknown dataset {source!r}; "
@@ -637,6 +645,26 @@ def method_params(config: dict[str, Any], study: str, dataset: str, name: str) -
     return {**config["methods"].get(name, {}), **_override(config, study, dataset).get("methods", {}).get(name, {})}
 
 
+def paired_reference(config: dict[str, Any], study: str) -> str | None:
+    """The method a study's other methods are paired with: ``studies.<study>.paired_with``, else the first
+    of :data:`PAIRED_REFERENCES` the study runs (None: no paired column)."""
+    study_cfg = config["studies"][study]
+    if study_cfg["paired_with"] is not None:
+        return study_cfg["paired_with"]
+    return next((m for m in PAIRED_REFERENCES[study] if m in study_cfg["methods"]), None)
+
+
+def paired_planned(config: dict[str, Any], study: str) -> bool:
+    """Whether the study's paired-difference plot has an interval to draw: its reference row
+    (:func:`paired_reference`) and another method run on one dataset, backbone and setting (the
+    workflow writes no blank figure)."""
+    reference = paired_reference(config, study)
+    cells: dict[tuple, set[str]] = {}
+    for run in study_grid(config, study):
+        cells.setdefault((run["dataset"], run.get("backbone"), run["setting"]), set()).add(run["method"])
+    return reference is not None and any(reference in methods and len(methods) > 1 for methods in cells.values())
+
+
 def study_task(config: dict[str, Any], study: str, dataset: str) -> str:
     return config["studies"][study].get("task", config["datasets"][dataset]["task"])
 
@@ -776,6 +804,14 @@ def study_grid(config: dict[str, Any], study: str) -> list[dict[str, Any]]:
             for seed in config["seeds"]]
 
 
+def run_folder(results: str, run: dict[str, Any]) -> str:
+    """A run's folder under ``results``: ``<study>/<dataset>/[<backbone>/]<method>/<setting>/seed<k>`` (the
+    backbone only on the shift study's axis)."""
+    backbone = [run["backbone"]] if run.get("backbone") else []
+    return Path(results, run["study"], run["dataset"], *backbone, run["method"], run["setting"],
+                f"seed{run['seed']}").as_posix()
+
+
 def backbone_runs(config: dict[str, Any], study: str) -> list[dict[str, Any]]:
     """The backbone jobs a study's runs start from, ``{study, dataset, seed[, backbone]}`` each: none for
     a study that trains from scratch or adapts another study's runs (``source_model``)."""
@@ -809,10 +845,13 @@ def mechanism_spec(config: dict[str, Any], study: str, dose: float, seed: int) -
 
 # --- hyperparameter searches --------------------------------------------------------------------
 
+#: ``studies.<study>.tune`` value that searches every method of the study at one budget.
+EQUAL_BUDGET = "equal"
+
 def tuned_methods(config: dict[str, Any], study: str) -> list[str]:
-    """The study's methods that are searched: ``tune: true`` means all of them, a list names some."""
+    """The study's methods that are searched: ``tune: true`` or ``equal`` means all of them, a list names some."""
     tune = config["studies"][study]["tune"]
-    return list(config["studies"][study]["methods"]) if tune is True else list(tune or [])
+    return list(config["studies"][study]["methods"]) if tune is True or tune == EQUAL_BUDGET else list(tune or [])
 
 
 def _current(spec: RunSpec, key: str) -> tuple[Any, Any]:
@@ -886,7 +925,8 @@ def search_spec(config: dict[str, Any], study: str, dataset: str, method: str) -
 
 
 def _check_tune(config: dict[str, Any]) -> None:
-    """Every searched method is one of its study's and has a valid space."""
+    """Every searched method is one of its study's and has a valid space; ``tune: equal`` also needs
+    spaces of one size and no worker timeout (:func:`_check_equal_budget`)."""
     for study, study_cfg in config["studies"].items():
         for i, method in enumerate(tuned_methods(config, study)):
             if method not in study_cfg["methods"]:
@@ -894,3 +934,18 @@ def _check_tune(config: dict[str, Any]) -> None:
                                   f"methods {study_cfg['methods']}")
             for dataset in study_cfg["datasets"]:
                 search_spec(config, study, dataset, method)
+        if study_cfg["tune"] == EQUAL_BUDGET:
+            _check_equal_budget(config, study)
+
+
+def _check_equal_budget(config: dict[str, Any], study: str) -> None:
+    """Equal budget: every method searched (:func:`tuned_methods`) with ``tune.trials`` finished trials
+    each, over spaces with the same number of parameters, so that no method wins by a bigger search; a
+    worker timeout would end some searches before their trials, so it is refused."""
+    if config["tune"]["timeout"] is not None:
+        raise ConfigError(f"config key tune.timeout: studies.{study}.tune is {EQUAL_BUDGET!r}, which gives every "
+                          "method the same number of trials; a timeout would cut some searches short (set null)")
+    sizes = {method: len(config["tune"]["space"][method]) for method in tuned_methods(config, study)}
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(f"config key studies.{study}.tune: {EQUAL_BUDGET!r} searches every method over a space "
+                          f"of the same size, but tune.space gives these sizes (parameters per method): {sizes}")

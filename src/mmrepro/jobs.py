@@ -285,11 +285,21 @@ def prepare_adapter(spec: RunSpec, data: RunData, model_path: Path,
     return model, build(ADAPTERS, name, spec.method_params[name], **context), device
 
 
+def target_validation(adapter: Any, data: RunData, device: str):
+    """The callback that hands an adapter declaring label use (CASP's released code) the model's
+    predictions on the target's validation split; None for every other adapter."""
+    if not adapter.uses_target_labels:
+        return None
+    return lambda: model_predictions(adapter.model, data.loader("valid", target=True), device)
+
+
 def adapted_predictions(adapter: Any, data: RunData, device: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     """``split``'s predictions through ``adapter``: an offline one first adapts on the unlabelled target
-    train split, an online one adapts as ``split`` streams by (what a search scores on validation)."""
+    train split (and, if it declares label use, picks checkpoints on the target's validation labels as
+    its final runs do), an online one adapts as ``split`` streams by (what a search scores on validation)."""
     if adapter.offline:
-        adapter.adapt(SplitPool(data.loader("train", target=True), device))
+        adapter.adapt(SplitPool(data.loader("train", target=True), device),
+                      validate=target_validation(adapter, data, device))
     return predict(adapter.predict, data.loader(split), device)
 
 
@@ -327,11 +337,9 @@ def adapt_job(spec: RunSpec, store: Path, model_path: Path, out_dir: Path, threa
             def on_epoch(epoch: int) -> None:
                 note("epoch", epoch, error(*predict(adapter.predict, data.loader("test"), device)))
 
-            validate = None
-            if adapter.uses_target_labels:
-                validate = lambda: model_predictions(model, data.loader("valid", target=True), device)  # noqa: E731
             on_epoch(0)
-            adapter.adapt(SplitPool(data.loader("train", target=True), device), on_epoch=on_epoch, validate=validate)
+            adapter.adapt(SplitPool(data.loader("train", target=True), device), on_epoch=on_epoch,
+                          validate=target_validation(adapter, data, device))
             pred, y = predict(adapter.predict, data.loader("test"), device)
         else:
             pred, y = predict(adapter.predict, data.loader("test"), device,

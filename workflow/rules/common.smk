@@ -16,6 +16,9 @@ from mmrepro.config import (
     load_schema,
     mechanism_points,
     mechanism_spec,
+    paired_planned,
+    paired_reference,
+    run_folder,
     run_spec,
     search_run,
     search_spec,
@@ -64,7 +67,8 @@ def store(dataset):
 
 def run_dir(study, dataset, method, setting, seed, backbone=None):
     """A run's folder; a run on the shift study's backbone axis has its backbone's name after the dataset."""
-    return Path(RESULTS, study, dataset, *([backbone] if backbone else []), method, setting, f"seed{seed}").as_posix()
+    return run_folder(RESULTS, dict(study=study, dataset=dataset, method=method, setting=setting, seed=seed,
+                                    backbone=backbone))
 
 
 def backbone_dir(study, dataset, seed, backbone=None):
@@ -142,6 +146,11 @@ def study_backbone_metrics(study):
     return [f"{backbone_dir(**start)}/metrics.json" for start in backbone_runs(config, study)]
 
 
+def claims_file():
+    """The claims ledger's file (config key claims.file; a relative path is relative to the repository)."""
+    return Path(workflow.basedir).parent / config["claims"]["file"]
+
+
 def paper_reference(study):
     """The paper's reported numbers for a study and the names mapping, when recorded:
     [config/reference/<study>.csv, config/reference/names.yaml] or []."""
@@ -153,6 +162,12 @@ def paper_reference(study):
 def reference_args(wildcards, input):
     """The report CLIs' options for the paper's numbers (input.reference from paper_reference), or ""."""
     return f"--reference {input.reference[0]} --names {input.reference[1]}" if input.reference else ""
+
+
+def paired_args(study):
+    """The report CLI's option naming the method a study's runs are paired with (mmrepro.report.paired), or ""."""
+    method = paired_reference(config, study)
+    return f"--paired-with {method}" if method else ""
 
 
 def report_groups(study):
@@ -188,13 +203,15 @@ def cggm_figure():
 
 def study_report(study):
     """A study's runs in MLflow, its table and plot, its curves (per epoch of training; shift: target
-    error along adaptation), for a missing study with per-case settings its Table 1 layout and
+    error along adaptation), its paired differences where it has a reference row beside another method, for a missing study with per-case settings its Table 1 layout and
     curves (test rate, training rate, prompt length), and for the balance study the CGGM paper's
     Tables 5, 6 and Figure 5."""
     files = [f"{RESULTS}/tracking/{study}.json"] + [f"{RESULTS}/tables/{study}.{ext}" for ext in ("md", "csv", "tex", "html")] + [
         f"{RESULTS}/tables/paper/{study}.{ext}" for ext in ("md", "html")] + [
         f"{RESULTS}/plots/{study}{suffix}.{ext}" for suffix in ("", "_curves") for ext in ("png", "pdf")
     ]
+    if paired_planned(config, study):
+        files += [f"{RESULTS}/plots/{study}_paired.{ext}" for ext in ("png", "pdf")]
     if study == "missing" and any(s["type"] in ("missing", "available") for s in config["studies"][study]["settings"].values()):
         files += [f"{RESULTS}/tables/missing_cases.{ext}" for ext in ("md", "csv", "html")]
         files += [f"{RESULTS}/plots/{stem}.{ext}" for stem in missing_curves().values() for ext in ("png", "pdf")]

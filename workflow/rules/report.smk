@@ -1,5 +1,6 @@
 # Reports: one table (md, csv, tex, html) and one plot (png, pdf) per study, built from metrics.json
-# files (never from MLflow), the paper's cells without a run of ours (tables/paper/<study>), plus
+# files (never from MLflow), the paper's cells without a run of ours (tables/paper/<study>), the
+# paired differences to the study's reference row where it has one (plots/<study>_paired), plus
 # one target rule per study name. Every table and plot is in `snakemake --report report.html`: per
 # output stem one file marked report(...) (html for tables, png for plots), with its caption
 # (workflow/report/; tests/test_workflow.py checks that none is left out).
@@ -25,6 +26,7 @@ rule report:
         plot=lambda wildcards: f"{RESULTS}/plots/{wildcards.study}",
         reference=reference_args,
         groups=lambda wildcards: report_groups(wildcards.study),
+        paired=lambda wildcards: paired_args(wildcards.study),
     wildcard_constraints:
         study="balance|missing|shift|peft",
     conda:
@@ -37,7 +39,33 @@ rule report:
         runtime=10,
     shell:
         "mmrepro report --table {params.table} --paper-table {params.paper} --plot {params.plot} {params.reference}"
-        " --groups {params.groups} {input.metrics} > {log} 2>&1"
+        " --groups {params.groups} {params.paired} {input.metrics} > {log} 2>&1"
+
+
+rule paired_plot:
+    input:
+        lambda wildcards: study_metrics(wildcards.study),
+    output:
+        report(f"{RESULTS}/plots/{{study}}_paired.png", caption="../report/paired.rst", category="Plots",
+               labels={"study": "{study}", "figure": "paired differences"}),
+        f"{RESULTS}/plots/{{study}}_paired.pdf",
+    params:
+        plot=lambda wildcards, output: str(Path(output[0]).with_suffix("")),
+        reference=lambda wildcards: paired_reference(config, wildcards.study),
+        groups=lambda wildcards: report_groups(wildcards.study),
+    wildcard_constraints:
+        study="balance|missing|shift|peft",
+    conda:
+        CONDA_ENV
+    log:
+        f"{RESULTS}/logs/report/{{study}}_paired.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    shell:
+        "mmrepro paired-plot --plot {params.plot} --paired-with {params.reference} --groups {params.groups}"
+        " {input} > {log} 2>&1"
 
 
 rule curves:

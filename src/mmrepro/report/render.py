@@ -10,15 +10,16 @@ of paper rows and dozens of columns. Here (:func:`study_table`):
 - columns are one group per dataset run (paper cells without a run of ours go to
   :func:`paper_tables`): its trainable parameters, then per metric of the dataset's task one
   column per :data:`KINDS` entry that some row fills: ours (mean ± std over seeds, the best of its
-  block in bold), the paper's value, ours − paper, the shift study's difference to source only.
+  block in bold), the paper's value, ours − paper, the shift study's difference to source only, the
+  main metric's paired difference to the study's reference row with its bootstrap interval.
   A metric equal to an earlier one on every run of a dataset (per seed: ``acc2_non0`` =
   ``acc2_has0`` where no test label is 0) is shown once, and the notes say so;
 - each metric has one unit, whatever a paper prints: :data:`PERCENT` metrics in %, the others as
   computed; the header states it, with the direction (↓ lower is better).
 
-A further column group per metric (issue 24's paired difference to the study's reference row with
-its 95 % interval) is one more :class:`ValueKind` in :data:`KINDS` reading its summary columns
-(``<metric>_<suffix>``); nothing else changes. The writers take the format-free :class:`Table`.
+A column kind is one :class:`ValueKind` in :data:`KINDS` reading its summary columns
+(``<metric>_<suffix>``): the paired difference to the study's reference row with its interval
+(:func:`mmrepro.report.paired.add_paired`) is one. The writers take the format-free :class:`Table`.
 """
 
 from __future__ import annotations
@@ -230,12 +231,22 @@ def _signed(column: str) -> Callable[[pd.Series, CellContext], Cell]:
     return cell
 
 
+def _paired(row: pd.Series, ctx: CellContext) -> Cell:
+    """The paired difference to the study's reference row and its interval (:mod:`mmrepro.report.paired`)."""
+    m, unit = ctx.metric, ctx.unit
+    mean = row.get(f"{m}_paired", math.nan)
+    if _missing(mean):
+        return Cell()
+    return Cell(f"{unit.signed(mean)} [{unit.signed(row[f'{m}_paired_low'])}, {unit.signed(row[f'{m}_paired_high'])}]")
+
+
 #: The value columns of each metric, in order. Ours always; the others where some row has a value.
 KINDS: tuple[ValueKind, ...] = (
     ValueKind("mean", "{m}", _ours),
     ValueKind("paper", "{m} paper", _paper),
     ValueKind("diff", "{m} Δ paper", _signed("diff")),
     ValueKind("delta", "{m} Δ source only", _signed("delta"), main_only=True),
+    ValueKind("paired", "{m} paired Δ [CI]", _paired, main_only=True),
 )
 
 

@@ -509,6 +509,11 @@ def table_notes(summary: pd.DataFrame, paper_table: str = "") -> list[str]:
         lines.append(summary.attrs["absent"])
     if any(c.endswith("_delta") for c in summary.columns):
         lines.append("Δ source only: mean over seeds of (method − source only) on the same backbone, setting and seed.")
+    if summary.attrs.get("paired"):
+        paired = summary.attrs["paired"]
+        lines.append(f"paired Δ [CI] ({paired['metric']}): per seed, the run's value minus {paired['reference']}'s "
+                     f"on the same dataset, backbone, setting and seed, in the column's unit; mean and "
+                     f"{paired['interval']}.")
     lines += group_notes(summary.attrs.get("groups", {}))
     return lines
 
