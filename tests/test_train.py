@@ -249,3 +249,10 @@ def test_shuffle_false_trains_on_the_split_in_stored_order_every_epoch(synth_sto
     assert stored[0] == stored[1] == list(range(len(stored[0])))
     shuffled = orders(True)  # the default: a new order per epoch
     assert shuffled[0] != shuffled[1] and sorted(shuffled[0]) == stored[0]
+def test_max_steps_ends_each_epoch_after_that_many_steps_and_the_next_starts_afresh(synth_store):
+    model, train, valid = _setup(synth_store)
+    assert len(train) > 2   # 1500 samples in batches of 128
+    spy = _Spy()
+    result = fit(model, train, valid, spy, _cfg(epochs=2, max_steps=2))
+    assert spy.calls.count("loss") == 4 and len(result.history) == 2
+    assert train.epoch == 2   # each epoch drew its own order, as without the cap
