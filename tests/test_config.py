@@ -220,3 +220,14 @@ def test_paper_balance_grid_has_every_row_of_cggm_tables():
         assert len(unimodal) == modalities, dataset
     ablation = {r["method"] for r in grid if r["dataset"] == "iemocap_mmin" and r["setting"] == "ablation"}
     assert ablation == {"cggm_magnitude", "cggm_direction"}
+
+
+def test_a_top_level_key_reaches_a_study_that_overrides_other_keys_of_its_section():
+    """A study's model/train sections hold only what is written there: the schema's defaults filled in
+    them used to hide the top level's keys (a top-level dropout or max_steps never reached them)."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["model"]["dropout"], config["train"]["max_steps"] = 0.3, 2
+    config = validate_config(config, load_schema(SCHEMA))
+    assert config["studies"]["missing"]["model"] == {"backbone": "mplmm_mult", "d_model": 8, "layers": 1, "heads": 2}
+    spec = run_spec(config, "missing", "synth", "mplmm", "rate0.7", 0)
+    assert (spec.model.dropout, spec.train.max_steps, spec.train.epochs, spec.model.d_model) == (0.3, 2, 6, 8)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ SEGMENTATION_LOADERS = ("brats",)
 STUDY_KINDS = {"balance": "train", "missing": "finetune", "peft": "finetune", "shift": "adapt"}
 #: Tracking experiments: one per study, plus one for the backbones that shift, peft and missing start from.
 EXPERIMENTS = [*STUDY_KINDS, "backbones"]
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -78,11 +82,18 @@ def load_schema(path: Path | str) -> dict[str, Any]:
 
 def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults in place, check the schema, then names against the registries; return ``config``."""
+    written = _study_sections(config)
     errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"config key {_key(e.absolute_path)}: {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    for (study, section), keys in written.items():
+        overrides = config["studies"][study][section]
+        for key in [k for k in overrides if k not in keys]:
+            del overrides[key]
     _check_finite(config)
+    for note in select_study_datasets(config):
+        log.warning("note: %s", note)
     _check_backbones(config, schema)
     _check_names(config)
     _check_mechanisms(config)
@@ -91,6 +102,56 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
     _check_heads(config)
     _check_selection(config)
     return config
+
+
+def _study_sections(config: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """The keys written in each study's ``model`` and ``train`` sections. Those sections override the
+    top level's, key by key, so the schema's defaults must not fill them (a default there would hide
+    the top level's value: ``train: {max_steps: 2}`` would not reach a study that sets its epochs)."""
+    studies = config.get("studies")
+    return {(study, section): set(cfg[section]) for study, cfg in (studies if isinstance(studies, dict) else {}).items()
+            if isinstance(cfg, dict) for section in ("model", "train") if isinstance(cfg.get(section), dict)}
+
+
+def select_study_datasets(config: dict[str, Any]) -> list[str]:
+    """Cut each study's dataset-keyed entries to the datasets it runs, in place; return one note per cut.
+
+    A user who holds some of the datasets lists those under ``studies.<study>.datasets`` (an overlay or
+    ``--config``) and the rest of the study's grid follows: ``per_dataset`` entries, settings'
+    ``datasets`` lists and ``report_groups`` that name a dataset the study does not run are skipped (a
+    setting left with none runs nothing; a group loses nothing silently: it goes whole, since its row
+    stands for all of its members). A name that is no dataset of the config stays an error.
+    """
+    notes = []
+
+    def known(name: str, key: str) -> None:
+        if name not in config["datasets"]:
+            raise ConfigError(f"config key {key}: unknown dataset {name!r}; defined under datasets: "
+                              f"{sorted(config['datasets'])}")
+
+    for study, study_cfg in config["studies"].items():
+        runs = study_cfg["datasets"]
+        for name in list(study_cfg.get("per_dataset", {})):
+            known(name, f"studies.{study}.per_dataset.{name}")
+            if name not in runs:
+                del study_cfg["per_dataset"][name]
+                notes.append(f"studies.{study}.per_dataset.{name} skipped: the study does not run {name!r}")
+        for setting, setting_cfg in study_cfg["settings"].items():
+            listed = setting_cfg.get("datasets")
+            for i, name in enumerate(listed or []):
+                known(name, f"studies.{study}.settings.{setting}.datasets[{i}]")
+            if listed and any(name not in runs for name in listed):
+                setting_cfg["datasets"] = [name for name in listed if name in runs]
+                notes.append(f"studies.{study}.settings.{setting}: skips {[n for n in listed if n not in runs]}, "
+                             f"which the study does not run" + ("" if setting_cfg["datasets"] else "; the setting runs nothing"))
+        for group, members in list(study_cfg.get("report_groups", {}).items()):
+            for i, name in enumerate(members):
+                known(name, f"studies.{study}.report_groups.{group}[{i}]")
+            absent = [name for name in members if name not in runs]
+            if absent:
+                del study_cfg["report_groups"][group]
+                notes.append(f"studies.{study}.report_groups.{group} skipped: the study does not run {absent}")
+    return notes
 
 
 def _check_finite(value: Any, path: tuple = ()) -> None:
@@ -144,10 +205,7 @@ def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
     registries = (TRANSFORMS, HOOKS, ADAPTERS)
     for study, study_cfg in config["studies"].items():
         for dataset, override in study_cfg["per_dataset"].items():
-            key = f"studies.{study}.per_dataset.{dataset}"
-            if dataset not in study_cfg["datasets"]:
-                raise ConfigError(f"config key {key}: {dataset!r} is not one of the study's datasets "
-                                  f"{study_cfg['datasets']}")
+            key = f"studies.{study}.per_dataset.{dataset}"   # only the study's datasets: select_study_datasets
             for section, merged in (("model", model_config(config, study, dataset)),
                                     ("train", train_config(config, study, dataset))):
                 _check_section(schema, section, merged, f"{key}.{section}")
@@ -321,10 +379,6 @@ def _check_names(config: dict[str, Any]) -> None:
             if group in study_cfg["datasets"]:
                 raise ConfigError(f"config key {key}: the group's name is one of the study's datasets; its rows "
                                   "would be mistaken for that dataset's")
-            for i, ds in enumerate(members):
-                if ds not in study_cfg["datasets"]:
-                    raise ConfigError(f"config key {key}[{i}]: {ds!r} is not one of the study's datasets "
-                                      f"{study_cfg['datasets']}")
         source = study_cfg.get("pretrain_dataset")
         if source is not None and source not in config["datasets"]:
             raise ConfigError(f"config key studies.{study}.pretrain_dataset: unknown dataset {source!r}; "
@@ -346,11 +400,10 @@ def _check_names(config: dict[str, Any]) -> None:
             if setting["type"] == "domain":
                 _check_domain(config, setting.get("datasets", study_cfg["datasets"]), setting.get("domain"),
                               f"{key}.domain")
-            for field in ("methods", "datasets"):
-                for i, item in enumerate(setting.get(field, [])):
-                    if item not in study_cfg[field]:
-                        raise ConfigError(f"config key {key}.{field}[{i}]: {item!r} is not one of the study's "
-                                          f"{field} {study_cfg[field]}")
+            for i, item in enumerate(setting.get("methods", [])):   # datasets: select_study_datasets
+                if item not in study_cfg["methods"]:
+                    raise ConfigError(f"config key {key}.methods[{i}]: {item!r} is not one of the study's "
+                                      f"methods {study_cfg['methods']}")
             params = setting_params(setting)
             try:
                 built = SETTINGS.get(setting["type"])(**params)
