@@ -125,13 +125,19 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if "path" not in args.entry:
         print(f"mmrepro fetch: error: the spec of dataset {args.dataset!r} has no 'path'", file=sys.stderr)
         return 2
+    entry, checksums = args.entry, args.checksums or args.entry.get("checksums")
     try:
-        report = fetch_and_report(args.dataset, args.entry.get("source"), args.entry["path"],
-                                  checksums=args.checksums or args.entry.get("checksums"))
+        if entry.get("stand_in"):   # random files in the real format: written here, held to their own digest
+            from mmrepro.data.standin import entry as stand_in
+
+            entry, notes = stand_in.fetch(args.dataset, entry)
+            print("\n".join(notes))
+            checksums = None
+        report = fetch_and_report(args.dataset, entry.get("source"), entry["path"], checksums=checksums)
     except ManualDownloadRequired as e:
         print(f"mmrepro fetch: {e}", file=sys.stderr)
         return 2
-    except (ChecksumMismatch, DatasetIncomplete, UnsafeArchive, OSError) as e:
+    except (ChecksumMismatch, DatasetIncomplete, UnsafeArchive, OSError, ValueError) as e:
         print(f"mmrepro fetch: error: {e}", file=sys.stderr)
         return 1
     print(summary(report))
@@ -141,11 +147,13 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_stand_in(args: argparse.Namespace) -> int:
     from mmrepro.config import merge_config
     from mmrepro.data.standin import MANIFEST, OVERLAY, Scale, generate
+    from mmrepro.data.standin.plan import FULL_MAX_BYTES
 
     config: dict = {}
     for path in args.configfile:
         merge_config(config, yaml.safe_load(Path(path).read_text()) or {})
-    max_bytes = None if args.scale == "tiny" or args.max_gb <= 0 else int(args.max_gb * 1e9)
+    max_bytes = (None if args.scale == "tiny" or (args.max_gb is not None and args.max_gb <= 0)
+                 else FULL_MAX_BYTES if args.max_gb is None else int(args.max_gb * 1e9))
     try:
         manifest = generate(config.get("datasets", {}), args.out, Scale(args.scale, max_bytes), args.datasets,
                             seed=args.seed, configs=[str(p) for p in args.configfile])
@@ -396,7 +404,7 @@ def parser() -> argparse.ArgumentParser:
                    help="dataset entries to write (default: every entry with raw files)")
     s.add_argument("--configfile", nargs="+", type=Path, default=[Path("config/paper.yaml")],
                    help="config files naming the entries, later ones override (default: config/paper.yaml)")
-    s.add_argument("--max-gb", type=float, default=2.0,
+    s.add_argument("--max-gb", type=float, default=None,
                    help="full scale: GB per entry; a corpus larger than this is cut to fit, in proportion in "
                         "every split, and the manifest says so (0: no cut; default 2: about 17 GB for all of paper.yaml)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random values (default 0)")

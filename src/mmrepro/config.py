@@ -554,11 +554,15 @@ def dataset_path(config: dict[str, Any], dataset: str) -> str | None:
 
 
 def dataset_spec(config: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """A dataset's config entry for the fetch and make-data jobs: path resolved, checksum registry named."""
+    """A dataset's config entry for the fetch and make-data jobs: path resolved, checksum registry named;
+    a stand-in's path relative to ``data_root`` also names that folder (``stand_in_root``), where the
+    fetch step writes it (:mod:`mmrepro.data.standin.entry`)."""
     entry = copy.deepcopy(config["datasets"][dataset])
     if entry["loader"] != "synth":
         entry.pop("synth", None)  # filled in by the schema's defaults, meaningless here
     if "path" in entry:
+        if entry.get("stand_in") and not Path(entry["path"]).is_absolute():
+            entry["stand_in_root"] = config["data_root"]
         entry["path"] = dataset_path(config, dataset)
         entry["checksums"] = str(Path(config["data_root"]) / "checksums.json")
     return entry

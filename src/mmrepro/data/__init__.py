@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from pathlib import Path
 from typing import Any
 
 from mmrepro.data import synth
 from mmrepro.data.store import write_store
+
+log = logging.getLogger(__name__)
 
 #: loader name -> "module:function" of its converter, imported only when that loader runs (the
 #: converters pull in nibabel, h5py, PIL and transformers, which a training job never needs)
@@ -34,7 +37,14 @@ def build_store(name: str, cfg: dict[str, Any], out: Path) -> Path:
     if cfg["loader"] in CONVERTERS:
         from mmrepro.data.download import verify
 
-        checked = verify(name, cfg.get("source"), cfg["path"], checksums=cfg.get("checksums"))
+        checksums = cfg.get("checksums")
+        if cfg.get("stand_in"):   # random files: held to their own digest, not the real file's (said in the log)
+            from mmrepro.data.standin.entry import with_own_checksum
+
+            cfg, note = with_own_checksum(name, cfg)
+            log.warning(note)
+            checksums = None
+        checked = verify(name, cfg.get("source"), cfg["path"], checksums=checksums)
         schema, splits, provenance = converter(cfg["loader"])(Path(cfg["path"]), name=name, **cfg.get("params", {}))
         return write_store(Path(out), schema, splits, {**provenance, "raw_check": checked})
     raise ValueError(f"dataset {name!r}: unknown loader {cfg['loader']!r}")
