@@ -248,6 +248,7 @@ def _study_reference(path: Path | None, names: Path | None, runs) -> object:
 def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
     from mmrepro.report.groups import add_groups, parse_groups
+    from mmrepro.report.marking import marked, stand_in_title
     from mmrepro.report.tables import write_paper_table
 
     runs = load_runs(args.metrics)
@@ -255,10 +256,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary = add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
                                  grouped)
     paper = f"{args.paper_table}.md" if args.paper_table else ""
-    write_table(summary, args.table, paper_table=paper)
-    if args.paper_table:
-        write_paper_table(summary, args.paper_table)
-    plot_study(runs, args.plot)
+    with marked(stand_in_title(args.metrics)):
+        write_table(summary, args.table, paper_table=paper)
+        if args.paper_table:
+            write_paper_table(summary, args.paper_table)
+        plot_study(runs, args.plot)
     print(f"wrote {args.table}.{{md,csv,tex,html}}{f' and {paper}' if paper else ''} and {args.plot}.{{png,pdf}} "
           f"from {len(args.metrics)} runs")
     return 0
@@ -266,8 +268,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_cggm_report(args: argparse.Namespace) -> int:
     from mmrepro.report.cggm import load_balance_runs, write_cggm_report
+    from mmrepro.report.marking import marked, stand_in_title
 
-    paths = write_cggm_report(load_balance_runs(args.metrics), args.table, args.plot)
+    with marked(stand_in_title(args.metrics)):
+        paths = write_cggm_report(load_balance_runs(args.metrics), args.table, args.plot)
     print(f"wrote {', '.join(map(str, paths))} from {len(args.metrics)} runs")
     return 0
 
@@ -288,8 +292,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_curves(args: argparse.Namespace) -> int:
     from mmrepro.report import load_histories, plot_curves
+    from mmrepro.report.marking import marked, stand_in_title
 
-    plot_curves(load_histories(args.metrics), args.plot)
+    with marked(stand_in_title(args.metrics)):
+        plot_curves(load_histories(args.metrics), args.plot)
     print(f"wrote {args.plot}.{{png,pdf}} from the histories of {len(args.metrics)} runs")
     return 0
 
@@ -322,11 +328,14 @@ def cmd_mechanisms_report(args: argparse.Namespace) -> int:
 
 
 def cmd_missing_report(args: argparse.Namespace) -> int:
+    from mmrepro.report.marking import marked, stand_in_title
     from mmrepro.report.missing import missing_report
 
     plots = {name: stem for name, stem in [("test", args.plot), ("train", args.train_rate_plot),
                                            ("prompt", args.prompt_length_plot)] if stem is not None}
-    paths = missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"), args.groups)
+    with marked(stand_in_title(args.metrics)):
+        paths = missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"),
+                               args.groups)
     print(f"wrote {', '.join(map(str, paths))} from {len(args.metrics)} runs")
     return 0
 

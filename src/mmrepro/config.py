@@ -642,7 +642,14 @@ def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting
         train=TrainConfig(**train_config(config, study, dataset)),
         utilisation_probes=config["studies"][study]["utilisation_probes"], feature_stats=False,
         tracking=TrackingSpec(uri=config["tracking"]["uri"], mode=config["tracking"]["mode"]),
-        results=config["results"])
+        results=config["results"], stand_in=stand_in(config, dataset, setting_cfg.get("target")))
+
+
+def stand_in(config: dict[str, Any], *datasets: str | None) -> str | None:
+    """The stand-in scale of the data a run reads (the first of ``datasets`` marked ``stand_in``), or None:
+    a run on any random stand-in is no result, whatever else it reads."""
+    return next((config["datasets"][d]["stand_in"] for d in datasets
+                 if d is not None and config["datasets"][d].get("stand_in")), None)
 
 
 def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str, seed: int,
@@ -691,7 +698,8 @@ def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int,
     source = backbone_source(config, study, dataset)
     task = config["datasets"][source]["pretrain_task"] if finetune else study_task(config, study, dataset)
     spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task, backbone)
-    return dataclasses.replace(spec, dataset=source, study="backbones", setting=f"for-{study}", feature_stats=True)
+    return dataclasses.replace(spec, dataset=source, study="backbones", setting=f"for-{study}", feature_stats=True,
+                               stand_in=stand_in(config, source))
 
 
 def backbone_source(config: dict[str, Any], study: str, dataset: str) -> str:
