@@ -231,3 +231,16 @@ def test_a_top_level_key_reaches_a_study_that_overrides_other_keys_of_its_sectio
     assert config["studies"]["missing"]["model"] == {"backbone": "mplmm_mult", "d_model": 8, "layers": 1, "heads": 2}
     spec = run_spec(config, "missing", "synth", "mplmm", "rate0.7", 0)
     assert (spec.model.dropout, spec.train.max_steps, spec.train.epochs, spec.model.d_model) == (0.3, 2, 6, 8)
+
+
+def test_a_setting_naming_a_modality_a_real_dataset_lacks_fails_at_config_time():
+    """paper.yaml's only_text ran on BraTS (MRI sequences, no text) until the check knew each loader's modalities."""
+    config = default_config()
+    config["datasets"]["brats"] = {"loader": "brats", "path": "brats2021", "task": "seg"}
+    config["studies"]["balance"].update(datasets=["synth", "brats"], settings={
+        "complete": {"type": "complete"}, "only_text": {"type": "subset", "modalities": ["text"], "methods": ["joint"]}})
+    with pytest.raises(ConfigError, match=r"config key studies.balance.settings.only_text: on dataset 'brats': "
+                                          r"subset.modalities: \['text'\] not in the dataset's modalities"):
+        validate_config(config, load_schema(SCHEMA))
+    config["studies"]["balance"]["settings"]["only_text"]["datasets"] = ["synth"]
+    validate_config(config, load_schema(SCHEMA))

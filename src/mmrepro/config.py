@@ -18,6 +18,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from mmrepro.data import dataset_modalities
 from mmrepro.methods.registry import ADAPTERS, HOOKS, METHOD_FAMILIES, SETTINGS, TRANSFORMS, build, resolve_method
 from mmrepro.models.fusion import FUSIONS
 from mmrepro.models.presets import JOINT_PRESETS, PRESETS, check_widths, preset_dropouts
@@ -408,8 +409,10 @@ def _check_names(config: dict[str, Any]) -> None:
             try:
                 built = SETTINGS.get(setting["type"])(**params)
                 for ds in setting.get("datasets", study_cfg["datasets"]):
-                    if config["datasets"][ds]["loader"] == "synth":
-                        built.modalities([m["name"] for m in config["datasets"][ds]["synth"]["modalities"]])
+                    try:
+                        built.modalities(dataset_modalities(config["datasets"][ds]))
+                    except ValueError as e:
+                        raise ValueError(f"on dataset {ds!r}: {e}; limit the setting with datasets") from None
             except KeyError as e:
                 raise ConfigError(f"config key {key}.type: {e.args[0]}") from None
             except (TypeError, ValueError) as e:

@@ -18,6 +18,20 @@ CONVERTERS = {"mmsa": "mmsa:convert_mmsa", "mult": "mmsa:convert_mult", "brats":
               "food101": "food101:convert_food101", "iemocap_h5": "iemocap_h5:convert_iemocap_h5"}
 
 
+#: loader -> the modalities its store holds, in order (known before any file is read, so a setting that
+#: names a modality the dataset lacks fails at config time; brats: its ``modalities`` parameter, if set)
+LOADER_MODALITIES = {"mmsa": ("text", "audio", "vision"), "mult": ("text", "audio", "vision"),
+                     "iemocap_h5": ("text", "audio", "vision"), "food101": ("image", "text"),
+                     "brats": ("flair", "t1ce", "t1", "t2")}
+
+
+def dataset_modalities(entry: dict[str, Any]) -> list[str]:
+    """The modalities of a dataset config entry's store."""
+    if entry["loader"] == "synth":
+        return [m["name"] for m in entry["synth"]["modalities"]]
+    return list(entry.get("params", {}).get("modalities") or LOADER_MODALITIES[entry["loader"]])
+
+
 def converter(loader: str):
     module, function = CONVERTERS[loader].split(":")
     return getattr(importlib.import_module(f"mmrepro.data.{module}"), function)
