@@ -145,6 +145,17 @@ def validation_values(model: nn.Module, loader: SplitLoader, loss_fn, cfg: Train
     return values
 
 
+def _check_batch_norm(model: nn.Module, train: SplitLoader, steps: int) -> None:
+    """BatchNorm cannot train on a batch of one sample (a 1x1 map, e.g. DeepLab's pooled ASPP branch, has a
+    single value per channel): refuse before the first step a split whose last batch would be one, which
+    would otherwise stop the run at the end of its first epoch."""
+    if steps == len(train) and train.n % train.batch_size == 1 and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ValueError(f"train.batch_size {train.batch_size}: the training split's {train.n} samples end in a "
+                         "batch of one, which the model's BatchNorm layers cannot train on; choose a batch size "
+                         "that leaves at least 2 in the last batch")
+
+
 def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: TrainingHook, cfg: TrainConfig, *,
         log_epoch: Callable[[int, dict[str, float]], None] = lambda e, v: None,
         checkpoint: Path | None = None, checkpoint_key: str = "") -> FitResult:
@@ -154,6 +165,7 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
     loss_fn = task_loss_fn(model.task_type)
     device = cfg.torch_device
     steps = len(train) if cfg.max_steps is None else min(len(train), cfg.max_steps)
+    _check_batch_norm(model, train, steps)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
