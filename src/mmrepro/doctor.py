@@ -142,7 +142,10 @@ def dataset(name: str, config: dict[str, Any]) -> Check:
     if Path(raw).exists():
         return Check(f"data {name}", "warn", f"raw data at {raw}; store not built yet",
                      "snakemake converts it (make_data verifies the raw checksum first)")
-    source = config["datasets"][name].get("source", {})
+    entry = config["datasets"][name]
+    if entry.get("stand_in") and not Path(entry["path"]).is_absolute():
+        return Check(f"data {name}", "warn", f"{raw} absent", f"snakemake writes the random stand-in (fetch_{name})")
+    source = entry.get("source", {})
     if source.get("url") and not source.get("gated"):
         return Check(f"data {name}", "warn", f"{raw} absent", f"snakemake downloads it (fetch_{name})")
     return Check(f"data {name}", "FAIL", f"{raw} absent and cannot be downloaded automatically",
