@@ -244,3 +244,14 @@ def test_a_setting_naming_a_modality_a_real_dataset_lacks_fails_at_config_time()
         validate_config(config, load_schema(SCHEMA))
     config["studies"]["balance"]["settings"]["only_text"]["datasets"] = ["synth"]
     validate_config(config, load_schema(SCHEMA))
+
+
+def test_paper_grid_runs_casp_at_its_codes_budget_not_the_demos():
+    """paper.yaml inherited config.yaml's demo budget for CASP (3 epochs, snapshot every 1, 1 pseudo-label
+    epoch) although its comment said the code's defaults: found reading the rehearsal's run specs."""
+    config = {}
+    for name in ("config.yaml", "paper.yaml"):
+        merge_config(config, yaml.safe_load((REPO / "config" / name).read_text()))
+    config = validate_config(config, load_schema(SCHEMA))
+    spec = run_spec(config, "shift", "mosi_casp", "casp", "to_sims", 0, "casp_late")
+    assert spec.method_params["casp"] == {"epochs": 15, "snapshot_every": 3, "pl_epochs": 5}
