@@ -5,6 +5,7 @@ and a study's grid cut to the datasets a user holds. The DAG itself: tests/test_
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
@@ -28,6 +29,7 @@ from mmrepro.data.download import ChecksumMismatch  # noqa: E402
 from mmrepro.data.standin import MANIFEST, Scale, generate  # noqa: E402
 from mmrepro.data.standin.entry import with_own_checksum  # noqa: E402
 from mmrepro.data.store import FeatureStore  # noqa: E402
+from mmrepro.methods.registry import ADAPTERS  # noqa: E402
 from mmrepro.report.marking import mark_figure, marked  # noqa: E402
 from mmrepro.tracking import run_tags  # noqa: E402
 from test_report import _doc, _write  # noqa: E402
@@ -56,6 +58,9 @@ def test_the_rehearsal_keeps_the_whole_grid_with_one_seed_one_capped_epoch_on_st
         for spec in specs:   # a dataset's own epochs in paper.yaml (per_dataset) are cut too
             assert (spec.train.epochs, spec.train.max_steps, spec.stand_in) == (1, 2, "tiny"), spec
             assert spec.results == "results_rehearsal"
+            adapter = inspect.signature(ADAPTERS.get(spec.plan.adapter)).parameters   # test-time passes too
+            passes = {**{k: p.default for k, p in adapter.items()}, **spec.method_params[spec.plan.adapter]}
+            assert all(passes[k] == 1 for k in ("epochs", "snapshot_every", "pl_epochs") if k in passes), spec
 
 
 @pytest.fixture
