@@ -90,11 +90,11 @@ def test_a_bad_config_and_a_missing_manual_dataset_fail(tmp_path, capsys, monkey
     (tmp_path / "mosi.yaml").write_text(yaml.safe_dump(config))
     code, out = doctor(capsys, str(tmp_path / "mosi.yaml"))
     assert code == 1 and "[FAIL] data mosi: " in out and "cannot be downloaded automatically" in out
-
     config["datasets"]["mosi"].update(path="absent.pkl", stand_in="tiny")   # the fetch step writes a stand-in
     (tmp_path / "mosi.yaml").write_text(yaml.safe_dump(config))
     code, out = doctor(capsys, str(tmp_path / "mosi.yaml"))
     assert "[warn] data mosi: " in out and "snakemake writes the random stand-in (fetch_mosi)" in out
+
 
 @contextlib.contextmanager
 def host_checking_server():

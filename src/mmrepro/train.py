@@ -149,8 +149,8 @@ def _check_batch_norm(model: nn.Module, train: SplitLoader, steps: int) -> None:
     """BatchNorm cannot train on a batch of one sample (a 1x1 map, e.g. DeepLab's pooled ASPP branch, has a
     single value per channel): refuse before the first step a split whose last batch would be one, which
     would otherwise stop the run at the end of its first epoch."""
-    if steps == len(train) and train.n % train.batch_size == 1 and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) and steps == len(train) \
+            and train.n % train.batch_size == 1:
         raise ValueError(f"train.batch_size {train.batch_size}: the training split's {train.n} samples end in a "
                          "batch of one, which the model's BatchNorm layers cannot train on; choose a batch size "
                          "that leaves at least 2 in the last batch")

@@ -89,8 +89,8 @@ def create(search: dict[str, Any]) -> dict[str, Any]:
         tags = {"study": search["study"], "dataset": search["dataset"], "method": search["method"],
                 "search": search["name"], "role": "search",
                 "target_labels_used": str(scores_target_labels(_spec(search))).lower()}
-        if search["spec"].get("stand_in"):
-            tags[REHEARSAL_TAG] = search["spec"]["stand_in"]
+        if _spec(search).stand_in is not None:
+            tags[REHEARSAL_TAG] = _spec(search).stand_in
         parent = client.create_run(exp.experiment_id, run_name=f"search/{search['dataset']}/{search['method']}",
                                    tags=tags).info.run_id
         from mlflow.entities import Param
@@ -264,7 +264,7 @@ def best(search: dict[str, Any], store: Path, init: Path | None, threads: int, f
                   default_point=top.user_attrs.get("point") == "default", states=counts,
                   setting=_spec(search).setting, target_labels_used=scores_target_labels(_spec(search)))
     folder.mkdir(parents=True, exist_ok=True)
-    with marked(title_for([search["spec"].get("stand_in")])):
+    with marked(title_for([_spec(search).stand_in])):
         plot_search(study, folder, search["seed"])
     client = mlflow.MlflowClient(tracking_uri=_uri(search))
     parent = search["parent_run"]
