@@ -29,6 +29,7 @@ STAGES = {
     "check-config": "config check (Snakefile parse, `mmrepro check-config`): no job starts",
     "make-data": "`mmrepro make-data` (the data rule), before the store is written",
     "train": "`mmrepro train` (train/backbone rules), before training or a tracking run starts",
+    "adapt": "`mmrepro adapt` (adapt rule), before adaptation or a tracking run starts",
 }
 
 
@@ -50,6 +51,15 @@ def config(mutate: Callable[[dict], None]) -> Callable[[Path], list[str]]:
         mutate(raw)
         (tmp / "config.yaml").write_text(yaml.safe_dump(raw))
         return ["check-config", str(tmp / "config.yaml"), "--schema", str(SCHEMA)]
+    return make
+
+
+def config_text(text: str, *, name: str = "config.yaml") -> Callable[[Path], list[str]]:
+    """check-config on the default config and a second file written as ``text`` (None: not written)."""
+    def make(tmp: Path) -> list[str]:
+        if text is not None:
+            (tmp / name).write_text(text)
+        return ["check-config", str(REPO / "config" / "config.yaml"), name, "--schema", str(SCHEMA)]
     return make
 
 
@@ -79,23 +89,27 @@ def _tiny_store(tmp_path_factory):
                                  tmp_path_factory.mktemp("tiny") / "synth").parent
 
 
-def spec(tmp: Path, **changes) -> dict:
-    """A run spec's JSON (what a rule passes), keys changed as given."""
+def spec(tmp: Path, study: str = "balance", **changes) -> dict:
+    """A run spec's JSON (what a rule passes) of a balance, peft (fine-tuning) or shift (adapting)
+    run, keys changed as given."""
     from mmrepro.config import run_spec
     cfg = default_config()
     cfg["model"].update(d_model=8, heads=2)
+    cfg["studies"]["shift"]["model"].update(d_model=8, heads=2, layers=1)
     cfg["train"].update(epochs=1, batch_size=16)
-    s = run_spec(cfg, "balance", "synth", "joint", "complete", 0)
+    method, setting = {"balance": ("joint", "complete"), "peft": ("full_finetune", "complete"),
+                       "shift": ("source_only", "target_all")}[study]
+    s = run_spec(cfg, study, "synth", method, setting, 0)
     return {**s.to_dict(), "results": str(tmp / "out"), **changes}
 
 
 def store(corrupt: Callable[[Path], None] = lambda root: None, *, init: Callable[[Path], Path] | None = None,
-          **spec_changes) -> Callable[[Path], list[str]]:
+          study: str = "balance", **spec_changes) -> Callable[[Path], list[str]]:
     def make(tmp: Path) -> list[str]:
         root = tmp / "store"
         shutil.copytree(_STORE["root"], root)
         corrupt(root)
-        args = ["train", "--spec", json.dumps(spec(tmp, **spec_changes)), "--data", str(root / "manifest.json"),
+        args = ["train", "--spec", json.dumps(spec(tmp, study, **spec_changes)), "--data", str(root / "manifest.json"),
                 "--out-dir", str(tmp / "out" / "run")]
         return args + (["--init", str(init(tmp))] if init else [])
     return make
@@ -131,6 +145,41 @@ def _header(root: Path) -> None:
     raw = bytearray(path.read_bytes())
     raw[:6] = b"XXXXXX"
     path.write_bytes(bytes(raw))
+
+
+def _saved(study: str = "shift", file: Callable[[Path], None] = lambda p: None, *, weights: bool = False,
+           **model) -> Callable[[Path], Path]:
+    """A model.pt as a training job writes it: the model the ``study``'s run starts from (its run
+    spec's ``checkpoint``), model keys changed as given, then ``file`` applied to it. The check
+    reads the recorded keys before any weight: the weights are left empty unless ``weights``."""
+    def init(tmp: Path) -> Path:
+        from mmrepro.data.store import FeatureStore
+        from mmrepro.models.build import build_model
+        start = spec(tmp, study)["checkpoint"]
+        keys, path = {**start["model"], **model}, tmp / "model.pt"
+        schema = FeatureStore(tmp / "store").schema
+        state = build_model(schema, schema.task(start["task"]), **keys).state_dict() if weights else {}
+        torch.save({"state_dict": state, "model": keys, "task": start["task"],
+                    "transform": {"name": start["transform"], "params": {}}}, path)
+        file(path)
+        return path
+    return init
+
+
+def _task(task: str) -> Callable[[Path], None]:
+    def change(path: Path) -> None:
+        torch.save({**torch.load(path), "task": task}, path)
+    return change
+
+
+def adapt(model: Callable[[Path], Path] = _saved(weights=True)) -> Callable[[Path], list[str]]:
+    """An adapt job on the tiny store (shift's source_only on target_all), given ``model``."""
+    def make(tmp: Path) -> list[str]:
+        root = tmp / "store"
+        shutil.copytree(_STORE["root"], root)
+        return ["adapt", "--spec", json.dumps(spec(tmp, "shift")), "--data", str(root / "manifest.json"),
+                "--model", str(model(tmp)), "--out-dir", str(tmp / "out" / "run")]
+    return make
 
 
 def _checkpoint(truncate: bool) -> Callable[[Path], Path]:
@@ -186,7 +235,7 @@ CASES = [
          ("config key studies.missing.settings.rate0.3.rate", "-0.2")),
     Case("lora_rank_0", "LoRA rank 0", "check-config",
          config(_both(_set("studies/peft/methods", ["full_finetune", "lora"]), _set("methods/lora", {"r": 0}))),
-         ("config key methods.lora", "r must be a positive integer")),
+         ("config key methods.lora.r", "must be >= 1, got 0")),
     Case("heads_do_not_divide_d_model", "d_model 30 with 4 attention heads", "check-config",
          config(_set("model/d_model", 30)), ("config key studies.balance.model.heads", "not divisible")),
     Case("nan_learning_rate", "learning rate .nan", "check-config", config(_set("train/lr", float("nan"))),
@@ -220,6 +269,41 @@ CASES = [
          ("config key methods.cggm", "rhoo")),
     Case("real_dataset_without_path", "an mmsa dataset with no path", "check-config",
          config(_set("datasets/mosi", {"loader": "mmsa"})), ("config key datasets.mosi", "'path' is a required")),
+    Case("method_parameter_a_word", "`methods.cggm.rho: high`", "check-config", config(_set("methods/cggm", {"rho": "high"})),
+         ("config key methods.cggm.rho", "expected float > 0, got 'high'")),
+    Case("method_parameter_decimal_comma", "`methods.cggm.rho: 1,3`", "check-config",
+         config_text("methods:\n  cggm:\n    rho: 1,3\n"),
+         ("config key methods.cggm.rho", "got '1,3'", "write a decimal point")),
+    Case("method_parameter_out_of_range", "`methods.cggm.rho: -5`", "check-config", config(_set("methods/cggm", {"rho": -5})),
+         ("config key methods.cggm.rho", "must be > 0, got -5")),
+    Case("method_parameter_quoted_number", "`methods.lora.r: \"8\"`", "check-config", config(_set("methods/lora", {"r": "8"})),
+         ("config key methods.lora.r", "expected int >= 1, got '8'", "without quotes")),
+    Case("method_parameter_unused_plugin", "`methods.mean_teacher.ema: 1.5`, a plug-in no study runs", "check-config",
+         config(_set("methods/mean_teacher", {"ema": 1.5})), ("config key methods.mean_teacher.ema", "must be in [0, 1)")),
+    Case("adapter_choice_unknown", "`methods.casp.protocol: sometimes`", "check-config",
+         config(_set("methods/casp", {"protocol": "sometimes"})),
+         ("config key methods.casp.protocol", "must be one of ['offline', 'online']")),
+    Case("variant_parameter_out_of_range", "`method_variants.<name>.params.lam: -1`", "check-config",
+         config(_set("method_variants/cggm_neg", {"method": "cggm", "params": {"lam": -1}})),
+         ("config key method_variants.cggm_neg.params.lam", "must be >= 0, got -1")),
+    Case("search_range_outside_the_parameter", "tune space `methods.cggm.rho: {low: -1, high: 2}`", "check-config",
+         config(_both(_set("studies/balance/tune", ["cggm"]),
+                      _set("tune/space/cggm/methods.cggm.rho", {"low": -1.0, "high": 2.0}))),
+         ("config key tune.space.cggm.methods.cggm.rho.low", "must be > 0")),
+    Case("yaml_malformed", "a config file with an unclosed `{`", "check-config",
+         config_text("results: out\nmethods:\n  cggm: {rho: 1.3\n"),
+         ("config file config.yaml, line 4, column 1", "not valid YAML")),
+    Case("yaml_tab_indent", "a config file indented with a tab", "check-config", config_text("train:\n\tlr: 0.1\n"),
+         ("config file config.yaml, line 2, column 1", "'\\t'")),
+    Case("config_not_a_mapping", "a config file holding a list", "check-config", config_text("- results\n"),
+         ("config file config.yaml", "a YAML mapping")),
+    Case("config_file_missing", "a config file that does not exist", "check-config", config_text(None, name="nothere.yaml"),
+         ("config file nothere.yaml", "no such file")),
+    Case("target_after_configfile", "a target after the config files (`... config.yaml balance`)", "check-config",
+         config_text(None, name="balance"), ("config file balance", "put targets first")),
+    Case("results_is_a_file", "`results:` names a file", "check-config",
+         lambda tmp: (tmp.joinpath("taken").write_text("x"), config(_set("results", str(tmp / "taken")))(tmp))[1],
+         ("config key results", "is a file, not a folder")),
     # raw data
     Case("raw_file_missing", "raw feature file absent", "make-data",
          raw(file=lambda p: p.unlink()), ("features.pkl", "missing; run `mmrepro fetch`")),
@@ -287,9 +371,29 @@ CASES = [
          ("backbone.pt", "not a model checkpoint")),
     Case("checkpoint_other_model", "--init checkpoint of a model with another width", "train",
          store(init=_checkpoint(False)), ("backbone.pt", "shapes differ")),
+    Case("init_checkpoint_of_another_task", "--init backbone trained on task `main`, not the pretraining task",
+         "train", store(init=_saved("peft", _task("main")), study="peft"),
+         ("model.pt", "the backbone to fine-tune", "task 'main' (expected 'pretrain')")),
+    Case("adapt_model_of_another_size", "--model a `late` d_model 32 model, the spec's is `casp_late` d_model 8",
+         "adapt", adapt(_saved(backbone="late", d_model=32)),
+         ("model.pt", "the model to adapt", "backbone 'late' (expected 'casp_late')", "d_model 32 (expected 8)")),
+    Case("adapt_model_of_another_study", "--model an `mplmm_mult` model (the missing study's)", "adapt",
+         adapt(_saved(backbone="mplmm_mult")), ("model.pt", "backbone 'mplmm_mult' (expected 'casp_late')")),
+    Case("adapt_model_of_another_task", "--model trained on task `pretrain`", "adapt",
+         adapt(_saved(file=_task("pretrain"))), ("model.pt", "task 'pretrain' (expected 'main')")),
+    Case("adapt_model_is_json", "--model a JSON file (metrics.json)", "adapt",
+         adapt(lambda tmp: (tmp / "metrics.json", (tmp / "metrics.json").write_text('{"mae": 1}'))[0]),
+         ("metrics.json", "not a model checkpoint")),
+    Case("adapt_model_truncated", "--model cut short", "adapt", adapt(_saved(file=_halve)),
+         ("model.pt", "not a model checkpoint")),
+    Case("adapt_model_missing", "--model a path with no file", "adapt", adapt(lambda tmp: tmp / "nothing" / "model.pt"),
+         ("nothing/model.pt", "checkpoint file is missing")),
     Case("spec_not_json", "--spec that is not JSON", "train",
          lambda tmp: ["train", "--spec", "{study: balance", "--data", "x", "--out-dir", str(tmp / "out")],
          ("--spec", "not valid JSON")),
+    Case("spec_file_missing", "--spec naming a file that does not exist", "train",
+         lambda tmp: ["train", "--spec", str(tmp / "specs" / "0123.json"), "--data", "x", "--out-dir", str(tmp / "out")],
+         ("--spec", "no spec file", "0123.json")),
 ]
 
 
@@ -299,6 +403,7 @@ def no_compute(monkeypatch):
     def reached(*args, **kwargs):
         raise AssertionError("compute started before the bad input was rejected")
     monkeypatch.setattr("mmrepro.jobs.fit", reached)
+    monkeypatch.setattr("mmrepro.jobs.open_run", reached)
     monkeypatch.setattr("mmrepro.jobs.RunTracker", reached)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
@@ -313,7 +418,8 @@ def run_verb(args: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_is_rejected_before_compute_naming_what_and_where(case, tmp_path, capsys, no_compute):
+def test_bad_input_is_rejected_before_compute_naming_what_and_where(case, tmp_path, capsys, no_compute, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # config files named as a user types them, relative
     code, err = run_verb(case.make(tmp_path), capsys)
     assert code == 2, err
     assert f"mmrepro {case.verb}: error:" in err, err  # after argparse's usage line for malformed arguments
@@ -324,13 +430,15 @@ def test_bad_input_is_rejected_before_compute_naming_what_and_where(case, tmp_pa
 
 
 @pytest.mark.parametrize("verb, make", [("check-config", config(lambda c: None)), ("make-data", raw()),
-                                        ("train", store()), ("train", store(init=lambda tmp: _untouched_init(tmp)))],
-                         ids=["config", "raw", "store", "init"])
+                                        ("train", store()), ("train", store(init=lambda tmp: _untouched_init(tmp))),
+                                        ("train", store(init=_saved("peft", weights=True), study="peft")),
+                                        ("adapt", adapt())],
+                         ids=["config", "raw", "store", "init", "finetune", "adapt"])
 def test_the_untouched_inputs_pass_every_check(verb, make, tmp_path, capsys, no_compute):
     """Control: the inputs the cases break are valid as built (config passes; raw data converts; a
     train job reaches compute), so each case fails because of its one change."""
     args = make(tmp_path)
-    if verb == "train":
+    if verb in ("train", "adapt"):
         with pytest.raises(AssertionError, match="compute started"):
             run_verb(args, capsys)
     else:
@@ -345,6 +453,55 @@ def _untouched_init(tmp: Path) -> Path:
     path = tmp / "backbone.pt"
     torch.save({"state_dict": build_model(fs.schema, fs.schema.task("main"), **spec(tmp)["model"]).state_dict()}, path)
     return path
+
+
+# --- the command line: what Snakemake itself reads before any of the workflow's code runs ---------
+
+
+@dataclass(frozen=True)
+class SnakemakeCase:
+    id: str
+    bad: str
+    args: tuple[str, ...]  # snakemake's arguments, run in a folder holding bad.yaml and good.yaml
+    shows: str  # what the user sees (Snakemake's last line, or the workflow's message)
+    fix: str
+
+
+SNAKEMAKE_CASES = [
+    SnakemakeCase("configfile_missing", "`--configfile` naming a file that does not exist",
+                  ("-n", "--configfile", "nothere.yaml"), "No such file or directory: 'nothere.yaml'",
+                  "Snakemake reads --configfile before the workflow loads and ends in a traceback whose last line "
+                  "names the file: correct the path (`mmrepro check-config FILE...` says it in one line)"),
+    SnakemakeCase("target_after_configfile", "a target after `--configfile` (`--configfile good.yaml balance`)",
+                  ("-n", "--configfile", "good.yaml", "balance"), "No such file or directory: 'balance'",
+                  "every word after --configfile is read as a config file: put targets first, "
+                  "`snakemake --cores all balance --configfile config/paper.yaml`"),
+    SnakemakeCase("configfile_malformed", "`--configfile` naming a malformed YAML file",
+                  ("-n", "--configfile", "bad.yaml"), "Config file is not valid JSON or YAML",
+                  "Snakemake names neither file nor line: `mmrepro check-config bad.yaml` names the line and column"),
+    SnakemakeCase("default_config_malformed", "config/config.yaml itself malformed (an edit gone wrong)",
+                  ("-n",), "config file config/config.yaml, line 4, column 1: not valid YAML",
+                  "the Snakefile reads config/config.yaml first and names the line: fix it there"),
+]
+
+
+@pytest.mark.parametrize("case", SNAKEMAKE_CASES, ids=[c.id for c in SNAKEMAKE_CASES])
+def test_what_snakemake_shows_for_a_bad_command_line_is_what_the_docs_say(case, tmp_path):
+    import os
+    import subprocess
+    (tmp_path / "bad.yaml").write_text(BAD_YAML)
+    (tmp_path / "good.yaml").write_text("{}")
+    if case.id == "default_config_malformed":
+        (tmp_path / "config").mkdir()
+        (tmp_path / "config" / "config.yaml").write_text(BAD_YAML)
+    done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(REPO / "workflow" / "Snakefile"), *case.args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"})
+    assert done.returncode != 0 and case.shows in done.stdout + done.stderr, done.stderr[-2000:]
+    assert not (tmp_path / "results").exists()
+
+
+BAD_YAML = "results: out\nmethods:\n  cggm: {rho: 1.3\n"
 
 
 def test_the_catalogue_has_at_least_20_cases_across_stages():
@@ -364,6 +521,14 @@ def catalogue() -> str:
     for i, c in enumerate(CASES, 1):
         names = " ; ".join(f"`{n}`" for n in c.names).replace("|", "\\|")
         lines.append(f"| {i} | `{c.id}` | {c.bad} | `{c.verb}` | {names} |")
+    lines += ["", "## The command line, before the workflow loads", "",
+              "Snakemake reads `--configfile` files itself before any of the workflow's code runs, so these",
+              "messages are Snakemake's (a traceback ending in the line shown), except where the Snakefile reads",
+              "a file first. `mmrepro check-config` and `mmrepro doctor --configfile` read the same files and",
+              "answer each case in one line (cases above).", "",
+              "| # | case | bad input | what the user sees | what to do |", "|---|---|---|---|---|"]
+    for i, c in enumerate(SNAKEMAKE_CASES, 1):
+        lines.append(f"| {i} | `{c.id}` | {c.bad} | `{c.shows}` | {c.fix} |")
     return "\n".join(lines) + "\n"
 
 

@@ -202,7 +202,7 @@ def test_mslr_rebuilds_param_groups_in_place():
     assert not (ids(default["params"]) & enc) and default["lr"] == 1e-3
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     assert (ga["weight_decay"], ga["betas"], ga["modality"]) == (0.01, (0.8, 0.9), "a")
-    with pytest.raises(ValueError, match="period must be >= 2"):
+    with pytest.raises(ValueError, match="mslr.period: must be >= 2"):
         ModalitySpecificLearningRates("dynamic", period=1)
     with pytest.raises(ValueError, match="does not have"):
         ModalitySpecificLearningRates(lrs={"z": 1.0}).setup(toy_model(), None, torch.optim.Adam(model.parameters()))

@@ -176,7 +176,8 @@ def test_casp_adapts_the_layer_norms_of_the_paper_backbones(store_path, backbone
 
 def test_a_wander_adapted_model_is_reloaded_and_adapted_by_casp(converged, store_path, tmp_path):
     """Crossing studies: a peft-trained checkpoint carries its transform, so ``adapt`` rebuilds it."""
-    from mmrepro.jobs import RunData, _load_trained, _save_model
+    from mmrepro.checkpoints import save as save_model
+    from mmrepro.jobs import RunData, _load_trained
     from mmrepro.methods.registry import TRANSFORMS, build
 
     store, state = converged
@@ -186,15 +187,16 @@ def test_a_wander_adapted_model_is_reloaded_and_adapted_by_casp(converged, store
     config["methods"]["wander"] = {"rank": 2, "drank": 2, "trank": 2}
     config["methods"]["casp"] = SMALL
     config["results"] = str(tmp_path / "results")
-    trained = run_spec({**config, "studies": {**config["studies"], "peft": {**config["studies"]["peft"],
-                                                                               "methods": ["wander"]}}},
-                       "peft", "synth", "wander", "complete", 0)
+    config["studies"]["peft"] = {**config["studies"]["peft"], "methods": ["wander"]}
+    config["studies"]["shift"] = {**config["studies"]["shift"], "backbones": None,
+                                  "source_model": {"study": "peft", "method": "wander", "setting": "complete"}}
+    trained = run_spec(config, "peft", "synth", "wander", "complete", 0)
     model = build(TRANSFORMS, "wander", config["methods"]["wander"]).apply(_model(store, state))
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))  # as if Wander had been trained
-    _save_model(model, tmp_path / "model.pt", trained)
+    save_model(model, tmp_path / "model.pt", trained)
     spec = run_spec(config, "shift", "synth", "casp", "target_all", 0)
     reloaded = _load_trained(RunData(store_path, spec), spec, tmp_path / "model.pt")
     batch = next(iter(_loader(store, "test")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import yaml
@@ -255,3 +256,16 @@ def test_paper_grid_runs_casp_at_its_codes_budget_not_the_demos():
     config = validate_config(config, load_schema(SCHEMA))
     spec = run_spec(config, "shift", "mosi_casp", "casp", "to_sims", 0, "casp_late")
     assert spec.method_params["casp"] == {"epochs": 15, "snapshot_every": 3, "pl_epochs": 5}
+def test_a_jobs_spec_file_is_named_by_its_content_and_written_once(tmp_path):
+    """The rules pass this short path instead of the JSON: a changed spec is another path (Snakemake's
+    params trigger reruns the job), an unchanged one the same file; a dry run writes nothing."""
+    from mmrepro.config import spec_file
+    from mmrepro.spec import RunSpec
+    config = {**default_config(), "results": str(tmp_path / "results")}
+    spec = run_spec(config, "balance", "synth", "joint", "complete", 0)
+    changed = replace(spec, seed=1)
+    assert spec_file(config, spec.to_json(), write=False) == spec_file(config, spec.to_json(), write=False)
+    assert not (tmp_path / "results").exists()
+    path = spec_file(config, spec.to_json())
+    assert RunSpec.from_json(open(path).read()) == spec and path.startswith(f"{tmp_path}/results/specs/")
+    assert spec_file(config, changed.to_json()) != path and len(list((tmp_path / "results" / "specs").iterdir())) == 2

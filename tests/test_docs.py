@@ -38,3 +38,33 @@ def test_relative_links_reach_a_file_and_heading(page):
 def test_every_docs_page_is_linked_from_the_readme():
     linked = {(REPO / t.partition("#")[0]).resolve() for t in LINK.findall((REPO / "README.md").read_text())}
     assert not [p.name for p in PAGES[1:] if p not in linked]
+
+
+COMMAND = re.compile(r"(?:^|`)(snakemake(?: [^`\n#]*)?)", flags=re.M)
+
+
+def test_every_snakemake_command_in_the_docs_runs_as_written():
+    """Each `snakemake ...` of the README and docs/ parses with Snakemake's own parser as meant:
+    every word after --configfile is a config file that exists (a target there would be read as one),
+    and a command that runs jobs names --cores or a profile (Snakemake refuses to start without
+    one: the README's `snakemake --rerun-incomplete` after a crash once did)."""
+    import shlex
+
+    import yaml
+    from snakemake.cli import get_argument_parser
+
+    assert "cores" not in yaml.safe_load((REPO / "workflow/profiles/default/config.yaml").read_text())
+    commands = [c.strip() for page in PAGES for c in COMMAND.findall(page.read_text())]
+    assert len(commands) > 10, commands
+    wrong = []
+    for command in commands:
+        args = get_argument_parser().parse_args(shlex.split(command)[1:])
+        runs_jobs = not (args.dryrun or args.report or args.unlock or args.lint or args.profile)
+        if runs_jobs and args.cores is None and args.jobs is None:
+            wrong.append(f"{command}: no --cores (Snakemake refuses to start)")
+        for path in map(str, args.configfile or []):
+            if "<" in path or path.startswith(("OUT/", "DIR/")):
+                continue  # a placeholder the text explains
+            if not path.endswith((".yaml", ".yml", ".json")) or not ((REPO / path).is_file() or path.startswith("resources/")):
+                wrong.append(f"{command}: {path!r} is read as a config file")
+    assert not wrong, wrong

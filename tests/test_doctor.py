@@ -7,6 +7,7 @@ import http.server
 import socket
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 import yaml
@@ -74,7 +75,7 @@ def test_what_is_broken_is_named_with_its_fix_and_exits_1(tmp_path, capsys, monk
     assert code == 1
     assert f"[FAIL] tracking: tracking server http://127.0.0.1:{port} does not answer" in out
     assert "[FAIL] data synth: file=" in out and "key=x/text: checksum mismatch" in out
-    assert f"fix: remove {store.parent} and rerun snakemake" in out
+    assert f"fix: rm -r {store.parent} && snakemake --cores all {store} --configfile {config}" in out
     assert "2 problem(s) to fix" in out
 
 
@@ -90,10 +91,76 @@ def test_a_bad_config_and_a_missing_manual_dataset_fail(tmp_path, capsys, monkey
     (tmp_path / "mosi.yaml").write_text(yaml.safe_dump(config))
     code, out = doctor(capsys, str(tmp_path / "mosi.yaml"))
     assert code == 1 and "[FAIL] data mosi: " in out and "cannot be downloaded automatically" in out
+    assert f"fix: snakemake --cores 1 fetch_mosi --configfile {tmp_path / 'mosi.yaml'} prints the manual steps" in out
     config["datasets"]["mosi"].update(path="absent.pkl", stand_in="tiny")   # the fetch step writes a stand-in
     (tmp_path / "mosi.yaml").write_text(yaml.safe_dump(config))
     code, out = doctor(capsys, str(tmp_path / "mosi.yaml"))
-    assert "[warn] data mosi: " in out and "snakemake writes the random stand-in (fetch_mosi)" in out
+    assert "[warn] data mosi: " in out and "snakemake writes the random stand-in first; now: snakemake --cores 1 fetch_mosi" in out
+
+
+def test_every_fix_is_a_command_snakemake_accepts_as_written(tmp_path, capsys, monkeypatch):
+    """Targets before --configfile (which reads every word after it as a file), --cores given, and
+    config/config.yaml (which the Snakefile loads itself) not repeated."""
+    import shlex
+
+    from snakemake.cli import get_argument_parser
+
+    from mmrepro.doctor import snakemake_command
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("{}")
+    (tmp_path / "paper.yaml").write_text("{}")
+    command = snakemake_command("fetch_mosi", [Path("config/config.yaml"), Path("paper.yaml")])
+    assert command == "snakemake --cores all fetch_mosi --configfile paper.yaml"
+    args = get_argument_parser().parse_args(shlex.split(command)[1:])
+    assert args.targets == ["fetch_mosi"] and args.cores and list(map(str, args.configfile)) == ["paper.yaml"]
+
+
+def test_a_read_only_results_folder_fails_naming_it(tmp_path, capsys, monkeypatch):
+    """What a run writes to is checked (as root, permission bits do not stop writes: the check asks
+    the OS, which also answers for read-only mounts; here the OS is made to refuse)."""
+    import os
+
+    from mmrepro import doctor as module
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = _config(tmp_path)
+    (tmp_path / "results" / "tracking").mkdir(parents=True)
+    refused = tmp_path / "results" / "tracking"
+    monkeypatch.setattr(module.os, "access", lambda p, mode: Path(p) != refused and os.path.exists(p))
+    code, out = doctor(capsys, config)
+    assert code == 1
+    assert f"[FAIL] writable: {refused} is not a writable folder; a run writes outputs of a run there" in out
+    assert f"fix: chmod -R u+w {refused}, or set results: to a writable folder" in out
+
+
+def test_work_folders_of_killed_conversions_are_listed_with_the_command_that_removes_them(tmp_path, capsys,
+                                                                                          monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    config = _config(tmp_path)
+    left = tmp_path / "results" / "data" / ".synth.partial-somehost-99-abcdefgh"
+    (left / "train").mkdir(parents=True)
+    (left / "train" / "x.npy").write_bytes(b"0" * 2_000_000)
+    code, out = doctor(capsys, config)
+    assert "[warn] data leftovers: 1 work folder(s) of interrupted conversions, 2 MB" in out
+    assert f"fix: rm -r {left}" in out
+
+
+def test_doctor_and_every_message_point_only_to_docs_that_exist():
+    """A page named in a message (docs/x.md, with a 'Heading' after it) exists, with that heading."""
+    import re
+
+    from conftest import REPO
+    pages = {}
+    for source in (REPO / "src" / "mmrepro").rglob("*.py"):
+        for page, heading in re.findall(r"(docs/[\w/.-]+\.md)(?: '([^']+)')?", source.read_text()):
+            pages.setdefault((page, heading), source.name)
+    assert pages, "no docs reference found: the pattern is wrong"
+    for (page, heading), source in pages.items():
+        path = REPO / page
+        assert path.is_file(), f"{source} names {page}, which does not exist"
+        if heading:
+            assert re.search(rf"^#+ {re.escape(heading)}$", path.read_text(), re.M), f"{source}: no '{heading}' in {page}"
+    assert not [s for s in (REPO / "src" / "mmrepro").rglob("*.py") if re.search(r"README section", s.read_text())]
 
 
 @contextlib.contextmanager

@@ -222,19 +222,19 @@ def test_ablation_variants_carry_their_families():
 
 def test_a_backbone_from_another_dataset_loads_all_but_its_dataset_specific_layers(tmp_path):
     """MPLMM's transfer (MOSEI -> MOSI): input widths and outputs differ, everything else is loaded."""
-    from mmrepro.jobs import _load_backbone
+    from mmrepro import checkpoints
 
     source = backbone(schema([7, 3, 4], [6, 4, 5]), seed=1)
     torch.save({"state_dict": source.state_dict()}, tmp_path / "model.pt")
     target = backbone(SCH3, seed=2)
     before = {k: v.clone() for k, v in target.state_dict().items()}
-    _load_backbone(target, tmp_path / "model.pt")
+    checkpoints.load_weights(target, checkpoints.read(tmp_path / "model.pt"))
     for k, v in target.state_dict().items():
         same_shape = source.state_dict()[k].shape == v.shape
         assert torch.equal(v, source.state_dict()[k] if same_shape else before[k]), k
     assert not torch.equal(target.state_dict()["encoders.m0.proj.weight"][:, :5], source.state_dict()["encoders.m0.proj.weight"][:, :5])
     with pytest.raises(ValueError, match="does not fit"):
-        _load_backbone(backbone(SCH3, d=16, heads=2), tmp_path / "model.pt")
+        checkpoints.load_weights(backbone(SCH3, d=16, heads=2), checkpoints.read(tmp_path / "model.pt"))
 
 
 def test_backbone_spec_trains_on_the_pretrain_dataset():

@@ -202,11 +202,7 @@ def _arrays(n: int, seed: int) -> dict:
     return out
 
 
-@pytest.mark.parametrize("method", [
-    pytest.param("ogm_ge", marks=pytest.mark.xfail(
-        raises=ValueError, strict=True, reason="OGM-GE splits the fused vector into per-modality blocks; "
-        "cggm_msa's is the fusion transformer's step 0 (d wide, no blocks)")),
-    "agm", "pmr", "mslr", "greedy", "cggm"])
+@pytest.mark.parametrize("method", ["ogm_ge", "agm", "pmr", "mslr", "greedy", "cggm"])
 def test_balance_hooks_train_on_cggm_msa(method):
     torch.manual_seed(0)
     net = build_model(SCHEMA_CLS, CLS, backbone="cggm_msa", d_model=D, layers=1, heads=2, kernel=1, dropout=0.0,

@@ -18,7 +18,8 @@ from mmrepro.data.mmsa import convert_mmsa
 from mmrepro.data.schema import DataValidationError
 from mmrepro.evaluate import metric_kind
 from mmrepro.data.store import FeatureStore
-from mmrepro.jobs import _save_model, adapt_job
+from mmrepro.checkpoints import save as save_model
+from mmrepro.jobs import adapt_job
 from mmrepro.models import build_model
 from test_real_data import dump, mmsa_data
 
@@ -90,7 +91,7 @@ def test_a_source_model_of_one_corpus_is_adapted_and_scored_on_another(tmp_path)
     torch.manual_seed(0)
     source = build_model(FeatureStore(stores["mosi"]).schema, FeatureStore(stores["mosi"]).schema.task("sentiment"),
                          **MODEL)
-    _save_model(source, tmp_path / "model.pt", spec)
+    save_model(source, tmp_path / "model.pt", spec)
     summary = adapt_job(spec, stores["sims"], tmp_path / "model.pt", tmp_path / "run", 1)
     assert summary["dataset"] == "mosi" and summary["setting"] == "to_sims" and summary["trainable_params"] > 0
     assert summary["task"] == "regression" and np.isfinite(summary["metrics"]["test"]["mae"])

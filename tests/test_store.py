@@ -332,3 +332,51 @@ def test_rewrite_replaces_existing_store(tmp_path):
     np.testing.assert_array_equal(train["y/score"], new[0][1]["y/score"])
     fs.verify()
     assert sorted(p.name for p in root.parent.iterdir()) == ["tiny"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Work folders of killed conversions
+
+KILLED_WRITER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_store import PROVENANCE, SCHEMA, splits_of
+from mmrepro.data.store import write_store
+
+def splits():
+    yield splits_of()[0]
+    open({ready!r}, "w").close()
+    time.sleep(600)  # killed here, its train split written into the work folder
+
+write_store({root!r}, SCHEMA, splits(), PROVENANCE)
+"""
+
+
+def test_the_next_conversion_removes_what_a_killed_one_left(tmp_path, caplog):
+    """kill -9 mid-conversion leaves the hidden work folder; the next conversion of the same store
+    removes it (its process is gone), and leaves another host's with a warning naming it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from mmrepro.data.store import leftovers
+
+    root, ready = tmp_path / "stores" / "tiny", tmp_path / "ready"
+    code = KILLED_WRITER.format(tests=str(Path(__file__).parent), ready=str(ready), root=str(root))
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 120
+    while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert ready.exists(), "the writer never reached its second split"
+    (left,) = leftovers(root.parent, "tiny")
+    assert (left / "train" / "x" / "a.npy").is_file() and not root.exists()
+    elsewhere = root.parent / ".tiny.partial-otherhost-123-abcdefgh"
+    elsewhere.mkdir()
+
+    write_store(root, SCHEMA, splits_of(), PROVENANCE)
+    assert not left.exists() and sorted(FeatureStore(root).splits) == ["test", "train"]
+    assert elsewhere.exists() and "otherhost" in caplog.text and str(elsewhere) in caplog.text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,7 @@ def pipeline(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("pipeline")
     done = snakemake(workdir)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (workdir / "terminal.txt").write_text(done.stdout + done.stderr)  # what the user saw
     return workdir / "out"
 
 
@@ -81,6 +83,13 @@ def test_every_table_and_plot_of_the_rules_is_marked_for_the_snakemake_report(tm
     assert {"results/plots/missing_train_rates", "results/plots/missing_prompt_lengths",
             "results/plots/balance_cggm", "results/tables/missing_cases"} <= set(stems)
     assert [stem for stem, marked in stems.items() if not marked] == []
+
+
+@pytest.mark.slow
+def test_the_terminal_shows_where_to_look_at_the_runs_and_no_spec_json(pipeline):
+    terminal = (pipeline.parent / "terminal.txt").read_text()
+    assert "look at the runs: mlflow ui" in terminal and "#/experiments/" in terminal  # init_tracking's lines
+    assert '"method_params"' not in terminal, "a job's spec JSON on the terminal"
 
 
 @pytest.mark.slow
@@ -155,6 +164,29 @@ def test_a_finished_pipeline_has_nothing_left_to_do(pipeline):
 
 
 @pytest.mark.slow
+def test_jobs_read_their_spec_from_a_short_path_and_a_changed_spec_still_reruns_them(pipeline):
+    """The command line names the spec's file (results/specs/<hash>.json), not 2 KB of JSON; the path
+    carries the content's hash, so Snakemake's params trigger still reruns exactly the changed jobs."""
+    log = snakemake(pipeline.parent, "-n", "-p", "--forceall")
+    commands = [line for line in (log.stdout + log.stderr).splitlines() if "mmrepro train" in line or "mmrepro adapt" in line]
+    assert commands and all("--spec out/specs/" in c and "{" not in c for c in commands), commands[:2]
+    run = pipeline / "balance" / "synth" / "joint" / "complete" / "seed1"
+    assert json.loads((run / "config.json").read_text()) in [json.loads(p.read_text()) for p in (pipeline / "specs").glob("*.json")]
+    specs = sorted((pipeline / "specs").iterdir())
+    changed = json.loads(json.dumps(TINY))
+    changed["studies"]["missing"]["train"] = {"lr": 0.002}
+    again = snakemake(pipeline.parent, "-n", config=changed)
+    (pipeline.parent / "config.yaml").write_text(yaml.safe_dump(TINY))
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    rerun = re.findall(r"^rule (\w+):\n(?:.*\n)*?\s+output: (\S+)", out, flags=re.M)
+    assert rerun and all("/missing/" in output for rule, output in rerun if rule in ("train", "backbone")), rerun
+    assert "Params have changed since last execution" in out
+    assert not [line for line in out.splitlines() if "output: out/balance/" in line], "an unchanged job was rerun"
+    assert sorted((pipeline / "specs").iterdir()) == specs, "a dry run writes no spec file"
+
+
+@pytest.mark.slow
 def test_same_seed_gives_identical_metrics_json(pipeline, tmp_path):
     run = pipeline / "balance" / "synth" / "joint" / "complete" / "seed1"
     spec = (run / "config.json").read_text()
@@ -178,6 +210,19 @@ def test_bad_config_fails_before_any_job_naming_the_key(tmp_path, mutate, key):
     assert done.returncode != 0
     assert f"config key {key}" in done.stderr + done.stdout
     assert not (tmp_path / "out").exists(), "no job may start on a bad config"
+
+
+def test_a_malformed_default_config_is_named_with_its_line_and_a_file_as_results_with_its_key(tmp_path):
+    """Snakemake's own message names neither the file nor the line; the Snakefile reads it first."""
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("results: out\nmethods:\n  cggm: {rho: 1.3\n")
+    done = snakemake(tmp_path, "-n")
+    assert done.returncode != 0
+    assert "config file config/config.yaml, line 4, column 1: not valid YAML" in done.stderr + done.stdout
+    (tmp_path / "config" / "config.yaml").write_text("{}")
+    (tmp_path / "taken").write_text("a file")
+    done = snakemake(tmp_path, "-n", config={**TINY, "results": "taken"})
+    assert "config key results: taken is a file, not a folder" in done.stderr + done.stdout
 
 
 @pytest.mark.parametrize("extra", [[], ["--configfile", "config/paper.yaml"]], ids=["default", "paper"])

@@ -1,7 +1,8 @@
 """``mmrepro <verb>``: the only entry point the Snakemake rules call.
 
 Each verb does one job of the DAG. Rules pass their wildcards and a JSON run spec built by
-:mod:`mmrepro.config`; run ``mmrepro <verb> --help`` for the arguments of each.
+:mod:`mmrepro.config` (a file under ``<results>/specs/``; the JSON text itself is accepted too);
+run ``mmrepro <verb> --help`` for the arguments of each.
 """
 
 from __future__ import annotations
@@ -13,34 +14,47 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
 
 
-def _json(text: str) -> dict:
+def _spec_text(value: str) -> tuple[str, str]:
+    """A spec argument's JSON and where it came from: the text itself (it starts with ``{``) or the
+    file it names (what the rules pass: :func:`mmrepro.config.spec_file`)."""
+    if value.lstrip().startswith("{"):
+        return value, ""
+    try:
+        return Path(value).read_text(), f"{value}: "
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"no spec file {value} ({e.strerror}); pass a spec's JSON or its file") from None
+
+
+def _json(value: str) -> dict:
+    text, where = _spec_text(value)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {e}") from None
+        raise argparse.ArgumentTypeError(f"{where}not valid JSON: {e}") from None
 
 
-def _run_spec(text: str):
+def _run_spec(value: str):
     """A ``--spec`` run spec: JSON checked key by key (:class:`mmrepro.spec.RunSpec`)."""
     from mmrepro.spec import RunSpec, SpecError
 
+    text, where = _spec_text(value)
     try:
         return RunSpec.from_json(text)
     except SpecError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(f"{where}{e}") from None
 
 
-def _mechanism_spec(text: str):
+def _mechanism_spec(value: str):
     """A ``--spec`` of a mechanisms point (:class:`mmrepro.spec.MechanismSpec`)."""
     from mmrepro.spec import MechanismSpec, SpecError
 
+    text, where = _spec_text(value)
     try:
         return MechanismSpec.from_json(text)
     except SpecError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(f"{where}{e}") from None
 
 
 def _report_inputs(parser: argparse.ArgumentParser) -> None:
@@ -54,12 +68,9 @@ def _report_inputs(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from mmrepro.config import load_schema, merge_config, validate_config
+    from mmrepro.config import load_schema, read_config_files, validate_config
 
-    config: dict = {}
-    for path in args.configfile:
-        merge_config(config, yaml.safe_load(Path(path).read_text()) or {})
-    validate_config(config, load_schema(args.schema))
+    validate_config(read_config_files(args.configfile), load_schema(args.schema))
     print(f"config OK: {', '.join(args.configfile)}")
     return 0
 
@@ -145,13 +156,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_stand_in(args: argparse.Namespace) -> int:
-    from mmrepro.config import merge_config
+    from mmrepro.config import read_config_files
     from mmrepro.data.standin import MANIFEST, OVERLAY, Scale, generate
     from mmrepro.data.standin.plan import FULL_MAX_BYTES
 
-    config: dict = {}
-    for path in args.configfile:
-        merge_config(config, yaml.safe_load(Path(path).read_text()) or {})
+    config = read_config_files(args.configfile)
     max_bytes = (None if args.scale == "tiny" or (args.max_gb is not None and args.max_gb <= 0)
                  else FULL_MAX_BYTES if args.max_gb is None else int(args.max_gb * 1e9))
     try:
@@ -384,14 +393,14 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("make-data", help="generate or convert a dataset into a feature store")
     s.add_argument("--dataset", required=True, help="dataset name (a key of the config's datasets)")
-    s.add_argument("--spec", dest="entry", type=_json, required=True, help="the dataset's config entry, as JSON")
+    s.add_argument("--spec", dest="entry", type=_json, required=True, help="the dataset's config entry: a JSON file or JSON text")
     s.add_argument("--out", type=Path, required=True, help="<store folder>/manifest.json to write")
     s.set_defaults(func=cmd_make_data)
 
     s = sub.add_parser("fetch", help="download (or resume) and verify a dataset's source files, or say how to get them")
     s.add_argument("--dataset", required=True, help="dataset name (a key of the config's datasets)")
     s.add_argument("--spec", dest="entry", type=_json, required=True,
-                   help="the dataset's config entry, as JSON (path, source)")
+                   help="the dataset's config entry: a JSON file or JSON text (path, source)")
     s.add_argument("--checksums", type=Path, default=None,
                    help="JSON registry of SHA-256 recorded on first download, for sources without a published "
                         "one (default: the spec's 'checksums', which the workflow sets to <data_root>/checksums.json)")
@@ -426,7 +435,7 @@ def parser() -> argparse.ArgumentParser:
     for verb, helptext, func in (("train", "train one run (method x setting x seed) and evaluate it", cmd_train),
                                  ("adapt", "adapt a trained model at test time on a target split", cmd_adapt)):
         s = sub.add_parser(verb, help=helptext)
-        s.add_argument("--spec", type=_run_spec, required=True, help="run spec JSON (built by mmrepro.config)")
+        s.add_argument("--spec", type=_run_spec, required=True, help="run spec: a JSON file or JSON text (built by mmrepro.config)")
         s.add_argument("--data", type=Path, required=True, help="feature store manifest.json")
         s.add_argument("--out-dir", type=Path, required=True, help="folder for metrics.json, model.pt, config.json")
         s.add_argument("--threads", type=int, default=1, help="CPU threads (Snakemake passes the rule's threads)")
@@ -445,7 +454,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("tune", help="one step of an Optuna search: create the study, run a worker, or write the best")
     steps = s.add_subparsers(dest="step", required=True, metavar="step")
     t = steps.add_parser("create", help="create (or load) the study and its MLflow parent run; enqueue the default point")
-    t.add_argument("--search", type=_json, required=True, help="search spec JSON (built by mmrepro.config.search_spec)")
+    t.add_argument("--search", type=_json, required=True, help="search spec: a JSON file or JSON text (built by mmrepro.config.search_spec)")
     t.add_argument("--out", type=Path, required=True, help="search.json to write (the spec, with the parent run)")
     for step, helptext in (("work", "run trials until the study's shared budget is finished"),
                            ("best", "after every worker: finish the budget, write best.json and the plots beside it")):
@@ -477,7 +486,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("mechanism", help="one point of a mechanisms sweep: a study's diagnostic and methods' gains at a dose")
     s.add_argument("--spec", type=_mechanism_spec, required=True,
-                   help="JSON: study, dataset (config entry), dose, seed, budget, methods, params, domain (shift)")
+                   help="a JSON file or JSON text: study, dataset (config entry), dose, seed, budget, methods, params, "
+                        "domain (shift)")
     s.add_argument("--out", type=Path, required=True, help="JSON file for the point")
     s.set_defaults(func=cmd_mechanism)
 

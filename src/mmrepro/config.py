@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import inspect
 import logging
 import math
+import os
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,13 @@ import jsonschema
 import yaml
 
 from mmrepro.data import dataset_modalities
+from mmrepro.annotations import numeric_kind, problem
+from mmrepro.methods.params import ParamError, check_params, declared
 from mmrepro.methods.registry import ADAPTERS, HOOKS, METHOD_FAMILIES, SETTINGS, TRANSFORMS, build, resolve_method
 from mmrepro.models.fusion import FUSIONS
 from mmrepro.models.presets import JOINT_PRESETS, PRESETS, check_widths, preset_dropouts
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES, check_method_support
-from mmrepro.spec import DataSetting, MechanismSpec, ModelSpec, RunSpec, TrackingSpec, TrainConfig
+from mmrepro.spec import CheckpointSpec, DataSetting, MechanismSpec, ModelSpec, RunSpec, TrackingSpec, TrainConfig
 from mmrepro.tracking import config_hash
 
 #: Loaders whose task is per-voxel segmentation (a model and method subset of their own).
@@ -77,6 +82,41 @@ def merge_config(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]
     return base
 
 
+def read_config_file(path: Path | str) -> dict[str, Any]:
+    """One YAML config file; a missing file, a YAML error (with its line and column) or a file that
+    is not a mapping of keys raises :class:`ConfigError` naming the file."""
+    path = Path(path)
+    if not path.exists():
+        hint = ""
+        if path.suffix not in (".yaml", ".yml", ".json"):
+            hint = (f"; {str(path)!r} looks like a target: Snakemake reads every word after --configfile as a "
+                    f"config file, so put targets first (snakemake --cores all {path} --configfile <files>)")
+        raise ConfigError(f"config file {path}: no such file{hint}")
+    if path.is_dir():
+        raise ConfigError(f"config file {path}: is a folder, not a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"config file {path}{where}: not valid YAML: {what}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected config keys (a YAML mapping) at the top level, "
+                          f"got a {type(data).__name__}")
+    return data
+
+
+def read_config_files(paths: list[Path] | list[str]) -> dict[str, Any]:
+    """Config files layered in order as Snakemake layers ``--configfile`` files (:func:`merge_config`)."""
+    config: dict[str, Any] = {}
+    for path in paths:
+        merge_config(config, read_config_file(path))
+    return config
+
+
 def load_schema(path: Path | str) -> dict[str, Any]:
     return yaml.safe_load(Path(path).read_text())
 
@@ -93,6 +133,8 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
         for key in [k for k in overrides if k not in keys]:
             del overrides[key]
     _check_finite(config)
+    _check_folders(config)
+    _check_methods(config)
     for note in select_study_datasets(config):
         log.warning("note: %s", note)
     _check_backbones(config, schema)
@@ -153,6 +195,17 @@ def select_study_datasets(config: dict[str, Any]) -> list[str]:
                 del study_cfg["report_groups"][group]
                 notes.append(f"studies.{study}.report_groups.{group} skipped: the study does not run {absent}")
     return notes
+def _check_folders(config: dict[str, Any]) -> None:
+    """``results`` and ``data_root`` are folders (or not made yet): a file there, or on the way to
+    them, would fail at the first job that writes."""
+    for key in ("results", "data_root"):
+        for path in (Path(config[key]), *Path(config[key]).parents):
+            if path.exists():
+                if not path.is_dir():
+                    what = "is" if path == Path(config[key]) else f"is under {path}, which is"
+                    raise ConfigError(f"config key {key}: {config[key]} {what} a file, not a folder; set {key} to "
+                                      "a folder (it is created if absent)")
+                break
 
 
 def _check_finite(value: Any, path: tuple = ()) -> None:
@@ -343,14 +396,43 @@ def _check_modality_layers(config: dict[str, Any], study: str, run: dict[str, An
 
 
 def _check_params(cls, params: dict[str, Any], key: str, build: bool = False) -> None:
-    """Parameter names fit the plug-in's signature; with ``build``, the plug-in accepts their values
-    too (its constructor checks ranges, e.g. a LoRA rank of 0). Adapters need a model: names only."""
+    """Each parameter is one the plug-in declares, of its type and in its range
+    (:mod:`mmrepro.methods.params`); with ``build``, the plug-in accepts them together too (its
+    constructor checks combinations, e.g. CGGM's cls_momentum needs cls_optim SGD). Adapters need a
+    model to be built: their declaration only."""
     try:
-        inspect.signature(cls).bind_partial(**params)
-        if build:
+        check_params(cls, params)
+    except ParamError as e:
+        raise ConfigError(f"config key {key}.{e.param}: {e.problem}") from None
+    if build:
+        try:
             cls(**params)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config key {key}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config key {key}: {e}") from None
+
+
+def _plugin(name: str):
+    """The registered plug-in class of any family called ``name``, or None."""
+    owner = next((reg for reg in METHOD_FAMILIES.values() if name in reg), None)
+    return None if owner is None else (owner.get(name), owner is not ADAPTERS)
+
+
+def _check_methods(config: dict[str, Any]) -> None:
+    """Every ``methods.<plug-in>`` entry (used by a study or not: mechanisms sweeps read them too) and
+    every ``method_variants.<name>.params``, over its plug-in's entry, as the plug-in declares."""
+    for name, params in config["methods"].items():
+        found = _plugin(name)
+        if found is None:
+            raise ConfigError(f"config key methods.{name}: unknown method; known: "
+                              f"{sorted(n for reg in METHOD_FAMILIES.values() for n in reg.names())}")
+        _check_params(found[0], params, f"methods.{name}", build=found[1])
+    for name, variant in config.get("method_variants", {}).items():
+        found = _plugin(variant["method"])
+        if found is None:
+            raise ConfigError(f"config key method_variants.{name}.method: {variant['method']!r} is not one "
+                              "registered plug-in (a variant runs one plug-in with other parameters)")
+        _check_params(found[0], {**config["methods"].get(variant["method"], {}), **variant.get("params", {})},
+                      f"method_variants.{name}.params", build=found[1])
 
 
 def _check_names(config: dict[str, Any]) -> None:
@@ -386,16 +468,9 @@ def _check_names(config: dict[str, Any]) -> None:
                               f"defined under datasets: {sorted(config['datasets'])}")
         for i, method in enumerate(study_cfg["methods"]):
             try:
-                base, overrides = expand_variants(config, method)
-                plan = resolve_method(base)
+                resolve_method(expand_variants(config, method)[0])
             except (KeyError, ValueError) as e:
                 raise ConfigError(f"config key studies.{study}.methods[{i}]: {e.args[0]}") from None
-            for family, reg in registries.items():
-                name = getattr(plan, family)
-                _check_params(reg.get(name), config["methods"].get(name, {}), f"methods.{name}", build=reg is not ADAPTERS)
-                if name in overrides:
-                    _check_params(reg.get(name), {**config["methods"].get(name, {}), **overrides[name]},
-                                  f"method_variants.{method}.params", build=reg is not ADAPTERS)
         for name, setting in study_cfg["settings"].items():
             key = f"studies.{study}.settings.{name}"
             if setting["type"] == "domain":
@@ -438,10 +513,6 @@ def _check_names(config: dict[str, Any]) -> None:
     _check_source_model(config)
     _check_cross_dataset(config)
     _check_adapters(config)
-    for name in config["methods"]:
-        if not any(name in reg for reg in registries.values()):
-            raise ConfigError(f"config key methods.{name}: unknown method; known: "
-                              f"{sorted(n for reg in registries.values() for n in reg.names())}")
 
 
 #: The plug-in family whose members a mechanisms sweep compares, per study.
@@ -556,6 +627,31 @@ def dataset_path(config: dict[str, Any], dataset: str) -> str | None:
     return None if path is None else str(Path(config["data_root"]) / path)
 
 
+def spec_file(config: dict[str, Any], text: str, write: bool = True) -> str:
+    """Where a job reads its spec (JSON ``text``) from: ``<results>/specs/<hash>.json``, written once
+    unless ``write`` is false (a dry run). The rules pass this path, not kilobytes of JSON, on the
+    job's command line; the path carries the content's hash, so a changed spec is a changed rule
+    parameter and Snakemake still reruns the job."""
+    path = Path(config["results"]) / "specs" / f"{hashlib.sha256(text.encode()).hexdigest()[:16]}.json"
+    if write and not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path.as_posix()
+
+
+def fetch_rules(config: dict[str, Any]) -> dict[str, str]:
+    """Raw path -> the dataset whose name its fetch rule carries (``fetch_<dataset>``): the first that
+    reads the path (datasets sharing a file share its rule)."""
+    rules: dict[str, str] = {}
+    for name in config["datasets"]:
+        path = dataset_path(config, name)
+        if path is not None:
+            rules.setdefault(path, name)
+    return rules
+
+
 def dataset_spec(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     """A dataset's config entry for the fetch and make-data jobs: path resolved, checksum registry named;
     a stand-in's path relative to ``data_root`` also names that folder (``stand_in_root``), where the
@@ -664,7 +760,22 @@ def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, sett
     teachers = teacher_runs(config, study, dataset, method, seed)
     if teachers:
         spec = dataclasses.replace(spec, teachers={m: run["setting"] for m, run in teachers.items()})
-    return spec
+    return dataclasses.replace(spec, checkpoint=start_checkpoint(config, study, dataset, seed, spec.backbone))
+
+
+def start_checkpoint(config: dict[str, Any], study: str, dataset: str, seed: int,
+                     backbone: str | None = None) -> CheckpointSpec | None:
+    """What the model a study's run starts from must be (its ``model.pt`` is checked against it):
+    fine-tuning, the study's backbone; adapting, the backbone of ``backbone`` on the study's axis or
+    the ``source_model`` run; None for a study that trains from scratch."""
+    kind, source = STUDY_KINDS[study], config["studies"][study].get("source_model")
+    if kind == "train":
+        return None
+    if kind == "adapt" and source:
+        start = run_spec(config, source["study"], dataset, source["method"], source["setting"], seed)
+    else:
+        start = backbone_spec(config, study, dataset, seed, backbone)
+    return CheckpointSpec(model=start.model, task=start.task, transform=start.plan.transform)
 
 
 def needs_teachers(config: dict[str, Any], method: str) -> bool:
@@ -766,21 +877,32 @@ def tuned_methods(config: dict[str, Any], study: str) -> list[str]:
     return list(config["studies"][study]["methods"]) if tune is True else list(tune or [])
 
 
-def _current(spec: RunSpec, key: str) -> Any:
-    """The value a run uses today for a space key: the config's, else the plug-in's own default."""
+def _current(spec: RunSpec, key: str) -> tuple[Any, Any]:
+    """The value a run uses today for a space key (the config's, else the plug-in's own default) and
+    the key's declared type."""
     section, field, plugin = spec.space_field(key)
     if plugin is None:
-        return getattr(getattr(spec, section), field)
-    if field in spec.method_params[plugin]:
-        return spec.method_params[plugin][field]
+        owner = getattr(spec, section)
+        return getattr(owner, field), typing.get_type_hints(type(owner))[field]
     family = next(f for f, name in spec.plan.families().items() if name == plugin)
-    param = inspect.signature(METHOD_FAMILIES[family].get(plugin)).parameters.get(field)
-    if param is None or param.default is inspect.Parameter.empty:
+    param = declared(METHOD_FAMILIES[family].get(plugin)).get(field)
+    if param is None or (field not in spec.method_params[plugin] and param.default is inspect.Parameter.empty):
         raise KeyError(f"{plugin} has no parameter {field!r} with a default")
-    return param.default
+    return spec.method_params[plugin].get(field, param.default), param.hint
 
 
-def _check_point(dist: dict[str, Any], value: Any, key: str) -> None:
+def _check_point(dist: dict[str, Any], value: Any, hint: Any, key: str) -> None:
+    """A search range: its bounds or choices are values the key's declared type takes (a float range
+    for an int is refused), and the default point lies in it."""
+    bounds = {f"choices[{i}]": c for i, c in enumerate(dist["choices"])} if "choices" in dist else \
+        {"low": dist["low"], "high": dist["high"]}
+    for name, bound in bounds.items():
+        wrong = problem(bound, hint)
+        if wrong is not None:
+            raise ConfigError(f"config key {key}.{name}: {wrong}")
+    if "choices" not in dist and dist.get("type", "float") == "float" and numeric_kind(hint) == "int":
+        raise ConfigError(f"config key {key}.type: the parameter is an int, a float range would try fractions; "
+                          "set type: int")
     if "choices" in dist:
         if value not in dist["choices"]:
             raise ConfigError(f"config key {key}: the default point {value!r} is not one of {dist['choices']}")
@@ -812,10 +934,10 @@ def search_spec(config: dict[str, Any], study: str, dataset: str, method: str) -
     default = {}
     for key, dist in space.items():
         try:
-            default[key] = _current(spec, key)
+            default[key], hint = _current(spec, key)
         except KeyError as e:
             raise ConfigError(f"config key tune.space.{method}.{key}: {e.args[0]}") from None
-        _check_point(dist, default[key], f"tune.space.{method}.{key}")
+        _check_point(dist, default[key], hint, f"tune.space.{method}.{key}")
     tune = config["tune"]
     body = {"study": study, "dataset": dataset, "method": method, "kind": STUDY_KINDS[study], "spec": spec.to_dict(),
             "space": space, "default": default, "trials": tune["trials"], "seed": tune["seed"],

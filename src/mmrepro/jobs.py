@@ -13,14 +13,13 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmrepro import reproducibility
+from mmrepro import checkpoints, reproducibility
 from mmrepro.data.loader import SliceSampling, SplitLoader
 from mmrepro.data.schema import DataValidationError
 from mmrepro.data.store import MANIFEST, FeatureStore
@@ -35,7 +34,7 @@ from mmrepro.models.segmentation import BACKBONE as SEGMENTATION_BACKBONE
 from mmrepro.models.segmentation import SEGMENTATION_BACKBONES
 from mmrepro.models.segmentation import check_method_support
 from mmrepro.phases import Phases
-from mmrepro.spec import DataSetting, RunSpec
+from mmrepro.spec import CheckpointSpec, DataSetting, RunSpec
 from mmrepro.tracking import (DeferredRun, RunTracker, cluster_store_problem, log_outcome, open_run, record,
                               tracking_mode, tracking_uri)
 from mmrepro.train import fit
@@ -138,30 +137,17 @@ def _model(data: RunData, model: dict[str, Any]) -> torch.nn.Module:
     return build_model(data.schema, data.task, modalities=data.modalities, **model)
 
 
-def _save_model(model: torch.nn.Module, path: Path, spec: RunSpec) -> None:
-    """The weights with what rebuilds their module tree: the model config and the transform applied to it."""
-    tmp = path.with_suffix(".tmp")
-    transform = spec.plan.transform
-    torch.save({"state_dict": model.state_dict(), "model": dataclasses.asdict(spec.model), "task": spec.task,
-                "transform": {"name": transform, "params": spec.method_params[transform]}}, tmp)
-    os.replace(tmp, path)
-
-
-#: Tensors that are specific to a dataset (input widths, outputs): a backbone pretrained on another
-#: dataset (``pretrain_dataset``) leaves them freshly initialised where their shapes differ.
-DATASET_SPECIFIC = ("encoders.", "head.out.")
-
-
 def _load_trained(data: RunData, spec: RunSpec, path: Path) -> torch.nn.Module:
-    """A model trained by any study, rebuilt as it was trained: its own model config (not this run's)
-    and its transform's modules (a peft method's), then its weights, every one of them (a test-time
-    adapter on another dataset must not start an input projection fresh)."""
-    saved = torch.load(path, map_location="cpu")
-    model = _model(data, saved.get("model", dataclasses.asdict(spec.model)))
-    transform = saved.get("transform")
-    if transform is not None:
-        model = build(TRANSFORMS, transform["name"], transform["params"]).apply(model)
-    _load_backbone(model, path, fresh=())
+    """A model trained by any study, checked against the run spec (:mod:`mmrepro.checkpoints`), then
+    rebuilt as it was trained: its own model config and its transform's modules (a peft method's),
+    then its weights, every one of them (a test-time adapter on another dataset must not start an
+    input projection fresh)."""
+    ckpt = checkpoints.read(path)
+    checkpoints.check(ckpt, spec.checkpoint or spec.model, "the model to adapt")
+    model = _model(data, ckpt.model or dataclasses.asdict(spec.model))
+    if ckpt.transform is not None:
+        model = build(TRANSFORMS, ckpt.transform["name"], ckpt.transform["params"]).apply(model)
+    checkpoints.load_weights(model, ckpt, fresh=())
     return model
 
 
@@ -173,33 +159,6 @@ def _save_feature_stats(model: torch.nn.Module, loader: SplitLoader, path: Path,
     tmp = path.with_suffix(".tmp")
     torch.save({k: v.float() for k, v in feature_statistics(features).items()}, tmp)
     os.replace(tmp, path)
-
-
-def _load_backbone(model: torch.nn.Module, path: Path, fresh: tuple[str, ...] = DATASET_SPECIFIC) -> None:
-    """Load a trained model's weights; an unreadable or ill-fitting checkpoint names the file.
-
-    Tensors whose names start with one of ``fresh`` (by default the dataset-specific ones,
-    :data:`DATASET_SPECIFIC`) and whose shapes differ start fresh."""
-    try:
-        saved = torch.load(path, map_location="cpu")["state_dict"]
-    except FileNotFoundError:
-        raise DataValidationError("checkpoint file is missing", file=str(path)) from None
-    except (RuntimeError, EOFError, KeyError, TypeError, pickle.UnpicklingError) as e:
-        raise DataValidationError(f"not a model checkpoint of this run's model ({type(e).__name__}: "
-                                  f"{' '.join(str(e).split())[:400]})", file=str(path)) from None
-    own = model.state_dict()
-    differ = [k for k, v in saved.items() if k in own and own[k].shape != v.shape]
-    restart = [k for k in differ if fresh and k.startswith(fresh)]
-    if len(restart) < len(differ):
-        raise DataValidationError(f"checkpoint does not fit the model (shapes differ: {sorted(set(differ) - set(restart))})",
-                                  file=str(path))
-    if restart:
-        log.info("%s: %s start fresh (shapes differ from the pretraining dataset's)", path, restart)
-    missing, unexpected = model.load_state_dict({k: v for k, v in saved.items() if k not in restart}, strict=False)
-    missing = [k for k in missing if k not in restart]
-    if unexpected or missing:
-        raise DataValidationError(f"checkpoint does not fit the model (missing {missing}, unexpected {unexpected})",
-                                  file=str(path))
 
 
 def _check_store(spec: RunSpec) -> None:
@@ -229,12 +188,12 @@ def _summary(spec: RunSpec, data: "RunData", **extra: Any) -> dict[str, Any]:
 def _load_teachers(data: RunData, spec: RunSpec, paths: dict[str, Path]) -> dict[str, torch.nn.Module]:
     """The unimodal runs' models (modality -> model), frozen, for hooks that distil from teachers."""
     teachers = {}
+    expected = CheckpointSpec(spec.model, spec.task, "full_finetune")  # the study's joint runs, one modality each
     for m, path in paths.items():
-        saved = torch.load(path, map_location="cpu")
-        if saved["task"] != spec.task:
-            raise ValueError(f"teacher {path} was trained on task {saved['task']!r}, this run on {spec.task!r}")
-        model = build_model(data.schema, data.task, modalities=[m], **saved["model"])
-        model.load_state_dict(saved["state_dict"])
+        ckpt = checkpoints.read(path)
+        checkpoints.check(ckpt, expected, f"the unimodal {m!r} teacher")
+        model = build_model(data.schema, data.task, modalities=[m], **(ckpt.model or dataclasses.asdict(spec.model)))
+        checkpoints.load_weights(model, ckpt, fresh=())
         teachers[m] = model.eval().requires_grad_(False)
     return teachers
 
@@ -247,9 +206,13 @@ def prepare_training(spec: RunSpec, data: RunData, init: Path | None = None,
     ``teachers`` (modality -> unimodal run's ``model.pt``) go to a hook that ``needs_teachers`` (UMT).
     """
     check_method_support(data.task, spec.plan)  # before anything is built: a clear error, not a traceback
-    model = _model(data, dataclasses.asdict(spec.model))
+    backbone_ckpt = None
     if init is not None:
-        _load_backbone(model, init)
+        backbone_ckpt = checkpoints.read(init)
+        checkpoints.check(backbone_ckpt, spec.checkpoint or spec.model, "the backbone to fine-tune")
+    model = _model(data, dataclasses.asdict(spec.model))
+    if backbone_ckpt is not None:
+        checkpoints.load_weights(model, backbone_ckpt)
     backbone = count_parameters(model)[1]
     plan = spec.plan
     model = build(TRANSFORMS, plan.transform, spec.method_params[plan.transform]).apply(model)
@@ -298,7 +261,7 @@ def train_job(spec: RunSpec, store: Path, out_dir: Path, threads: int, init: Pat
                            trainable_params=trainable, total_params=total, backbone_params=backbone)
         if hook.run_summary():
             summary["hook"] = hook.run_summary()
-        _save_model(model, out_dir / "model.pt", spec)
+        checkpoints.save(model, out_dir / "model.pt", spec)
         if spec.feature_stats:
             _save_feature_stats(model, data.loader("train"), out_dir / "feature_stats.pt", cfg.torch_device)
         _finish(run, out_dir, spec, summary, result.history, phases)

@@ -1,8 +1,8 @@
 """The run spec: everything one job needs, resolved from the config once, as typed frozen dataclasses.
 
 :mod:`mmrepro.config` builds a :class:`RunSpec` per training or adaptation job (and a
-:class:`MechanismSpec` per mechanisms point); the rules pass it to ``mmrepro`` as JSON and the job
-writes it beside its results (``config.json``). :meth:`RunSpec.from_dict` reads that JSON back
+:class:`MechanismSpec` per mechanisms point); the rules pass it to ``mmrepro`` as a JSON file
+(:func:`mmrepro.config.spec_file`) and the job writes it beside its results (``config.json``). :meth:`RunSpec.from_dict` reads that JSON back
 and checks every key's type on construction, so a misspelt or mistyped key fails with its name
 before any work, not as a ``KeyError`` inside a job. The JSON has the shape it had when the spec
 was a dict: ``config.json`` files of finished runs still load.
@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
+
+from mmrepro.annotations import describe, fits
 
 
 class SpecError(ValueError):
@@ -69,6 +70,12 @@ class ModelSpec:
     position_padding: bool
     resnet: int
     resnet_width: int
+
+
+    def architecture(self) -> dict[str, Any]:
+        """The keys that shape the module tree and its forward pass (all but the dropout rates):
+        what a checkpoint of this model must have been built with."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("dropout", "dropouts")}
 
 
 PRECISIONS = ("fp32", "bf16")
@@ -131,6 +138,17 @@ class TrackingSpec:
     mode: str = "auto"
 
 
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """The model a job starts from, as its ``model.pt`` must record it: the model keys it was built
+    with, the task it was trained on and the model transform applied to it (a fine-tuning run's
+    backbone; an adapting run's trained model, a backbone or another study's run)."""
+
+    model: ModelSpec
+    task: str
+    transform: str
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSpec:
     """Everything one training or adaptation job needs (see :func:`mmrepro.config.run_spec`).
@@ -143,6 +161,7 @@ class RunSpec:
     validation split (a cross-dataset setting's), so the run is marked ``target_labels_used``;
     ``stand_in``: the scale of the random stand-in files the run's data was converted from (None: the
     real data), so that its metrics, MLflow run and every table built from it say it is no result.
+    ``checkpoint``: the model the job loads and starts from (None: it trains from scratch).
     """
 
     study: str
@@ -164,6 +183,7 @@ class RunSpec:
     teachers: dict[str, str] | None = field(default=None, metadata=OMITTED_AT_DEFAULT)  # absent without teachers
     tuned_on_target_labels: bool = field(default=False, metadata=OMITTED_AT_DEFAULT)
     stand_in: str | None = field(default=None, metadata=OMITTED_AT_DEFAULT)
+    checkpoint: CheckpointSpec | None = field(default=None, metadata=OMITTED_AT_DEFAULT)  # from scratch
 
     def __post_init__(self) -> None:
         _check_types(self, "")
@@ -293,8 +313,9 @@ def _build(cls, data: dict[str, Any], prefix: str):
                 raise SpecError(f"spec key {prefix}{f.name}: missing")
             continue
         value, hint = data[f.name], _hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
-            value = _build(hint, value, f"{prefix}{f.name}.")
+        nested = next((arm for arm in (hint, *typing.get_args(hint)) if dataclasses.is_dataclass(arm)), None)
+        if nested is not None and value is not None:
+            value = _build(nested, value, f"{prefix}{f.name}.")
         kwargs[f.name] = value
     return cls(**kwargs)
 
@@ -304,37 +325,10 @@ def _check_types(obj, prefix: str) -> None:
     hints = _hints(type(obj))
     for f in dataclasses.fields(obj):
         value, key = getattr(obj, f.name), f"{prefix}{f.name}"
-        if not _fits(value, hints[f.name]):
-            raise SpecError(f"spec key {key}: expected {_describe(hints[f.name])}, got {value!r}")
+        if not fits(value, hints[f.name]):
+            raise SpecError(f"spec key {key}: expected {describe(hints[f.name])}, got {value!r}")
         if dataclasses.is_dataclass(value):
             _check_types(value, key + ".")
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return True
-    if origin in (Union, types.UnionType):
-        return any(_fits(value, arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:  # JSON and YAML write 1.0 as 1
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if origin is dict:
-        key_hint, value_hint = typing.get_args(hint)
-        return isinstance(value, dict) and all(_fits(k, key_hint) and _fits(v, value_hint) for k, v in value.items())
-    if origin is list:
-        (item_hint,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_fits(v, item_hint) for v in value)
-    return isinstance(value, hint)
-
-
-def _describe(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _plain(value: Any) -> Any:

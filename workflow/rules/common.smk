@@ -12,12 +12,14 @@ from mmrepro.config import (
     backbone_spec,
     dataset_path,
     dataset_spec,
+    fetch_rules,
     load_schema,
     mechanism_points,
     mechanism_spec,
     run_spec,
     search_run,
     search_spec,
+    spec_file,
     study_grid,
     target_dataset,
     teacher_runs,
@@ -58,16 +60,6 @@ wildcard_constraints:
 
 def store(dataset):
     return f"{RESULTS}/data/{dataset}/manifest.json"
-
-
-def raw_sources():
-    """Raw path -> the first dataset that reads it (one fetch rule per path)."""
-    sources = {}
-    for name in config["datasets"]:
-        path = dataset_path(config, name)
-        if path is not None:
-            sources.setdefault(path, name)
-    return sources
 
 
 def run_dir(study, dataset, method, setting, seed, backbone=None):
@@ -128,10 +120,16 @@ def shift_source(dataset, backbone, seed):
     return {"model": f"{run_dir(source['study'], dataset, source['method'], source['setting'], seed)}/model.pt"}
 
 
-def spec_json(wildcards):
-    """The job's run spec, as JSON for the command line (changes to it re-run the job)."""
+def job_spec(text):
+    """A job's spec (JSON text) as the file the job reads, named by its content: a short command
+    line, and a changed spec is a changed parameter that re-runs the job (written in real runs only)."""
+    return spec_file(config, text, write=not workflow.dryrun)
+
+
+def train_spec(wildcards):
+    """A training job's run spec file."""
     w = wildcards
-    return run_spec(config, w.study, w.dataset, w.method, w.setting, int(w.seed)).to_json()
+    return job_spec(run_spec(config, w.study, w.dataset, w.method, w.setting, int(w.seed)).to_json())
 
 
 def study_metrics(study):

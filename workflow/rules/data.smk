@@ -3,7 +3,7 @@
 
 # One fetch rule per raw file or folder of the config (datasets sharing a file share the rule).
 # Downloads need the internet, which compute nodes may lack: fetches are local rules.
-for _raw, _dataset in raw_sources().items():
+for _raw, _dataset in fetch_rules(config).items():
 
     rule:
         name:
@@ -13,15 +13,14 @@ for _raw, _dataset in raw_sources().items():
             directory(_raw) if config["datasets"][_dataset]["loader"] in FOLDER_LOADERS else _raw,
         params:
             dataset=_dataset,
-            # a function, so that braces in the spec's text are not read as wildcards
-            spec=lambda wildcards, dataset=_dataset: json.dumps(dataset_spec(config, dataset)),
+            spec=lambda wildcards, dataset=_dataset: job_spec(json.dumps(dataset_spec(config, dataset))),
         conda:
             CONDA_ENV
         log:
             f"{RESULTS}/logs/fetch/{_dataset}.log",
         # the manual-download message goes to the terminal too, so nobody has to open a log to read it
         shell:
-            "set -o pipefail; mmrepro fetch --dataset {params.dataset} --spec {params.spec:q} 2>&1 | tee {log}"
+            "set -o pipefail; mmrepro fetch --dataset {params.dataset} --spec {params.spec} 2>&1 | tee {log}"
 
 
 rule make_data:
@@ -31,7 +30,7 @@ rule make_data:
     output:
         f"{RESULTS}/data/{{dataset}}/manifest.json",
     params:
-        spec=lambda wildcards: json.dumps(dataset_spec(config, wildcards.dataset)),
+        spec=lambda wildcards: job_spec(json.dumps(dataset_spec(config, wildcards.dataset))),
     conda:
         CONDA_ENV
     log:
@@ -44,4 +43,4 @@ rule make_data:
         runtime=lambda wildcards: DATA_RUNTIME.get(config["datasets"][wildcards.dataset]["loader"], 30),
     # a data error (what is wrong, in which file, split and key) is shown on the terminal too
     shell:
-        "set -o pipefail; mmrepro make-data --dataset {wildcards.dataset} --spec {params.spec:q} --out {output} 2>&1 | tee {log}"
+        "set -o pipefail; mmrepro make-data --dataset {wildcards.dataset} --spec {params.spec} --out {output} 2>&1 | tee {log}"

@@ -13,15 +13,17 @@ rule adapt:
     output:
         metrics=f"{RESULTS}/shift/{{dataset}}/{{backbone}}/{{method}}/{{setting}}/seed{{seed}}/metrics.json",
     params:
-        spec=lambda wildcards: run_spec(
-            config,
-            "shift",
-            wildcards.dataset,
-            wildcards.method,
-            wildcards.setting,
-            int(wildcards.seed),
-            wildcards.backbone,
-        ).to_json(),
+        spec=lambda wildcards: job_spec(
+            run_spec(
+                config,
+                "shift",
+                wildcards.dataset,
+                wildcards.method,
+                wildcards.setting,
+                int(wildcards.seed),
+                wildcards.backbone,
+            ).to_json()
+        ),
         out_dir=lambda wildcards, output: Path(output.metrics).parent,
         tuned=lambda wildcards, input: f"--tuned {input.tuned}" if input.tuned else "",
         stats=lambda wildcards, input: f"--source-stats {input.stats}" if "stats" in input.keys() else "",
@@ -37,5 +39,5 @@ rule adapt:
         runtime=TRAIN_RES["runtime"],
         gpu=TRAIN_RES["gpu"],
     shell:
-        "mmrepro adapt --spec {params.spec:q} --data {input.data} --model {input.model}"
+        "mmrepro adapt --spec {params.spec} --data {input.data} --model {input.model}"
         " {params.stats} --out-dir {params.out_dir} {params.tuned} --threads {threads} > {log} 2>&1"

@@ -7,9 +7,9 @@ rule mechanism:
     output:
         f"{RESULTS}/mechanisms/{{study}}/dose{{dose}}/seed{{seed}}.json",
     params:
-        spec=lambda wildcards: mechanism_spec(
-            config, wildcards.study, float(wildcards.dose), int(wildcards.seed)
-        ).to_json(),
+        spec=lambda wildcards: job_spec(
+            mechanism_spec(config, wildcards.study, float(wildcards.dose), int(wildcards.seed)).to_json()
+        ),
     wildcard_constraints:
         study="balance|missing|shift|peft",
         dose=r"[0-9.]+",
@@ -24,7 +24,7 @@ rule mechanism:
         mem_mb=2000,
         runtime=30,
     shell:
-        "mmrepro mechanism --spec {params.spec:q} --out {output} > {log} 2>&1"
+        "mmrepro mechanism --spec {params.spec} --out {output} > {log} 2>&1"
 
 
 rule mechanisms_report:

@@ -18,8 +18,9 @@ rule init_tracking:
     resources:
         mem_mb=1000,
         runtime=10,
+    # the URLs of the experiments' runs go to the terminal too, not only to the log
     shell:
-        "mmrepro init-tracking --results {params.results} {params.uri} --out {output} > {log} 2>&1"
+        "set -o pipefail; mmrepro init-tracking --results {params.results} {params.uri} --out {output} 2>&1 | tee {log}"
 
 
 rule track:

@@ -12,9 +12,11 @@ rule backbone:
         model=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/model.pt",
         stats=f"{RESULTS}/backbones/{{study}}/{{dataset}}/seed{{seed}}/feature_stats.pt",
     params:
-        spec=lambda wildcards: backbone_spec(
-            config, wildcards.study, wildcards.dataset, int(wildcards.seed), wildcards.get("backbone")
-        ).to_json(),
+        spec=lambda wildcards: job_spec(
+            backbone_spec(
+                config, wildcards.study, wildcards.dataset, int(wildcards.seed), wildcards.get("backbone")
+            ).to_json()
+        ),
         out_dir=lambda wildcards, output: Path(output.model).parent,
     wildcard_constraints:
         study="peft|missing",
@@ -30,7 +32,7 @@ rule backbone:
         runtime=TRAIN_RES["runtime"],
         gpu=TRAIN_RES["gpu"],
     shell:
-        "mmrepro train --spec {params.spec:q} --data {input.data} --out-dir {params.out_dir}"
+        "mmrepro train --spec {params.spec} --data {input.data} --out-dir {params.out_dir}"
         " --threads {threads} > {log} 2>&1"
 
 
@@ -63,7 +65,7 @@ rule train:
         history=f"{RESULTS}/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/history.json",
         model=f"{RESULTS}/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}/model.pt",
     params:
-        spec=spec_json,
+        spec=train_spec,
         out_dir=lambda wildcards, output: Path(output.model).parent,
         init=lambda wildcards, input: f"--init {input.init}" if input.init else "",
         tuned=lambda wildcards, input: f"--tuned {input.tuned}" if input.tuned else "",
@@ -82,5 +84,5 @@ rule train:
         runtime=TRAIN_RES["runtime"],
         gpu=TRAIN_RES["gpu"],
     shell:
-        "mmrepro train --spec {params.spec:q} --data {input.data} --out-dir {params.out_dir}"
+        "mmrepro train --spec {params.spec} --data {input.data} --out-dir {params.out_dir}"
         " {params.init} {params.tuned} {params.teachers} --threads {threads} > {log} 2>&1"

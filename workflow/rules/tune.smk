@@ -9,7 +9,9 @@ rule tune_create:
     output:
         f"{TUNE}/{{study}}/{{dataset}}/{{method}}/search.json",
     params:
-        search=lambda wildcards: json.dumps(search_spec(config, wildcards.study, wildcards.dataset, wildcards.method)),
+        search=lambda wildcards: job_spec(
+            json.dumps(search_spec(config, wildcards.study, wildcards.dataset, wildcards.method))
+        ),
     wildcard_constraints:
         study="balance|missing|shift|peft",
     conda:
@@ -21,7 +23,7 @@ rule tune_create:
         mem_mb=1000,
         runtime=10,
     shell:
-        "mmrepro tune create --search {params.search:q} --out {output} > {log} 2>&1"
+        "mmrepro tune create --search {params.search} --out {output} > {log} 2>&1"
 
 
 rule tune_worker:

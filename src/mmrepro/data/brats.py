@@ -103,6 +103,7 @@ from numpy.lib.format import open_memmap
 
 from mmrepro.data import LOADER_MODALITIES
 from mmrepro.data.schema import DataValidationError, DatasetSchema, ModalitySpec, TaskSpec, count_nonfinite
+from mmrepro.data.store import remove_stale, work_folder
 
 #: MRI sequences of a case, in CGGM's channel order (the default order of the store's modalities).
 MODALITIES = LOADER_MODALITIES["brats"]
@@ -199,7 +200,9 @@ def convert_brats(path: Path | str, *, name: str, crop: Sequence[int] = (128, 12
         "ignored_entries": {"count": len(ignored), "examples": ignored[:10]},
     }
 
-    scratch = Path(tempfile.mkdtemp(prefix=".brats-scratch-", dir=scratch_dir))
+    parent = Path(scratch_dir) if scratch_dir is not None else Path(tempfile.gettempdir())
+    remove_stale(parent, "brats-scratch")
+    scratch = work_folder(parent, "brats-scratch")
     try:
         converted, stats = {}, _Stats()
         for split, names in assignment.items():

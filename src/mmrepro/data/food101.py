@@ -122,7 +122,6 @@ import hashlib
 import json
 import math
 import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -133,7 +132,7 @@ import numpy as np
 
 from mmrepro.data import LOADER_MODALITIES
 from mmrepro.data.schema import DataValidationError, DatasetSchema, ModalitySpec, TaskSpec
-from mmrepro.data.store import sha256_file
+from mmrepro.data.store import remove_stale, sha256_file, work_folder
 from mmrepro.progress import progress_disabled
 
 SPLITS = ("train", "valid", "test")
@@ -292,7 +291,8 @@ def convert_food101(path: Path | str, *, name: str, text_encoder: str | Path | N
         raise OSError(f"scratch folder {parent} has {free / 1e9:.2f} GB free; the features need about "
                       f"{need / 1e9:.2f} GB there (and as much again for the store). Set the 'scratch' param "
                       "to a folder with more space, or lower image_tokens / use dtype='float16'")
-    scratch_dir = Path(tempfile.mkdtemp(prefix=f".food101-scratch-{name}-", dir=parent))
+    remove_stale(parent, f"food101-scratch-{name}")
+    scratch_dir = work_folder(parent, f"food101-scratch-{name}")
     converted: dict[str, dict[str, np.ndarray]] = {}
     try:
         truncated: dict[str, int] = {}

@@ -5,15 +5,18 @@ the manifest records each array's shape, dtype, byte size and SHA-256, the datas
 provenance of the data and, for synthetic data, the oracle scores and the reachable ceiling of every
 subset of the modalities. A store is written into a
 temporary sibling directory and renamed into place only when complete, so an interrupted
-conversion leaves nothing that looks valid.
+conversion leaves nothing that looks valid; the next conversion removes what a killed one left
+(:func:`work_folder`, :func:`remove_stale`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -26,6 +29,58 @@ from mmrepro.data.schema import DataValidationError, DatasetSchema, validate_spl
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+#: What names a conversion's work folder: ``.<stem>.partial-<host>-<pid>-<random>``.
+PARTIAL = ".partial-"
+
+log = logging.getLogger(__name__)
+
+
+def work_folder(parent: Path, stem: str) -> Path:
+    """A new hidden folder under ``parent`` for a conversion's work in progress, named after ``stem``,
+    this host and this process, so that a later conversion can tell it is left over from a killed one
+    (:func:`remove_stale`)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{stem}{PARTIAL}{socket.gethostname()}-{os.getpid()}-", dir=parent))
+
+
+def leftovers(parent: Path, stem: str = "*") -> list[Path]:
+    """The conversion work folders under ``parent`` (of ``stem``, or of any)."""
+    return sorted(p for p in Path(parent).glob(f".{stem}{PARTIAL}*") if p.is_dir())
+
+
+def _owner(folder: Path) -> tuple[str, int] | None:
+    """The host and process id a work folder's name records (None: not one of ours)."""
+    host, sep, rest = folder.name.partition(PARTIAL)[2].rpartition("-")[0].rpartition("-")
+    return (host, int(rest)) if sep and rest.isdigit() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale(parent: Path, stem: str) -> list[Path]:
+    """Remove the work folders a killed conversion of ``stem`` left under ``parent`` (its process on
+    this host is gone); return them. One of another host is left, with a warning naming it: only
+    that host knows whether its conversion still runs."""
+    removed = []
+    for folder in leftovers(parent, stem):
+        owner = _owner(folder)
+        if owner is None or owner == (socket.gethostname(), os.getpid()):
+            continue
+        if owner[0] != socket.gethostname():
+            log.warning("%s: left by a conversion on host %s; remove it if that conversion no longer runs",
+                        folder, owner[0])
+        elif not _alive(owner[1]):
+            shutil.rmtree(folder, ignore_errors=True)
+            log.info("removed %s, left by a killed conversion (process %d)", folder, owner[1])
+            removed.append(folder)
+    return removed
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -45,8 +100,8 @@ def write_store(root: Path, schema: DatasetSchema,
     removes the partial store and re-raises.
     """
     root = Path(root)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    remove_stale(root.parent, root.name)
+    tmp = work_folder(root.parent, root.name)
     try:
         manifest: dict[str, Any] = {
             "format_version": FORMAT_VERSION, "schema": schema.to_dict(), "splits": {}, "oracle": {},

@@ -16,16 +16,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Annotated, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch, SplitLoader
+from mmrepro.methods.params import OneOf
 from mmrepro.methods.registry import ADAPTERS
 
 PROTOCOLS = ("offline", "online")
+#: an adapter's ``protocol`` parameter: adapt on the target's train split first, or as the test stream passes
+AdaptProtocol = Annotated[str, OneOf(PROTOCOLS)]
 
 #: ``on_epoch(epoch)`` after each adaptation epoch (0: before any), so the job can record target error.
 EpochCallback = Callable[[int], None]
@@ -144,12 +147,6 @@ class TestTimeAdapter:
 
     def predict(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
-
-
-def check_protocol(protocol: str) -> str:
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
-    return protocol
 
 
 @ADAPTERS.register("source_only")

@@ -33,6 +33,7 @@ each), adapted on and then predicted; the adapted state carries over to the next
 from __future__ import annotations
 
 import copy
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -40,8 +41,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmrepro.data.loader import Batch
-from mmrepro.methods.adapters import (BatchPool, EpochCallback, Pool, TestTimeAdapter, Validate, batches,
-                                      check_protocol, clipped_step, layer_norm_parameters, only_trainable, random_drop_view)
+from mmrepro.methods.adapters import (AdaptProtocol, BatchPool, EpochCallback, Pool, TestTimeAdapter, Validate, batches,
+                                      clipped_step, layer_norm_parameters, only_trainable, random_drop_view)
+from mmrepro.methods.params import Count, OneOf, Positive, PositiveInt, Range
 from mmrepro.methods.registry import ADAPTERS
 from mmrepro.metrics import official_acc2
 
@@ -113,28 +115,21 @@ class _BestByTargetLabels:
 class CASP(TestTimeAdapter):
     default_stages: tuple[str, ...] = STAGES
 
-    def __init__(self, model: nn.Module, protocol: str = "offline", stages: list[str] | None = None,
-                 epochs: int = 15, snapshot_every: int = 3, pl_epochs: int = 5, batch_size: int = 24,
-                 online_steps: int = 1, temperature: float = 0.5, lr: float = 1e-3, clip: float = 0.8,
-                 selection: str = "stable", keep_quantile: float = 0.5, mc_snapshots: int = 6,
-                 stage2_params: str = "norms", label_use: str = "none"):
+    def __init__(self, model: nn.Module, protocol: AdaptProtocol = "offline",
+                 stages: list[Annotated[str, OneOf(STAGES)]] | None = None, epochs: PositiveInt = 15,
+                 snapshot_every: PositiveInt = 3, pl_epochs: Count = 5, batch_size: PositiveInt = 24,
+                 online_steps: PositiveInt = 1, temperature: Positive = 0.5, lr: Positive = 1e-3, clip: Positive = 0.8,
+                 selection: Annotated[str, OneOf(SELECTIONS)] = "stable",
+                 keep_quantile: Annotated[float, Range(0, 1, low_open=True)] = 0.5,
+                 mc_snapshots: Annotated[int, Range(2)] = 6, stage2_params: Annotated[str, OneOf(("norms", "all"))] = "norms",
+                 label_use: Annotated[str, OneOf(LABEL_USES)] = "none"):
         super().__init__(model)
-        self.protocol = check_protocol(protocol)
+        self.protocol = protocol
         self.stages = tuple(self.default_stages if stages is None else stages)
-        if not self.stages or any(s not in STAGES for s in self.stages):
-            raise ValueError(f"stages must be a non-empty subset of {STAGES}, got {stages}")
-        if selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
-        if label_use not in LABEL_USES:
-            raise ValueError(f"label_use must be one of {LABEL_USES}, got {label_use!r}")
+        if not self.stages:
+            raise ValueError(f"{self.name}.stages: must be a non-empty subset of {STAGES}, got {stages}")
         if label_use != "none" and protocol == "online":
             raise ValueError("label_use: official_code picks checkpoints per epoch: offline protocol only")
-        if stage2_params not in ("norms", "all"):
-            raise ValueError(f"stage2_params must be 'norms' or 'all', got {stage2_params!r}")
-        if not 0.0 < keep_quantile <= 1.0:
-            raise ValueError(f"keep_quantile must lie in (0, 1], got {keep_quantile}")
-        if min(epochs, snapshot_every, online_steps) < 1 or mc_snapshots < 2 or pl_epochs < 0:
-            raise ValueError("epochs, snapshot_every and online_steps must be >= 1, mc_snapshots >= 2, pl_epochs >= 0")
         self.offline = protocol == "offline"
         self.uses_target_labels = label_use == "official_code"
         self.epochs, self.snapshot_every, self.pl_epochs = epochs, snapshot_every, pl_epochs

@@ -40,6 +40,7 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.methods.incomplete import dropout_keep, substitute
+from mmrepro.methods.params import Fraction, NonNegative, PositiveInt
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import FullFinetune
 from mmrepro.models.encoders import masked_mean
@@ -158,11 +159,7 @@ class Imagination(nn.Module):
 class _ImaginationTransform(FullFinetune):
     """Shared checks and wrapping of :class:`MCTN` and :class:`MMIN`."""
 
-    def __init__(self, rate: float, weight: float):
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"{self.name}.rate must lie in [0, 1], got {rate}")
-        if weight < 0:
-            raise ValueError(f"{self.name}.weight must be >= 0, got {weight}")
+    def __init__(self, rate: Fraction, weight: NonNegative):
         self.rate, self.weight = rate, weight
 
     @staticmethod
@@ -185,7 +182,7 @@ class _ImaginationTransform(FullFinetune):
 class MCTN(_ImaginationTransform):
     """MCTN: missing modalities translated from the available ones, with a cyclic loss (module docstring)."""
 
-    def __init__(self, rate: float = 0.7, weight: float = 1.0):
+    def __init__(self, rate: Fraction = 0.7, weight: NonNegative = 1.0):
         super().__init__(rate, weight)
 
     def imagination(self, names: list[str], d: int) -> nn.Module:
@@ -196,10 +193,9 @@ class MCTN(_ImaginationTransform):
 class MMIN(_ImaginationTransform):
     """MMIN: missing modalities imagined by a cascade residual autoencoder, with a cycle loss (module docstring)."""
 
-    def __init__(self, rate: float = 0.7, weight: float = 1.0, hidden: int = 64, blocks: int = 5):
+    def __init__(self, rate: Fraction = 0.7, weight: NonNegative = 1.0, hidden: PositiveInt = 64,
+                 blocks: PositiveInt = 5):
         super().__init__(rate, weight)
-        if hidden < 1 or blocks < 1:
-            raise ValueError(f"mmin.hidden and mmin.blocks must be >= 1, got {hidden}, {blocks}")
         self.hidden, self.blocks = hidden, blocks
 
     def imagination(self, names: list[str], d: int) -> nn.Module:

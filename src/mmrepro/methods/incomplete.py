@@ -26,6 +26,7 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.data.missing import incomplete_patterns
+from mmrepro.methods.params import Fraction
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import FullFinetune
 
@@ -70,9 +71,7 @@ class ModalitySubstitution(FullFinetune):
 class ModalityDropout(ModalitySubstitution):
     """MD: MS plus random modality dropout at ``rate`` while training (see the module docstring)."""
 
-    def __init__(self, rate: float = 0.7):
-        if not 0.0 <= rate <= 1.0:
-            raise ValueError(f"modality_dropout.rate must lie in [0, 1], got {rate}")
+    def __init__(self, rate: Fraction = 0.7):
         self.rate = rate
 
     def keep(self, model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 from mmrepro.data.loader import Batch
 from mmrepro.methods.incomplete import substitute
 from mmrepro.methods.mplmm import MPLMM, NORMAL_STD, freeze_for_transfer
+from mmrepro.methods.params import PositiveInt
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
 from mmrepro.models.multimodal import ModelOutput
@@ -54,9 +55,7 @@ class PatternPrompted(nn.Module):
 class MissingAwarePrompts(ModelTransform):
     """MPMM: one prompt per missing pattern on a frozen ``mplmm_mult`` (see the module docstring)."""
 
-    def __init__(self, prompt_length: int = 16):
-        if prompt_length < 1:
-            raise ValueError(f"map.prompt_length must be at least 1, got {prompt_length}")
+    def __init__(self, prompt_length: PositiveInt = 16):
         self.prompt_length = prompt_length
 
     def param_count(self, model: nn.Module) -> int:

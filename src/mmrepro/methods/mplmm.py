@@ -74,6 +74,7 @@ l = 16; K = 1) gives 88,141, the released code's count.
 from __future__ import annotations
 
 import itertools
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +82,7 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.methods.incomplete import substitute
+from mmrepro.methods.params import OneOf, PositiveInt
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
 from mmrepro.models.multimodal import ModelOutput
@@ -88,6 +90,8 @@ from mmrepro.models.multimodal import ModelOutput
 FAMILIES = ("generative", "signal", "type")
 INITS = ("normal", "uniform", "zeros")
 GENERATOR_INPUTS = ("dropped", "raw")
+Init = Annotated[str, OneOf(INITS)]
+GeneratorInput = Annotated[str, OneOf(GENERATOR_INPUTS)]
 ZEROS_NEED = ("prompt_init 'zeros' reproduces the released code only under its position rule (the appended zero "
               "tokens get no position there); set model.position_padding: true or choose prompt_init 'normal'")
 NORMAL_STD = 0.02
@@ -196,17 +200,8 @@ class MPLMMModel(nn.Module):
 class MPLMM(ModelTransform):
     """Freeze an ``mplmm_mult`` backbone, re-initialise its input projections and output layer, add prompts."""
 
-    def __init__(self, prompts: list[str] = FAMILIES, prompt_length: int = 16, prompt_init: str = "normal",
-                 generator_input: str = "dropped"):
-        unknown = sorted(set(prompts) - set(FAMILIES))
-        if unknown:
-            raise ValueError(f"mplmm.prompts: unknown famil(ies) {unknown}; known: {list(FAMILIES)}")
-        if prompt_init not in INITS:
-            raise ValueError(f"mplmm.prompt_init must be one of {INITS}, got {prompt_init!r}")
-        if prompt_length < 1:
-            raise ValueError(f"mplmm.prompt_length must be at least 1, got {prompt_length}")
-        if generator_input not in GENERATOR_INPUTS:
-            raise ValueError(f"mplmm.generator_input must be one of {GENERATOR_INPUTS}, got {generator_input!r}")
+    def __init__(self, prompts: list[Annotated[str, OneOf(FAMILIES)]] = FAMILIES, prompt_length: PositiveInt = 16,
+                 prompt_init: Init = "normal", generator_input: GeneratorInput = "dropped"):
         self.prompts = tuple(f for f in FAMILIES if f in prompts)
         self.prompt_length, self.prompt_init, self.generator_input = prompt_length, prompt_init, generator_input
         self.requires_model = {"position_padding": (True, ZEROS_NEED)} if prompt_init == "zeros" else {}
@@ -247,7 +242,8 @@ def _ablation(letters: str) -> type[MPLMM]:
     chosen = [f for f in FAMILIES if f[0] in letters]
 
     class Ablation(MPLMM):
-        def __init__(self, prompt_length: int = 16, prompt_init: str = "normal", generator_input: str = "dropped"):
+        def __init__(self, prompt_length: PositiveInt = 16, prompt_init: Init = "normal",
+                     generator_input: GeneratorInput = "dropped"):
             super().__init__(chosen, prompt_length, prompt_init, generator_input)
 
     Ablation.__doc__ = f"MPLMM with prompts {chosen or 'none'} only (Table 3 ablation)."

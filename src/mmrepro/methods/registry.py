@@ -6,7 +6,8 @@ trained with CGGM's hook); every family left unnamed gets its trivial member, ex
 may name (class attribute ``transform``) the model transform whose model it trains (QMF's
 late-fusion heads, for example): naming the hook then picks that transform.
 
-The plug-in modules import this module to register themselves; the package (``mmrepro.methods``)
+A plug-in's constructor declares its parameters (:mod:`mmrepro.methods.params`); registering it
+makes every construction check them. The plug-in modules import this module to register themselves; the package (``mmrepro.methods``)
 imports them all, so that whoever imports this module from outside finds the registries full.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
+from mmrepro.methods.params import checked
 from mmrepro.spec import MethodPlan
 
 T = TypeVar("T")
@@ -31,7 +33,7 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.family} {name!r} is registered twice")
             self._items[name] = cls
             cls.name = name
-            return cls
+            return checked(cls)
         return add
 
     def get(self, name: str) -> type[T]:

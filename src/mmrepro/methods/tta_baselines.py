@@ -22,16 +22,19 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
-from mmrepro.methods.adapters import (EpochCallback, Pool, TestTimeAdapter, Validate, batches, check_protocol,
+from mmrepro.methods.adapters import (AdaptProtocol, EpochCallback, Pool, TestTimeAdapter, Validate, batches,
                                       clipped_step, drop_modality, layer_norm_parameters, only_trainable)
+from mmrepro.methods.params import Fraction, OneOf, Positive, PositiveInt, Rate
 from mmrepro.methods.registry import ADAPTERS
 
 PARAM_SETS = ("norms", "all")
+ParamSet = Annotated[str, OneOf(PARAM_SETS)]
 
 
 def views(batch: Batch) -> list[Batch]:
@@ -54,14 +57,11 @@ class UpdatingAdapter(TestTimeAdapter):
 
     train_mode = True  # dropout on while updating
 
-    def __init__(self, model: nn.Module, protocol: str = "online", epochs: int = 1, steps: int = 1,
-                 batch_size: int = 64, lr: float = 1e-3, clip: float = 0.8, params: str = "norms"):
+    def __init__(self, model: nn.Module, protocol: AdaptProtocol = "online", epochs: PositiveInt = 1,
+                 steps: PositiveInt = 1, batch_size: PositiveInt = 64, lr: Positive = 1e-3, clip: Positive = 0.8,
+                 params: ParamSet = "norms"):
         super().__init__(model)
-        self.offline = check_protocol(protocol) == "offline"
-        if params not in PARAM_SETS:
-            raise ValueError(f"params must be one of {PARAM_SETS}, got {params!r}")
-        if min(epochs, steps, batch_size) < 1:
-            raise ValueError("epochs, steps and batch_size must be >= 1")
+        self.offline = protocol == "offline"
         self.epochs, self.steps, self.batch_size, self.clip = epochs, steps, batch_size, clip
         trainable = layer_norm_parameters(model) if params == "norms" else list(model.parameters())
         self.optimiser = torch.optim.Adam(only_trainable(model, trainable), lr=lr)
@@ -104,10 +104,8 @@ class NormViewConsistency(UpdatingAdapter):
 class MeanTeacher(UpdatingAdapter):
     """CoTTA-style: EMA teacher (``ema``), view-averaged teacher targets, stochastic restore (``restore``)."""
 
-    def __init__(self, model: nn.Module, ema: float = 0.999, restore: float = 0.01, params: str = "all", **kw):
+    def __init__(self, model: nn.Module, ema: Rate = 0.999, restore: Fraction = 0.01, params: ParamSet = "all", **kw):
         super().__init__(model, params=params, **kw)
-        if not (0.0 <= ema < 1.0 and 0.0 <= restore <= 1.0):
-            raise ValueError(f"ema must lie in [0, 1) and restore in [0, 1], got {ema}, {restore}")
         self.ema, self.restore = ema, restore
         self.teacher = copy.deepcopy(model).eval().requires_grad_(False)
         self.source = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -147,11 +145,10 @@ class SSA(UpdatingAdapter):
     train_mode = False  # feature statistics are compared without dropout noise
     needs_source_stats = True
 
-    def __init__(self, model: nn.Module, source_stats: Path | str | dict[str, torch.Tensor], dims: int = 8, **kw):
+    def __init__(self, model: nn.Module, source_stats: Path | str | dict[str, torch.Tensor], dims: PositiveInt = 8,
+                 **kw):
         super().__init__(model, **kw)
         stats = source_stats if isinstance(source_stats, dict) else torch.load(source_stats, map_location="cpu")
-        if dims < 1:
-            raise ValueError(f"dims must be >= 1, got {dims}")
         self.mean, self.directions = stats["mean"], stats["directions"][:, :dims]
         self.variances = stats["variances"][:dims]
 

@@ -68,6 +68,7 @@ from torch import nn
 from mmrepro.data.loader import Batch
 from mmrepro.methods.balance.common import EpochMeans, eval_mode, keep_only, per_modality
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.params import Count, NonNegative, Positive, PositiveInt
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.gradients import scale_grad
 from mmrepro.models.multimodal import ModelOutput
@@ -163,8 +164,8 @@ def agm_coefficients(scores: Mapping[str, float], running: Mapping[str, float], 
 class AGM(TrainingHook):
     """Scale the gradient of each modality's Shapley output toward its historical balance."""
 
-    def __init__(self, alpha: float = 1.0, modulation_starts: int = 0, modulation_ends: int = 20,
-                 max_exponent: float = 10.0, max_exact_modalities: int = 4, permutations: int = 8):
+    def __init__(self, alpha: NonNegative = 1.0, modulation_starts: Count = 0, modulation_ends: Count = 20,
+                 max_exponent: Positive = 10.0, max_exact_modalities: PositiveInt = 4, permutations: PositiveInt = 8):
         self.alpha, self.max_exponent = float(alpha), float(max_exponent)
         self.modulation_starts, self.modulation_ends = int(modulation_starts), int(modulation_ends)
         self.max_exact_modalities, self.permutations = int(max_exact_modalities), int(permutations)

@@ -169,6 +169,7 @@ from __future__ import annotations
 
 import statistics
 import weakref
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,7 @@ from torch import nn
 from mmrepro.data.loader import Batch, SplitLoader
 from mmrepro.methods.balance.probes import UnimodalProbes
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.params import NonNegative, OneOf, Positive, PositiveInt, Rate
 from mmrepro.methods.registry import HOOKS
 from mmrepro.metrics import DiceMeter
 from mmrepro.models.multimodal import ModelOutput
@@ -393,15 +395,12 @@ class CGGM(TrainingHook):
 
     tracks_utilisation = True
 
-    def __init__(self, rho: float = 1.3, lam: float = 0.2, cls_lr: float = 5e-4, cls_layers: int = 2,
-                 cls_heads: int | None = None, cls_dropout: float = 0.15, cls_optim: str = "Adam",
-                 cls_weight_decay: float = 0.0, cls_momentum: float = 0.0, faithful_double_hidden: bool = True,
-                 direction: str = "weights", guarded: bool = False, guard_eps: float = 0.05,
-                 seg_magnitude: bool = False, magnitude: bool = True):
-        if direction not in DIRECTIONS:
-            raise ValueError(f"cggm: direction must be one of {DIRECTIONS}, got {direction!r}")
-        if guard_eps <= 0:
-            raise ValueError("cggm: guard_eps must be positive")
+    def __init__(self, rho: Positive = 1.3, lam: NonNegative = 0.2, cls_lr: Positive = 5e-4, cls_layers: PositiveInt = 2,
+                 cls_heads: PositiveInt | None = None, cls_dropout: Rate = 0.15, cls_optim: str = "Adam",
+                 cls_weight_decay: NonNegative = 0.0, cls_momentum: NonNegative = 0.0,
+                 faithful_double_hidden: bool = True, direction: Annotated[str, OneOf(DIRECTIONS)] = "weights",
+                 guarded: bool = False, guard_eps: Positive = 0.05, seg_magnitude: bool = False,
+                 magnitude: bool = True):
         if not hasattr(torch.optim, cls_optim):
             raise ValueError(f"cggm: unknown cls_optim {cls_optim!r} (a torch.optim class name)")
         if cls_momentum and cls_optim != "SGD":

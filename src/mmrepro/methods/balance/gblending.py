@@ -31,11 +31,14 @@ Logged per epoch: ``gb_w_fused`` and ``gb_w_<m>`` (the weights used in the next 
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.params import NonNegative, PositiveInt, Range
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
@@ -60,9 +63,7 @@ def blend_weights(prev: dict[str, tuple[float, float]], now: dict[str, tuple[flo
 class GBlending(TrainingHook):
     """Weighted sum of the fused and unimodal heads' losses, weights from OGR on a held-out part of train."""
 
-    def __init__(self, every: int = 2, holdout_every: int = 10, lr: float = 1e-3):
-        if every < 1 or holdout_every < 2:
-            raise ValueError(f"gblending: every must be >= 1 and holdout_every >= 2, got {every}, {holdout_every}")
+    def __init__(self, every: PositiveInt = 2, holdout_every: Annotated[int, Range(2)] = 10, lr: NonNegative = 1e-3):
         self.every, self.holdout_every, self.lr = int(every), int(holdout_every), float(lr)
 
     def setup(self, model: nn.Module, loss_fn, optimizer: torch.optim.Optimizer) -> None:

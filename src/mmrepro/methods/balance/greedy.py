@@ -57,12 +57,14 @@ of the epoch's steps that were re-balancing steps for ``m``) and ``greedy_rebala
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch, SplitLoader
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.params import Count, NonNegative, OneOf, PositiveInt
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
@@ -88,11 +90,8 @@ def grad_weight_ratio(params) -> float | None:
 class GreedyRebalancing(TrainingHook):
     """Measure each modality's learning speed; give the slower one re-balancing steps when they drift apart."""
 
-    def __init__(self, epsilon: float = 0.01, window: int = 5, start_epoch: int = 2, speed: str = "encoder"):
-        if speed not in SPEEDS:
-            raise ValueError(f"greedy.speed must be one of {SPEEDS}, got {speed!r}")
-        if window < 1:
-            raise ValueError(f"greedy.window must be >= 1, got {window}")
+    def __init__(self, epsilon: NonNegative = 0.01, window: PositiveInt = 5, start_epoch: Count = 2,
+                 speed: Annotated[str, OneOf(SPEEDS)] = "encoder"):
         self.epsilon, self.window, self.start_epoch, self.speed = epsilon, window, start_epoch, speed
         self.names: list[str] = []
         self.epoch = 1

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
+from mmrepro.methods.params import Rate
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
 
@@ -55,9 +56,7 @@ class ModalityDropout:
 class MRD(ModelTransform):
     """Modality random dropout at rate ``p`` in training (see the module docstring)."""
 
-    def __init__(self, p: float = 0.5):
-        if not 0.0 <= float(p) < 1.0:
-            raise ValueError(f"mrd: p must be in [0, 1), got {p}")
+    def __init__(self, p: Rate = 0.5):
         self.p = float(p)
 
     def apply(self, model: nn.Module) -> nn.Module:

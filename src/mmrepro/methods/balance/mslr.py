@@ -54,12 +54,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import replace
+from typing import Annotated
 
 import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch, SplitLoader
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.params import OneOf, Positive, Range
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
@@ -149,11 +151,8 @@ def update_factor(history: list[float], variant: str, epoch: int, period: int) -
 class ModalitySpecificLearningRates(TrainingHook):
     """Per-modality encoder learning rates: fixed (keep) or adjusted from unimodal validation scores."""
 
-    def __init__(self, variant: str = "keep", lrs: dict[str, float] | None = None, period: int = 5):
-        if variant not in VARIANTS:
-            raise ValueError(f"mslr.variant must be one of {VARIANTS}, got {variant!r}")
-        if period < 2:  # a window of one score gives the ratio 1: the rates would never move
-            raise ValueError(f"mslr.period must be >= 2, got {period}")
+    def __init__(self, variant: Annotated[str, OneOf(VARIANTS)] = "keep", lrs: dict[str, Positive] | None = None,
+                 period: Annotated[int, Range(2)] = 5):  # a window of one score gives the ratio 1: rates never move
         self.variant, self.lrs, self.period = variant, dict(lrs or {}), period
         self.groups: dict[str, dict] = {}
         self.history: dict[str, deque] = {}

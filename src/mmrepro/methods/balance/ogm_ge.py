@@ -67,6 +67,7 @@ from torch import nn
 from mmrepro.data.loader import Batch
 from mmrepro.methods.balance.common import EpochMeans, eval_mode, keep_only, per_modality
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.params import Count, NonNegative
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
@@ -134,7 +135,7 @@ def ogm_coefficient(ratio: float, alpha: float, ratio_offset: float = 0.0) -> fl
 class OGMGE(TrainingHook):
     """Damp the dominant modality's encoder gradients by ``1 - tanh(alpha * rho)``, plus GE noise."""
 
-    def __init__(self, alpha: float = 0.1, modulation_starts: int = 0, modulation_ends: int = 50,
+    def __init__(self, alpha: NonNegative = 0.1, modulation_starts: Count = 0, modulation_ends: Count = 50,
                  ge: bool = True, ratio_offset: float = 0.0, matrices_only: bool = False):
         self.alpha, self.ge, self.ratio_offset = float(alpha), bool(ge), float(ratio_offset)
         self.modulation_starts, self.modulation_ends = int(modulation_starts), int(modulation_ends)

@@ -70,11 +70,14 @@ probability of ``m``'s prototypical classifier).
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch, SplitLoader
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.params import Count, NonNegative, OneOf, Positive, PositiveInt, Rate
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
@@ -114,15 +117,9 @@ def rebalance_coefficients(scores: dict[str, float], coef: str = "ratio") -> tup
 class PrototypicalModalRebalance(TrainingHook):
     """Prototype cross-entropy for the weak modalities and an early entropy bonus for the dominant one."""
 
-    def __init__(self, alpha: float = 1.0, mu: float = 0.01, temperature: float = 1.0, momentum: float = 0.2,
-                 modulation_starts: int = 1, modulation_ends: int | None = None, per_epochs: int = 3,
-                 coef: str = "ratio"):
-        if coef not in COEFS:
-            raise ValueError(f"pmr.coef must be one of {COEFS}, got {coef!r}")
-        if temperature <= 0:
-            raise ValueError(f"pmr.temperature must be positive, got {temperature}")
-        if not 0.0 <= momentum < 1.0:
-            raise ValueError(f"pmr.momentum must lie in [0, 1), got {momentum}")
+    def __init__(self, alpha: NonNegative = 1.0, mu: NonNegative = 0.01, temperature: Positive = 1.0,
+                 momentum: Rate = 0.2, modulation_starts: Count = 1, modulation_ends: Count | None = None,
+                 per_epochs: PositiveInt = 3, coef: Annotated[str, OneOf(COEFS)] = "ratio"):
         self.alpha, self.mu, self.temperature, self.momentum = alpha, mu, temperature, momentum
         self.modulation_starts, self.modulation_ends, self.per_epochs = modulation_starts, modulation_ends, per_epochs
         self.coef = coef

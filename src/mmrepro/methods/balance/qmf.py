@@ -32,6 +32,7 @@ from torch import nn
 from mmrepro.data.loader import Batch
 from mmrepro.methods.balance.common import EpochMeans, per_modality
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.params import NonNegative
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
@@ -57,9 +58,7 @@ class QMF(TrainingHook):
 
     transform = "late_qmf"
 
-    def __init__(self, rank_weight: float = 1.0):
-        if rank_weight < 0:
-            raise ValueError(f"qmf: rank_weight must be >= 0, got {rank_weight}")
+    def __init__(self, rank_weight: NonNegative = 1.0):
         self.rank_weight = float(rank_weight)
         self.history: dict[str, torch.Tensor] = {}
         self.max_correctness = 1.0

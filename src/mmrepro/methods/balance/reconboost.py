@@ -34,6 +34,7 @@ from torch import nn
 from mmrepro.data.loader import Batch
 from mmrepro.methods.balance.common import EpochMeans
 from mmrepro.methods.hooks import TrainingHook
+from mmrepro.methods.params import Count, NonNegative, PositiveInt
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
@@ -55,10 +56,8 @@ class ReconBoost(TrainingHook):
 
     transform = "late_boost"
 
-    def __init__(self, stage_epochs: int = 4, correct_epochs: int = 4, weight1: float = 5.0, weight2: float = 1.0):
-        if stage_epochs < 1 or correct_epochs < 0:
-            raise ValueError(f"reconboost: stage_epochs must be >= 1 and correct_epochs >= 0, got "
-                             f"{stage_epochs}, {correct_epochs}")
+    def __init__(self, stage_epochs: PositiveInt = 4, correct_epochs: Count = 4, weight1: NonNegative = 5.0,
+                 weight2: NonNegative = 1.0):
         self.stage_epochs, self.correct_epochs = int(stage_epochs), int(correct_epochs)
         self.weight1, self.weight2 = float(weight1), float(weight2)
         self.epoch = 1

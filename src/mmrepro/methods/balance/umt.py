@@ -26,6 +26,7 @@ from torch import nn
 
 from mmrepro.data.loader import Batch
 from mmrepro.methods.balance.common import EpochMeansHook, per_modality
+from mmrepro.methods.params import NonNegative
 from mmrepro.methods.registry import HOOKS
 from mmrepro.models.multimodal import ModelOutput
 
@@ -37,9 +38,7 @@ class UMT(EpochMeansHook):
     #: the job passes ``teachers`` (modality -> trained unimodal model) to this hook
     needs_teachers = True
 
-    def __init__(self, weight: float = 1.0, teachers: dict[str, nn.Module] | None = None):
-        if weight < 0:
-            raise ValueError(f"umt: weight must be >= 0, got {weight}")
+    def __init__(self, weight: NonNegative = 1.0, teachers: dict[str, nn.Module] | None = None):
         self.weight = float(weight)
         self.teachers = dict(teachers or {})
 

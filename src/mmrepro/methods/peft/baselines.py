@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
@@ -73,6 +74,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from mmrepro.data.loader import Batch
+from mmrepro.methods.params import NonNegative, OneOf, Positive, PositiveInt, Rate
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
 from mmrepro.models.multimodal import MultimodalModel
@@ -199,14 +201,8 @@ class LoRA(ModelTransform):
     ``ff`` ``6 r d``, all three ``12 r d``.
     """
 
-    def __init__(self, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+    def __init__(self, r: PositiveInt = 8, alpha: Positive = 16.0, dropout: Rate = 0.0,
                  target: Sequence[str] = LORA_TARGETS, train_head: bool = True):
-        if int(r) != r or r < 1:
-            raise ValueError(f"lora: r must be a positive integer, got {r!r}")
-        if alpha <= 0:
-            raise ValueError(f"lora: alpha must be positive, got {alpha!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"lora: dropout must be in [0, 1), got {dropout!r}")
         target = [target] if isinstance(target, str) else list(target)
         unknown = sorted(set(target) - set(LORA_TARGETS))
         if not target or unknown:
@@ -301,11 +297,8 @@ def _eager_forward(module: nn.Module, args: tuple) -> None:
 class _BottleneckAdapters(ModelTransform):
     sublayers: tuple[str, ...] = ()
 
-    def __init__(self, bottleneck: int = 16, activation: str = "relu", train_head: bool = True):
-        if int(bottleneck) != bottleneck or bottleneck < 1:
-            raise ValueError(f"{self.name}: bottleneck must be a positive integer, got {bottleneck!r}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{self.name}: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    def __init__(self, bottleneck: PositiveInt = 16, activation: Annotated[str, OneOf(ACTIVATIONS)] = "relu",
+                 train_head: bool = True):
         self.bottleneck, self.activation, self.train_head = int(bottleneck), activation, bool(train_head)
 
     def param_count(self, model: nn.Module) -> int:
@@ -384,11 +377,7 @@ class PromptTuning(ModelTransform):
 
     needs_modality_layers = True
 
-    def __init__(self, n_prompts: int = 8, init_std: float = 0.02, train_head: bool = True):
-        if int(n_prompts) != n_prompts or n_prompts < 1:
-            raise ValueError(f"prompt_tuning: n_prompts must be a positive integer, got {n_prompts!r}")
-        if init_std < 0:
-            raise ValueError(f"prompt_tuning: init_std must be >= 0, got {init_std!r}")
+    def __init__(self, n_prompts: PositiveInt = 8, init_std: NonNegative = 0.02, train_head: bool = True):
         self.n_prompts, self.init_std, self.train_head = int(n_prompts), float(init_std), bool(train_head)
 
     def param_count(self, model: nn.Module) -> int:

@@ -71,6 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmrepro.methods.params import Positive, PositiveInt
 from mmrepro.methods.peft.baselines import head_count
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
@@ -144,14 +145,8 @@ class MMA(ModelTransform):
 
     needs_modality_layers = True
 
-    def __init__(self, bottleneck: int = 32, scale: float = 0.001, layers: int | None = None,
+    def __init__(self, bottleneck: PositiveInt = 32, scale: Positive = 0.001, layers: PositiveInt | None = None,
                  grad_rescale: bool = True, train_head: bool = True):
-        if int(bottleneck) != bottleneck or bottleneck < 1:
-            raise ValueError(f"mma: bottleneck must be a positive integer, got {bottleneck!r}")
-        if not scale > 0:
-            raise ValueError(f"mma: scale must be positive, got {scale!r}")
-        if layers is not None and (int(layers) != layers or layers < 1):
-            raise ValueError(f"mma: layers must be a positive integer or null, got {layers!r}")
         self.bottleneck, self.scale = int(bottleneck), float(scale)
         self.layers = None if layers is None else int(layers)
         self.grad_rescale, self.train_head = bool(grad_rescale), bool(train_head)

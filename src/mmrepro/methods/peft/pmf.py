@@ -69,6 +69,7 @@ import torch
 from torch import nn
 
 from mmrepro.data.loader import Batch
+from mmrepro.methods.params import Count, NonNegative, PositiveInt
 from mmrepro.methods.peft.baselines import head_count
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
@@ -153,19 +154,9 @@ class PMF(ModelTransform):
 
     needs_modality_layers = True
 
-    def __init__(self, fusion_layers: int | None = None, n_qp: int = 4, n_qcp: int = 4, n_fcp: int = 4,
-                 hidden: int | None = None, init_std: float = 0.02, train_head: bool = True):
-        if fusion_layers is not None and (int(fusion_layers) != fusion_layers or fusion_layers < 1):
-            raise ValueError(f"pmf: fusion_layers must be a positive integer or null, got {fusion_layers!r}")
-        if int(n_qp) != n_qp or n_qp < 1:
-            raise ValueError(f"pmf: n_qp must be a positive integer, got {n_qp!r}")
-        for name, v in (("n_qcp", n_qcp), ("n_fcp", n_fcp)):
-            if int(v) != v or v < 0:
-                raise ValueError(f"pmf: {name} must be a non-negative integer, got {v!r}")
-        if hidden is not None and (int(hidden) != hidden or hidden < 1):
-            raise ValueError(f"pmf: hidden must be a positive integer or null, got {hidden!r}")
-        if init_std < 0:
-            raise ValueError(f"pmf: init_std must be >= 0, got {init_std!r}")
+    def __init__(self, fusion_layers: PositiveInt | None = None, n_qp: PositiveInt = 4, n_qcp: Count = 4,
+                 n_fcp: Count = 4, hidden: PositiveInt | None = None, init_std: NonNegative = 0.02,
+                 train_head: bool = True):
         self.fusion_layers = None if fusion_layers is None else int(fusion_layers)
         self.n_qp, self.n_qcp, self.n_fcp = int(n_qp), int(n_qcp), int(n_fcp)
         self.hidden = None if hidden is None else int(hidden)

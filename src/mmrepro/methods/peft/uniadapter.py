@@ -91,6 +91,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmrepro.methods.params import Positive, PositiveInt, Rate
 from mmrepro.methods.peft.baselines import head_count
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
@@ -212,13 +213,8 @@ class UniAdapter(ModelTransform):
 
     needs_modality_layers = True
 
-    def __init__(self, bottleneck: int = 16, scale: float = 0.1, dropout: float = 0.0, train_head: bool = True):
-        if int(bottleneck) != bottleneck or bottleneck < 1:
-            raise ValueError(f"uniadapter: bottleneck must be a positive integer, got {bottleneck!r}")
-        if not scale > 0:
-            raise ValueError(f"uniadapter: scale must be positive, got {scale!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"uniadapter: dropout must be in [0, 1), got {dropout!r}")
+    def __init__(self, bottleneck: PositiveInt = 16, scale: Positive = 0.1, dropout: Rate = 0.0,
+                 train_head: bool = True):
         self.bottleneck, self.scale, self.dropout = int(bottleneck), float(scale), float(dropout)
         self.train_head = bool(train_head)
 

@@ -131,11 +131,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmrepro.methods.params import OneOf, PositiveInt, Rate
 from mmrepro.methods.registry import TRANSFORMS
 from mmrepro.methods.transforms import ModelTransform
 from mmrepro.models.multimodal import MultimodalModel
@@ -449,17 +451,14 @@ class Wander(ModelTransform):
     when ``train_head`` (the official code's choice). Hyperparameters as in ``WanderAdapter``;
     with ``residual="first_tokens"`` an unset ``hidden`` becomes the token width (the code's r -> dim)."""
 
-    def __init__(self, rank: int = 16, drank: int = 8, trank: int = 12, common_length: int | None = None,
-                 hidden: int | None = None, dropout: float = 0.0, append_one: bool = False, placement: str = "last",
+    def __init__(self, rank: PositiveInt = 16, drank: PositiveInt = 8, trank: PositiveInt = 12,
+                 common_length: PositiveInt | None = None, hidden: PositiveInt | None = None, dropout: Rate = 0.0,
+                 append_one: bool = False, placement: Annotated[str, OneOf(PLACEMENTS)] = "last",
                  train_head: bool = True, factor_form: str = "paper", readout: str = "mean", residual: str = "pooled"):
-        if placement not in PLACEMENTS:
-            raise ValueError(f"wander: placement must be one of {PLACEMENTS}, got {placement!r}")
         check_switches(factor_form, readout, residual, prefix="wander: ")
         if placement == "every" and (readout, residual) != ("mean", "pooled"):
             raise ValueError("wander: readout and residual apply to placement 'last' only")
         self.factor_form, self.readout, self.residual = factor_form, readout, residual
-        if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(f"wander: dropout must be in [0, 1), got {dropout}")
         self.rank, self.drank, self.trank = int(rank), int(drank), int(trank)
         self.common_length, self.hidden = common_length, hidden
         self.dropout, self.append_one = float(dropout), bool(append_one)
