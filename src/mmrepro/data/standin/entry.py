@@ -17,8 +17,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mmrepro.data.standin import mmin
 from mmrepro.data.standin.generate import FILE_LOADERS, MANIFEST, generate
 from mmrepro.data.standin.plan import FULL_MAX_BYTES, Scale
+
+
+#: per loader, converter parameters the real files imply and a stand-in's cannot (the stand-in's
+#: generator states them: MMIN's class names, inferred from the real corpus's class totals)
+STATED_PARAMS: dict[str, dict[str, Any]] = {"iemocap_h5": mmin.STATED_PARAMS}
 
 
 def _present(path: Path) -> bool:
@@ -40,7 +46,8 @@ def record_of(name: str, path: Path) -> tuple[Path, dict[str, Any]]:
 
 
 def with_own_checksum(name: str, entry: Mapping[str, Any]) -> tuple[dict[str, Any], str]:
-    """``entry`` with the stand-in's own digest in place of the published one, and a line saying so.
+    """``entry`` with the stand-in's own digest in place of the published one (and the converter
+    parameters the real files would imply: :data:`STATED_PARAMS`), and a line saying so.
 
     Raises when no manifest records the files or they were written at another scale than the
     entry's ``stand_in`` (a cost measurement on tiny files would be wrong by orders of magnitude).
@@ -52,6 +59,7 @@ def with_own_checksum(name: str, entry: Mapping[str, Any]) -> tuple[dict[str, An
                          f"({manifest}), the config says stand_in: {entry['stand_in']!r}; write it again or "
                          "change the config")
     out = copy.deepcopy(dict(entry))
+    out["params"] = {**STATED_PARAMS.get(entry["loader"], {}), **out.get("params", {})}   # the entry's own win
     if entry["loader"] not in FILE_LOADERS:
         return out, (f"dataset {name!r} is a random stand-in ({record['scale']}) written by mmrepro stand-in "
                      f"({manifest}): nothing trained on it is a result; its files are checked against the "
