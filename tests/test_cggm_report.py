@@ -8,23 +8,23 @@ import pytest
 
 from conftest import balance_spec
 from mmrepro.cli import main
-from mmrepro.report.cggm import as_table, load_balance_runs, sweeps, table5, table6
+from mmrepro.report.cggm import as_table, by_dataset, load_balance_runs, sweeps, table5, table6
 from mmrepro.spec import DataSetting, MethodPlan
 
 
 def _run(root, method, seed, *, setting="complete", params=None, modalities=None, mae=0.8, util=None, best=2,
-         valid_acc=0.6):
-    d = root / method / setting / f"seed{seed}"
+         valid_acc=0.6, dataset="synth", test=None):
+    d = root / dataset / method / setting / f"seed{seed}"
     d.mkdir(parents=True)
     hook = "cggm" if method.startswith("cggm") else "joint"
-    spec = balance_spec(plan=MethodPlan(transform="full_finetune", hook=hook, adapter="source_only"),
+    spec = balance_spec(dataset=dataset, plan=MethodPlan(transform="full_finetune", hook=hook, adapter="source_only"),
                         method_params={"full_finetune": {}, hook: params or {}, "source_only": {}},
                         data_setting=DataSetting(type="subset" if modalities else "complete",
                                                  params={"modalities": modalities} if modalities else {}))
     history = [{"epoch": e, "valid_loss": 1.0, **{f"util_{m}": v + (0.0 if e == best else 0.3) for m, v in
                                                   (util or {}).items()}} for e in (1, 2, 3)]
     metrics = {"method": method, "setting": setting, "seed": seed, "best_epoch": best,
-               "metrics": {"valid": {"mae": mae, "acc2_has0": valid_acc}, "test": {"mae": mae, "corr": 0.5}}}
+               "metrics": {"valid": {"mae": mae, "acc2_has0": valid_acc}, "test": test or {"mae": mae, "corr": 0.5}}}
     (d / "config.json").write_text(spec.to_json())
     (d / "history.json").write_text(json.dumps(history))
     (d / "metrics.json").write_text(json.dumps(metrics))
@@ -90,3 +90,14 @@ def test_cli_writes_the_tables_and_the_plot(runs, tmp_path):
     text = (tmp_path / "t.md").read_text()
     assert "Table 5" in text and "Table 6" in text and "joint - CGGM test mae" in text
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_dataset_gets_its_own_tables_and_gains_in_its_own_metric(runs, tmp_path):
+    # a segmentation dataset beside the regression one: gains against its own joint runs, in mean Dice
+    seg = [_run(tmp_path, m, 0, dataset="brats", test={"dice_mean": dice}) for m, dice in (("joint", 0.5), ("cggm", 0.6))]
+    by = {d: sweeps(rs)["rho"].set_index("rho")["mean"].to_dict() for d, rs in by_dataset(load_balance_runs(runs + seg)).items()}
+    assert by["synth"] == pytest.approx({1.3: 0.1, 2.0: -0.05}) and by["brats"] == pytest.approx({1.3: 0.1})
+    assert main(["cggm-report", "--table", str(tmp_path / "t"), "--plot", str(tmp_path / "p"), *map(str, runs + seg)]) == 0
+    text = (tmp_path / "t.md").read_text()
+    assert text.index("## synth") < text.index("joint - CGGM test mae") < text.index("## brats")
+    assert "CGGM - joint test dice_mean" in text[text.index("## brats"):]

@@ -223,6 +223,39 @@ def test_paper_balance_grid_has_every_row_of_cggm_tables():
     assert ablation == {"cggm_magnitude", "cggm_direction"}
 
 
+def test_a_top_level_key_reaches_a_study_that_overrides_other_keys_of_its_section():
+    """A study's model/train sections hold only what is written there: the schema's defaults filled in
+    them used to hide the top level's keys (a top-level dropout or max_steps never reached them)."""
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    config["model"]["dropout"], config["train"]["max_steps"] = 0.3, 2
+    config = validate_config(config, load_schema(SCHEMA))
+    assert config["studies"]["missing"]["model"] == {"backbone": "mplmm_mult", "d_model": 8, "layers": 1, "heads": 2}
+    spec = run_spec(config, "missing", "synth", "mplmm", "rate0.7", 0)
+    assert (spec.model.dropout, spec.train.max_steps, spec.train.epochs, spec.model.d_model) == (0.3, 2, 6, 8)
+
+
+def test_a_setting_naming_a_modality_a_real_dataset_lacks_fails_at_config_time():
+    """paper.yaml's only_text ran on BraTS (MRI sequences, no text) until the check knew each loader's modalities."""
+    config = default_config()
+    config["datasets"]["brats"] = {"loader": "brats", "path": "brats2021", "task": "seg"}
+    config["studies"]["balance"].update(datasets=["synth", "brats"], settings={
+        "complete": {"type": "complete"}, "only_text": {"type": "subset", "modalities": ["text"], "methods": ["joint"]}})
+    with pytest.raises(ConfigError, match=r"config key studies.balance.settings.only_text: on dataset 'brats': "
+                                          r"subset.modalities: \['text'\] not in the dataset's modalities"):
+        validate_config(config, load_schema(SCHEMA))
+    config["studies"]["balance"]["settings"]["only_text"]["datasets"] = ["synth"]
+    validate_config(config, load_schema(SCHEMA))
+
+
+def test_paper_grid_runs_casp_at_its_codes_budget_not_the_demos():
+    """paper.yaml inherited config.yaml's demo budget for CASP (3 epochs, snapshot every 1, 1 pseudo-label
+    epoch) although its comment said the code's defaults: found reading the rehearsal's run specs."""
+    config = {}
+    for name in ("config.yaml", "paper.yaml"):
+        merge_config(config, yaml.safe_load((REPO / "config" / name).read_text()))
+    config = validate_config(config, load_schema(SCHEMA))
+    spec = run_spec(config, "shift", "mosi_casp", "casp", "to_sims", 0, "casp_late")
+    assert spec.method_params["casp"] == {"epochs": 15, "snapshot_every": 3, "pl_epochs": 5}
 def test_a_jobs_spec_file_is_named_by_its_content_and_written_once(tmp_path):
     """The rules pass this short path instead of the JSON: a changed spec is another path (Snakemake's
     params trigger reruns the job), an unchanged one the same file; a dry run writes nothing."""

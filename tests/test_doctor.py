@@ -92,6 +92,10 @@ def test_a_bad_config_and_a_missing_manual_dataset_fail(tmp_path, capsys, monkey
     code, out = doctor(capsys, str(tmp_path / "mosi.yaml"))
     assert code == 1 and "[FAIL] data mosi: " in out and "cannot be downloaded automatically" in out
     assert f"fix: snakemake --cores 1 fetch_mosi --configfile {tmp_path / 'mosi.yaml'} prints the manual steps" in out
+    config["datasets"]["mosi"].update(path="absent.pkl", stand_in="tiny")   # the fetch step writes a stand-in
+    (tmp_path / "mosi.yaml").write_text(yaml.safe_dump(config))
+    code, out = doctor(capsys, str(tmp_path / "mosi.yaml"))
+    assert "[warn] data mosi: " in out and "snakemake writes the random stand-in first; now: snakemake --cores 1 fetch_mosi" in out
 
 
 def test_every_fix_is_a_command_snakemake_accepts_as_written(tmp_path, capsys, monkeypatch):

@@ -39,7 +39,7 @@ def test_crowded_tick_labels_are_set_apart(tmp_path):
     lams = [0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.25, 0.3, 0.35]
     sw = {"rho": pd.DataFrame({"rho": [1.3], "mean": [0.01], "std": [0.002], "count": [2]}),
           "lam": pd.DataFrame({"lam": lams, "mean": [0.01] * len(lams), "std": [0.0] * len(lams), "count": [2] * len(lams)})}
-    fig = figure5(sw, "joint - CGGM test mae")
+    fig = figure5({"synth": (sw, "joint - CGGM test mae")})
     save(fig, tmp_path / "fig5")
     assert overlapping_ticks(fig) == [] and outside(fig) == []
     assert [t.get_text() for t in fig.axes[1].get_xticklabels()] == [f"{x:g}" for x in lams]  # the swept values
@@ -47,7 +47,7 @@ def test_crowded_tick_labels_are_set_apart(tmp_path):
 
 def test_figure5_without_points_is_no_figure():
     empty = pd.DataFrame(columns=["rho", "mean", "std", "count"])
-    assert figure5({"rho": empty, "lam": empty.rename(columns={"rho": "lam"})}, "gain") is None
+    assert figure5({"synth": ({"rho": empty, "lam": empty.rename(columns={"rho": "lam"})}, "gain")}) is None
 
 
 def _history(method, per, steps, keys, setting="target_all"):

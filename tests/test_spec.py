@@ -46,17 +46,22 @@ def test_specs_from_the_config_round_trip_through_json():
 
 
 def test_keys_added_later_are_left_out_of_the_json_at_their_defaults():
-    """train.shuffle, train.selection and tuned_on_target_labels: at their defaults the spec's JSON (what
-    Snakemake compares to decide a re-run, and config.json) is what it was before they existed."""
+    """train.shuffle, train.selection, train.max_steps, tuned_on_target_labels and stand_in: at their
+    defaults the spec's JSON (what Snakemake compares to decide a re-run, and config.json) is what it was
+    before they existed; set, they are typed and round-trip."""
     spec = balance_spec()
     data = spec.to_dict()
-    assert not {"shuffle", "selection"} & set(data["train"]) and "tuned_on_target_labels" not in data
-    changed = replace(spec, train=replace(spec.train, shuffle=False, selection="valid_accuracy"),
-                      tuned_on_target_labels=True)
+    assert not {"shuffle", "selection", "max_steps"} & set(data["train"])
+    assert not {"tuned_on_target_labels", "stand_in"} & set(data)
+    changed = replace(spec, train=replace(spec.train, shuffle=False, selection="valid_accuracy", max_steps=2),
+                      tuned_on_target_labels=True, stand_in="tiny")
     data = changed.to_dict()
-    assert (data["train"]["shuffle"], data["train"]["selection"], data["tuned_on_target_labels"]) == \
-        (False, "valid_accuracy", True)
+    assert (data["train"]["shuffle"], data["train"]["selection"], data["train"]["max_steps"]) == \
+        (False, "valid_accuracy", 2)
+    assert (data["tuned_on_target_labels"], data["stand_in"]) == (True, "tiny")
     assert RunSpec.from_json(changed.to_json()) == changed
+    with pytest.raises(SpecError, match="spec key train.max_steps: expected"):
+        RunSpec.from_dict({**data, "train": {**data["train"], "max_steps": "2"}})
 
 
 @pytest.mark.parametrize("change, key", [

@@ -64,6 +64,8 @@ def test_tiny_stand_in_converts_with_the_real_shapes(stand_in, name, tmp_path):
     assert entry["stand_in"] == "tiny" and Path(entry["path"]).is_relative_to(stand_in["out"])
     store = FeatureStore(build_store(name, dataset_spec(stand_in["config"], name), tmp_path / name))
     mods = {m.name: m for m in store.schema.modalities}
+    tasks = {t.name for t in store.schema.tasks}   # the task the grid trains on (MMIN's views: one emotion)
+    assert {entry["task"], PAPER["datasets"][name].get("pretrain_task", entry["task"])} <= tasks, tasks
     if name in DECLARED:
         lengths, widths = DECLARED[name]
         assert [(mods[m].length, mods[m].dim) for m in ("text", "audio", "vision")] == list(zip(lengths, widths))

@@ -249,3 +249,27 @@ def test_shuffle_false_trains_on_the_split_in_stored_order_every_epoch(synth_sto
     assert stored[0] == stored[1] == list(range(len(stored[0])))
     shuffled = orders(True)  # the default: a new order per epoch
     assert shuffled[0] != shuffled[1] and sorted(shuffled[0]) == stored[0]
+def test_max_steps_ends_each_epoch_after_that_many_steps_and_the_next_starts_afresh(synth_store):
+    model, train, valid = _setup(synth_store)
+    assert len(train) > 2   # 1500 samples in batches of 128
+    spy = _Spy()
+    result = fit(model, train, valid, spy, _cfg(epochs=2, max_steps=2))
+    assert spy.calls.count("loss") == 4 and len(result.history) == 2
+    assert train.epoch == 2   # each epoch drew its own order, as without the cap
+
+
+def test_a_batch_norm_model_whose_last_batch_would_be_one_sample_is_refused_before_training(synth_store):
+    """The rehearsal's BraTS run (deeplab2d, one training case) failed at its first step, and a real split of
+    64k + 1 cases would fail after a whole epoch: refused up front, unless max_steps never reaches that batch."""
+    reproducibility.configure(0, 1)
+    store = FeatureStore(synth_store)
+    train = SplitLoader(store.open_split("train"), store.schema, "main", batch_size=1499, shuffle=True, seed=0)  # 1499 + 1
+    valid = SplitLoader(store.open_split("valid"), store.schema, "main", batch_size=128, shuffle=False, seed=0)
+    model = build_model(store.schema, store.schema.task("main"), **MODEL)
+    model.norm = torch.nn.BatchNorm1d(4)
+    spy = _Spy()
+    with pytest.raises(ValueError, match="train.batch_size 1499: the training split's 1500 samples end in a batch of one"):
+        fit(model, train, valid, spy, _cfg(epochs=1))
+    assert "loss" not in spy.calls
+    fit(model, train, valid, spy, _cfg(epochs=1, max_steps=1))
+    assert spy.calls.count("loss") == 1

@@ -136,13 +136,19 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if "path" not in args.entry:
         print(f"mmrepro fetch: error: the spec of dataset {args.dataset!r} has no 'path'", file=sys.stderr)
         return 2
+    entry, checksums = args.entry, args.checksums or args.entry.get("checksums")
     try:
-        report = fetch_and_report(args.dataset, args.entry.get("source"), args.entry["path"],
-                                  checksums=args.checksums or args.entry.get("checksums"))
+        if entry.get("stand_in"):   # random files in the real format: written here, held to their own digest
+            from mmrepro.data.standin import entry as stand_in
+
+            entry, notes = stand_in.fetch(args.dataset, entry)
+            print("\n".join(notes))
+            checksums = None
+        report = fetch_and_report(args.dataset, entry.get("source"), entry["path"], checksums=checksums)
     except ManualDownloadRequired as e:
         print(f"mmrepro fetch: {e}", file=sys.stderr)
         return 2
-    except (ChecksumMismatch, DatasetIncomplete, UnsafeArchive, OSError) as e:
+    except (ChecksumMismatch, DatasetIncomplete, UnsafeArchive, OSError, ValueError) as e:
         print(f"mmrepro fetch: error: {e}", file=sys.stderr)
         return 1
     print(summary(report))
@@ -152,9 +158,11 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_stand_in(args: argparse.Namespace) -> int:
     from mmrepro.config import read_config_files
     from mmrepro.data.standin import MANIFEST, OVERLAY, Scale, generate
+    from mmrepro.data.standin.plan import FULL_MAX_BYTES
 
     config = read_config_files(args.configfile)
-    max_bytes = None if args.scale == "tiny" or args.max_gb <= 0 else int(args.max_gb * 1e9)
+    max_bytes = (None if args.scale == "tiny" or (args.max_gb is not None and args.max_gb <= 0)
+                 else FULL_MAX_BYTES if args.max_gb is None else int(args.max_gb * 1e9))
     try:
         manifest = generate(config.get("datasets", {}), args.out, Scale(args.scale, max_bytes), args.datasets,
                             seed=args.seed, configs=[str(p) for p in args.configfile])
@@ -250,6 +258,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from mmrepro.report import add_baseline_delta, load_runs, plot_study, summarize, write_table
     from mmrepro.report.groups import add_groups, parse_groups
     from mmrepro.report.paired import add_paired
+    from mmrepro.report.marking import marked, stand_in_title
     from mmrepro.report.tables import write_paper_table
 
     runs = load_runs(args.metrics)
@@ -257,10 +266,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     summary = add_baseline_delta(summarize(grouped, reference=_study_reference(args.reference, args.names, runs)),
                                  grouped)
     paper = f"{args.paper_table}.md" if args.paper_table else ""
-    write_table(add_paired(summary, grouped, args.paired_with), args.table, paper_table=paper)
-    if args.paper_table:
-        write_paper_table(summary, args.paper_table)
-    plot_study(runs, args.plot)
+    with marked(stand_in_title(args.metrics)):
+        write_table(add_paired(summary, grouped, args.paired_with), args.table, paper_table=paper)
+        if args.paper_table:
+            write_paper_table(summary, args.paper_table)
+        plot_study(runs, args.plot)
     print(f"wrote {args.table}.{{md,csv,tex,html}}{f' and {paper}' if paper else ''} and {args.plot}.{{png,pdf}} "
           f"from {len(args.metrics)} runs")
     return 0
@@ -269,9 +279,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_paired_plot(args: argparse.Namespace) -> int:
     from mmrepro.report import load_runs
     from mmrepro.report.groups import add_groups, parse_groups
+    from mmrepro.report.marking import marked, stand_in_title
     from mmrepro.report.paired import plot_paired
 
-    plot_paired(add_groups(load_runs(args.metrics), parse_groups(args.groups)), args.paired_with, args.plot)
+    with marked(stand_in_title(args.metrics)):
+        plot_paired(add_groups(load_runs(args.metrics), parse_groups(args.groups)), args.paired_with, args.plot)
     print(f"wrote {args.plot}.{{png,pdf}} from {len(args.metrics)} runs")
     return 0
 
@@ -288,8 +300,10 @@ def cmd_claims(args: argparse.Namespace) -> int:
 
 def cmd_cggm_report(args: argparse.Namespace) -> int:
     from mmrepro.report.cggm import load_balance_runs, write_cggm_report
+    from mmrepro.report.marking import marked, stand_in_title
 
-    paths = write_cggm_report(load_balance_runs(args.metrics), args.table, args.plot)
+    with marked(stand_in_title(args.metrics)):
+        paths = write_cggm_report(load_balance_runs(args.metrics), args.table, args.plot)
     print(f"wrote {', '.join(map(str, paths))} from {len(args.metrics)} runs")
     return 0
 
@@ -310,8 +324,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_curves(args: argparse.Namespace) -> int:
     from mmrepro.report import load_histories, plot_curves
+    from mmrepro.report.marking import marked, stand_in_title
 
-    plot_curves(load_histories(args.metrics), args.plot)
+    with marked(stand_in_title(args.metrics)):
+        plot_curves(load_histories(args.metrics), args.plot)
     print(f"wrote {args.plot}.{{png,pdf}} from the histories of {len(args.metrics)} runs")
     return 0
 
@@ -344,11 +360,14 @@ def cmd_mechanisms_report(args: argparse.Namespace) -> int:
 
 
 def cmd_missing_report(args: argparse.Namespace) -> int:
+    from mmrepro.report.marking import marked, stand_in_title
     from mmrepro.report.missing import missing_report
 
     plots = {name: stem for name, stem in [("test", args.plot), ("train", args.train_rate_plot),
                                            ("prompt", args.prompt_length_plot)] if stem is not None}
-    paths = missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"), args.groups)
+    with marked(stand_in_title(args.metrics)):
+        paths = missing_report(args.metrics, args.table, plots, _paper(args.reference, args.names, "missing"),
+                               args.groups)
     print(f"wrote {', '.join(map(str, paths))} from {len(args.metrics)} runs")
     return 0
 
@@ -426,7 +445,7 @@ def parser() -> argparse.ArgumentParser:
                    help="dataset entries to write (default: every entry with raw files)")
     s.add_argument("--configfile", nargs="+", type=Path, default=[Path("config/paper.yaml")],
                    help="config files naming the entries, later ones override (default: config/paper.yaml)")
-    s.add_argument("--max-gb", type=float, default=2.0,
+    s.add_argument("--max-gb", type=float, default=None,
                    help="full scale: GB per entry; a corpus larger than this is cut to fit, in proportion in "
                         "every split, and the manifest says so (0: no cut; default 2: about 17 GB for all of paper.yaml)")
     s.add_argument("--seed", type=int, default=0, help="seed of the random values (default 0)")

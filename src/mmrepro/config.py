@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import logging
 import math
 import os
 import typing
@@ -20,6 +21,7 @@ from typing import Any
 import jsonschema
 import yaml
 
+from mmrepro.data import dataset_modalities
 from mmrepro.annotations import numeric_kind, problem
 from mmrepro.methods.params import ParamError, check_params, declared
 from mmrepro.methods.registry import ADAPTERS, HOOKS, METHOD_FAMILIES, SETTINGS, TRANSFORMS, build, resolve_method
@@ -41,6 +43,9 @@ EXPERIMENTS = [*STUDY_KINDS, "backbones"]
 #: its Table 1 average on CMU-MOSI (config/reference/missing.csv).
 PAIRED_REFERENCES = {"balance": ["joint"], "shift": ["source_only"], "peft": ["full_finetune"],
                      "missing": ["mmin", "map", "mctn", "modality_dropout", "modality_substitution", "lower_bound"]}
+
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -127,13 +132,20 @@ def load_schema(path: Path | str) -> dict[str, Any]:
 
 def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     """Fill defaults in place, check the schema, then names against the registries; return ``config``."""
+    written = _study_sections(config)
     errors = sorted(_Validator(schema).iter_errors(config), key=lambda e: list(e.absolute_path))
     if errors:
         lines = [f"config key {_key(e.absolute_path)}: {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+    for (study, section), keys in written.items():
+        overrides = config["studies"][study][section]
+        for key in [k for k in overrides if k not in keys]:
+            del overrides[key]
     _check_finite(config)
     _check_folders(config)
     _check_methods(config)
+    for note in select_study_datasets(config):
+        log.warning("note: %s", note)
     _check_backbones(config, schema)
     _check_names(config)
     _check_mechanisms(config)
@@ -144,6 +156,54 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any]) -> dict[str,
     return config
 
 
+def _study_sections(config: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """The keys written in each study's ``model`` and ``train`` sections. Those sections override the
+    top level's, key by key, so the schema's defaults must not fill them (a default there would hide
+    the top level's value: ``train: {max_steps: 2}`` would not reach a study that sets its epochs)."""
+    studies = config.get("studies")
+    return {(study, section): set(cfg[section]) for study, cfg in (studies if isinstance(studies, dict) else {}).items()
+            if isinstance(cfg, dict) for section in ("model", "train") if isinstance(cfg.get(section), dict)}
+
+
+def select_study_datasets(config: dict[str, Any]) -> list[str]:
+    """Cut each study's dataset-keyed entries to the datasets it runs, in place; return one note per cut.
+
+    A user who holds some of the datasets lists those under ``studies.<study>.datasets`` (an overlay or
+    ``--config``) and the rest of the study's grid follows: ``per_dataset`` entries, settings'
+    ``datasets`` lists and ``report_groups`` that name a dataset the study does not run are skipped (a
+    setting left with none runs nothing; a group loses nothing silently: it goes whole, since its row
+    stands for all of its members). A name that is no dataset of the config stays an error.
+    """
+    notes = []
+
+    def known(name: str, key: str) -> None:
+        if name not in config["datasets"]:
+            raise ConfigError(f"config key {key}: unknown dataset {name!r}; defined under datasets: "
+                              f"{sorted(config['datasets'])}")
+
+    for study, study_cfg in config["studies"].items():
+        runs = study_cfg["datasets"]
+        for name in list(study_cfg.get("per_dataset", {})):
+            known(name, f"studies.{study}.per_dataset.{name}")
+            if name not in runs:
+                del study_cfg["per_dataset"][name]
+                notes.append(f"studies.{study}.per_dataset.{name} skipped: the study does not run {name!r}")
+        for setting, setting_cfg in study_cfg["settings"].items():
+            listed = setting_cfg.get("datasets")
+            for i, name in enumerate(listed or []):
+                known(name, f"studies.{study}.settings.{setting}.datasets[{i}]")
+            if listed and any(name not in runs for name in listed):
+                setting_cfg["datasets"] = [name for name in listed if name in runs]
+                notes.append(f"studies.{study}.settings.{setting}: skips {[n for n in listed if n not in runs]}, "
+                             f"which the study does not run" + ("" if setting_cfg["datasets"] else "; the setting runs nothing"))
+        for group, members in list(study_cfg.get("report_groups", {}).items()):
+            for i, name in enumerate(members):
+                known(name, f"studies.{study}.report_groups.{group}[{i}]")
+            absent = [name for name in members if name not in runs]
+            if absent:
+                del study_cfg["report_groups"][group]
+                notes.append(f"studies.{study}.report_groups.{group} skipped: the study does not run {absent}")
+    return notes
 def _check_folders(config: dict[str, Any]) -> None:
     """``results`` and ``data_root`` are folders (or not made yet): a file there, or on the way to
     them, would fail at the first job that writes."""
@@ -208,10 +268,7 @@ def _check_overrides(config: dict[str, Any], schema: dict[str, Any]) -> None:
     registries = (TRANSFORMS, HOOKS, ADAPTERS)
     for study, study_cfg in config["studies"].items():
         for dataset, override in study_cfg["per_dataset"].items():
-            key = f"studies.{study}.per_dataset.{dataset}"
-            if dataset not in study_cfg["datasets"]:
-                raise ConfigError(f"config key {key}: {dataset!r} is not one of the study's datasets "
-                                  f"{study_cfg['datasets']}")
+            key = f"studies.{study}.per_dataset.{dataset}"   # only the study's datasets: select_study_datasets
             for section, merged in (("model", model_config(config, study, dataset)),
                                     ("train", train_config(config, study, dataset))):
                 _check_section(schema, section, merged, f"{key}.{section}")
@@ -414,10 +471,6 @@ def _check_names(config: dict[str, Any]) -> None:
             if group in study_cfg["datasets"]:
                 raise ConfigError(f"config key {key}: the group's name is one of the study's datasets; its rows "
                                   "would be mistaken for that dataset's")
-            for i, ds in enumerate(members):
-                if ds not in study_cfg["datasets"]:
-                    raise ConfigError(f"config key {key}[{i}]: {ds!r} is not one of the study's datasets "
-                                      f"{study_cfg['datasets']}")
         if study_cfg["paired_with"] is not None and study_cfg["paired_with"] not in study_cfg["methods"]:
             raise ConfigError(f"config key studies.{study}.paired_with: {study_cfg['paired_with']!r} is not one of the "
                               f"study's methods {study_cfg['methods']}")
@@ -435,17 +488,18 @@ def _check_names(config: dict[str, Any]) -> None:
             if setting["type"] == "domain":
                 _check_domain(config, setting.get("datasets", study_cfg["datasets"]), setting.get("domain"),
                               f"{key}.domain")
-            for field in ("methods", "datasets"):
-                for i, item in enumerate(setting.get(field, [])):
-                    if item not in study_cfg[field]:
-                        raise ConfigError(f"config key {key}.{field}[{i}]: {item!r} is not one of the study's "
-                                          f"{field} {study_cfg[field]}")
+            for i, item in enumerate(setting.get("methods", [])):   # datasets: select_study_datasets
+                if item not in study_cfg["methods"]:
+                    raise ConfigError(f"config key {key}.methods[{i}]: {item!r} is not one of the study's "
+                                      f"methods {study_cfg['methods']}")
             params = setting_params(setting)
             try:
                 built = SETTINGS.get(setting["type"])(**params)
                 for ds in setting.get("datasets", study_cfg["datasets"]):
-                    if config["datasets"][ds]["loader"] == "synth":
-                        built.modalities([m["name"] for m in config["datasets"][ds]["synth"]["modalities"]])
+                    try:
+                        built.modalities(dataset_modalities(config["datasets"][ds]))
+                    except ValueError as e:
+                        raise ValueError(f"on dataset {ds!r}: {e}; limit the setting with datasets") from None
             except KeyError as e:
                 raise ConfigError(f"config key {key}.type: {e.args[0]}") from None
             except (TypeError, ValueError) as e:
@@ -611,11 +665,15 @@ def fetch_rules(config: dict[str, Any]) -> dict[str, str]:
 
 
 def dataset_spec(config: dict[str, Any], dataset: str) -> dict[str, Any]:
-    """A dataset's config entry for the fetch and make-data jobs: path resolved, checksum registry named."""
+    """A dataset's config entry for the fetch and make-data jobs: path resolved, checksum registry named;
+    a stand-in's path relative to ``data_root`` also names that folder (``stand_in_root``), where the
+    fetch step writes it (:mod:`mmrepro.data.standin.entry`)."""
     entry = copy.deepcopy(config["datasets"][dataset])
     if entry["loader"] != "synth":
         entry.pop("synth", None)  # filled in by the schema's defaults, meaningless here
     if "path" in entry:
+        if entry.get("stand_in") and not Path(entry["path"]).is_absolute():
+            entry["stand_in_root"] = config["data_root"]
         entry["path"] = dataset_path(config, dataset)
         entry["checksums"] = str(Path(config["data_root"]) / "checksums.json")
     return entry
@@ -715,7 +773,14 @@ def _spec(config: dict[str, Any], study: str, dataset: str, method: str, setting
         train=TrainConfig(**train_config(config, study, dataset)),
         utilisation_probes=config["studies"][study]["utilisation_probes"], feature_stats=False,
         tracking=TrackingSpec(uri=config["tracking"]["uri"], mode=config["tracking"]["mode"]),
-        results=config["results"])
+        results=config["results"], stand_in=stand_in(config, dataset, setting_cfg.get("target")))
+
+
+def stand_in(config: dict[str, Any], *datasets: str | None) -> str | None:
+    """The stand-in scale of the data a run reads (the first of ``datasets`` marked ``stand_in``), or None:
+    a run on any random stand-in is no result, whatever else it reads."""
+    return next((config["datasets"][d]["stand_in"] for d in datasets
+                 if d is not None and config["datasets"][d].get("stand_in")), None)
 
 
 def run_spec(config: dict[str, Any], study: str, dataset: str, method: str, setting: str, seed: int,
@@ -779,7 +844,8 @@ def backbone_spec(config: dict[str, Any], study: str, dataset: str, seed: int,
     source = backbone_source(config, study, dataset)
     task = config["datasets"][source]["pretrain_task"] if finetune else study_task(config, study, dataset)
     spec = _spec(config, study, dataset, "joint", "complete", {"type": "complete"}, seed, task, backbone)
-    return dataclasses.replace(spec, dataset=source, study="backbones", setting=f"for-{study}", feature_stats=True)
+    return dataclasses.replace(spec, dataset=source, study="backbones", setting=f"for-{study}", feature_stats=True,
+                               stand_in=stand_in(config, source))
 
 
 def backbone_source(config: dict[str, Any], study: str, dataset: str) -> str:

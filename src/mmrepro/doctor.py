@@ -187,7 +187,10 @@ def dataset(name: str, config: dict[str, Any], config_files: list[Path] = (DEFAU
         return Check(f"data {name}", "warn", f"raw data at {raw}; store not built yet",
                      f"snakemake converts it first (after checking the raw checksum); now: {build}")
     fetch = snakemake_command(f"fetch_{fetch_rules(config)[raw]}", list(config_files), cores="1")
-    source = config["datasets"][name].get("source", {})
+    entry = config["datasets"][name]
+    if entry.get("stand_in") and not Path(entry["path"]).is_absolute():
+        return Check(f"data {name}", "warn", f"{raw} absent", f"snakemake writes the random stand-in first; now: {fetch}")
+    source = entry.get("source", {})
     if source.get("url") and not source.get("gated"):
         return Check(f"data {name}", "warn", f"{raw} absent", f"snakemake downloads it first; now: {fetch}")
     return Check(f"data {name}", "FAIL", f"{raw} absent and cannot be downloaded automatically",

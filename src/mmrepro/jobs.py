@@ -174,13 +174,15 @@ def _check_store(spec: RunSpec) -> None:
 
 def _summary(spec: RunSpec, data: "RunData", **extra: Any) -> dict[str, Any]:
     """The identifying part of metrics.json; ``task`` is the metric family, ``label`` the task's name,
-    ``backbone`` the run's name on its study's backbone axis (shift) or else its model's backbone."""
+    ``backbone`` the run's name on its study's backbone axis (shift) or else its model's backbone,
+    ``stand_in`` (only on random stand-in data) its scale: what the reports mark as no result."""
     keys = ("study", "dataset", "method", "setting", "seed")
     backbone = spec.backbone if spec.backbone is not None else spec.model.backbone
     if data.task.type == "segmentation" and backbone not in SEGMENTATION_BACKBONES:  # a sequence fusion, unused
         backbone = SEGMENTATION_BACKBONE
+    marked = {} if spec.stand_in is None else {"stand_in": spec.stand_in}
     return {**{k: getattr(spec, k) for k in keys}, "task": metric_kind(data.task), "label": spec.task,
-            "backbone": backbone, **extra}
+            "backbone": backbone, **marked, **extra}
 
 
 def _load_teachers(data: RunData, spec: RunSpec, paths: dict[str, Path]) -> dict[str, torch.nn.Module]:

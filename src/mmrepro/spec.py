@@ -109,6 +109,8 @@ class TrainConfig:
     precision: str = "fp32"  # "bf16": forward passes under bfloat16 autocast (losses in float32)
     pin_memory: bool = True  # CUDA: batches go to the GPU through page-locked memory, asynchronously
     slices: dict[str, Any] | None = None  # 2-D slice sampling of volumes: read by the loaders (jobs.RunData), not here
+    #: at most this many optimizer steps per epoch (None: the whole split): rehearsals and cost measurements
+    max_steps: int | None = field(default=None, metadata=OMITTED_AT_DEFAULT)
 
     @property
     def torch_device(self) -> str:
@@ -157,6 +159,8 @@ class RunSpec:
     ``method_params``: plug-in name -> the parameters its constructor receives;
     ``tuned_on_target_labels``: the parameters come from a search scored on a target's labelled
     validation split (a cross-dataset setting's), so the run is marked ``target_labels_used``;
+    ``stand_in``: the scale of the random stand-in files the run's data was converted from (None: the
+    real data), so that its metrics, MLflow run and every table built from it say it is no result.
     ``checkpoint``: the model the job loads and starts from (None: it trains from scratch).
     """
 
@@ -178,6 +182,7 @@ class RunSpec:
     results: str
     teachers: dict[str, str] | None = field(default=None, metadata=OMITTED_AT_DEFAULT)  # absent without teachers
     tuned_on_target_labels: bool = field(default=False, metadata=OMITTED_AT_DEFAULT)
+    stand_in: str | None = field(default=None, metadata=OMITTED_AT_DEFAULT)
     checkpoint: CheckpointSpec | None = field(default=None, metadata=OMITTED_AT_DEFAULT)  # from scratch
 
     def __post_init__(self) -> None:

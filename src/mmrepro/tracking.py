@@ -7,8 +7,9 @@
   experiment per study with an explicit artifact location (without a server, MLflow would fix
   it relative to whatever directory the first job ran in).
 - Every run is tagged with study, dataset, method, setting, seed (and, on the shift study's backbone
-  axis, backbone), git commit, config hash, torch version and threads, and named by what differs
-  inside a study (``[backbone/]method/setting/seedN``);
+  axis, backbone), git commit, config hash, torch version and threads (a run on random stand-in
+  data also with ``rehearsal``: the stand-in's scale), and named by what differs inside a study
+  (``[backbone/]method/setting/seedN``);
   parameters are the flattened run spec; per-step values are logged with their ``step`` under
   ``loss/`` or ``monitor/`` (:func:`series_key`); the final metrics as ``<split>/<metric>`` (what
   :mod:`mmrepro.compare` reads back); the resolved config and metrics.json are artifacts.
@@ -43,6 +44,8 @@ from typing import Any
 from mmrepro.spec import RunSpec
 
 TAG_KEYS = ("study", "dataset", "backbone", "method", "setting", "seed")
+#: The tag of a run trained on random stand-in data (its value: the stand-in scale): a rehearsal, no result.
+REHEARSAL_TAG = "rehearsal"
 #: MLflow's own mark of an experiment's kind. MLflow 3.17's UI does not read it (its GenAI / Model
 #: training switch decides every experiment's first page: :mod:`mmrepro.mlflow_ui`); other MLflow
 #: front ends and versions do.
@@ -249,6 +252,8 @@ def run_tags(spec: RunSpec, threads: int) -> dict[str, str]:
     tags = {k: str(getattr(spec, k)) for k in TAG_KEYS if getattr(spec, k) is not None}
     tags.update(git_commit=git_commit(), config_hash=config_hash(spec.to_dict()),
                 torch_version=importlib.metadata.version("torch"), threads=str(threads))
+    if spec.stand_in is not None:  # searchable (tags.rehearsal = 'tiny') and shown beside every such run
+        tags[REHEARSAL_TAG] = spec.stand_in
     return tags
 
 

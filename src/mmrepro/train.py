@@ -1,7 +1,8 @@
 """The one training loop every method shares (regression, classification and segmentation alike).
 
 Per step: forward, task loss, ``hook.loss`` (extra terms), backward, ``hook.after_backward``
-(gradient modulation), gradient clipping, optimizer step. Per epoch: validation loss, the best
+(gradient modulation), gradient clipping, optimizer step; an epoch ends after ``max_steps`` steps
+when set (a rehearsal or a cost measurement, not a result). Per epoch: validation loss, the best
 weights under ``train.selection`` kept as a ``state_dict`` (:data:`SELECTIONS`), early stopping
 after ``patience`` epochs without a new best (an improvement must exceed ``min_delta``: otherwise
 a loss that falls by rounding noise alone, a few ULPs an epoch, would reset the patience forever),
@@ -11,6 +12,7 @@ a resumable checkpoint, and one call of ``log_epoch(epoch, values)`` for trackin
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import os
 from collections.abc import Callable
@@ -143,6 +145,17 @@ def validation_values(model: nn.Module, loader: SplitLoader, loss_fn, cfg: Train
     return values
 
 
+def _check_batch_norm(model: nn.Module, train: SplitLoader, steps: int) -> None:
+    """BatchNorm cannot train on a batch of one sample (a 1x1 map, e.g. DeepLab's pooled ASPP branch, has a
+    single value per channel): refuse before the first step a split whose last batch would be one, which
+    would otherwise stop the run at the end of its first epoch."""
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()) and steps == len(train) \
+            and train.n % train.batch_size == 1:
+        raise ValueError(f"train.batch_size {train.batch_size}: the training split's {train.n} samples end in a "
+                         "batch of one, which the model's BatchNorm layers cannot train on; choose a batch size "
+                         "that leaves at least 2 in the last batch")
+
+
 def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: TrainingHook, cfg: TrainConfig, *,
         log_epoch: Callable[[int, dict[str, float]], None] = lambda e, v: None,
         checkpoint: Path | None = None, checkpoint_key: str = "") -> FitResult:
@@ -151,12 +164,14 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
     _check_selection(cfg, model.task_type)
     loss_fn = task_loss_fn(model.task_type)
     device = cfg.torch_device
+    steps = len(train) if cfg.max_steps is None else min(len(train), cfg.max_steps)
+    _check_batch_norm(model, train, steps)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
     schedule = EpochSchedule(optimizer, cfg.scheduler, lr=cfg.lr, epochs=cfg.epochs, when=cfg.when, factor=cfg.factor,
                              warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr,
-                             steps_per_epoch=len(train))
+                             steps_per_epoch=steps)
     hook.setup(model, loss_fn, optimizer)
     state = {"epoch": 0, "best_score": float("inf") if cfg.selection == "valid_loss" else -0.0, "best_epoch": 0,
              "bad_epochs": 0, "history": [],
@@ -177,8 +192,8 @@ def fit(model: nn.Module, train: SplitLoader, valid: SplitLoader, hook: Training
         epoch = state["epoch"] + 1
         model.train()
         total, n = 0.0, 0
-        for step, batch in enumerate(tqdm(train, desc=f"epoch {epoch}/{cfg.epochs}", leave=False,
-                                          disable=progress_disabled())):
+        for step, batch in enumerate(tqdm(itertools.islice(train, steps), total=steps, desc=f"epoch {epoch}/{cfg.epochs}",
+                                          leave=False, disable=progress_disabled())):
             schedule.before_step(step)
             batch = batch.to(device, pin=cfg.pin_memory)
             with cfg.autocast():

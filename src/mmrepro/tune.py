@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from mmrepro.spec import RunSpec
-from mmrepro.tracking import flatten, tracking_uri
+from mmrepro.tracking import REHEARSAL_TAG, flatten, tracking_uri
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,8 @@ def create(search: dict[str, Any]) -> dict[str, Any]:
         tags = {"study": search["study"], "dataset": search["dataset"], "method": search["method"],
                 "search": search["name"], "role": "search",
                 "target_labels_used": str(scores_target_labels(_spec(search))).lower()}
+        if _spec(search).stand_in is not None:
+            tags[REHEARSAL_TAG] = _spec(search).stand_in
         parent = client.create_run(exp.experiment_id, run_name=f"search/{search['dataset']}/{search['method']}",
                                    tags=tags).info.run_id
         from mlflow.entities import Param
@@ -247,6 +249,8 @@ def best(search: dict[str, Any], store: Path, init: Path | None, threads: int, f
     from mlflow.entities import Metric, Param
     from optuna.trial import TrialState
 
+    from mmrepro.report.marking import marked, title_for
+
     study = _open(search, search["workers"])
     _fail_stale(study, owner=None)  # every worker job has ended: nothing RUNNING is alive
     _run_trials(study, search, search["workers"], store, init, threads)
@@ -260,7 +264,8 @@ def best(search: dict[str, Any], store: Path, init: Path | None, threads: int, f
                   default_point=top.user_attrs.get("point") == "default", states=counts,
                   setting=_spec(search).setting, target_labels_used=scores_target_labels(_spec(search)))
     folder.mkdir(parents=True, exist_ok=True)
-    plot_search(study, folder, search["seed"])
+    with marked(title_for([_spec(search).stand_in])):
+        plot_search(study, folder, search["seed"])
     client = mlflow.MlflowClient(tracking_uri=_uri(search))
     parent = search["parent_run"]
     client.log_batch(parent, params=[Param(f"best.{k}"[:250], str(v)) for k, v in top.params.items()],
@@ -281,8 +286,11 @@ def plot_search(study, folder: Path, seed: int) -> None:
     import optuna
     from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
 
+    from mmrepro.report.marking import mark_figure
+
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # the plots are stable here
     ax = plot_optimization_history(study)
+    mark_figure(ax.figure)
     ax.figure.savefig(folder / "history.png", bbox_inches="tight")
     plt.close(ax.figure)
     try:
@@ -291,6 +299,7 @@ def plot_search(study, folder: Path, seed: int) -> None:
         fig, ax = plt.subplots(figsize=(6, 2))
         ax.text(0.5, 0.5, f"no importances: {e}", ha="center", va="center", wrap=True)
         ax.set_axis_off()
+    mark_figure(ax.figure)
     ax.figure.savefig(folder / "importances.png", bbox_inches="tight")
     plt.close(ax.figure)
 

@@ -101,11 +101,12 @@ import nibabel as nib
 import numpy as np
 from numpy.lib.format import open_memmap
 
+from mmrepro.data import LOADER_MODALITIES
 from mmrepro.data.schema import DataValidationError, DatasetSchema, ModalitySpec, TaskSpec, count_nonfinite
 from mmrepro.data.store import remove_stale, work_folder
 
 #: MRI sequences of a case, in CGGM's channel order (the default order of the store's modalities).
-MODALITIES = ("flair", "t1ce", "t1", "t2")
+MODALITIES = LOADER_MODALITIES["brats"]
 SEG_KEY = "seg"
 CASE_PATTERN = re.compile(r"^BraTS2021_\d+$")
 RELEASE_SHAPE = (240, 240, 155)

@@ -51,19 +51,15 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
 from mmrepro.data.store import sha256_file
+from mmrepro.locking import exclusive
 from mmrepro.progress import progress_disabled
-
-try:  # POSIX: serialise registry writers across processes (Snakemake runs fetch jobs in parallel)
-    import fcntl
-except ImportError:  # elsewhere the registry is still replaced atomically, only not locked
-    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 
@@ -155,18 +151,9 @@ class ChecksumRegistry:
     def get(self, key: str) -> str | None:
         return self.read().get(key)
 
-    @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> contextlib.AbstractContextManager[None]:
         """Hold the registry's exclusive write lock (blocks while another writer holds it)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as handle:
-            if fcntl is not None:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                if fcntl is not None:
-                    fcntl.flock(handle, fcntl.LOCK_UN)
+        return exclusive(self.path)
 
     def record(self, key: str, sha256: str) -> str:
         """Record ``sha256`` under ``key`` unless an entry exists; return the digest now on record."""

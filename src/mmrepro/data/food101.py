@@ -130,13 +130,14 @@ from typing import Any
 
 import numpy as np
 
+from mmrepro.data import LOADER_MODALITIES
 from mmrepro.data.schema import DataValidationError, DatasetSchema, ModalitySpec, TaskSpec
 from mmrepro.data.store import remove_stale, sha256_file, work_folder
 from mmrepro.progress import progress_disabled
 
 SPLITS = ("train", "valid", "test")
 RAW_SPLITS = ("train", "test")
-MODALITIES = ("image", "text")
+MODALITIES = LOADER_MODALITIES["food101"]
 TASK = "label"
 IMAGE_TRANSFORMS = ("cggm", "processor")
 DTYPES = {"float16": np.float16, "float32": np.float32}

@@ -89,11 +89,12 @@ from typing import Any
 
 import numpy as np
 
+from mmrepro.data import LOADER_MODALITIES
 from mmrepro.data.schema import DataValidationError, DatasetSchema, ModalitySpec, TaskSpec
 from mmrepro.data.store import sha256_file
 
 SPLITS = ("train", "valid", "test")
-MODALITIES = ("text", "audio", "vision")
+MODALITIES = LOADER_MODALITIES["mmsa"]
 NAN_POLICIES = ("error", "zero")
 TEXT_VIEWS = ("bert", "bert_inputs")
 EMOTIONS = ("neutral", "happy", "sad", "angry")

@@ -11,11 +11,12 @@
   with ``lam = 0``), direction only (``magnitude = false``) and both (the plain ``cggm`` runs); the
   variants are found by their resolved parameters (``config.json``), whatever they are called.
 - **Figure 5**: the improvement of CGGM over joint training in the main metric (test MAE, lower
-  is better, for regression; accuracy for classification) against rho (runs at the reference
+  is better, for regression; accuracy for classification; mean Dice for segmentation) against rho (runs at the reference
   lambda) and against lambda (runs at the reference rho), mean over seeds. The reference values are
   the plain ``cggm`` run's; sweeps come from ``config/grids/balance_cggm_sweeps.yaml``.
 
-Every cell is mean ± std over seeds in the study tables' units (accuracies in %), the best of each
+Each dataset of the study gets its own tables and row of Figure 5 (a run is compared only with runs
+of its dataset). Every cell is mean ± std over seeds in the study tables' units (accuracies in %), the best of each
 column in bold; rows without runs and metrics equal in every cell are left out and named in the notes.
 """
 
@@ -33,7 +34,7 @@ from matplotlib.figure import Figure
 from mmrepro.spec import RunSpec
 
 from .figures import save
-from .render import Cell, Row, Table, Unit, header_of, mark_best, markdown, wrap
+from .render import LOWER_IS_BETTER, MAIN_METRIC, Cell, Row, Table, Unit, header_of, mark_best, markdown, wrap
 from .tables import DEFAULT_METRICS, _atomic_write_text, _with_suffix
 
 CGGM_DEFAULTS = {"rho": 1.3, "lam": 0.2, "magnitude": True}
@@ -149,9 +150,19 @@ def _mean_std(values: list[float], unit: Unit) -> str:
 
 
 def _main_metric(runs: list[dict]) -> tuple[str, float]:
-    """(metric, sign): improvement = sign * (variant - joint)."""
+    """(metric, sign) of one dataset's runs: improvement = sign * (variant - joint)."""
     test = next((r["metrics"]["test"] for r in runs), {})
-    return ("mae", -1.0) if "mae" in test else ("acc", 1.0)
+    metric = next((m for m in dict.fromkeys(MAIN_METRIC.values()) if m in test), "acc")
+    return metric, -1.0 if metric in LOWER_IS_BETTER else 1.0
+
+
+def by_dataset(runs: list[dict]) -> dict[str, list[dict]]:
+    """The runs of each dataset, in the order the datasets first appear: every table and sweep compares
+    runs of one dataset only."""
+    out: dict[str, list[dict]] = {}
+    for r in runs:
+        out.setdefault(r["spec"].dataset, []).append(r)
+    return out
 
 
 def _sweep_points(runs: list[dict]) -> dict[str, list[tuple[dict, float]]]:
@@ -172,11 +183,13 @@ def _sweep_points(runs: list[dict]) -> dict[str, list[tuple[dict, float]]]:
 def planned_figure5(specs: list[RunSpec]) -> bool:
     """Whether runs of these run specs give Figure 5 a point: what the workflow asks
     :func:`write_cggm_report` for (never a blank figure)."""
-    return any(_sweep_points([{"method": s.method, "seed": s.seed, "spec": s} for s in specs]).values())
+    runs = by_dataset([{"method": s.method, "seed": s.seed, "spec": s} for s in specs])
+    return any(any(_sweep_points(rs).values()) for rs in runs.values())
 
 
 def sweeps(runs: list[dict]) -> dict[str, pd.DataFrame]:
-    """Improvement over joint (mean, std, n over seeds) against rho and against lambda."""
+    """Improvement over joint (mean, std, n over seeds) against rho and against lambda: runs of one
+    dataset (:func:`by_dataset`)."""
     complete = [r for r in runs if r["spec"].data_setting.type == "complete"]
     metric, sign = _main_metric(complete)
     joint = {r["seed"]: r["metrics"]["test"][metric] for r in complete if r["method"] == "joint"}
@@ -196,46 +209,66 @@ def _markdown(frame: pd.DataFrame) -> str:
 
 
 def write_cggm_report(runs: list[dict], table: str | os.PathLike, plot: str | os.PathLike) -> list[Path]:
-    """``table.md`` (Tables 5 and 6, and the sweep numbers) and ``plot.{png,pdf}`` (Figure 5, where it
-    has a point: :func:`figure5`); returns the paths written."""
-    t5, t6, sw = table5(runs), table6(runs), sweeps(runs)
-    metric, sign = _main_metric([r for r in runs if r["spec"].data_setting.type == "complete"])
-    gain = f"{'joint - CGGM' if sign < 0 else 'CGGM - joint'} test {metric}"
-    acc = "acc" if any(r.get("task") == "classification" for r in runs) else "acc2_has0"
-    t5_table = as_table(t5, "", {m: acc for m in t5.columns})
-    text = ["# CGGM paper tables from the balance runs", "",
-            "## Table 5: accuracy of each modality's unimodal classifier (validation split)", "",
-            wrap("unimodal: the run on that modality alone; joint and joint + CGGM: the unimodal classifier on the "
-                 "model's encoder at the best epoch (utilisation probe / CGGM's classifier). Columns: modalities."), "",
-            markdown(t5_table), "## Table 6: ablation (test split)", "",
-            markdown(as_table(t6, "", {m: m for m in t6.columns})),
-            f"## Figure 5: improvement over joint training ({gain}; positive = better)", ""]
-    for axis, frame in sw.items():
-        shown = frame.assign(count=frame["count"].astype(int)).set_index(axis).round(4)
-        text += [f"### against {axis}", "", _markdown(shown) if len(frame) else "(no sweep runs)", ""]
+    """``table.md`` (Tables 5 and 6 and the sweep numbers, per dataset) and ``plot.{png,pdf}`` (Figure 5,
+    a row per dataset that has a point: :func:`figure5`); returns the paths written."""
+    text = ["# CGGM paper tables from the balance runs", ""]
+    panels = {}
+    for dataset, runs_of in by_dataset(runs).items():
+        sw = sweeps(runs_of)
+        metric, sign = _main_metric([r for r in runs_of if r["spec"].data_setting.type == "complete"])
+        gain = f"{'joint - CGGM' if sign < 0 else 'CGGM - joint'} test {metric}"
+        panels[dataset] = (sw, gain)
+        text += [f"## {dataset}", "", *_dataset_sections(runs_of, sw, gain)]
     table_path = _with_suffix(Path(table), ".md")
     _atomic_write_text(table_path, "\n".join(text))
-    fig = figure5(sw, gain)
+    fig = figure5(panels)
     if fig is None:
         print(f"no Figure 5 point (no CGGM run beside joint training): {plot}.png not written")
         return [table_path]
     return [table_path, *save(fig, plot)]
 
 
-def figure5(sw: dict[str, pd.DataFrame], gain: str) -> Figure | None:
-    """CGGM's Figure 5: one panel per swept axis that has points (ticks at the swept values), the
-    gain (mean ± std over seeds) against it; None where no axis has a point."""
-    shown = {axis: frame for axis, frame in sw.items() if len(frame)}
+def _dataset_sections(runs: list[dict], sw: dict[str, pd.DataFrame], gain: str) -> list[str]:
+    """One dataset's Tables 5 and 6 and sweep numbers, as Markdown lines."""
+    t5, t6 = table5(runs), table6(runs)
+    acc = "acc" if any(r.get("task") == "classification" for r in runs) else "acc2_has0"
+    text = ["### Table 5: accuracy of each modality's unimodal classifier (validation split)", ""]
+    if len(t5.columns):
+        text += [wrap("unimodal: the run on that modality alone; joint and joint + CGGM: the unimodal classifier on "
+                      "the model's encoder at the best epoch (utilisation probe / CGGM's classifier). Columns: "
+                      "modalities."), "", markdown(as_table(t5, "", {m: acc for m in t5.columns}))]
+    else:
+        text += ["(no one-modality run and no per-modality probe on this dataset)", ""]
+    text += ["### Table 6: ablation (test split)", "", markdown(as_table(t6, "", {m: m for m in t6.columns})),
+             f"### Figure 5: improvement over joint training ({gain}; positive = better)", ""]
+    for axis, frame in sw.items():
+        shown = frame.assign(count=frame["count"].astype(int)).set_index(axis).round(4)
+        text += [f"#### against {axis}", "", _markdown(shown) if len(frame) else "(no sweep runs)", ""]
+    return text
+
+
+def figure5(panels: dict[str, tuple[dict[str, pd.DataFrame], str]]) -> Figure | None:
+    """CGGM's Figure 5: per dataset (``panels``: dataset -> (:func:`sweeps`, its gain's words)) a row
+    with one panel per swept axis that has points (ticks at the swept values), the gain (mean ± std
+    over seeds) against it; None where no dataset has a point."""
+    shown = {d: ({a: f for a, f in sw.items() if len(f)}, gain) for d, (sw, gain) in panels.items()}
+    shown = {d: v for d, v in shown.items() if v[0]}
     if not shown:
         return None
-    fig = Figure(figsize=(4.2 * len(shown), 3.8), layout="constrained")
+    cols = max(len(sw) for sw, _ in shown.values())
+    fig = Figure(figsize=(4.2 * cols, 3.4 * len(shown) + 0.4), layout="constrained")
     FigureCanvasAgg(fig)
-    for ax, (axis, frame) in zip(fig.subplots(1, len(shown), squeeze=False)[0], shown.items()):
-        ax.errorbar(frame[axis], frame["mean"], yerr=frame["std"].fillna(0.0), marker="o", capsize=3)
-        ax.axhline(0.0, color="grey", lw=0.8)
-        ax.set_xticks(frame[axis].to_numpy(), [f"{x:g}" for x in frame[axis]])
-        ax.set_xlabel({"rho": "rho", "lam": "lambda"}[axis])
-        ax.set_ylabel(f"improvement ({gain})", fontsize=9)
-        ax.grid(alpha=0.3)
+    grid = fig.subplots(len(shown), cols, squeeze=False)
+    for row, (dataset, (sw, gain)) in zip(grid, shown.items()):
+        for ax, (axis, frame) in zip(row, sw.items()):
+            ax.errorbar(frame[axis], frame["mean"], yerr=frame["std"].fillna(0.0), marker="o", capsize=3)
+            ax.axhline(0.0, color="grey", lw=0.8)
+            ax.set_xticks(frame[axis].to_numpy(), [f"{x:g}" for x in frame[axis]])
+            ax.set_xlabel({"rho": "rho", "lam": "lambda"}[axis])
+            ax.set_ylabel(f"improvement ({gain})", fontsize=9)
+            ax.set_title(dataset, fontsize=9)
+            ax.grid(alpha=0.3)
+        for ax in row[len(sw):]:
+            ax.set_visible(False)
     fig.suptitle("CGGM's Figure 5: improvement over joint training, mean ± std over seeds", fontsize=10)
     return fig

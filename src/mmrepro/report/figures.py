@@ -15,6 +15,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
+from .marking import mark_figure
 from .tables import _atomic_write, _with_suffix
 
 __all__ = ["outside", "overlapping_ticks", "fit", "save", "legend_columns"]
@@ -112,7 +113,9 @@ def legend_columns(labels: list[str], width_in: float, fontsize: float = 8.0) ->
 
 
 def save(fig: Figure, stem: str | os.PathLike) -> list[Path]:
-    """Fit ``fig`` (:func:`fit`) and write ``stem.png`` and ``stem.pdf`` atomically; returns the two paths."""
+    """Fit ``fig`` (:func:`fit`) and write ``stem.png`` and ``stem.pdf`` atomically; returns the two paths.
+    A figure of runs on stand-in data is titled so first (:mod:`.marking`)."""
+    mark_figure(fig)
     fit(fig)
     paths = [_with_suffix(Path(stem), ".png"), _with_suffix(Path(stem), ".pdf")]
     for path in paths:

@@ -35,6 +35,7 @@ from typing import IO
 import numpy as np
 import pandas as pd
 
+from .marking import mark_text
 from .reference import Reference, reference_frame
 from .render import (HEADLINE_NOTE, LOWER_IS_BETTER, MAIN_METRIC, SHARE_NOTE, group_notes, html_page, latex, markdown,
                      paper_tables, study_table, wrap)
@@ -482,6 +483,8 @@ def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Write a report's text file, titled as a rehearsal on stand-in data when it is one (:mod:`.marking`)."""
+    text = mark_text(path, text)
     _atomic_write(path, lambda fh: fh.write(text.encode("utf-8")))
 
 

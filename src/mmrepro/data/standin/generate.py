@@ -14,6 +14,7 @@ match), and for Food-101 the encoder folders. Layer it last:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import zlib
@@ -29,6 +30,7 @@ import yaml
 from mmrepro.data.standin import food, mmin, sequences, volumes
 from mmrepro.data.standin.plan import Scale, Written
 from mmrepro.data.store import sha256_file
+from mmrepro.locking import exclusive
 
 OVERLAY = "stand_in.yaml"
 MANIFEST = "stand_in.json"
@@ -60,12 +62,17 @@ def select(datasets: Mapping[str, Mapping[str, Any]], names: Sequence[str] | Non
     return by_path
 
 
-def _prepare(out: Path) -> None:
-    """``out`` must be new, empty, or an earlier stand-in folder: never a folder of real data."""
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+def _claim(out: Path) -> None:
+    """``out`` must be new, hold no file (empty folders are fine: Snakemake makes an output's folders
+    before its job), or be an earlier stand-in folder: never a folder of real data. A new one gets an
+    empty manifest at once, so that a concurrent writer (another fetch job) sees a stand-in folder."""
+    if (out / MANIFEST).is_file():
+        return
+    if out.is_dir() and any(p.is_file() for p in out.rglob("*")):
         raise ValueError(f"{out} holds files and is no stand-in folder (no {MANIFEST}): give a new or empty folder, "
                          "so nothing real is overwritten")
     out.mkdir(parents=True, exist_ok=True)
+    _replace(out / MANIFEST, json.dumps({"root": str(out), "datasets": {}, "paths": {}}) + "\n")
 
 
 def _clear(target: Path) -> None:
@@ -85,7 +92,8 @@ def generate(datasets: Mapping[str, Mapping[str, Any]], out: Path, scale: Scale,
     """
     out = Path(out).resolve()
     by_path = select(datasets, names)
-    _prepare(out)
+    with exclusive(out):
+        _claim(out)
     began = time.perf_counter()
     records: dict[str, dict[str, Any]] = {}
     for rel, members in by_path.items():
@@ -98,20 +106,34 @@ def generate(datasets: Mapping[str, Mapping[str, Any]], out: Path, scale: Scale,
         written = FAMILIES[loader](rel, entries, out, scale, rng)
         digest = sha256_file(out / rel) if loader in FILE_LOADERS else None
         records[rel] = {**asdict(written), "scale": scale.name, "seed": seed, "sha256": digest}
-    earlier = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {"datasets": {}, "paths": {}}
+    with exclusive(out):   # concurrent writers (parallel fetch jobs) each add their paths to one manifest
+        return _record(out, by_path, records, scale, configs, time.perf_counter() - began)
+
+
+def _record(out: Path, by_path: Mapping[str, list[str]], records: dict[str, dict[str, Any]], scale: Scale,
+            configs: Sequence[str], seconds: float) -> dict[str, Any]:
+    """Merge this run's paths into the manifest and the overlay beside them; return the manifest."""
+    earlier = json.loads((out / MANIFEST).read_text())
     paths = {**{rel: r for rel, r in earlier["paths"].items() if rel not in records}, **records}
     new = {n: rel for rel, members in by_path.items() for n in members}
     manifest = {
         "root": str(out), "configs": list(configs), "max_bytes_per_entry": scale.max_bytes,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "written": list(records), "seconds": round(time.perf_counter() - began, 2),
+        "written": list(records), "seconds": round(seconds, 2),
         "bytes": sum(r["bytes"] for r in records.values()),   # of the paths this run wrote
         "datasets": {**{n: rel for n, rel in earlier["datasets"].items() if n not in new and rel in paths}, **new},
         "paths": paths,
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-    (out / OVERLAY).write_text(overlay_text(overlay(manifest), out, configs))
+    _replace(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    _replace(out / OVERLAY, overlay_text(overlay(manifest), out, configs))
     return manifest
+
+
+def _replace(path: Path, text: str) -> None:
+    """Readers (a make-data job checking a stand-in's digest) never see half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def overlay(manifest: Mapping[str, Any]) -> dict[str, Any]:

@@ -32,6 +32,9 @@ SESSIONS = 5
 TINY_UTTERANCES = 20   # four per session: a fold trains on 16, validates on 2 and tests on 2
 #: mean frames at half the caps, float32
 BYTES_PER_UTTERANCE = 4 * sum(t * d for t, d in zip(CGGM_LENGTHS, CGGM_DIMS)) // 2
+#: converter parameters a stand-in states: the real folder's class totals let the converter infer the
+#: class names, a tiny stand-in's cannot (the one-hot rows are written in ``EMOTIONS`` order)
+STATED_PARAMS = {"class_names": list(EMOTIONS)}
 ASSUMPTIONS = [
     "session sizes not known here: the corpus is spread evenly over the five sessions, the held-out one halved "
     "into val and tst",

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 SCALES = ("tiny", "full")
+#: full scale's default budget per dataset entry: about 17 GB for the whole of config/paper.yaml
+FULL_MAX_BYTES = 2 * 10**9
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from mmrepro.data.standin.plan import Scale, Written, choose_counts, folder_byte
 from mmrepro.progress import progress_disabled
 
 REAL_CASES = 1251
-TINY_CASES = 3                 # the fewest the converter's three splits take: 1 / 1 / 1
+TINY_CASES = 5                 # the converter's 70/10/20 split: 3 / 1 / 1, so a training batch holds several slices
+                               # (deeplab2d's BatchNorm cannot train on a batch of one)
 TINY_SHAPE = (40, 44, 36)
 #: the brain's semi-axes as fractions of the volume's sides (a release brain is about 140 x 170 x 130 voxels)
 BRAIN = (0.30, 0.36, 0.42)
