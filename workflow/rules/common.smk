@@ -31,6 +31,7 @@ from mmrepro.config import (
 )
 from mmrepro.report.cggm import planned_figure5
 from mmrepro.report.missing import planned_curves
+from mmrepro.resources import data_resources, search_resources, train_resources
 from mmrepro.tracking import tracking_mode, tracking_uri
 
 validate_config(config, load_schema(Path(workflow.basedir) / "schemas" / "config.schema.yaml"))
@@ -40,10 +41,8 @@ TUNE = f"{RESULTS}/tune"
 # Every job runs in the project's environment (used with --sdm conda; also answers --lint).
 CONDA_ENV = str(Path(workflow.basedir).parent / "environment.yml")
 TRAIN_RES = config["resources"]["train"]
-# Loaders whose raw data is a folder, and what converting each costs (images and volumes: more).
+# Loaders whose raw data is a folder. What each job asks for: mmrepro.resources (per dataset entry).
 FOLDER_LOADERS = ("food101", "brats", "iemocap_h5")
-DATA_MEM_MB = {"mmsa": 16000, "mult": 16000, "food101": 16000, "brats": 8000}
-DATA_RUNTIME = {"food101": 600, "brats": 240}
 # Jobs that log live need the store and its experiments made first; deferred jobs never open the
 # store, so they do not wait for it (tracking.mode; MLFLOW_TRACKING_URI as the jobs will see it).
 JOB_TRACKING = (

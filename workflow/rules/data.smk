@@ -39,8 +39,8 @@ rule make_data:
         f"{RESULTS}/benchmarks/data/{{dataset}}.tsv"
     threads: 1
     resources:
-        mem_mb=lambda wildcards: DATA_MEM_MB.get(config["datasets"][wildcards.dataset]["loader"], 4000),
-        runtime=lambda wildcards: DATA_RUNTIME.get(config["datasets"][wildcards.dataset]["loader"], 30),
+        mem_mb=lambda wildcards: data_resources(config, wildcards.dataset)["mem_mb"],
+        runtime=lambda wildcards: data_resources(config, wildcards.dataset)["runtime"],
     # a data error (what is wrong, in which file, split and key) is shown on the terminal too
     shell:
         "set -o pipefail; mmrepro make-data --dataset {wildcards.dataset} --spec {params.spec} --out {output} 2>&1 | tee {log}"

@@ -35,8 +35,8 @@ rule adapt:
         f"{RESULTS}/benchmarks/shift/{{dataset}}/{{backbone}}/{{method}}/{{setting}}/seed{{seed}}.tsv"
     threads: TRAIN_RES["threads"]
     resources:
-        mem_mb=TRAIN_RES["mem_mb"],
-        runtime=TRAIN_RES["runtime"],
+        mem_mb=lambda wildcards: train_resources(config, "shift", wildcards.dataset, wildcards.setting)["mem_mb"],
+        runtime=lambda wildcards: train_resources(config, "shift", wildcards.dataset, wildcards.setting)["runtime"],
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro adapt --spec {params.spec} --data {input.data} --model {input.model}"

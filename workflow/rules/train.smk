@@ -28,8 +28,8 @@ rule backbone:
         f"{RESULTS}/benchmarks/backbones/{{study}}/{{dataset}}/seed{{seed}}.tsv"
     threads: TRAIN_RES["threads"]
     resources:
-        mem_mb=TRAIN_RES["mem_mb"],
-        runtime=TRAIN_RES["runtime"],
+        mem_mb=lambda wildcards: train_resources(config, wildcards.study, wildcards.dataset, None)["mem_mb"],
+        runtime=lambda wildcards: train_resources(config, wildcards.study, wildcards.dataset, None)["runtime"],
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro train --spec {params.spec} --data {input.data} --out-dir {params.out_dir}"
@@ -80,8 +80,8 @@ rule train:
         f"{RESULTS}/benchmarks/{{study}}/{{dataset}}/{{method}}/{{setting}}/seed{{seed}}.tsv"
     threads: TRAIN_RES["threads"]
     resources:
-        mem_mb=TRAIN_RES["mem_mb"],
-        runtime=TRAIN_RES["runtime"],
+        mem_mb=lambda wildcards: train_resources(config, wildcards.study, wildcards.dataset, wildcards.setting)["mem_mb"],
+        runtime=lambda wildcards: train_resources(config, wildcards.study, wildcards.dataset, wildcards.setting)["runtime"],
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro train --spec {params.spec} --data {input.data} --out-dir {params.out_dir}"

@@ -44,8 +44,8 @@ rule tune_worker:
         f"{RESULTS}/benchmarks/tune/{{study}}/{{dataset}}/{{method}}/worker{{worker}}.tsv"
     threads: TRAIN_RES["threads"]
     resources:
-        mem_mb=TRAIN_RES["mem_mb"],
-        runtime=TRAIN_RES["runtime"],
+        mem_mb=lambda wildcards: search_resources(config, wildcards.study, wildcards.dataset, wildcards.method, True)["mem_mb"],
+        runtime=lambda wildcards: search_resources(config, wildcards.study, wildcards.dataset, wildcards.method, True)["runtime"],
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro tune work --search-file {input.search} --data {input.data} {params.init} --worker {wildcards.worker}"
@@ -74,8 +74,8 @@ rule tune_best:
         f"{RESULTS}/benchmarks/tune/{{study}}/{{dataset}}/{{method}}/best.tsv"
     threads: TRAIN_RES["threads"]
     resources:
-        mem_mb=TRAIN_RES["mem_mb"],
-        runtime=TRAIN_RES["runtime"],
+        mem_mb=lambda wildcards: search_resources(config, wildcards.study, wildcards.dataset, wildcards.method, False)["mem_mb"],
+        runtime=lambda wildcards: search_resources(config, wildcards.study, wildcards.dataset, wildcards.method, False)["runtime"],
         gpu=TRAIN_RES["gpu"],
     shell:
         "mmrepro tune best --search-file {input.search} --data {input.data} {params.init}"
