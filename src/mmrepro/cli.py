@@ -35,26 +35,25 @@ def _json(value: str) -> dict:
         raise argparse.ArgumentTypeError(f"{where}not valid JSON: {e}") from None
 
 
-def _run_spec(value: str):
-    """A ``--spec`` run spec: JSON checked key by key (:class:`mmrepro.spec.RunSpec`)."""
-    from mmrepro.spec import RunSpec, SpecError
+def _spec_from(value: str, kind: str):
+    """A ``--spec`` of ``kind`` (a class of :mod:`mmrepro.spec`): JSON checked key by key."""
+    from mmrepro import spec
 
     text, where = _spec_text(value)
     try:
-        return RunSpec.from_json(text)
-    except SpecError as e:
+        return getattr(spec, kind).from_json(text)
+    except spec.SpecError as e:
         raise argparse.ArgumentTypeError(f"{where}{e}") from None
+
+
+def _run_spec(value: str):
+    """A job's run spec (:class:`mmrepro.spec.RunSpec`)."""
+    return _spec_from(value, "RunSpec")
 
 
 def _mechanism_spec(value: str):
-    """A ``--spec`` of a mechanisms point (:class:`mmrepro.spec.MechanismSpec`)."""
-    from mmrepro.spec import MechanismSpec, SpecError
-
-    text, where = _spec_text(value)
-    try:
-        return MechanismSpec.from_json(text)
-    except SpecError as e:
-        raise argparse.ArgumentTypeError(f"{where}{e}") from None
+    """A mechanisms point (:class:`mmrepro.spec.MechanismSpec`)."""
+    return _spec_from(value, "MechanismSpec")
 
 
 def _report_inputs(parser: argparse.ArgumentParser) -> None:
