@@ -4,12 +4,10 @@ stand-in -> convert -> backbones -> train/adapt -> reports -> MLflow), from an e
 rehearsal (every job of the grid) is `snakemake --cores all --configfile config/paper.yaml
 config/rehearsal.yaml` (docs/rehearsal.md); this test is its sample.
 
-The cut itself is the "run what you have" path: each study lists a subset of its datasets and the
-entries naming the others are skipped with a note. Settings are cut only where a study repeats a
-method over settings (the lower bound's modality sets, the shift pairs), and shift keeps one backbone.
-Every model is cut to one layer of width 8-10 and BraTS's ResNet-101 branches to ResNet-18 at width 8 (the
-real models are the whole rehearsal's): what is left is the fixed cost of 80 jobs (about 600 CPU-seconds,
-docs/benchmarks.md#the-tiny-rehearsal). Marked slow as a label only: CI runs the whole suite, slow included.
+The cut is ``config/rehearsal_cut.yaml`` (what it cuts and why: its comments): the "run what you have"
+path, every model cut to one layer (the real models are the whole rehearsal's); what is left is the
+fixed cost of 80 jobs (about 600 CPU-seconds, docs/benchmarks.md#the-tiny-rehearsal). Marked slow as a
+label only: CI runs the whole suite, slow included.
 """
 
 from __future__ import annotations
@@ -30,24 +28,10 @@ from mmrepro.config import load_schema, merge_config, study_grid, validate_confi
 SNAKEFILE = REPO / "workflow" / "Snakefile"
 SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 TITLE = "REHEARSAL on random stand-in data (tiny): not a result"
-#: one dataset per loader: iemocap_h5 and brats (balance), mult (missing), food101 (peft), mmsa (shift);
-#: every model one layer of width 8-10 (the fixed cost of ~80 jobs is most of the CI budget)
-ONE_LAYER = {"d_model": 10, "layers": 1, "fusion_layers": 1}   # cggm_msa and mplmm_mult: 5 heads
-CUT = {
-    "train": {"max_steps": 1},
-    "studies": {
-        "balance": {"datasets": ["iemocap_mmin", "brats2021"], "model": ONE_LAYER,
-                    "settings": {"complete_volumes": {"methods": ["joint"]}},
-                    "per_dataset": {"iemocap_mmin": {"model": ONE_LAYER},
-                                    "brats2021": {"model": {"resnet": 18, "resnet_width": 8, "d_model": 16}}}},
-        "missing": {"datasets": ["mosei_mult"], "model": ONE_LAYER,
-                    "settings": {s: {"datasets": []} for s in ("lb_a", "lb_v", "lb_ta", "lb_tv", "lb_av")}},
-        "peft": {"datasets": ["food101"], "model": {"d_model": 8, "layers": 1}},   # casp_late: 8 heads
-        "shift": {"datasets": ["sims_casp"], "backbones": None,   # one backbone: casp_late, the study's model
-                  "model": {"d_model": 8, "layers": 1},
-                  "settings": {"to_mosi": {"datasets": []}, "to_mosei": {"datasets": []}}},
-    },
-}
+#: one dataset per loader, every model one layer of width 8-10 (the fixed cost of ~80 jobs is most of the CI
+#: budget); benchmarks/slurm_rehearsal.sh --cut runs the same file through SLURM
+CUT_FILE = REPO / "config" / "rehearsal_cut.yaml"
+CUT = yaml.safe_load(CUT_FILE.read_text())
 # config.yaml too: the Snakefile's own configfile is relative to --directory
 LAYERS = [REPO / "config" / "config.yaml", REPO / "config" / "paper.yaml", REPO / "config" / "rehearsal.yaml"]
 
@@ -61,10 +45,9 @@ def _config(*layers: Path, extra: dict | None = None) -> dict:
 
 @pytest.mark.slow
 def test_the_tiny_rehearsal_runs_every_study_method_pair_and_each_loader_through_the_dag(tmp_path):
-    (tmp_path / "cut.yaml").write_text(yaml.safe_dump(CUT))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(SNAKEFILE), "--directory", str(tmp_path),
-                           "--cores", "2", "--configfile", *map(str, LAYERS), str(tmp_path / "cut.yaml")],
+                           "--cores", "2", "--configfile", *map(str, LAYERS), str(CUT_FILE)],
                           capture_output=True, text=True, env={**env, "PYTHONUNBUFFERED": "1"},
                           timeout=3600)   # a guard against a hang, not a timing: a loaded machine takes 15-25 min
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
