@@ -7,8 +7,9 @@ and memory) a 46 GB job is never scheduled and 16 GB ones run one at a time. Cap
 memory per CPU, every CPU can run a job. paper.yaml's own requests are left as they are.
 
 ``jobs``: where the wall time of the SLURM jobs went, from ``scontrol show job -o`` and the Snakemake log:
-each job's wait in the queue (submitted to started), its run (started to ended) and how long Snakemake
-took to see it end (the plugin polls the status command), as median and total.
+each job's wait in the queue (submitted to started), its run (started to ended), of which its rule's
+command (the job's ``benchmark:`` file) and the rest (the job's own Snakemake start), and how long
+Snakemake took to see it end (the plugin polls the status command), as median and total.
 
 ``check``: every run the rehearsal finished (each ``tracking.json`` beside a ``metrics.json``) is on
 the tracking server as a FINISHED run tagged ``rehearsal``, and the server holds no other rehearsal run.
@@ -92,28 +93,33 @@ def check_runs(results: Path, uri: str) -> list[str]:
     return problems
 
 
-def job_times(scontrol: str, log: str) -> dict[str, list[float]]:
-    """Seconds per SLURM job: ``queued`` (submit to start), ``ran`` (start to end), ``noticed`` (end to
-    Snakemake's "Finished jobid"), from ``scontrol show job -o`` and the Snakemake log of one run."""
+def job_times(scontrol: str, log: str, workdir: Path) -> dict[str, list[float]]:
+    """Seconds per SLURM job: ``queued`` (submit to start), ``ran`` (start to end), ``command`` (its rule's
+    command, from the benchmark file under ``workdir``), ``noticed`` (end to Snakemake's "Finished
+    jobid"), from ``scontrol show job -o`` and the Snakemake log of one run."""
     slurm = {}
     for line in scontrol.splitlines():
         fields = dict(re.findall(r"(\S+?)=(\S*)", line))
         if "JobId" in fields and fields.get("EndTime", "Unknown") != "Unknown":
             slurm[fields["JobId"]] = {k: datetime.fromisoformat(fields[f"{k}Time"]) for k in ("Submit", "Start", "End")}
-    submitted, finished, stamp = {}, {}, None
+    submitted, benchmarks, finished, stamp, benchmark = {}, {}, {}, None, None
     for line in log.splitlines():
         if m := re.fullmatch(r"\[(\w{3} \w{3} +\d+ [\d:]+ \d{4})\]", line.strip()):
-            stamp = datetime.strptime(m[1], "%a %b %d %H:%M:%S %Y")
+            stamp, benchmark = datetime.strptime(m[1], "%a %b %d %H:%M:%S %Y"), None
+        elif m := re.fullmatch(r"benchmark: (\S+)", line.strip()):
+            benchmark = workdir / m[1]
         elif m := re.match(r"Job (\d+) has been submitted with SLURM jobid (\d+)", line):
-            submitted[m[1]] = m[2]
+            submitted[m[1]], benchmarks[m[1]] = m[2], benchmark
         elif (m := re.match(r"Finished jobid: (\d+)", line)) and stamp is not None:
             finished[m[1]] = stamp
-    times: dict[str, list[float]] = {"queued": [], "ran": [], "noticed": []}
+    times: dict[str, list[float]] = {"queued": [], "ran": [], "command": [], "noticed": []}
     for job, slurm_id in submitted.items():
         if slurm_id in slurm and job in finished:
             t = slurm[slurm_id]
             times["queued"].append((t["Start"] - t["Submit"]).total_seconds())
             times["ran"].append((t["End"] - t["Start"]).total_seconds())
+            if benchmarks[job] is not None and benchmarks[job].is_file():
+                times["command"].append(float(benchmarks[job].read_text().splitlines()[1].split("\t")[0]))
             times["noticed"].append((finished[job] - t["End"]).total_seconds())
     return times
 
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = verbs.add_parser("jobs", help="queue, run and notice time of the SLURM jobs")
     jobs.add_argument("scontrol", type=Path, help="`scontrol show job -o` saved after the run")
     jobs.add_argument("log", type=Path, help="the run's Snakemake log")
+    jobs.add_argument("workdir", type=Path, help="the run's working directory (benchmark paths are relative to it)")
     check = verbs.add_parser("check", help="every finished run is on the server")
     check.add_argument("results", type=Path)
     check.add_argument("--uri", required=True)
@@ -138,8 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(overlay, sort_keys=True), end="")
         return 0
     if args.verb == "jobs":
-        times = job_times(args.scontrol.read_text(), args.log.read_text())
-        print(f"{len(times['ran'])} SLURM jobs; seconds per job, median (total): " + ", ".join(
+        times = job_times(args.scontrol.read_text(), args.log.read_text(), args.workdir)
+        print(f"{len(times['ran'])} SLURM jobs ({len(times['command'])} with a benchmark file); seconds per job, "
+              "median (total): " + ", ".join(
             f"{k} {statistics.median(v) if v else 0:.0f} ({sum(v):.0f})" for k, v in times.items()))
         return 0
     problems = check_runs(args.results, args.uri)
