@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 import shutil
 import socket
@@ -28,6 +29,17 @@ SPEC = balance_spec(seed=3)
 SUMMARY = {"task": "regression", "backbone": "late", "best_epoch": 2, "trainable_params": 10, "backbone_params": 40,
            "metrics": {"test": {"mae": 0.5, "corr": float("nan")}, "valid": {"mae": 0.4}},
            "oracle": {"test": {"mae": 0.2}}}
+
+
+def test_mlflow_telemetry_is_off_unless_the_user_turns_it_on():
+    """Its thread's failed config request on an offline node deletes an environment variable under a job's
+    first tracking call (a KeyError that failed a SLURM job); the package turns it off before mlflow loads."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    check = [sys.executable, "-c", "import os, mmrepro; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"]
+    assert subprocess.run(check, env=env, capture_output=True, text=True, check=True).stdout.strip() == "true"
+    kept = subprocess.run(check, env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"}, capture_output=True, text=True,
+                          check=True)
+    assert kept.stdout.strip() == "false"
 
 
 def test_default_uri_is_sqlite_under_results_and_env_overrides(tmp_path, monkeypatch):
