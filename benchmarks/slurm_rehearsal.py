@@ -93,13 +93,15 @@ def check_runs(results: Path, uri: str) -> list[str]:
     return problems
 
 
-def job_times(scontrol: str, log: str, workdir: Path) -> dict[str, list[float]]:
+def job_times(scontrol: str, log: str, workdir: Path, states: dict[str, int]) -> dict[str, list[float]]:
     """Seconds per SLURM job: ``queued`` (submit to start), ``ran`` (start to end), ``command`` (its rule's
     command, from the benchmark file under ``workdir``), ``noticed`` (end to Snakemake's "Finished
-    jobid"), from ``scontrol show job -o`` and the Snakemake log of one run."""
+    jobid"), from ``scontrol show job -o`` and the Snakemake log of one run; counts the jobs' final
+    states into ``states``."""
     slurm = {}
     for line in scontrol.splitlines():
         fields = dict(re.findall(r"(\S+?)=(\S*)", line))
+        states[fields.get("JobState", "?")] = states.get(fields.get("JobState", "?"), 0) + 1
         if "JobId" in fields and fields.get("EndTime", "Unknown") != "Unknown":
             slurm[fields["JobId"]] = {k: datetime.fromisoformat(fields[f"{k}Time"]) for k in ("Submit", "Start", "End")}
     submitted, benchmarks, finished, stamp, benchmark = {}, {}, {}, None, None
@@ -145,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(overlay, sort_keys=True), end="")
         return 0
     if args.verb == "jobs":
-        times = job_times(args.scontrol.read_text(), args.log.read_text(), args.workdir)
-        print(f"{len(times['ran'])} SLURM jobs ({len(times['command'])} with a benchmark file); seconds per job, "
-              "median (total): " + ", ".join(
+        states: dict[str, int] = {}
+        times = job_times(args.scontrol.read_text(), args.log.read_text(), args.workdir, states)
+        print(f"SLURM jobs: {states}; of those Snakemake saw end, {len(times['ran'])} ({len(times['command'])} with "
+              "a benchmark file), seconds per job, median (total): " + ", ".join(
             f"{k} {statistics.median(v) if v else 0:.0f} ({sum(v):.0f})" for k, v in times.items()))
         return 0
     problems = check_runs(args.results, args.uri)

@@ -84,8 +84,7 @@ wall=$(python -c "import time; print(round(time.time() - $start))")
 scontrol show job -o > "$state/jobs.txt"   # the controller keeps finished jobs for MinJobAge (an hour)
 python benchmarks/slurm_rehearsal.py check "$results" --uri "$MLFLOW_TRACKING_URI" > "$state/mlflow_check.txt" || rc=$(( rc ? rc : 4 ))
 {
-  echo "snakemake wall ${wall} s: $(grep -c '^Finished jobid' "$state/snakemake.log") jobs finished," \
-       "$(grep -c '^Error in rule' "$state/snakemake.log") failed ($(grep -E 'steps \([0-9]+%\) done' "$state/snakemake.log" | tail -1))"
+  echo "snakemake wall ${wall} s: $(grep -E 'steps \([0-9]+%\) done' "$state/snakemake.log" | tail -1)"
   python benchmarks/slurm_rehearsal.py jobs "$state/jobs.txt" "$state/snakemake.log" "$work"
   head -1 "$state/mlflow_check.txt"
   echo "load average (1, 5, 15 min) at start: $(head -1 "$state/load.txt" | cut -d' ' -f2-4), at end: $(cut -d' ' -f1-3 /proc/loadavg); exit $rc"
