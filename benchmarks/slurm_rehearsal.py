@@ -22,6 +22,7 @@ import json
 import re
 import statistics
 import sys
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -93,15 +94,19 @@ def check_runs(results: Path, uri: str) -> list[str]:
     return problems
 
 
-def job_times(scontrol: str, log: str, workdir: Path, states: dict[str, int]) -> dict[str, list[float]]:
+def job_states(scontrol: str) -> dict[str, int]:
+    """How many jobs ended in each state (COMPLETED, FAILED, ...), from ``scontrol show job -o``."""
+    return dict(Counter(re.findall(r"\bJobState=(\S+)", scontrol)))
+
+
+def job_times(scontrol: str, log: str, workdir: Path) -> dict[str, list[float]]:
     """Seconds per SLURM job: ``queued`` (submit to start), ``ran`` (start to end), ``command`` (its rule's
-    command, from the benchmark file under ``workdir``), ``noticed`` (end to Snakemake's "Finished
-    jobid"), from ``scontrol show job -o`` and the Snakemake log of one run; counts the jobs' final
-    states into ``states``."""
+    command, from the benchmark file under ``workdir``) and ``rest`` (ran - command; only jobs with a
+    benchmark file), ``noticed`` (end to Snakemake's "Finished
+    jobid"), from ``scontrol show job -o`` and the Snakemake log of one run."""
     slurm = {}
     for line in scontrol.splitlines():
         fields = dict(re.findall(r"(\S+?)=(\S*)", line))
-        states[fields.get("JobState", "?")] = states.get(fields.get("JobState", "?"), 0) + 1
         if "JobId" in fields and fields.get("EndTime", "Unknown") != "Unknown":
             slurm[fields["JobId"]] = {k: datetime.fromisoformat(fields[f"{k}Time"]) for k in ("Submit", "Start", "End")}
     submitted, benchmarks, finished, stamp, benchmark = {}, {}, {}, None, None
@@ -114,14 +119,16 @@ def job_times(scontrol: str, log: str, workdir: Path, states: dict[str, int]) ->
             submitted[m[1]], benchmarks[m[1]] = m[2], benchmark
         elif (m := re.match(r"Finished jobid: (\d+)", line)) and stamp is not None:
             finished[m[1]] = stamp
-    times: dict[str, list[float]] = {"queued": [], "ran": [], "command": [], "noticed": []}
+    times: dict[str, list[float]] = {"queued": [], "ran": [], "command": [], "rest": [], "noticed": []}
     for job, slurm_id in submitted.items():
         if slurm_id in slurm and job in finished:
             t = slurm[slurm_id]
             times["queued"].append((t["Start"] - t["Submit"]).total_seconds())
             times["ran"].append((t["End"] - t["Start"]).total_seconds())
             if benchmarks[job] is not None and benchmarks[job].is_file():
-                times["command"].append(float(benchmarks[job].read_text().splitlines()[1].split("\t")[0]))
+                command = float(benchmarks[job].read_text().splitlines()[1].split("\t")[0])
+                times["command"].append(command)
+                times["rest"].append(times["ran"][-1] - command)
             times["noticed"].append((finished[job] - t["End"]).total_seconds())
     return times
 
@@ -147,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(overlay, sort_keys=True), end="")
         return 0
     if args.verb == "jobs":
-        states: dict[str, int] = {}
-        times = job_times(args.scontrol.read_text(), args.log.read_text(), args.workdir, states)
-        print(f"SLURM jobs: {states}; of those Snakemake saw end, {len(times['ran'])} ({len(times['command'])} with "
+        scontrol = args.scontrol.read_text()
+        times = job_times(scontrol, args.log.read_text(), args.workdir)
+        print(f"SLURM jobs: {job_states(scontrol)}; of those Snakemake saw end, {len(times['ran'])} ({len(times['command'])} with "
               "a benchmark file), seconds per job, median (total): " + ", ".join(
             f"{k} {statistics.median(v) if v else 0:.0f} ({sum(v):.0f})" for k, v in times.items()))
         return 0
