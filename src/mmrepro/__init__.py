@@ -8,5 +8,5 @@ __version__ = "0.1.0"
 # machine that cannot reach MLflow's servers (a compute node), MLflow 3.17's telemetry thread, once its
 # config request fails, deletes a variable of os.environ while the job's first call to a tracking
 # server reads os.environ, which fails that call with `KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'`
-# (1 of 53 jobs of the tiny rehearsal's sample through SLURM). Set before any mlflow import.
+# (1 of 54 live-logged jobs of the tiny rehearsal's sample through SLURM). Set before any mlflow import.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
