@@ -24,7 +24,8 @@ Then, one process at a time (run it under ``nice``; 1 thread: what a job asks, `
    would take. Peak memory: the process's ``VmHWM`` reset before each job (torch and the process
    included). Two kinds of job do not fit beside other work here at their real batch: BraTS's 2-D model
    at batch 64 and CASP's early-fusion backbone (one encoder over 925 steps of MOSI and MOSEI) at 24.
-   They run at a smaller ladder of batches (:data:`LADDERS`, ``--ladder``), their adaptations too, and
+   They, and every adaptation (its model runs on several views of a batch at once), run at a smaller
+   ladder of batches (:data:`LADDERS`, ``--ladder``; an adapter that batches the target itself too), and
    step time and memory are extrapolated linearly to the real batch (an adaptation's passes: their
    CPU time at the larger rung, memory along the two rungs).
 
@@ -47,6 +48,7 @@ import argparse
 import ctypes
 import dataclasses
 import gc
+import inspect
 import json
 import os
 import resource
@@ -90,16 +92,31 @@ def selected(types, only: list[str]) -> list:
 
 
 #: the batch sizes a job is measured at when its real batch does not fit beside other work on this
-#: machine, by the data's loader or the model's backbone (BraTS's 2-D model at batch 64; CASP's early
-#: fusion attends over every step of all modalities at once: 925 on MOSI and MOSEI, passed 6 GB at 24)
-LADDERS: dict[str, list[int]] = {"brats": [2, 4], "casp_early": [6, 12]}
+#: machine, by the data's loader, the model's backbone or the job's kind (BraTS's 2-D model at batch 64;
+#: CASP's early fusion attends over every step of all modalities at once: 925 on MOSI and MOSEI, passed
+#: 6 GB at 24; an adaptation runs its model on several views of a batch at once: MOSI's late-fusion
+#: norm_view_consistency passed 7 GB at 24)
+LADDERS: dict[str, list[int]] = {"brats": [2, 4], "casp_early": [6, 12], "adapt": [6, 12]}
 
 
 def ladder_of(config: dict[str, Any], kind: str, run: dict[str, Any], ladders: dict[str, list[int]]) -> list[int] | None:
-    """The ladder a job (``run`` with the ``data`` it reads) runs at (by its loader, else its backbone),
-    or None: its real batch. A job run only to feed a measured one runs once, at the first rung."""
+    """The ladder a job (``run`` with the ``data`` it reads) runs at (by its loader, else its backbone,
+    else its kind), or None: its real batch. A job run only to feed a measured one runs once, at the first rung."""
     loader = config["datasets"][run["data"]]["loader"]
-    return ladders.get(loader) or ladders.get(job_spec(config, kind, run).model.backbone)
+    return ladders.get(loader) or ladders.get(job_spec(config, kind, run).model.backbone) or ladders.get(kind)
+
+
+def at_batch(spec, batch: int):
+    """``spec`` at ``batch``: its training batch and, where its test-time adapter batches the target itself
+    (an offline one: CASP's 24, the updating baselines' 64), the adapter's batch too."""
+    from mmrepro.methods.registry import ADAPTERS
+
+    params = spec.method_params
+    name = spec.plan.adapter
+    if name and any("batch_size" in inspect.signature(c.__init__).parameters
+                    for c in ADAPTERS.get(name).__mro__ if "__init__" in vars(c)):
+        params = {**params, name: {**params.get(name, {}), "batch_size": batch}}
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch_size=batch), method_params=params)
 
 
 def measured_batch(config: dict[str, Any], t, ladders: dict[str, list[int]]) -> list[int]:
@@ -244,9 +261,8 @@ def child_jobs(work: Path, tasks_file: Path) -> None:
     def execute(task: dict[str, Any], steps: int | None, batch: int | None) -> Path:
         kind, run = task["kind"], task["run"]
         spec = job_spec(config, kind, run)
-        train = dataclasses.replace(spec.train, epochs=1, patience=1, max_steps=steps,
-                                    batch_size=batch or spec.train.batch_size)
-        spec = dataclasses.replace(spec, train=train)
+        spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=1, patience=1, max_steps=steps))
+        spec = at_batch(spec, batch) if batch else spec
         out = work / "runs" / task["name"] / f"steps{steps}_batch{batch}"
         if kind == "adapt":
             start = made[f"backbone:{json.dumps(start_of(config, run), sort_keys=True)}"]
@@ -382,9 +398,10 @@ def complete(results: Path) -> bool:
     return '"done": true' in text and '"error": "' not in text
 
 
-def on_a_ladder(group: dict[str, Any]) -> bool:
-    """Groups whose jobs do not fit at their real batch (the slowest and largest to measure) go last."""
-    return any(len(t["batches"] or []) > 1 for t in group["tasks"])
+def on_a_ladder(group: dict[str, Any]) -> int:
+    """How many of a group's jobs do not fit at their real batch (the slowest and largest to measure): the
+    groups with most go last."""
+    return sum(len(t["batches"] or []) > 1 for t in group["tasks"])
 
 
 def main(argv: list[str] | None = None) -> int:
