@@ -139,10 +139,13 @@ def type_row(config: dict[str, Any], t, execs, startup: float, work: Path) -> di
     row = {**dict.fromkeys(CSV_COLUMNS + COLUMNS + ROW_KEYS, ""), "type": t.key, "kind": t.kind, "study": t.study, "dataset": run["dataset"], "setting": run.get("setting", ""),
            "data": t.dataset, "jobs": len(t.runs), "batch": spec.train.batch_size, "gpu": "", "note": ""}
     if not execs:
-        return {**row, "note": "not measured (left out by --only)"}
+        return {**row, "note": "not measured (left out by --only, or its measurement did not finish)"}
     data = data_counts(work, t.dataset)
     real_train = round(data["train"] * data["grow"])
     row.update(real_train=real_train, store_gb=round(data["store_bytes"] * data["grow"] / 1e9, 2))
+    rungs = sorted({x["batch"] for x in execs if not x["error"] and x["batch"]})
+    if len(rungs) == 1 and rungs[0] != spec.train.batch_size:   # a ladder cut short: nothing to extrapolate along
+        return {**row, "note": f"not measured: only the ladder's batch {rungs[0]} finished"}
     if t.kind == "adapt":
         e = [x for x in execs if not x["error"]]
         if not e:
