@@ -22,8 +22,12 @@ Then, one process at a time (run it under ``nice``; 1 thread: what a job asks, `
    fixed cost (setup, tracking, saving) come from the job's ``timings.json``. Times are CPU seconds (a
    wall phase times the share of a core the process got): on a shared machine, what a dedicated core
    would take. Peak memory: the process's ``VmHWM`` reset before each job (torch and the process
-   included). BraTS's 2-D model at batch 64 does not fit beside other work here: it runs at
-   ``--brats-batches`` and step time and memory are extrapolated linearly to the real batch.
+   included). Two kinds of job do not fit beside other work here at their real batch: BraTS's 2-D model
+   at batch 64 and CASP's early-fusion backbone (one encoder over 925 steps of MOSI and MOSEI) at 24.
+   They, and every adaptation (its model runs on several views of a batch at once), run at a smaller
+   ladder of batches (:data:`LADDERS`, ``--ladder``; an adapter that batches the target itself too), and
+   step time and memory are extrapolated linearly to the real batch (an adaptation's passes: their
+   CPU time at the larger rung, memory along the two rungs).
 
 One job's projection (:func:`mmrepro.cost.job_seconds`): epochs x (steps per epoch x seconds per
 step + the epoch's other work grown to the real counts) + the final evaluation grown + fixed cost +
@@ -41,7 +45,10 @@ measured ones, and say so). Example: ``nice -n 10 python benchmarks/paper_cost.p
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
+import gc
+import inspect
 import json
 import os
 import resource
@@ -84,12 +91,38 @@ def selected(types, only: list[str]) -> list:
     return keep
 
 
-def measured_batch(config: dict[str, Any], t, brats_batches: list[int]) -> list[int]:
-    """The batch sizes a type is measured at: its real one, or BraTS's smaller ladder."""
-    spec = job_spec(config, t.kind, t.first)
-    if config["datasets"][t.dataset]["loader"] == "brats" and t.kind != "adapt":
-        return list(brats_batches)
-    return [spec.train.batch_size]
+#: the batch sizes a job is measured at when its real batch does not fit beside other work on this
+#: machine, by the data's loader, the model's backbone or the job's kind (BraTS's 2-D model at batch 64;
+#: CASP's early fusion attends over every step of all modalities at once: 925 on MOSI and MOSEI, passed
+#: 6 GB at 24; an adaptation runs its model on several views of a batch at once: MOSI's late-fusion
+#: norm_view_consistency passed 7 GB at 24)
+LADDERS: dict[str, list[int]] = {"brats": [2, 4], "casp_early": [6, 12], "adapt": [6, 12]}
+
+
+def ladder_of(config: dict[str, Any], kind: str, run: dict[str, Any], ladders: dict[str, list[int]]) -> list[int] | None:
+    """The ladder a job (``run`` with the ``data`` it reads) runs at (by its loader, else its backbone,
+    else its kind), or None: its real batch. A job run only to feed a measured one runs once, at the first rung."""
+    loader = config["datasets"][run["data"]]["loader"]
+    return ladders.get(loader) or ladders.get(job_spec(config, kind, run).model.backbone) or ladders.get(kind)
+
+
+def at_batch(spec, batch: int):
+    """``spec`` at ``batch``: its training batch and, where its test-time adapter batches the target itself
+    (an offline one: CASP's 24, the updating baselines' 64), the adapter's batch too."""
+    from mmrepro.methods.registry import ADAPTERS
+
+    params = spec.method_params
+    name = spec.plan.adapter
+    if name and any("batch_size" in inspect.signature(c.__init__).parameters
+                    for c in ADAPTERS.get(name).__mro__ if "__init__" in vars(c)):
+        params = {**params, name: {**params.get(name, {}), "batch_size": batch}}
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, batch_size=batch), method_params=params)
+
+
+def measured_batch(config: dict[str, Any], t, ladders: dict[str, list[int]]) -> list[int]:
+    """The batch sizes a type is measured at: its real one, or its smaller ladder."""
+    ladder = ladder_of(config, t.kind, t.first, ladders)
+    return list(ladder) if ladder else [job_spec(config, t.kind, t.first).train.batch_size]
 
 
 def job_spec(config: dict[str, Any], kind: str, run: dict[str, Any]):
@@ -185,6 +218,11 @@ def child_convert(work: Path, name: str) -> None:
 
 
 def _reset_peak() -> None:
+    """Start a job's peak afresh: what the jobs before it freed is handed back to the system first (glibc
+    keeps freed heap pages mapped: a backbone's 3 GB of activations stayed in the RSS of the adaptations
+    after it), so each job's peak is about what it would be in a process of its own."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")
 
 
@@ -223,9 +261,8 @@ def child_jobs(work: Path, tasks_file: Path) -> None:
     def execute(task: dict[str, Any], steps: int | None, batch: int | None) -> Path:
         kind, run = task["kind"], task["run"]
         spec = job_spec(config, kind, run)
-        train = dataclasses.replace(spec.train, epochs=1, patience=1, max_steps=steps,
-                                    batch_size=batch or spec.train.batch_size)
-        spec = dataclasses.replace(spec, train=train)
+        spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, epochs=1, patience=1, max_steps=steps))
+        spec = at_batch(spec, batch) if batch else spec
         out = work / "runs" / task["name"] / f"steps{steps}_batch{batch}"
         if kind == "adapt":
             start = made[f"backbone:{json.dumps(start_of(config, run), sort_keys=True)}"]
@@ -319,7 +356,7 @@ def write_stand_ins(config: dict[str, Any], groups: dict[str, dict[str, Any]], w
     os.replace(tmp, work / "overlay.yaml")
 
 
-def plan_groups(config: dict[str, Any], types, steps: int, brats_batches: list[int]) -> dict[str, dict[str, Any]]:
+def plan_groups(config: dict[str, Any], types, steps: int, ladders: dict[str, list[int]]) -> dict[str, dict[str, Any]]:
     """Per (study, dataset, backbone) of the types' first jobs: the tasks in order (backbone, teachers,
     then each type's first job, measured)."""
     from mmrepro.config import STUDY_KINDS, teacher_runs
@@ -343,12 +380,13 @@ def plan_groups(config: dict[str, Any], types, steps: int, brats_batches: list[i
             start = start_of(config, run)
             measured = backbone_first.get(json.dumps(start, sort_keys=True))
             add("backbone", start, measured.key.replace("/", "__") if measured else None,
-                measured_batch(config, measured, brats_batches) if measured else None)
+                measured_batch(config, measured, ladders) if measured else ladder_of(config, "backbone", start, ladders))
             if t.kind == "backbone":
                 continue
         for r in teacher_runs(config, run["study"], run["dataset"], run["method"], run["seed"]).values():
-            add("train", {**r, "data": run["dataset"]}, None)
-        add(t.kind, run, t.key.replace("/", "__"), measured_batch(config, t, brats_batches))
+            teacher = {**r, "data": run["dataset"]}
+            add("train", teacher, None, ladder_of(config, "train", teacher, ladders))
+        add(t.kind, run, t.key.replace("/", "__"), measured_batch(config, t, ladders))
     for g in groups.values():
         g.pop("names")
     return groups
@@ -360,9 +398,10 @@ def complete(results: Path) -> bool:
     return '"done": true' in text and '"error": "' not in text
 
 
-def slowest_last(config: dict[str, Any], group: dict[str, Any]) -> bool:
-    """BraTS's 2-D model on whole volumes is the slowest to measure on a CPU: its groups go last."""
-    return any(config["datasets"][t["run"]["data"]]["loader"] == "brats" for t in group["tasks"])
+def on_a_ladder(group: dict[str, Any]) -> int:
+    """How many of a group's jobs do not fit at their real batch (the slowest and largest to measure): the
+    groups with most go last."""
+    return sum(len(t["batches"] or []) > 1 for t in group["tasks"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,8 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", default=[], metavar="STUDY[/DATASET]",
                    help="measure only these job types (by their first job's study/dataset); repeatable")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps measured beyond the first (default 2)")
-    p.add_argument("--brats-batches", type=int, nargs=2, default=[2, 4],
-                   help="BraTS's measured batch sizes, extrapolated linearly to the real one (default 2 4)")
+    p.add_argument("--ladder", nargs=3, action="append", default=[], metavar=("LOADER|BACKBONE", "B1", "B2"),
+                   help="measure the jobs of this loader or backbone at batches B1 and B2 and extrapolate "
+                        f"linearly to the real batch (repeatable; default {LADDERS})")
     p.add_argument("--max-rss-gb", type=float, default=12.0, help="stop a child past this resident memory")
     p.add_argument("--work", type=Path, default=REPO / "results_rehearsal" / "cost",
                    help="stand-ins, stores and runs (kept, so parts can be measured in turn)")
@@ -400,7 +440,8 @@ def main(argv: list[str] | None = None) -> int:
 
     note_load()
     if not args.report_only:
-        groups = plan_groups(config, types, args.steps, args.brats_batches)
+        ladders = {**LADDERS, **{name: [int(b1), int(b2)] for name, b1, b2 in args.ladder}}
+        groups = plan_groups(config, types, args.steps, ladders)
         write_stand_ins(config, groups, args.work)
         datasets = sorted({task["run"]["data"] for g in groups.values() for task in g["tasks"]})
         for name in datasets:
@@ -410,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"convert {name}: exit {code}, {seconds:.0f} s, peak {peak:.0f} MB{' (stopped)' if stopped else ''}",
                   flush=True)
             note_load()
-        for name, group in sorted(groups.items(), key=lambda g: slowest_last(config, g[1])):
+        for name, group in sorted(groups.items(), key=lambda g: on_a_ladder(g[1])):
             tasks = args.work / "groups" / f"{name}.json"
             tasks.parent.mkdir(parents=True, exist_ok=True)
             if complete(tasks.with_suffix(".jsonl")) and json.loads(tasks.read_text()) == group:

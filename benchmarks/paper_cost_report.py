@@ -122,25 +122,43 @@ def per_batch_costs(execs: list[dict[str, Any]], startup: float) -> tuple[dict[i
     return per_batch, sum(fixed) / len(fixed)
 
 
+def along_ladder(peaks: dict[int, float], real_batch: int) -> tuple[float, str]:
+    """Peak memory at the real batch from the two smallest-to-largest measured rungs (linear in the batch:
+    activations grow with it, the process and model do not); one rung: its own peak."""
+    if len(peaks) < 2:
+        return next(iter(peaks.values())), ""
+    b1, b2 = min(peaks), max(peaks)
+    p1, p2 = peaks[b1], peaks[b2]
+    return (p2 + max(0.0, p2 - p1) * (real_batch - b2) / (b2 - b1),
+            f"measured at batch {b1} and {b2}, extrapolated linearly to {real_batch}")
+
+
 def type_row(config: dict[str, Any], t, execs, startup: float, work: Path) -> dict[str, Any]:
     spec = spec_of(config, t)
     run = t.first
     row = {**dict.fromkeys(CSV_COLUMNS + COLUMNS + ROW_KEYS, ""), "type": t.key, "kind": t.kind, "study": t.study, "dataset": run["dataset"], "setting": run.get("setting", ""),
            "data": t.dataset, "jobs": len(t.runs), "batch": spec.train.batch_size, "gpu": "", "note": ""}
     if not execs:
-        return {**row, "note": "not measured (left out by --only)"}
+        return {**row, "note": "not measured (left out by --only, or its measurement did not finish)"}
     data = data_counts(work, t.dataset)
     real_train = round(data["train"] * data["grow"])
     row.update(real_train=real_train, store_gb=round(data["store_bytes"] * data["grow"] / 1e9, 2))
+    rungs = sorted({x["batch"] for x in execs if not x["error"] and x["batch"]})
+    if len(rungs) == 1 and rungs[0] != spec.train.batch_size:   # a ladder cut short: nothing to extrapolate along
+        return {**row, "note": f"not measured: only the ladder's batch {rungs[0]} finished"}
     if t.kind == "adapt":
         e = [x for x in execs if not x["error"]]
         if not e:
             return {**row, "note": f"FAILED: {execs[0]['error']}"}
-        c = on_cpu(e[0])
+        top = max(e, key=lambda x: x["batch"] or 0)   # a ladder's larger rung: the passes' CPU time
+        c = on_cpu(top)
         cost = StepCost(0.0, 0.0, c["adapt"], c["total"] - c["adapt"] + startup, data["written"])
         seconds = job_seconds(cost, data["real"], 0, 0)
-        row.update(epochs=0, steps_per_epoch=0, s_per_step="", s_per_epoch="", peak_rss_mb=round(e[0]["peak_mb"]),
-                   note="test-time adaptation: passes over the target grown to its real counts")
+        peak, ladder = along_ladder({x["batch"]: x["peak_mb"] for x in e}, spec.train.batch_size)
+        row.update(epochs=0, steps_per_epoch=0, s_per_step="", s_per_epoch="", peak_rss_mb=round(peak),
+                   note="; ".join(n for n in ("test-time adaptation: passes over the target grown to its real "
+                                               "counts", ladder and f"{ladder} (memory; CPU time of the passes "
+                                               "at the larger batch)") if n))
     else:
         try:
             per_batch, fixed = per_batch_costs(execs, startup)
@@ -149,13 +167,11 @@ def type_row(config: dict[str, Any], t, execs, startup: float, work: Path) -> di
         batches = sorted(per_batch)
         real_batch = spec.train.batch_size
         step, extra, final, peak, note = per_batch[batches[-1]]
-        if len(batches) > 1:   # BraTS: linear in the batch from the ladder, to the real batch
-            b1, b2 = batches[0], batches[-1]
+        if len(batches) > 1:   # a ladder (BraTS, CASP's early fusion): linear in the batch, to the real one
+            b2 = batches[-1]
             step = per_batch[b2][0] * real_batch / b2
-            p1, p2 = per_batch[b1][3], per_batch[b2][3]
-            peak = p2 + max(0.0, p2 - p1) * (real_batch - b2) / (b2 - b1)
-            note = (f"measured at batch {b1} and {b2}, extrapolated linearly to {real_batch} "
-                    f"(step time x {real_batch}/{b2}, memory along the two points)")
+            peak, ladder = along_ladder({b: per_batch[b][3] for b in batches}, real_batch)
+            note = f"{ladder} (step time x {real_batch}/{b2}, memory along the two points)"
         epochs = spec.train.epochs
         steps = steps_per_epoch(real_train, real_batch)
         cost = StepCost(step, extra, final, fixed, data["written"])
