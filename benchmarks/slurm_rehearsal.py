@@ -1,9 +1,9 @@
 """The Python half of ``benchmarks/slurm_rehearsal.sh`` (the tiny rehearsal through SLURM).
 
 ``requests``: a config overlay that caps every memory request of the layered config at ``--cap-mb``.
-``config/paper.yaml`` asks what the REAL data needs (16 GB to convert a pickle, 46 GB for MOSEI's CASP
-features); the rehearsal runs on tiny stand-ins, and on the one-node test cluster (this machine's CPUs
-and memory) a 46 GB job is never scheduled and 16 GB ones run one at a time. Capped at the node's
+``config/paper.yaml`` asks what the REAL data needs (16 GB for the CASP entries' training and
+adaptation, 46 GB to convert MOSEI's CASP features); the rehearsal runs on tiny stand-ins, and on the
+one-node test cluster (this machine's CPUs and memory) a 46 GB job is never scheduled and 16 GB ones run one at a time. Capped at the node's
 memory per CPU, every CPU can run a job. paper.yaml's own requests are left as they are.
 
 ``jobs``: where the wall time of the SLURM jobs went, from ``scontrol show job -o`` and the Snakemake log:
@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from mmrepro.config import load_schema, merge_config, validate_config
+from mmrepro.config import load_schema, read_config_files, validate_config
 from mmrepro.resources import data_resources
 from mmrepro.tracking import REHEARSAL_TAG
 
@@ -39,10 +39,7 @@ SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
 
 def layered(configfiles: list[Path]) -> dict[str, Any]:
     """The config Snakemake builds from config/config.yaml and ``configfiles``, defaults filled in."""
-    config: dict[str, Any] = {}
-    for path in [REPO / "config" / "config.yaml", *configfiles]:
-        merge_config(config, yaml.safe_load(path.read_text()))
-    return validate_config(config, load_schema(SCHEMA))
+    return validate_config(read_config_files([REPO / "config" / "config.yaml", *configfiles]), load_schema(SCHEMA))
 
 
 def capped_requests(config: dict[str, Any], cap_mb: int) -> dict[str, Any]:
