@@ -50,8 +50,9 @@ rule claims_ledger:
         mem_mb=2000,
         runtime=10,
     shell:
-        "mmrepro claims --spec {params.spec} --table {params.table} --plot {params.plot} --searches {input.searches}"
-        " {input.metrics} > {log} 2>&1"
+        # the runs before --searches: a list option in front would take them all (argparse)
+        "mmrepro claims --spec {params.spec} --table {params.table} --plot {params.plot} {input.metrics}"
+        " --searches {input.searches} > {log} 2>&1"
 
 
 rule claims:
