@@ -11,6 +11,7 @@ was a dict: ``config.json`` files of finished runs still load.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
@@ -283,7 +284,11 @@ def _field_names(cls_or_obj) -> list[str]:
     return [f.name for f in dataclasses.fields(cls_or_obj)]
 
 
+@functools.cache
 def _hints(cls) -> dict[str, Any]:
+    """``cls``'s resolved annotations, once per class: ``get_type_hints`` evaluates every string annotation
+    again on each call, and per spec it was a third of the time Snakemake takes to read the workflow
+    on paper.yaml (which every SLURM job does again). Callers only read the dict."""
     return typing.get_type_hints(cls)
 
 
