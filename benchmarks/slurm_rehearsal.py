@@ -3,8 +3,9 @@
 ``requests``: a config overlay that caps every memory request of the layered config at ``--cap-mb``.
 ``config/paper.yaml`` asks what the REAL data needs (16 GB for the CASP entries' training and
 adaptation, 46 GB to convert MOSEI's CASP features); the rehearsal runs on tiny stand-ins, and on the
-one-node test cluster (this machine's CPUs and memory) a 46 GB job is never scheduled and 16 GB ones run one at a time. Capped at the node's
-memory per CPU, every CPU can run a job. paper.yaml's own requests are left as they are.
+one-node test cluster (this machine's CPUs and memory) a 46 GB job is never scheduled and 16 GB ones
+run one at a time. Capped at the node's memory per CPU, every CPU can run a job. paper.yaml's own
+requests are left as they are.
 
 ``jobs``: where the wall time of the SLURM jobs went, from ``scontrol show job -o`` and the Snakemake log:
 each job's wait in the queue (submitted to started), its run (started to ended), of which its rule's
